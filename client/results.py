@@ -1,0 +1,17 @@
+"""What a method returns: the output and how long each stage took."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ti2i.client.timing import Timings
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image
+    array: np.ndarray  # float32 [H, W, 3] in [0, 1], before rounding to uint8
+    timings: Timings = field(default_factory=Timings)

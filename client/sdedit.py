@@ -1,0 +1,76 @@
+"""SDEdit: image-to-image from a noised input, as diffusers' `StableDiffusionImg2ImgPipeline`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ti2i.client import steps as shared
+from ti2i.client.images import DEFAULT_MAX_PIXELS, load_image, prepare_image, to_pil
+from ti2i.client.runners import Runner
+from ti2i.client.results import ImageResult
+from ti2i.client.timing import Timings
+
+
+def sdedit(
+    runner: Runner,
+    image: str | Path | Image.Image,
+    prompt: str,
+    negative_prompt: str | None = None,
+    strength: float = 0.8,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> ImageResult:
+    timings = Timings()
+    pipeline = runner.pipeline
+
+    # 1. Check inputs
+    shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
+    shared.check_steps(steps)
+    pil = load_image(image, max_pixels)
+    do_cfg = guidance > 1.0
+
+    # 2. Encode the prompt: [uncond, cond] with guidance
+    with timings.stage("encode_prompt"):
+        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+
+    # 3. Preprocess the image: snapped to the VAE factor, resized like the reference
+    pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
+
+    # 4. Timesteps: the tail of the schedule that `strength` selects
+    scheduler = shared.make_scheduler(pipeline)
+    timesteps = shared.img2img_timesteps(scheduler, steps, strength)
+
+    # 5. Latents: a sample of the posterior, scaled, noised once at the first timestep
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with timings.stage("encode_image"):
+        mean, logvar = shared.encode_image(runner, pixels)
+    latents = pipeline["vae_scaling_factor"] * shared.sample_posterior(mean, logvar, generator)
+    noise = shared.noise_like(latents, generator)
+    latents = scheduler.add_noise(latents, noise, timesteps[:1])
+
+    # 6. Denoising loop
+    extra = shared.step_kwargs(scheduler, generator, eta)
+    for t in tqdm(timesteps, desc="sdedit", disable=not progress):
+        model_input = torch.cat([latents] * 2) if do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        with timings.stage("unet"):
+            noise_pred = shared.run_unet(runner, "unet", model_input, t, prompt_embeds)
+        if do_cfg:
+            noise_pred = shared.classifier_free_guidance(noise_pred, guidance)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+    # 7. Decode
+    with timings.stage("decode_image"):
+        images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
+    return ImageResult(to_pil(images[0]), arrays[0], timings)
+

@@ -1,0 +1,117 @@
+"""Steps shared by every method: prompt and image encoding, seeded noise, guidance, schedulers, decoding.
+
+Each reproduces the corresponding piece of the diffusers pipelines (same order of random draws from
+the same `torch.Generator`, same arithmetic), so the methods built on them match seed for seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ti2i.client.runners import Runner
+from ti2i.errors import InvalidInputError
+
+
+def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
+    """Text embeddings [N, S, D] of the prompts, one request for all of them."""
+    text = np.array([p.encode("utf-8") for p in prompts], dtype=object)
+    return torch.from_numpy(runner.run("encode_prompt", text=text)["text_embeddings"])
+
+
+def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool) -> torch.Tensor:
+    """[uncond, cond] embeddings with guidance (uncond = the negative prompt or ""), else [cond]."""
+    if not guidance:
+        return encode_prompts(runner, [prompt])
+    return encode_prompts(runner, [negative_prompt or "", prompt])
+
+
+def encode_image(runner: Runner, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, log-variance) of a uint8 [B, H, W, 3] image."""
+    out = runner.run("encode_image", image=image)
+    return torch.from_numpy(out["latent_mean"]), torch.from_numpy(out["latent_logvar"])
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`latent_dist.sample(generator)` of diffusers' DiagonalGaussianDistribution."""
+    return mean + torch.exp(0.5 * logvar) * noise_like(mean, generator)
+
+
+def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn from the generator as diffusers' `randn_tensor`."""
+    return randn_tensor(x.shape, generator=generator, dtype=x.dtype)
+
+
+def decode_latents(runner: Runner, latents: torch.Tensor, scaling_factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Latents -> (uint8 [B, H, W, 3], float [B, H, W, 3] in [0, 1])."""
+    out = runner.run("decode_image", latent=(latents / scaling_factor).numpy())
+    return out["image"], out["image_float"]
+
+
+def classifier_free_guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
+    """Batch [uncond, cond] -> uncond + scale·(cond − uncond)."""
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor | float,
+             encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """One UNet call; the timestep is sent per sample so the server can batch requests at different steps."""
+    timestep = np.full((sample.shape[0],), float(t), dtype=np.float32)
+    out = runner.run(model, sample=sample.contiguous().numpy(), timestep=timestep,
+                     encoder_hidden_states=encoder_hidden_states.numpy())
+    return torch.from_numpy(out["noise_pred"])
+
+
+def make_scheduler(pipeline: dict[str, Any], cls_name: str | None = None, **overrides: Any):
+    """The model folder's scheduler (or `cls_name`) built from the exported scheduler config."""
+    import diffusers
+
+    config = dict(pipeline["scheduler"])
+    name = cls_name or config["_class_name"]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise InvalidInputError(f"unknown scheduler class {name!r}")
+    return cls.from_config({**config, **overrides})
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule that `strength` selects, as diffusers' img2img `get_timesteps`."""
+    scheduler.set_timesteps(steps)
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    if len(timesteps) == 0:
+        raise InvalidInputError(f"strength {strength} with {steps} steps runs no denoising step "
+                                f"(needs strength × steps ≥ 1)")
+    return timesteps
+
+
+def step_kwargs(scheduler, generator: torch.Generator, eta: float) -> dict[str, Any]:
+    """The extra `scheduler.step` arguments the scheduler accepts (eta for DDIM, the generator for noise)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InvalidInputError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_steps(steps: int) -> None:
+    if int(steps) != steps or steps < 1:
+        raise InvalidInputError(f"steps must be an integer ≥ 1, got {steps}")

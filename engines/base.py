@@ -1,0 +1,36 @@
+"""The engine interface: one component, named arrays in, named arrays out.
+
+Nothing above an engine knows which backend it got. Backends validate inputs against the
+component's spec before running, so every caller gets the same clear error for a bad tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from ti2i.spec import ComponentSpec
+
+
+class Engine(ABC):
+    """Runs one component. Subclasses implement `_run`; `run` validates first."""
+
+    def __init__(self, spec: ComponentSpec):
+        self.spec = spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.spec.validate_inputs(inputs)
+        return self._run(inputs)
+
+    @abstractmethod
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run validated inputs; return every output of the spec by name."""
+
+    def close(self) -> None:
+        """Release backend resources (sessions, device buffers)."""

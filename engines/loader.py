@@ -1,0 +1,28 @@
+"""Build engines from an engine directory's manifest, whatever backend each entry names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ti2i.engines.base import Engine
+from ti2i.engines.processing import STEPS, ProcessingEngine
+from ti2i.errors import ModelNotFoundError
+from ti2i.manifest import ONNX, PROCESSING, Manifest
+
+
+def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
+                threads: int | None = None) -> Engine:
+    if name not in manifest.components:
+        raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
+    entry = manifest.components[name]
+    if entry.backend == ONNX:
+        from ti2i.engines.ort import OrtEngine
+
+        return OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
+    if entry.backend == PROCESSING:
+        return ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
+    raise ModelNotFoundError(f"component {name!r}: unknown backend {entry.backend!r}")
+
+
+def load_engines(manifest: Manifest, names: Iterable[str] | None = None, **kwargs) -> dict[str, Engine]:
+    return {name: load_engine(manifest, name, **kwargs) for name in (names or manifest.components)}

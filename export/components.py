@@ -1,0 +1,165 @@
+"""Component declarations: each exported network declared once.
+
+A declaration says how to load the torch module from a diffusers folder (hub id or local path),
+how to wrap it so its positional forward matches the spec, its spec (names, dtypes, symbolic dims
+with ranges, resolved from the module's config) and the sizes used to trace and validate it.
+Export, engines, the Triton generator and the clients all read what this module declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ti2i.engines.processing import MAX_BATCH, image_dims
+from ti2i.spec import BATCH, ComponentSpec, TensorSpec
+
+UNET_MAX_BATCH = 32  # up to 4 guidance branches × 8 requests batched by the server
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    subfolder: str
+    load: Callable[[str, str], torch.nn.Module]
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]
+    spec: Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]
+    # Symbolic sizes to trace with (the first) and to validate at (all): one of them is deliberately
+    # not a multiple of the UNet's downsampling factor, so odd sizes stay exact in the exported graph.
+    sample_sizes: tuple[Mapping[str, int], ...]
+    tolerance: float = 1e-4
+
+
+def _load(cls_path: str) -> Callable[[str, str], torch.nn.Module]:
+    def load(model: str, subfolder: str) -> torch.nn.Module:
+        module_name, cls_name = cls_path.rsplit(".", 1)
+        cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32).eval()
+
+    return load
+
+
+# --- text encoder -----------------------------------------------------------------------------------
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids.to(torch.int64))[0]
+
+
+def _text_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    cfg = module.config
+    seq = pipeline["max_length"]
+    return ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, cfg.vocab_size)),),
+        outputs=(TensorSpec("text_embeddings", "float32", (BATCH, seq, cfg.hidden_size)),),
+        dims={BATCH: (1, MAX_BATCH)},
+    )
+
+
+# --- VAE encoder: image -> latent distribution (mean, log-variance) ----------------------------------
+
+class _VaeEncoder(torch.nn.Module):
+    """Returns the posterior's parameters, so the caller samples with its own seeded noise or takes the mode."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images).latent_dist
+        return dist.mean, dist.logvar
+
+
+def _vae_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    c = module.config.latent_channels
+    latent = (BATCH, c, "height", "width")
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width")),),
+        outputs=(TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_logvar", "float32", latent)),
+        dims=image_dims(pipeline["vae_scale_factor"]),
+    )
+
+
+# --- VAE decoder: latent (already divided by the scaling factor) -> image in [-1, 1] -----------------
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent).sample
+
+
+def _vae_decoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    c = module.config.latent_channels
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", (BATCH, c, "height", "width")),),
+        outputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width")),),
+        dims=image_dims(pipeline["vae_scale_factor"]),
+    )
+
+
+# --- UNet: (sample, per-sample timestep, text embeddings) -> noise prediction ------------------------
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+        cfg = module.config
+        dims = image_dims(pipeline["vae_scale_factor"])
+        dims[BATCH] = (1, UNET_MAX_BATCH)
+        return ComponentSpec(
+            name=name,
+            inputs=(
+                TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "height", "width"), (-3.0, 3.0)),
+                TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0)),
+                TensorSpec("encoder_hidden_states", "float32",
+                           (BATCH, pipeline["max_length"], cfg.cross_attention_dim)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "height", "width")),),
+            dims={k: v for k, v in dims.items() if k in (BATCH, "height", "width")},
+        )
+
+    return spec
+
+
+_IMAGE_SIZES = ({BATCH: 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
+                {BATCH: 1, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
+_TEXT_SIZES = ({BATCH: 2}, {BATCH: 1})
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("text_encoder", "text_encoder", _load("transformers.CLIPTextModel"), _TextEncoder,
+                  _text_encoder_spec, _TEXT_SIZES),
+        Component("vae_encoder", "vae", _load("diffusers.AutoencoderKL"), _VaeEncoder, _vae_encoder_spec,
+                  _IMAGE_SIZES),
+        Component("vae_decoder", "vae", _load("diffusers.AutoencoderKL"), _VaeDecoder, _vae_decoder_spec,
+                  _IMAGE_SIZES),
+        Component("unet", "unet", _load("diffusers.UNet2DConditionModel"), _UNet, _unet_spec_named("unet"),
+                  _IMAGE_SIZES),
+    )
+}
+
+# Which components each model kind exports (the kind is detected from the model folder).
+KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "sd": ("text_encoder", "vae_encoder", "vae_decoder", "unet"),
+}

@@ -1,0 +1,184 @@
+"""`ti2i export`: a diffusers model folder (hub id or local path) -> ONNX engines + manifest.
+
+Steps: detect the model kind, gather the pipeline facts (scheduler config, VAE factors, tokenizer),
+then for each declared component: load, wrap, export to ONNX with the spec's dynamic axes, and
+validate the ONNX graph against the torch module at every declared sample size. A component whose
+relative error exceeds its tolerance fails the export loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ti2i.engines.ort import OrtEngine
+from ti2i.engines.processing import STEPS
+from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
+from ti2i.export.components import COMPONENTS, KIND_COMPONENTS, Component
+from ti2i.manifest import ONNX, PROCESSING, ComponentEntry, Manifest
+from ti2i.spec import ComponentSpec, sample_inputs
+
+ONNX_OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for one file
+
+
+def detect_kind(model: str) -> str:
+    """Which component set a model folder needs, from its UNet's input channels."""
+    unet = _load_config(model, "unet", "config.json")
+    channels = unet.get("in_channels")
+    kinds = {4: "sd"}
+    if channels not in kinds:
+        raise InvalidInputError(f"model {model!r}: a UNet with {channels} input channels is not supported "
+                                f"(supported: {sorted(kinds)})")
+    return kinds[channels]
+
+
+def pipeline_facts(model: str, out_dir: Path) -> dict[str, Any]:
+    """Everything the sampling loops need besides the networks; copies the tokenizer next to the engines."""
+    from transformers import CLIPTokenizer
+
+    vae = _load_config(model, "vae", "config.json")
+    unet = _load_config(model, "unet", "config.json")
+    scheduler = _load_config(model, "scheduler", "scheduler_config.json")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return {
+        "scheduler": scheduler,
+        "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+        "vae_scale_factor": vae_scale_factor,
+        "latent_channels": int(vae.get("latent_channels", 4)),
+        "default_size": int(unet["sample_size"]) * vae_scale_factor,
+        "tokenizer": "tokenizer",
+        "max_length": int(tokenizer.model_max_length),
+    }
+
+
+def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
+    from diffusers import ConfigMixin
+
+    class _Cfg(ConfigMixin):
+        config_name = filename
+
+    try:
+        return dict(_Cfg.load_config(model, subfolder=subfolder))
+    except (OSError, EnvironmentError) as err:
+        raise ModelNotFoundError(f"cannot read {subfolder}/{filename} of model {model!r}: {err}") from None
+
+
+def export_model(model: str, out_dir: str | Path, kind: str | None = None,
+                 log: Callable[[str], None] = print) -> Manifest:
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    kind = kind or detect_kind(model)
+    pipeline = {"kind": kind, **pipeline_facts(model, out)}
+    manifest = Manifest(out, kind, model, "fp32", pipeline, tool_versions=_tool_versions())
+
+    modules: dict[tuple[str, str], torch.nn.Module] = {}
+    for name in KIND_COMPONENTS[kind]:
+        component = COMPONENTS[name]
+        key = (component.subfolder, component.load.__qualname__)
+        if key not in modules:
+            modules[key] = component.load(model, component.subfolder)
+        module = modules[key]
+        spec = component.spec(module, pipeline)
+        wrapper = component.wrap(module).eval()
+        file = f"{name}.onnx"
+        export_onnx(wrapper, spec, component.sample_sizes[0], out / file)
+        validation = validate(wrapper, spec, out / file, component)
+        log(f"{name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
+            f"(tolerance {component.tolerance:.0e})")
+        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation)
+
+    for step in STEPS.values():
+        manifest.components[step.name] = ComponentEntry(step.spec(pipeline), PROCESSING)
+    manifest.write()
+    return manifest
+
+
+def export_onnx(wrapper: torch.nn.Module, spec: ComponentSpec, sizes: Mapping[str, int], path: Path) -> None:
+    """Trace at `sizes` with every symbolic dim dynamic; files over 2 GB keep their weights as external data."""
+    sample = sample_inputs(spec, sizes)
+    args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
+    dynamic_axes = {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                    for t in (*spec.inputs, *spec.outputs)}
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / path.name
+        with torch.inference_mode():
+            torch.onnx.export(
+                wrapper, args, str(raw),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        _finalise_onnx(Path(tmp), raw, path)
+
+
+def _finalise_onnx(tmp: Path, raw: Path, path: Path) -> None:
+    import onnx
+
+    total = sum(f.stat().st_size for f in tmp.iterdir())
+    for old in (path, path.with_name(path.name + ".data")):
+        old.unlink(missing_ok=True)
+    if total < EXTERNAL_DATA_THRESHOLD:
+        shutil.move(str(raw), path)
+        return
+    graph = onnx.load(str(raw), load_external_data=True)
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, component: Component) -> dict[str, Any]:
+    """Relative error (max |onnx − torch| / max |torch|) of each output at every declared sample size."""
+    engine = OrtEngine(path, spec)
+    worst = 0.0
+    per_size = []
+    for i, sizes in enumerate(component.sample_sizes):
+        sample = sample_inputs(spec, sizes, seed=100 + i)
+        with torch.inference_mode():
+            ref = wrapper(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        got = engine.run(sample)
+        errors = {}
+        for tensor, expected in zip(spec.outputs, refs):
+            expected = expected.numpy()
+            actual = got[tensor.name]
+            if actual.shape != expected.shape:
+                raise ExportValidationError(f"{spec.name}.{tensor.name}: ONNX shape {actual.shape} "
+                                            f"!= torch shape {expected.shape} at sizes {dict(sizes)}")
+            scale = max(float(np.abs(expected).max()), 1e-12)
+            errors[tensor.name] = float(np.abs(actual - expected).max()) / scale
+        worst = max(worst, *errors.values())
+        per_size.append({"sizes": dict(sizes), "rel_error": errors})
+    engine.close()
+    if not worst <= component.tolerance:
+        raise ExportValidationError(f"{spec.name}: ONNX output differs from torch by relative error {worst:.3e} "
+                                    f"> tolerance {component.tolerance:.0e} ({per_size})")
+    return {"max_rel_error": worst, "tolerance": component.tolerance, "per_size": per_size}
+
+
+def _tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    import ti2i
+
+    return {"ti2i": ti2i.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": str(ONNX_OPSET)}
+
+
+def describe(manifest: Manifest) -> str:
+    return json.dumps({n: e.validation for n, e in manifest.components.items() if e.validation}, indent=2)

@@ -1,0 +1,25 @@
+"""Typed errors shared by every layer.
+
+Each names one kind of problem a user can fix; the CLI maps all of them to exit code 2,
+the Triton models map them to INVALID_ARG.
+"""
+
+
+class Ti2iError(Exception):
+    """Base class of every error ti2i raises on purpose."""
+
+
+class InvalidInputError(Ti2iError, ValueError):
+    """An argument or an input tensor/image is not acceptable."""
+
+
+class ModelNotFoundError(Ti2iError, FileNotFoundError):
+    """A model folder, engine directory or manifest is missing or incomplete."""
+
+
+class ServerUnavailableError(Ti2iError, ConnectionError):
+    """A Triton server cannot be reached or is not ready."""
+
+
+class ExportValidationError(Ti2iError, RuntimeError):
+    """An exported component disagrees with its torch module beyond its tolerance."""

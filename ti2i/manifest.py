@@ -1,0 +1,94 @@
+"""The engine directory's manifest: what export wrote, read by engines, the Triton generator and clients.
+
+``manifest.json`` lists every component (its spec, where its engine file is, how it validated) and
+the pipeline-level facts the sampling loops need (scheduler config, VAE scaling factor, tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ti2i.errors import ModelNotFoundError
+from ti2i.spec import ComponentSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+# Backends an entry can name: an ONNX graph run by ONNX Runtime, or a library processing step.
+ONNX = "onnx"
+PROCESSING = "processing"
+
+
+@dataclass
+class ComponentEntry:
+    spec: ComponentSpec
+    backend: str  # ONNX or PROCESSING
+    file: str | None = None  # relative to the engine directory, for ONNX entries
+    validation: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
+                "validation": self.validation}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ComponentEntry:
+        return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"))
+
+
+@dataclass
+class Manifest:
+    """Everything an engine directory holds, as one JSON document next to the engine files."""
+
+    root: Path
+    kind: str
+    source_model: str
+    precision: str
+    pipeline: dict[str, Any]
+    components: dict[str, ComponentEntry] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+
+    def path_of(self, name: str) -> Path:
+        entry = self.components[name]
+        if entry.file is None:
+            raise ModelNotFoundError(f"component {name!r} has no engine file")
+        return self.root / entry.file
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "kind": self.kind,
+            "source_model": self.source_model,
+            "precision": self.precision,
+            "pipeline": self.pipeline,
+            "components": {name: entry.to_json() for name, entry in self.components.items()},
+            "tool_versions": self.tool_versions,
+        }
+
+    def write(self) -> Path:
+        path = self.root / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, engine_dir: str | Path) -> Manifest:
+        root = Path(engine_dir).resolve()
+        path = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise ModelNotFoundError(f"engine directory {root} does not exist (run `ti2i export` first)")
+        if not path.is_file():
+            raise ModelNotFoundError(f"{root} has no {MANIFEST_NAME}: not an engine directory written by `ti2i export`")
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT_VERSION:
+            raise ModelNotFoundError(f"{path}: manifest format {data.get('format')} is not {FORMAT_VERSION}")
+        return cls(
+            root=root,
+            kind=data["kind"],
+            source_model=data["source_model"],
+            precision=data["precision"],
+            pipeline=data["pipeline"],
+            components={n: ComponentEntry.from_json(e) for n, e in data["components"].items()},
+            tool_versions=data.get("tool_versions", {}),
+        )

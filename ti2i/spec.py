@@ -1,0 +1,172 @@
+"""Tensor and component specifications: the part of a component's declaration that every layer reads.
+
+A `ComponentSpec` names a component's inputs and outputs with their dtypes and shapes, where a shape
+entry is either a fixed size or a symbolic dimension (``"batch"``, ``"height"``, ...) whose allowed
+range is kept in `dims`. Export writes ONNX dynamic axes from it, engines validate their inputs
+against it, the Triton generator renders ``config.pbtxt`` from it and the clients build requests
+from it. It is plain data (JSON round-trip) so that none of those layers needs torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ti2i.errors import InvalidInputError
+
+Dim = int | str
+BATCH = "batch"
+
+# numpy dtype name -> Triton data type (model config enum suffix and the wire name).
+TRITON_DTYPES: dict[str, str] = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+    "object": "STRING",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: dtype (a numpy dtype name; ``object`` for strings) and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    # Values that sample inputs are drawn from (export validation and tests), [low, high).
+    sample_range: tuple[float, float] = (-1.0, 1.0)
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "sample_range": list(self.sample_range)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), tuple(data.get("sample_range", (-1.0, 1.0))))
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A component's interface: inputs, outputs and the allowed range of each symbolic dimension.
+
+    When `batched` is true every tensor's first dimension is ``"batch"``: the server may then
+    concatenate requests along it (Triton's ``max_batch_size`` is the batch range's maximum).
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    batched: bool = True
+
+    @property
+    def max_batch(self) -> int:
+        return self.dims[BATCH][1] if self.batched else 0
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "dims": {k: list(v) for k, v in self.dims.items()},
+            "batched": self.batched,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComponentSpec:
+        return cls(
+            name=data["name"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            dims={k: (int(v[0]), int(v[1])) for k, v in data["dims"].items()},
+            batched=bool(data.get("batched", True)),
+        )
+
+    def validate_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Check names, dtypes, ranks and dimension ranges; return the bound symbolic dims.
+
+        Raises `InvalidInputError` naming the tensor, what was expected and what came.
+        """
+        expected = {t.name for t in self.inputs}
+        missing = expected - inputs.keys()
+        unknown = inputs.keys() - expected
+        if missing or unknown:
+            raise InvalidInputError(
+                f"{self.name}: expected inputs {sorted(expected)}, got {sorted(inputs)}"
+                + (f" (missing {sorted(missing)})" if missing else "")
+                + (f" (unknown {sorted(unknown)})" if unknown else "")
+            )
+        bound: dict[str, int] = {}
+        for tensor in self.inputs:
+            value = inputs[tensor.name]
+            _check_tensor(self, tensor, value, bound)
+        return bound
+
+
+def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: dict[str, int]) -> None:
+    where = f"{spec.name}.{tensor.name}"
+    if not isinstance(value, np.ndarray):
+        raise InvalidInputError(f"{where}: expected a numpy array, got {type(value).__name__}")
+    if value.dtype.name != tensor.dtype and not (tensor.dtype == "object" and value.dtype.kind in "OSU"):
+        raise InvalidInputError(f"{where}: expected dtype {tensor.dtype}, got {value.dtype.name}")
+    if value.ndim != tensor.rank:
+        raise InvalidInputError(
+            f"{where}: expected rank {tensor.rank} with shape {_shape_str(tensor.shape)}, got shape {value.shape}"
+        )
+    for axis, (dim, size) in enumerate(zip(tensor.shape, value.shape)):
+        if isinstance(dim, int):
+            if size != dim:
+                raise InvalidInputError(
+                    f"{where}: dimension {axis} must be {dim} (shape {_shape_str(tensor.shape)}), got {value.shape}"
+                )
+            continue
+        low, high = spec.dims[dim]
+        if not low <= size <= high:
+            raise InvalidInputError(
+                f"{where}: dimension {axis} ({dim}) must be in [{low}, {high}], got {size} in shape {value.shape}"
+            )
+        if bound.setdefault(dim, size) != size:
+            raise InvalidInputError(
+                f"{where}: dimension {axis} ({dim}) is {size} but another input has {dim}={bound[dim]}"
+            )
+
+
+def _shape_str(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _by_name(tensors: tuple[TensorSpec, ...], name: str, component: str) -> TensorSpec:
+    for tensor in tensors:
+        if tensor.name == name:
+            return tensor
+    raise KeyError(f"{component} has no tensor named {name!r}")
+
+
+def sample_inputs(spec: ComponentSpec, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the given symbolic sizes, drawn from each tensor's sample range."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        shape = tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)
+        low, high = tensor.sample_range
+        if np.issubdtype(np.dtype(tensor.dtype), np.integer):
+            out[tensor.name] = rng.integers(int(low), int(high), size=shape).astype(tensor.dtype)
+        else:
+            out[tensor.name] = rng.uniform(low, high, size=shape).astype(tensor.dtype)
+    return out

@@ -1,0 +1,600 @@
+"""Launcher for the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel.
+
+The wheel ships a complete Triton 2.51 (``pytriton/tritonserver/bin/tritonserver``), its python
+backend, one python-backend stub per Python version and the shared libraries they need
+(``nvidia_pytriton.libs/``). This module lays those out the way Triton expects and runs the
+server as a child process:
+
+* bound to ``127.0.0.1`` on its gRPC, HTTP and metrics ports (free ports are picked when none
+  are given), ``--model-control-mode=none``, ``--strict-readiness``;
+* ``LD_LIBRARY_PATH`` starting with ``nvidia_pytriton.libs`` (and the running interpreter's
+  ``libpython`` folder), ``PATH`` starting with the running interpreter's ``bin`` folder, so the
+  python-backend stub runs this virtualenv's Python and a model's ``model.py`` can import
+  ``ti2i``, numpy and onnxruntime;
+* stdout and stderr written to a log file (never a pipe that could fill up);
+* readiness awaited on ``/v2/health/ready``; a server that exits or does not become ready in
+  time raises :class:`ti2i.errors.ServerUnavailableError` carrying the tail of its log.
+
+Example::
+
+    with TritonServer(Path("model_repository")) as server:
+        client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import itertools
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from ti2i.errors import ModelNotFoundError, ServerUnavailableError
+
+__all__ = [
+    "ServerPorts",
+    "TritonServer",
+    "find_free_ports",
+    "find_tritonserver",
+    "prepare_backend_dir",
+    "serve_forever",
+]
+
+HOST = "127.0.0.1"
+_LOG_TAIL_BYTES = 6000
+_PORT_RETRIES = 3  # restarts with fresh ports when auto-picked ports were taken meanwhile
+
+
+# --------------------------------------------------------------------------- locating the wheel
+
+
+def _pytriton_dir() -> Path:
+    """The installed ``pytriton`` package folder, found without importing it (importing is slow)."""
+    try:
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelNotFoundError(
+            "nvidia-pytriton is not installed: it provides the bundled tritonserver "
+            "(pip install 'nvidia-pytriton==0.7.0')"
+        )
+    return Path(locations[0])
+
+
+def _libs_dir() -> Path:
+    """The wheel's shared-library folder (``nvidia_pytriton.libs`` beside ``pytriton``)."""
+    pkg = _pytriton_dir()
+    for candidate in (pkg.parent / "nvidia_pytriton.libs", pkg / "tritonserver" / "external_libs"):
+        if candidate.is_dir():
+            return candidate
+    raise ModelNotFoundError(
+        f"nvidia-pytriton's shared libraries were not found next to {pkg} "
+        "(expected a nvidia_pytriton.libs folder); reinstall nvidia-pytriton"
+    )
+
+
+def find_tritonserver() -> Path:
+    """Path of the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel.
+
+    Raises:
+        ModelNotFoundError: nvidia-pytriton is missing or its wheel has no server binary.
+    """
+    binary = _pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise ModelNotFoundError(
+            f"nvidia-pytriton is installed but has no tritonserver binary at {binary}; "
+            "reinstall nvidia-pytriton (a manylinux x86_64/aarch64 wheel)"
+        )
+    if not os.access(binary, os.X_OK):
+        raise ModelNotFoundError(f"{binary} is not executable")
+    return binary
+
+
+def _python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _default_backend_cache() -> Path:
+    """``~/.cache/ti2i/triton_backends`` when writable, else a per-user temporary folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    for root in (Path(base) / "ti2i", Path(tempfile.gettempdir()) / f"ti2i-{os.getuid()}"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if os.access(root, os.W_OK | os.X_OK):
+                return root / "triton_backends"
+        except OSError:
+            continue
+    return Path(tempfile.mkdtemp(prefix="ti2i-triton-backends-"))
+
+
+def _same_file_content(src: Path, dst: Path) -> bool:
+    try:
+        s, d = src.stat(), dst.stat()
+    except OSError:
+        return False
+    return s.st_size == d.st_size and int(s.st_mtime) == int(d.st_mtime)
+
+
+def _install_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (temp file + rename), keeping mode and mtime."""
+    if _same_file_content(src, dst):
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def prepare_backend_dir(cache_dir: Path | None = None) -> Path:
+    """Lay out a Triton backend directory holding the bundled python backend.
+
+    Creates ``<dir>/python/{libtriton_python.so, triton_python_backend_utils.py,
+    triton_python_backend_stub}``, the stub being the one built for the running Python version.
+    Idempotent and safe to call from several processes at once (files are replaced atomically,
+    and only when they differ from the wheel's).
+
+    Args:
+        cache_dir: where to create it. Default: ``~/.cache/ti2i/triton_backends/<key>`` (or a
+            per-user temporary folder when the home folder is not writable), ``<key>`` naming the
+            Python version and the wheel's location so several virtualenvs never clash.
+
+    Returns:
+        The folder to pass as ``--backend-directory``.
+
+    Raises:
+        ModelNotFoundError: nvidia-pytriton is missing, or has no stub for this Python version.
+    """
+    pkg = _pytriton_dir()
+    tag = _python_tag()
+    backend_src = pkg / "tritonserver" / "backends" / "python"
+    stub_src = pkg / "tritonserver" / "python_backend_stubs" / tag / "triton_python_backend_stub"
+    sources = {
+        "libtriton_python.so": backend_src / "libtriton_python.so",
+        "triton_python_backend_utils.py": backend_src / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub_src,
+    }
+    if not stub_src.is_file():
+        stubs_dir = stub_src.parent.parent
+        have = sorted(p.name for p in stubs_dir.iterdir()) if stubs_dir.is_dir() else []
+        raise ModelNotFoundError(
+            f"nvidia-pytriton has no python-backend stub for Python {tag} "
+            f"(available: {', '.join(have) or 'none'})"
+        )
+    for name, src in sources.items():
+        if not src.is_file():
+            raise ModelNotFoundError(f"nvidia-pytriton is incomplete: {src} is missing")
+
+    if cache_dir is None:
+        key = hashlib.sha1(str(pkg.resolve()).encode()).hexdigest()[:10]
+        cache_dir = _default_backend_cache() / f"py{tag}-{key}"
+    root = Path(cache_dir).expanduser().resolve()
+    target = root / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, src in sources.items():
+        _install_file(src, target / name)
+    stub = target / "triton_python_backend_stub"
+    stub.chmod(stub.stat().st_mode | 0o111)
+    return root
+
+
+# --------------------------------------------------------------------------- ports
+
+
+@dataclass(frozen=True)
+class ServerPorts:
+    """The three ports a Triton server listens on (all bound to 127.0.0.1)."""
+
+    grpc: int
+    http: int
+    metrics: int
+
+
+def find_free_ports(n: int = 3) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (the OS picks them)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pick_ports() -> ServerPorts:
+    grpc, http, metrics = find_free_ports(3)
+    return ServerPorts(grpc=grpc, http=http, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+_LIVE_SERVERS: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+_SERVER_COUNTER = itertools.count(1)
+
+
+@atexit.register
+def _stop_live_servers() -> None:  # pragma: no cover - exercised at interpreter exit
+    for server in list(_LIVE_SERVERS):
+        with contextlib.suppress(Exception):
+            server.stop(timeout_s=10)
+
+
+def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _read_tail(path: Path, nbytes: int = _LOG_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - nbytes))
+            data = f.read()
+    except OSError as exc:
+        return f"<log {path} unreadable: {exc}>"
+    text = data.decode("utf-8", errors="replace")
+    if size > nbytes:
+        text = "...\n" + text.split("\n", 1)[-1]
+    return text.rstrip()
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``tritonserver``: bundled libraries first on ``LD_LIBRARY_PATH``, this
+    interpreter's ``bin`` folder first on ``PATH`` (the stub runs the Python found there)."""
+    env = dict(os.environ if base is None else base)
+    lib_dirs = [str(_libs_dir())]
+    # The stub links libpython3.X.so; prefer the running interpreter's own copy when it has one.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if libdir and soname and sysconfig.get_config_var("Py_ENABLE_SHARED") and (Path(libdir) / soname).exists():
+        lib_dirs.append(str(libdir))
+    old_ld = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in lib_dirs]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + old_ld)
+    bin_dir = str(Path(sys.executable).parent)
+    old_path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != bin_dir]
+    env["PATH"] = os.pathsep.join([bin_dir] + old_path)
+    if sys.prefix != sys.base_prefix:  # a virtualenv: make it look activated to the stub too
+        env.setdefault("VIRTUAL_ENV", sys.prefix)
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+class TritonServer:
+    """A ``tritonserver`` child process serving ``model_repository``; a context manager.
+
+    Args:
+        model_repository: folder of Triton models (``<name>/config.pbtxt``, ``<name>/1/...``).
+        ports: gRPC/HTTP/metrics ports; ``None`` picks free ones (and picks again, up to three
+            times, if another process grabs one before the server binds it).
+        log_path: file receiving the server's stdout and stderr (truncated at each start);
+            ``None`` writes to a new temporary file, kept after the server stops.
+        extra_args: more ``tritonserver`` arguments, e.g.
+            ``["--backend-config=python,shm-default-byte-size=67108864", "--log-verbose=1"]``.
+        startup_timeout_s: how long :meth:`start` waits for ``/v2/health/ready``.
+        backend_dir: backend directory; default :func:`prepare_backend_dir()`.
+        exit_timeout_s: ``--exit-timeout-secs``: after SIGTERM, how long Triton waits for
+            in-flight requests and open HTTP keep-alive connections before unloading its models
+            (Triton's default, 30 s, makes every stop with a connected HTTP client take 30 s).
+            Ignored when ``extra_args`` sets it.
+
+    Each server gets its own python-backend shared-memory prefix
+    (``--backend-config=python,shm-region-prefix-name=...``, unless ``extra_args`` sets one) so that
+    :meth:`stop` can delete the ``/dev/shm`` regions a killed server leaves behind.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: ServerPorts | None = None,
+        log_path: Path | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout_s: float = 120.0,
+        backend_dir: Path | None = None,
+        exit_timeout_s: int = 5,
+    ) -> None:
+        self.model_repository = Path(model_repository).expanduser().resolve()
+        self._fixed_ports = ports
+        self._ports: ServerPorts | None = ports
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="ti2i-tritonserver-", suffix=".log")
+            os.close(fd)
+            log_path = Path(name)
+        self._log_path = Path(log_path).expanduser().resolve()
+        self.extra_args = [str(a) for a in extra_args]
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._backend_dir = backend_dir
+        self.exit_timeout_s = int(exit_timeout_s)
+        self._shm_prefix = self._user_shm_prefix() or f"ti2i_{os.getpid()}_{next(_SERVER_COUNTER)}_"
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()
+
+    # ----- properties
+
+    @property
+    def ports(self) -> ServerPorts:
+        if self._ports is None:
+            raise ServerUnavailableError("the server has not been started: its ports are not chosen yet")
+        return self._ports
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports.metrics}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, nbytes: int = _LOG_TAIL_BYTES) -> str:
+        return _read_tail(self._log_path, nbytes)
+
+    def _user_shm_prefix(self) -> str | None:
+        for arg in self.extra_args:
+            if "shm-region-prefix-name=" in arg and "python," in arg:
+                return arg.split("shm-region-prefix-name=", 1)[1].split(",")[0]
+        return None
+
+    def _has_arg(self, flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in self.extra_args)
+
+    def command(self, ports: ServerPorts, backend_dir: Path) -> list[str]:
+        """The full ``tritonserver`` command line."""
+        defaults = []
+        if not self._has_arg("--exit-timeout-secs"):
+            defaults.append(f"--exit-timeout-secs={self.exit_timeout_s}")
+        if self._user_shm_prefix() is None:
+            defaults.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
+        return [
+            str(find_tritonserver()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--allow-grpc=true",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={ports.grpc}",
+            "--allow-http=true",
+            f"--http-address={HOST}",
+            f"--http-port={ports.http}",
+            "--allow-metrics=true",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={ports.metrics}",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            *defaults,
+            *self.extra_args,
+        ]
+
+    # ----- lifecycle
+
+    def start(self) -> "TritonServer":
+        """Start the server and wait until it reports ready.
+
+        Raises:
+            ModelNotFoundError: the model repository or the bundled server is missing.
+            ServerUnavailableError: the server exited, or was not ready within
+                ``startup_timeout_s`` (the message ends with the tail of its log).
+        """
+        with self._lock:
+            if self.is_alive():
+                return self
+            if not self.model_repository.is_dir():
+                raise ModelNotFoundError(f"model repository {self.model_repository} is not a folder")
+            backend_dir = Path(self._backend_dir) if self._backend_dir else prepare_backend_dir()
+            attempts = 1 if self._fixed_ports is not None else _PORT_RETRIES
+            for attempt in range(1, attempts + 1):
+                ports = self._fixed_ports or _pick_ports()
+                try:
+                    self._launch(ports, backend_dir)
+                    self._wait_ready()
+                    return self
+                except ServerUnavailableError:
+                    if attempt < attempts and self._port_clash_in_log():
+                        continue
+                    raise
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _launch(self, ports: ServerPorts, backend_dir: Path) -> None:
+        self._ports = ports
+        cmd = self.command(ports, backend_dir)
+        env = server_env()
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log_path, "wb") as log:
+            log.write(("# " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(self.model_repository),
+                # Own process group: a terminal's Ctrl-C reaches us, not the server, and stop()
+                # can take down the python-backend stubs with the group.
+                start_new_session=True,
+                preexec_fn=_set_parent_death_signal
+                if threading.current_thread() is threading.main_thread()
+                else None,  # PDEATHSIG fires when the *thread* that forked exits
+                close_fds=True,
+            )
+        _LIVE_SERVERS.add(self)
+
+    def _port_clash_in_log(self) -> bool:
+        tail = self.log_tail().lower()
+        return "address already in use" in tail or ("failed to start" in tail and "bind" in tail)
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        url = f"http://{self.http_url}/v2/health/ready"
+        deadline = time.monotonic() + self.startup_timeout_s
+        delay = 0.05
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self.stop()
+                raise ServerUnavailableError(
+                    f"tritonserver exited with code {code} before becoming ready "
+                    f"(model repository {self.model_repository}); log {self._log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as resp:
+                    if resp.status == 200:
+                        return
+            except urllib.error.HTTPError:
+                pass  # 400 "not ready" while models load
+            except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                tail = self.log_tail()
+                self.stop()
+                raise ServerUnavailableError(
+                    f"tritonserver was not ready after {self.startup_timeout_s:.0f} s "
+                    f"(model repository {self.model_repository}); log {self._log_path}:\n{tail}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _cleanup_group(self) -> None:
+        """SIGKILL whatever is left in the server's process group (python-backend stubs)."""
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+
+    def _remove_shm_regions(self) -> None:
+        """Delete ``/dev/shm`` regions left by this server's python backend (after a kill)."""
+        shm = Path("/dev/shm")
+        if not self._shm_prefix or not shm.is_dir():
+            return
+        for region in shm.glob(f"{self._shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM the server, wait up to ``timeout_s``, then SIGKILL it and its process group.
+
+        Idempotent; also reaps a server that already died.
+        """
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._cleanup_group()
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+            self._cleanup_group()
+            self._remove_shm_regions()
+            self._proc = None
+            _LIVE_SERVERS.discard(self)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_alive() else "stopped"
+        ports = self._ports
+        return f"TritonServer({str(self.model_repository)!r}, ports={ports}, {state})"
+
+
+# --------------------------------------------------------------------------- CLI helper
+
+
+def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
+    """Run ``server`` in the foreground, for the CLI's ``ti2i serve``.
+
+    Starts it, prints its URLs, blocks until SIGINT/SIGTERM or until the server dies, then stops
+    it. Returns 0 after a signal, 1 if the server died on its own (its log tail goes to stderr).
+    Startup failures propagate as :class:`ServerUnavailableError` / :class:`ModelNotFoundError`.
+    """
+    out = out or sys.stdout
+    stop_requested = threading.Event()
+    received: list[int] = []
+
+    def _handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        stop_requested.set()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous: dict[int, object] = {}
+    if in_main:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _handler)
+    try:
+        server.start()
+        print(f"Triton server ready (pid {server.pid}, models from {server.model_repository})", file=out)
+        print(f"  gRPC    {server.grpc_url}", file=out)
+        print(f"  HTTP    http://{server.http_url}", file=out)
+        print(f"  metrics {server.metrics_url}", file=out)
+        print(f"  log     {server.log_path}", file=out)
+        print("Press Ctrl-C to stop.", file=out, flush=True)
+        while not stop_requested.wait(0.5):
+            if not server.is_alive():
+                code = server._proc.returncode if server._proc is not None else None
+                print(
+                    f"tritonserver exited unexpectedly (code {code}); log {server.log_path}:\n{server.log_tail()}",
+                    file=sys.stderr,
+                )
+                return 1
+        print(f"Stopping Triton server ({signal.Signals(received[0]).name})...", file=out, flush=True)
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
