@@ -18,9 +18,8 @@ import numpy as np
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
-from ti2i.manifest import Manifest
+from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 
-PIPELINE_PARAMETER = "ti2i_pipeline"  # model-config parameter that carries the pipeline facts
 
 
 class Runner(ABC):
@@ -143,8 +142,8 @@ class TritonRunner(Runner):
             if name not in declared:
                 raise InvalidInputError(f"{model}: unknown input {name!r} (expects {sorted(declared)})")
             value = np.asarray(value)
-            if batched and _is_batched_scalar(declared[name]):
-                value = value.reshape(-1, 1)
+            if batched and value.ndim == 1 and _dims(declared[name]) == [1]:
+                value = value.reshape(-1, 1)  # a per-sample scalar travels as [B, 1]
             infer_input = self._module.InferInput(name, list(value.shape), _wire_dtype(value))
             infer_input.set_data_from_numpy(value)
             infer_inputs.append(infer_input)
@@ -176,11 +175,14 @@ def _parse_url(url: str) -> tuple[str, str]:
     raise InvalidInputError(f"server URL {url!r} must look like grpc://HOST:PORT or http://HOST:PORT")
 
 
+def _dims(tensor_config: Mapping[str, Any]) -> list[int]:
+    return [int(d) for d in tensor_config.get("dims", [])]
+
+
 def _is_batched_scalar(tensor_config: Mapping[str, Any]) -> bool:
-    """A per-sample scalar is declared with dims [1] and reshaped to [] for the model."""
-    dims = [int(d) for d in tensor_config.get("dims", [])]
+    """A per-sample scalar declared with dims [1] and reshaped to [] comes back as [B]."""
     reshape = tensor_config.get("reshape")
-    return dims == [1] and reshape is not None and not reshape.get("shape")
+    return _dims(tensor_config) == [1] and reshape is not None and not reshape.get("shape")
 
 
 def _wire_dtype(value: np.ndarray) -> str:

@@ -18,10 +18,15 @@ from ti2i.client.runners import Runner
 from ti2i.errors import InvalidInputError
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a runner output (copied only when read-only, as tritonclient's results are)."""
+    return torch.from_numpy(np.require(array, requirements="W"))
+
+
 def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
     """Text embeddings [N, S, D] of the prompts, one request for all of them."""
     text = np.array([p.encode("utf-8") for p in prompts], dtype=object)
-    return torch.from_numpy(runner.run("encode_prompt", text=text)["text_embeddings"])
+    return as_tensor(runner.run("encode_prompt", text=text)["text_embeddings"])
 
 
 def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool) -> torch.Tensor:
@@ -34,7 +39,7 @@ def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, 
 def encode_image(runner: Runner, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, log-variance) of a uint8 [B, H, W, 3] image."""
     out = runner.run("encode_image", image=image)
-    return torch.from_numpy(out["latent_mean"]), torch.from_numpy(out["latent_logvar"])
+    return as_tensor(out["latent_mean"]), as_tensor(out["latent_logvar"])
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -65,7 +70,7 @@ def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor |
     timestep = np.full((sample.shape[0],), float(t), dtype=np.float32)
     out = runner.run(model, sample=sample.contiguous().numpy(), timestep=timestep,
                      encoder_hidden_states=encoder_hidden_states.numpy())
-    return torch.from_numpy(out["noise_pred"])
+    return as_tensor(out["noise_pred"])
 
 
 def make_scheduler(pipeline: dict[str, Any], cls_name: str | None = None, **overrides: Any):

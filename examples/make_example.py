@@ -35,9 +35,10 @@ def draw_scene(size: int = SIZE) -> Image.Image:
     far = [(0, int(size * 0.62)), (size // 4, int(size * 0.5)), (size // 2, int(size * 0.6)),
            (int(size * 0.8), int(size * 0.48)), (size, int(size * 0.58)), (size, size), (0, size)]
     draw.polygon(far, fill=(70, 120, 90))
-    near_r = size * 0.9
-    draw.ellipse([-size * 0.3, size * 0.68, -size * 0.3 + 2 * near_r, size * 0.68 + 2 * near_r], fill=(60, 150, 60))
-    draw.ellipse([size * 0.45, size * 0.78, size * 0.45 + 2 * near_r, size * 0.78 + 2 * near_r], fill=(40, 120, 45))
+    diameter = size * 1.8
+    for left, top, colour in ((-0.3, 0.68, (60, 150, 60)), (0.45, 0.78, (40, 120, 45))):
+        x0, y0 = size * left, size * top
+        draw.ellipse([x0, y0, x0 + diameter, y0 + diameter], fill=colour)
     return image
 
 

@@ -57,7 +57,8 @@ _MERGES: tuple[tuple[str, str], ...] = (
 
 def _byte_level_chars() -> list[str]:
     """The 256 printable unicode stand-ins for bytes that GPT-2/CLIP byte-level BPE uses."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
     codes = list(printable)
     shift = 0
     for byte in range(256):
@@ -164,8 +165,8 @@ def _calibrate_vae_posterior(vae: AutoencoderKL) -> None:
     bias[c:] = -10.0
 
 
-# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5. PNDMScheduler in diffusers
-# 0.42 no longer takes clip_sample; from_config keeps it in the saved config as SD 1.5 has it.
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5. PNDMScheduler.__init__ has no
+# clip_sample argument, but from_config keeps it in the saved config, as SD 1.5's file has it.
 SD15_PNDM_CONFIG: dict[str, object] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

@@ -42,11 +42,15 @@ def _load(kind: str, folder: Path) -> DiffusionPipeline:
     return pipe
 
 
-def _run(pipe: DiffusionPipeline, seed: int) -> np.ndarray:
-    image = Image.open(EXAMPLE).convert("RGB").resize((64, 64))
+def _example(size: int = 64) -> Image.Image:
+    with Image.open(EXAMPLE) as example:
+        return example.convert("RGB").resize((size, size))
+
+
+def _run(pipe: DiffusionPipeline, seed: int, image: Image.Image | None = None) -> np.ndarray:
     out = pipe(
         "a photo of a cat",
-        image=image,
+        image=_example() if image is None else image,
         num_inference_steps=3,
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
@@ -62,6 +66,8 @@ def test_pipeline_runs_deterministically(tiny: tuple[str, Path]) -> None:
     assert first.std() > 0.01
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - other).mean() > 1e-3
+    flipped = _run(pipe, 0, _example().transpose(Image.Transpose.FLIP_TOP_BOTTOM))
+    assert np.abs(first - flipped).mean() > 1e-3  # the output depends on the input image
 
 
 def test_layout_and_configs(tiny: tuple[str, Path]) -> None:
@@ -77,7 +83,8 @@ def test_layout_and_configs(tiny: tuple[str, Path]) -> None:
     vae = json.loads((folder / "vae" / "config.json").read_text())
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert unet["in_channels"] == (4 if kind == "sd" else 8)
-    assert unet["cross_attention_dim"] == json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == text["hidden_size"]
     assert 2 ** (len(vae["block_out_channels"]) - 1) == 8
     assert vae["scaling_factor"] == 0.18215 and vae["latent_channels"] == 4
     common = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
@@ -85,15 +92,16 @@ def test_layout_and_configs(tiny: tuple[str, Path]) -> None:
     assert sched["prediction_type"] == "epsilon"
     if kind == "sd":
         assert sched["_class_name"] == "PNDMScheduler"
-        sd15 = {"skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading"}
-        assert sd15.items() <= sched.items()
+        sd15 = {"skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
+        assert sd15.items() <= sched.items() and sched["timestep_spacing"] == "leading"
     else:
         assert sched["_class_name"] == "EulerAncestralDiscreteScheduler"
 
 
 def test_text_to_image_pipeline_loads(tmp_path: Path) -> None:
+    folder = write_tiny_model("sd", tmp_path)
     pipe = StableDiffusionPipeline.from_pretrained(
-        write_tiny_model("sd", tmp_path), safety_checker=None, requires_safety_checker=False, local_files_only=True
+        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
@@ -112,9 +120,11 @@ def test_tokenizer_round_trip(tiny: tuple[str, Path]) -> None:
 
 
 def test_same_seed_same_weights(tmp_path: Path) -> None:
-    a = load_file(write_tiny_model("sd", tmp_path / "a", seed=3) / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(write_tiny_model("sd", tmp_path / "b", seed=3) / "unet" / "diffusion_pytorch_model.safetensors")
-    c = load_file(write_tiny_model("sd", tmp_path / "c", seed=4) / "unet" / "diffusion_pytorch_model.safetensors")
+    def unet_weights(name: str, seed: int) -> dict[str, torch.Tensor]:
+        folder = write_tiny_model("sd", tmp_path / name, seed=seed)
+        return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    a, b, c = unet_weights("a", 3), unet_weights("b", 3), unet_weights("c", 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -125,5 +135,5 @@ def test_unknown_kind_names_allowed_kinds(tmp_path: Path) -> None:
 
 
 def test_example_image() -> None:
-    image = Image.open(EXAMPLE)
-    assert image.size == (256, 256) and image.mode == "RGB"
+    with Image.open(EXAMPLE) as image:
+        assert image.size == (256, 256) and image.mode == "RGB"

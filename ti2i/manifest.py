@@ -17,6 +17,9 @@ from ti2i.spec import ComponentSpec
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
+# The model-config parameter of every served model that carries the manifest's pipeline facts to clients.
+PIPELINE_PARAMETER = "ti2i_pipeline"
+
 # Backends an entry can name: an ONNX graph run by ONNX Runtime, or a library processing step.
 ONNX = "onnx"
 PROCESSING = "processing"

@@ -255,6 +255,29 @@ def _set_parent_death_signal() -> None:  # runs in the child between fork and ex
         pass
 
 
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether a process group still has a member that is not a zombie."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError, OSError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces or parentheses
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) >= 3 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _read_tail(path: Path, nbytes: int = _LOG_TAIL_BYTES) -> str:
     try:
         with open(path, "rb") as f:
@@ -499,14 +522,24 @@ class TritonServer:
                     f"(model repository {self.model_repository}); log {self._log_path}:\n{tail}"
                 )
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.5, 0.2)
 
-    def _cleanup_group(self) -> None:
-        """SIGKILL whatever is left in the server's process group (python-backend stubs)."""
+    def _cleanup_group(self, wait_s: float = 5.0) -> None:
+        """SIGKILL whatever is left in the server's process group (python-backend stubs) and wait
+        up to ``wait_s`` for it to be gone."""
         if self._proc is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        pgid = self._proc.pid  # start_new_session: the server leads its own group
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            self._proc.poll()  # reap the leader once it has died
+            if not _group_has_live_members(pgid):
+                return
+            time.sleep(0.02)
 
     def _remove_shm_regions(self) -> None:
         """Delete ``/dev/shm`` regions left by this server's python backend (after a kill)."""

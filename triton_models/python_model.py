@@ -1,0 +1,105 @@
+"""The python-backend model behind every served component: host the component's engine.
+
+`execute` validates each request against the component's spec (a bad request gets INVALID_ARG and
+never affects the others), concatenates the valid requests that share a shape along the batch
+dimension, runs the engine once per group and splits the outputs back. Runs inside Triton's stub
+process, where `triton_python_backend_utils` is importable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ti2i.engines.loader import load_engine
+from ti2i.errors import InvalidInputError, Ti2iError
+from ti2i.manifest import Manifest
+from ti2i.spec import ComponentSpec
+
+
+def merge_requests(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def split_outputs(outputs: Mapping[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    bounds = np.cumsum(sizes)[:-1]
+    parts = {name: np.split(value, bounds) for name, value in outputs.items()}
+    return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
+
+
+def shape_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+    """Requests batch together when everything but the batch dimension agrees."""
+    return tuple(sorted((name, value.shape[1:], value.dtype.str) for name, value in inputs.items()))
+
+
+def as_spec_rank(spec: ComponentSpec, name: str, value: np.ndarray) -> np.ndarray:
+    """Per-sample scalars may arrive as [B, 1]; the engine takes [B]."""
+    rank = spec.input(name).rank
+    if value.ndim == rank + 1 and value.shape[-1] == 1:
+        return value.reshape(value.shape[:-1])
+    return value
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("threads", "0")) or None
+        self.engine = load_engine(Manifest.load(params["engine_dir"]), params["component"], threads=threads)
+        self.spec = self.engine.spec
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[Any, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                inputs = {t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name))
+                          for t in self.spec.inputs}
+                self.spec.validate_inputs(inputs)
+            except Ti2iError as err:
+                responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)
+                continue
+            key = shape_key(inputs) if self.batched else i
+            groups.setdefault(key, []).append((i, inputs))
+        for members in groups.values():
+            self._run_group(members, responses)
+        return responses
+
+    def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list[Any]) -> None:
+        try:
+            if len(members) == 1:
+                results = [self.engine.run(members[0][1])]
+            else:
+                batches = [inputs for _, inputs in members]
+                merged = self.engine.run(merge_requests(batches))
+                results = split_outputs(merged, [len(next(iter(b.values()))) for b in batches])
+        except Ti2iError as err:
+            for i, _ in members:
+                responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)
+            return
+        except Exception as err:  # an engine failure fails these requests, never the server
+            for i, _ in members:
+                responses[i] = self._error(err, self.pb.TritonError.INTERNAL)
+            return
+        for (i, _), outputs in zip(members, results):
+            tensors = [self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in outputs.items()]
+            responses[i] = self.pb.InferenceResponse(output_tensors=tensors)
+
+    def _input(self, request: Any, name: str) -> np.ndarray:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise InvalidInputError(f"{self.spec.name}: missing input {name!r}")
+        return tensor.as_numpy()
+
+    def _error(self, err: Exception, code: int) -> Any:
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(err).__name__}: {err}", code))
+
+    def finalize(self) -> None:
+        self.engine.close()
