@@ -37,7 +37,8 @@ def _load(cls_path: str) -> Callable[[str, str], torch.nn.Module]:
     def load(model: str, subfolder: str) -> torch.nn.Module:
         module_name, cls_name = cls_path.rsplit(".", 1)
         cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32).eval()
+        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32,
+                                   low_cpu_mem_usage=False).eval()
 
     return load
 

@@ -75,6 +75,7 @@ def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
 
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                  log: Callable[[str], None] = print) -> Manifest:
+    _quiet_libraries()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     kind = kind or detect_kind(model)
@@ -101,6 +102,19 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         manifest.components[step.name] = ComponentEntry(step.spec(pipeline), PROCESSING)
     manifest.write()
     return manifest
+
+
+def _quiet_libraries() -> None:
+    """Tracer and loading chatter hides the validation lines users need to read."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", module=r"torch\.onnx")
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
 
 def export_onnx(wrapper: torch.nn.Module, spec: ComponentSpec, sizes: Mapping[str, int], path: Path) -> None:

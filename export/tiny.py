@@ -247,6 +247,9 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     pipe.save_pretrained(out, safe_serialization=True)
     _write_vocab_files(out / "tokenizer")
     return out

@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,7 +58,9 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-_LOG_TAIL_BYTES = 6000
+_LOG_TAIL_BYTES = 3000
+# Error lines every CPU-only start logs; left out of error summaries.
+_HARMLESS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 _PORT_RETRIES = 3  # restarts with fresh ports when auto-picked ports were taken meanwhile
 
 
@@ -278,19 +281,40 @@ def _group_has_live_members(pgid: int) -> bool:
     return False
 
 
-def _read_tail(path: Path, nbytes: int = _LOG_TAIL_BYTES) -> str:
+def _read_tail(path: Path, nbytes: int = _LOG_TAIL_BYTES, scan_bytes: int = 256 * 1024) -> str:
+    """A readable summary of the end of a Triton log: its error lines (``E...`` glog lines and
+    ``error:`` lines), then its last lines, with the padding of Triton's wide tables squeezed out."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - nbytes))
+            f.seek(max(0, size - scan_bytes))
             data = f.read()
     except OSError as exc:
         return f"<log {path} unreadable: {exc}>"
-    text = data.decode("utf-8", errors="replace")
-    if size > nbytes:
-        text = "...\n" + text.split("\n", 1)[-1]
-    return text.rstrip()
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if size > scan_bytes:
+        lines = lines[1:]
+    squeezed = [re.sub(r"\s{2,}", " ", ln).strip() for ln in lines]
+    squeezed = [ln for ln in squeezed if ln and not re.fullmatch(r"[+\-| ]+", ln)]
+    errors = [
+        ln
+        for ln in squeezed
+        if (re.match(r"E\d{4} ", ln) or ln.startswith("error:")) and not any(h in ln for h in _HARMLESS)
+    ]
+    tail: list[str] = []
+    used = 0
+    for ln in reversed(squeezed):
+        used += len(ln) + 1
+        if used > nbytes:
+            break
+        tail.append(ln)
+    tail.reverse()
+    parts = []
+    if errors:
+        parts.append("errors:\n" + "\n".join(errors[-20:]))
+    parts.append(("log tail:\n" if errors else "") + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,0 +1,183 @@
+"""The `ti2i` command line: build, export, serve and run the methods.
+
+Every error a user can fix is a `Ti2iError`: it is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ti2i.errors import InvalidInputError, Ti2iError
+
+EXIT_USAGE = 2
+
+
+def _runner(args: argparse.Namespace):
+    from ti2i.client.runners import InProcessRunner, TritonRunner
+
+    if args.engines:
+        return InProcessRunner(args.engines)
+    return TritonRunner(args.server)
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--engines", help="engine directory written by `ti2i export` (runs in-process)")
+    target.add_argument("--server", help="Triton server URL: grpc://HOST:PORT or http://HOST:PORT")
+
+
+def _add_image_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", required=True, help="input image file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None, help="output height (snapped to a multiple of 8)")
+    parser.add_argument("--width", type=int, default=None, help="output width (snapped to a multiple of 8)")
+    parser.add_argument("--out", required=True, help="output image file (.png, .jpg, ...)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no timing report")
+
+
+def _check_image_out(path: str) -> Path:
+    from PIL import Image
+
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InvalidInputError(f"output {out} has no known image extension (use .png, .jpg, ...)")
+    return out
+
+
+def _save(result, out: Path, quiet: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    if not quiet:
+        print(result.timings.report())
+    print(f"wrote {out}")
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from ti2i.export.tiny import write_tiny_model
+
+    print(f"wrote {write_tiny_model(args.kind, args.out, seed=args.seed)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ti2i.export.exporter import export_model
+
+    manifest = export_model(args.model, args.out, kind=args.kind)
+    print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
+    return 0
+
+
+def _repository_options(args: argparse.Namespace):
+    from ti2i.triton_models.repository import RepositoryOptions
+
+    return RepositoryOptions(max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                             threads=args.threads)
+
+
+def cmd_repository(args: argparse.Namespace) -> int:
+    from ti2i.manifest import Manifest
+    from ti2i.triton_models.repository import write_repository
+
+    out = write_repository(Manifest.load(args.engines), args.out, _repository_options(args))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ti2i.manifest import Manifest
+    from ti2i.triton_models.repository import write_repository
+    from ti2i.triton_models.server import ServerPorts, TritonServer, serve_forever
+
+    manifest = Manifest.load(args.engines)
+    repository = write_repository(manifest, args.repository or manifest.root / "model_repository",
+                                  _repository_options(args))
+    ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
+    return serve_forever(TritonServer(repository, ports=ports, log_path=args.log))
+
+
+def cmd_sdedit(args: argparse.Namespace) -> int:
+    from ti2i.client.sdedit import sdedit
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = sdedit(runner, args.image, args.prompt, negative_prompt=args.negative_prompt,
+                        strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        height=args.height, width=args.width, progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ti2i.client.demo import run_demo
+
+    return run_demo(Path(args.work), Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ti2i", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny", help="write a tiny random-weight model folder (offline)")
+    p.add_argument("--kind", default="sd")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("export", help="export a diffusers model (hub id or folder) to ONNX engines")
+    p.add_argument("--model", required=True, help="hub id or local diffusers folder")
+    p.add_argument("--out", required=True, help="engine directory to write")
+    p.add_argument("--kind", default=None, help="model kind (detected from the folder when left out)")
+    p.set_defaults(func=cmd_export)
+
+    for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
+                                  ("serve", cmd_serve, "serve an engine directory with the bundled Triton")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--engines", required=True)
+        if name == "repository":
+            p.add_argument("--out", required=True)
+        else:
+            p.add_argument("--repository", default=None, help="where to write the repository "
+                                                              "(default: ENGINES/model_repository)")
+            p.add_argument("--grpc-port", type=int, default=8001)
+            p.add_argument("--http-port", type=int, default=8000)
+            p.add_argument("--metrics-port", type=int, default=8002)
+            p.add_argument("--log", type=Path, default=None, help="server log file")
+        p.add_argument("--max-queue-delay-us", type=int, default=2000)
+        p.add_argument("--instances", type=int, default=1)
+        p.add_argument("--threads", type=int, default=0)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("sdedit", help="SDEdit image-to-image")
+    _add_image_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    _add_target(p)
+    p.set_defaults(func=cmd_sdedit)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on a tiny model through a real Triton server")
+    p.add_argument("--work", default="work", help="folder for the model, engines and repository")
+    p.add_argument("--out", default="outputs", help="folder for the results")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except Ti2iError as err:
+        print(f"ti2i {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
