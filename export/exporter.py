@@ -112,7 +112,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-    warnings.filterwarnings("ignore", module=r"torch\.onnx")
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
 

@@ -237,6 +237,10 @@ def _pick_ports() -> ServerPorts:
 # --------------------------------------------------------------------------- the server
 
 
+class _StartupAborted(ServerUnavailableError):
+    """serve_forever was asked to stop while the server was still starting."""
+
+
 _LIVE_SERVERS: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 _SERVER_COUNTER = itertools.count(1)
 
@@ -248,14 +252,24 @@ def _stop_live_servers() -> None:  # pragma: no cover - exercised at interpreter
             server.stop(timeout_s=10)
 
 
-def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
+def _parent_death_signal_fn():
+    """A ``preexec_fn`` asking the kernel to SIGTERM the server when its parent dies (Linux), so a
+    killed Python process does not leave a server behind; ``None`` where unavailable. Everything is
+    resolved here, in the parent: the child must not import anything between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sigterm = int(signal.SIGTERM)
+
+    def _preexec() -> None:
+        prctl(1, sigterm)  # PR_SET_PDEATHSIG
+
+    return _preexec
 
 
 def _group_has_live_members(pgid: int) -> bool:
@@ -329,11 +343,13 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
         lib_dirs.append(str(libdir))
     old_ld = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in lib_dirs]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + old_ld)
-    bin_dir = str(Path(sys.executable).parent)
-    old_path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != bin_dir]
-    env["PATH"] = os.pathsep.join([bin_dir] + old_path)
+    old_path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p]
+    if sys.executable:
+        bin_dir = str(Path(sys.executable).parent)
+        old_path = [p for p in old_path if p != bin_dir]
+        env["PATH"] = os.pathsep.join([bin_dir] + old_path)
     if sys.prefix != sys.base_prefix:  # a virtualenv: make it look activated to the stub too
-        env.setdefault("VIRTUAL_ENV", sys.prefix)
+        env["VIRTUAL_ENV"] = sys.prefix
     env.pop("PYTHONHOME", None)
     return env
 
@@ -386,6 +402,7 @@ class TritonServer:
         self._shm_prefix = self._user_shm_prefix() or f"ti2i_{os.getpid()}_{next(_SERVER_COUNTER)}_"
         self._proc: subprocess.Popen | None = None
         self._lock = threading.RLock()
+        self._abort: threading.Event | None = None  # set by serve_forever on SIGINT/SIGTERM
 
     # ----- properties
 
@@ -482,6 +499,8 @@ class TritonServer:
                     self._launch(ports, backend_dir)
                     self._wait_ready()
                     return self
+                except _StartupAborted:
+                    raise
                 except ServerUnavailableError:
                     if attempt < attempts and self._port_clash_in_log():
                         continue
@@ -506,16 +525,19 @@ class TritonServer:
                 # Own process group: a terminal's Ctrl-C reaches us, not the server, and stop()
                 # can take down the python-backend stubs with the group.
                 start_new_session=True,
-                preexec_fn=_set_parent_death_signal
+                # PDEATHSIG fires when the *thread* that forked exits: main thread only.
+                preexec_fn=_parent_death_signal_fn()
                 if threading.current_thread() is threading.main_thread()
-                else None,  # PDEATHSIG fires when the *thread* that forked exits
+                else None,
                 close_fds=True,
             )
         _LIVE_SERVERS.add(self)
 
     def _port_clash_in_log(self) -> bool:
         tail = self.log_tail().lower()
-        return "address already in use" in tail or ("failed to start" in tail and "bind" in tail)
+        # gRPC: "...Address already in use {syscall:"bind"...}";
+        # HTTP/metrics: "failed to start HTTP service: Unavailable - Socket '127.0.0.1:P' already in use"
+        return "already in use" in tail
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -538,6 +560,9 @@ class TritonServer:
                 pass  # 400 "not ready" while models load
             except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
                 pass
+            if self._abort is not None and self._abort.is_set():
+                self.stop()
+                raise _StartupAborted("server startup interrupted")
             if time.monotonic() >= deadline:
                 tail = self.log_tail()
                 self.stop()
@@ -617,7 +642,8 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
     """Run ``server`` in the foreground, for the CLI's ``ti2i serve``.
 
     Starts it, prints its URLs, blocks until SIGINT/SIGTERM or until the server dies, then stops
-    it. Returns 0 after a signal, 1 if the server died on its own (its log tail goes to stderr).
+    it. Returns 0 after a signal (also one received while the server was still starting), 1 if
+    the server died on its own (its log tail goes to stderr).
     Startup failures propagate as :class:`ServerUnavailableError` / :class:`ModelNotFoundError`.
     """
     out = out or sys.stdout
@@ -633,8 +659,13 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
     if in_main:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _handler)
+    server._abort = stop_requested
     try:
-        server.start()
+        try:
+            server.start()
+        except _StartupAborted:
+            print("Interrupted while the Triton server was starting; stopped it.", file=out, flush=True)
+            return 0
         print(f"Triton server ready (pid {server.pid}, models from {server.model_repository})", file=out)
         print(f"  gRPC    {server.grpc_url}", file=out)
         print(f"  HTTP    http://{server.http_url}", file=out)
@@ -652,6 +683,7 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
         print(f"Stopping Triton server ({signal.Signals(received[0]).name})...", file=out, flush=True)
         return 0
     finally:
+        server._abort = None
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny SD model, its exported engines and one real Triton server per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ti2i.export.exporter import export_model
+from ti2i.export.tiny import write_tiny_model
+from ti2i.manifest import Manifest
+from ti2i.triton_models.repository import write_repository
+from ti2i.triton_models.server import TritonServer
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "input.png"
+
+
+@pytest.fixture(scope="session")
+def sd_model(tmp_path_factory) -> Path:
+    return write_tiny_model("sd", tmp_path_factory.mktemp("models") / "sd")
+
+
+@pytest.fixture(scope="session")
+def sd_engines(sd_model, tmp_path_factory) -> Manifest:
+    return export_model(str(sd_model), tmp_path_factory.mktemp("engines") / "sd", log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def triton_server(sd_engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    repository = write_repository(sd_engines, root / "repository")
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def example_image() -> Image.Image:
+    """The shipped example, at 64×48 so the tiny pipelines stay fast (non-square on purpose)."""
+    return Image.open(EXAMPLE).convert("RGB").resize((64, 48), Image.LANCZOS)
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
