@@ -47,7 +47,7 @@ def sdedit(
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
 
     # 4. Timesteps: the tail of the schedule that `strength` selects
-    scheduler = shared.make_scheduler(pipeline)
+    scheduler = shared.make_scheduler(pipeline, "unet")
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
 
     # 5. Latents: a sample of the posterior, scaled, noised once at the first timestep

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ti2i.client.runners import Runner
-from ti2i.errors import InvalidInputError
+from ti2i.errors import InvalidInputError, ModelNotFoundError
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -73,11 +73,18 @@ def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor |
     return as_tensor(out["noise_pred"])
 
 
-def make_scheduler(pipeline: dict[str, Any], cls_name: str | None = None, **overrides: Any):
-    """The model folder's scheduler (or `cls_name`) built from the exported scheduler config."""
+def unet_facts(pipeline: dict[str, Any], unet: str) -> dict[str, Any]:
+    if unet not in pipeline["unets"]:
+        raise ModelNotFoundError(f"these engines have no {unet!r} (they have {sorted(pipeline['unets'])}); "
+                                 f"export a model of that kind into the engine directory")
+    return pipeline["unets"][unet]
+
+
+def make_scheduler(pipeline: dict[str, Any], unet: str, cls_name: str | None = None, **overrides: Any):
+    """The scheduler `unet`'s model folder ships (or `cls_name` built from its config)."""
     import diffusers
 
-    config = dict(pipeline["scheduler"])
+    config = dict(unet_facts(pipeline, unet)["scheduler"])
     name = cls_name or config["_class_name"]
     cls = getattr(diffusers, name, None)
     if cls is None:

@@ -157,10 +157,14 @@ COMPONENTS: dict[str, Component] = {
                   _IMAGE_SIZES),
         Component("unet", "unet", _load("diffusers.UNet2DConditionModel"), _UNet, _unet_spec_named("unet"),
                   _IMAGE_SIZES),
+        Component("unet_pix2pix", "unet", _load("diffusers.UNet2DConditionModel"), _UNet,
+                  _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES),
     )
 }
 
-# Which components each model kind exports (the kind is detected from the model folder).
+# Which components each model kind exports, its denoiser last (the kind is detected from the model folder).
 KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sd": ("text_encoder", "vae_encoder", "vae_decoder", "unet"),
+    "pix2pix": ("text_encoder", "vae_encoder", "vae_decoder", "unet_pix2pix"),
 }
+KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix"}

@@ -8,6 +8,7 @@ relative error exceeds its tolerance fails the export loudly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -21,8 +22,8 @@ import torch
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
-from ti2i.export.components import COMPONENTS, KIND_COMPONENTS, Component
-from ti2i.manifest import ONNX, PROCESSING, ComponentEntry, Manifest
+from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component
+from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
 
 ONNX_OPSET = 17
@@ -31,34 +32,57 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for one file
 
 def detect_kind(model: str) -> str:
     """Which component set a model folder needs, from its UNet's input channels."""
-    unet = _load_config(model, "unet", "config.json")
-    channels = unet.get("in_channels")
-    kinds = {4: "sd"}
-    if channels not in kinds:
+    channels = _load_config(model, "unet", "config.json").get("in_channels")
+    if channels not in KIND_BY_UNET_CHANNELS:
         raise InvalidInputError(f"model {model!r}: a UNet with {channels} input channels is not supported "
-                                f"(supported: {sorted(kinds)})")
-    return kinds[channels]
+                                f"(supported: {sorted(KIND_BY_UNET_CHANNELS)})")
+    return KIND_BY_UNET_CHANNELS[channels]
 
 
-def pipeline_facts(model: str, out_dir: Path) -> dict[str, Any]:
-    """Everything the sampling loops need besides the networks; copies the tokenizer next to the engines."""
+# Facts every model sharing an engine directory must agree on (they share its text encoder and VAE).
+SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "max_length", "tokenizer_sha256")
+
+
+def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
+    """Everything the sampling loops need besides the networks, and the model's tokenizer."""
     from transformers import CLIPTokenizer
 
     vae = _load_config(model, "vae", "config.json")
     unet = _load_config(model, "unet", "config.json")
     scheduler = _load_config(model, "scheduler", "scheduler_config.json")
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return {
-        "scheduler": scheduler,
+    facts = {
         "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor,
         "latent_channels": int(vae.get("latent_channels", 4)),
-        "default_size": int(unet["sample_size"]) * vae_scale_factor,
         "tokenizer": "tokenizer",
         "max_length": int(tokenizer.model_max_length),
+        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
+        # per denoiser: the scheduler its model folder ships and its default output size
+        "unets": {KIND_COMPONENTS[kind][-1]: {"scheduler": scheduler,
+                                              "default_size": int(unet["sample_size"]) * vae_scale_factor}},
     }
+    return facts, tokenizer
+
+
+def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str) -> None:
+    for key in SHARED_FACTS:
+        if manifest.pipeline.get(key) != facts[key]:
+            raise InvalidInputError(
+                f"{model} cannot join engine directory {manifest.root}: its {key} is {facts[key]!r}, the "
+                f"directory's is {manifest.pipeline.get(key)!r}; export it into another directory")
+    manifest.pipeline["unets"].update(facts["unets"])
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of the weights, to tell whether two model folders share a component."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
@@ -79,27 +103,39 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     kind = kind or detect_kind(model)
-    pipeline = {"kind": kind, **pipeline_facts(model, out)}
-    manifest = Manifest(out, kind, model, "fp32", pipeline, tool_versions=_tool_versions())
+    facts, tokenizer = pipeline_facts(model, kind)
+    if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
+        manifest = Manifest.load(out)
+        _merge_facts(manifest, facts, model)
+    else:
+        manifest = Manifest(out, "fp32", facts, tool_versions=_tool_versions())
+        tokenizer.save_pretrained(str(out / facts["tokenizer"]))
+    manifest.sources[kind] = model
 
-    modules: dict[tuple[str, str], torch.nn.Module] = {}
+    modules: dict[str, torch.nn.Module] = {}
     for name in KIND_COMPONENTS[kind]:
         component = COMPONENTS[name]
-        key = (component.subfolder, component.load.__qualname__)
-        if key not in modules:
-            modules[key] = component.load(model, component.subfolder)
-        module = modules[key]
-        spec = component.spec(module, pipeline)
+        if component.subfolder not in modules:
+            modules[component.subfolder] = component.load(model, component.subfolder)
+        module = modules[component.subfolder]
+        weights = fingerprint(module)
+        if name in manifest.components:
+            if manifest.components[name].fingerprint != weights:
+                raise InvalidInputError(f"{out} already holds a different {name} (from "
+                                        f"{manifest.components[name].source}); export {model} into another directory")
+            log(f"{name}: same weights as the engine already in {out}, kept")
+            continue
+        spec = component.spec(module, manifest.pipeline)
         wrapper = component.wrap(module).eval()
         file = f"{name}.onnx"
         export_onnx(wrapper, spec, component.sample_sizes[0], out / file)
         validation = validate(wrapper, spec, out / file, component)
         log(f"{name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
             f"(tolerance {component.tolerance:.0e})")
-        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation)
+        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, source=model, fingerprint=weights)
 
     for step in STEPS.values():
-        manifest.components[step.name] = ComponentEntry(step.spec(pipeline), PROCESSING)
+        manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
 
@@ -113,6 +149,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
 

@@ -233,8 +233,10 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()
         text_encoder = build_text_encoder(tokenizer)
-        unet = build_unet(in_channels)
         vae = build_vae()
+        # Drawn last, so both kinds share the text encoder and VAE at the same seed (as
+        # instruct-pix2pix shares SD 1.5's) and their engines can live in one engine directory.
+        unet = build_unet(in_channels)
 
     # The pipeline only serves to write model_index.json and the component subfolders.
     pipe = pipeline_cls(

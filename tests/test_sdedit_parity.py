@@ -69,7 +69,8 @@ def test_stochastic_scheduler_consumes_the_generator_like_diffusers(reference, s
     finally:
         reference.scheduler = original
     with InProcessRunner(sd_engines.root) as runner:
-        runner.pipeline = {**runner.pipeline, "scheduler": {**config, "_class_name": "DDIMScheduler"}}
+        ddim = {"scheduler": {**config, "_class_name": "DDIMScheduler"}}
+        runner.pipeline = {**runner.pipeline, "unets": {"unet": ddim}}
         got = ours(runner, example_image, seed=1, **kwargs)
     assert max_abs(got.array, expected) <= TOLERANCE
 

@@ -30,15 +30,18 @@ class ComponentEntry:
     spec: ComponentSpec
     backend: str  # ONNX or PROCESSING
     file: str | None = None  # relative to the engine directory, for ONNX entries
-    validation: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None  # relative error against the torch module per sample size
+    source: str | None = None  # the model folder or hub id it was exported from
+    fingerprint: str | None = None  # sha256 of its weights
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
-                "validation": self.validation}
+                "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ComponentEntry:
-        return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"))
+        return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"),
+                   data.get("source"), data.get("fingerprint"))
 
 
 @dataclass
@@ -46,12 +49,15 @@ class Manifest:
     """Everything an engine directory holds, as one JSON document next to the engine files."""
 
     root: Path
-    kind: str
-    source_model: str
     precision: str
     pipeline: dict[str, Any]
     components: dict[str, ComponentEntry] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # model kind -> the model it was exported from
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.sources)
 
     def path_of(self, name: str) -> Path:
         entry = self.components[name]
@@ -62,8 +68,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
-            "kind": self.kind,
-            "source_model": self.source_model,
+            "sources": self.sources,
             "precision": self.precision,
             "pipeline": self.pipeline,
             "components": {name: entry.to_json() for name, entry in self.components.items()},
@@ -88,8 +93,7 @@ class Manifest:
             raise ModelNotFoundError(f"{path}: manifest format {data.get('format')} is not {FORMAT_VERSION}")
         return cls(
             root=root,
-            kind=data["kind"],
-            source_model=data["source_model"],
+            sources=data["sources"],
             precision=data["precision"],
             pipeline=data["pipeline"],
             components={n: ComponentEntry.from_json(e) for n, e in data["components"].items()},
