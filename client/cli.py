@@ -77,11 +77,25 @@ def _repository_options(args: argparse.Namespace):
                              threads=args.threads)
 
 
+def _models(args: argparse.Namespace, manifest) -> list[str] | None:
+    """The components to serve: those the --methods need (all of the manifest's when not given)."""
+    from ti2i.client.methods import components_for
+
+    if not args.methods:
+        return None
+    names = components_for(m.strip() for m in args.methods.split(","))
+    missing = [n for n in names if n not in manifest.components]
+    if missing:
+        raise InvalidInputError(f"{manifest.root} lacks {missing} needed by --methods {args.methods}")
+    return names
+
+
 def cmd_repository(args: argparse.Namespace) -> int:
     from ti2i.manifest import Manifest
     from ti2i.triton_models.repository import write_repository
 
-    out = write_repository(Manifest.load(args.engines), args.out, _repository_options(args))
+    manifest = Manifest.load(args.engines)
+    out = write_repository(manifest, args.out, _repository_options(args), models=_models(args, manifest))
     print(f"wrote {out}")
     return 0
 
@@ -93,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     manifest = Manifest.load(args.engines)
     repository = write_repository(manifest, args.repository or manifest.root / "model_repository",
-                                  _repository_options(args))
+                                  _repository_options(args), models=_models(args, manifest))
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     return serve_forever(TritonServer(repository, ports=ports, log_path=args.log))
 
@@ -106,6 +120,31 @@ def cmd_sdedit(args: argparse.Namespace) -> int:
         result = sdedit(runner, args.image, args.prompt, negative_prompt=args.negative_prompt,
                         strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
                         height=args.height, width=args.width, progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
+def cmd_pix2pix(args: argparse.Namespace) -> int:
+    from ti2i.client.pix2pix import pix2pix
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = pix2pix(runner, args.image, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                         guidance=args.guidance, image_guidance=args.image_guidance, seed=args.seed,
+                         height=args.height, width=args.width, progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
+def cmd_cyclediffusion(args: argparse.Namespace) -> int:
+    from ti2i.client.cyclediffusion import cyclediffusion
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = cyclediffusion(runner, args.image, args.prompt, args.source_prompt, strength=args.strength,
+                                steps=args.steps, guidance=args.guidance, source_guidance=args.source_guidance,
+                                eta=args.eta, seed=args.seed, height=args.height, width=args.width,
+                                progress=not args.quiet)
     _save(result, out, args.quiet)
     return 0
 
@@ -145,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--http-port", type=int, default=8000)
             p.add_argument("--metrics-port", type=int, default=8002)
             p.add_argument("--log", type=Path, default=None, help="server log file")
+        p.add_argument("--methods", default=None,
+                       help="comma-separated methods to serve (sdedit,cyclediffusion,pix2pix); default: all models")
         p.add_argument("--max-queue-delay-us", type=int, default=2000)
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
@@ -159,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     _add_target(p)
     p.set_defaults(func=cmd_sdedit)
+
+    p = sub.add_parser("pix2pix", help="InstructPix2Pix editing by instruction")
+    _add_image_args(p)
+    p.add_argument("--prompt", required=True, help="the edit instruction (may be empty)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--guidance", type=float, default=7.5, help="text guidance s_T")
+    p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance s_I")
+    _add_target(p)
+    p.set_defaults(func=cmd_pix2pix)
+
+    p = sub.add_parser("cyclediffusion", help="CycleDiffusion editing from a source to a target prompt")
+    _add_image_args(p)
+    p.add_argument("--source-prompt", required=True, help="describes the input image")
+    p.add_argument("--prompt", required=True, help="describes the edited image")
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--source-guidance", type=float, default=1.0)
+    p.add_argument("--eta", type=float, default=0.1, help="DDIM eta, > 0")
+    _add_target(p)
+    p.set_defaults(func=cmd_cyclediffusion)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny model through a real Triton server")
     p.add_argument("--work", default="work", help="folder for the model, engines and repository")

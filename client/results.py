@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ti2i.client.timing import Timings
@@ -15,3 +16,4 @@ class ImageResult:
     image: Image.Image
     array: np.ndarray  # float32 [H, W, 3] in [0, 1], before rounding to uint8
     timings: Timings = field(default_factory=Timings)
+    latents: torch.Tensor | None = None  # the final latents, before decoding

@@ -58,10 +58,14 @@ def decode_latents(runner: Runner, latents: torch.Tensor, scaling_factor: float)
     return out["image"], out["image_float"]
 
 
-def classifier_free_guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
-    """Batch [uncond, cond] -> uncond + scale·(cond − uncond)."""
-    uncond, cond = noise_pred.chunk(2)
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale·(cond − uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+def classifier_free_guidance(noise_pred: torch.Tensor, scale: float) -> torch.Tensor:
+    """Guidance on a [uncond, cond] batch."""
+    return guide(*noise_pred.chunk(2), scale)
 
 
 def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor | float,

@@ -23,14 +23,28 @@ def sd_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd_engines(sd_model, tmp_path_factory) -> Manifest:
-    return export_model(str(sd_model), tmp_path_factory.mktemp("engines") / "sd", log=lambda _: None)
+def pix2pix_model(tmp_path_factory) -> Path:
+    """Shares the text encoder and VAE of `sd_model` (same seed), like instruct-pix2pix shares SD 1.5's."""
+    return write_tiny_model("pix2pix", tmp_path_factory.mktemp("models") / "pix2pix")
 
 
 @pytest.fixture(scope="session")
-def triton_server(sd_engines, tmp_path_factory):
+def engines(sd_model, pix2pix_model, tmp_path_factory) -> Manifest:
+    """One engine directory with the SD components and the 8-channel UNet side by side."""
+    root = tmp_path_factory.mktemp("engines") / "sd"
+    export_model(str(sd_model), root, log=lambda _: None)
+    return export_model(str(pix2pix_model), root, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def sd_engines(engines) -> Manifest:
+    return engines
+
+
+@pytest.fixture(scope="session")
+def triton_server(engines, tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
-    repository = write_repository(sd_engines, root / "repository")
+    repository = write_repository(engines, root / "repository")
     with TritonServer(repository, log_path=root / "server.log") as server:
         yield server
 

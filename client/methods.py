@@ -1,0 +1,30 @@
+"""Which served models each method calls, so a deployment can load only what its methods need."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ti2i.engines.ensembles import ENSEMBLES
+from ti2i.errors import InvalidInputError
+
+_IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
+
+METHOD_MODELS: dict[str, tuple[str, ...]] = {
+    "sdedit": (*_IMAGE_EDIT, "unet"),
+    "cyclediffusion": (*_IMAGE_EDIT, "unet"),
+    "pix2pix": (*_IMAGE_EDIT, "unet_pix2pix"),
+}
+
+
+def components_for(methods: Iterable[str]) -> list[str]:
+    """The components (ensembles expanded into their steps) the given methods call."""
+    chains = {e.name: e.steps for e in ENSEMBLES}
+    names: list[str] = []
+    for method in methods:
+        if method not in METHOD_MODELS:
+            raise InvalidInputError(f"unknown method {method!r} (known: {', '.join(METHOD_MODELS)})")
+        for model in METHOD_MODELS[method]:
+            for component in chains.get(model, (model,)):
+                if component not in names:
+                    names.append(component)
+    return names

@@ -1,0 +1,86 @@
+"""InstructPix2Pix: editing by instruction, as diffusers' `StableDiffusionInstructPix2PixPipeline`.
+
+The 8-channel UNet sees [noise latent ‖ image latent]; with guidance one call runs the 3-way batch
+[text + image, image only, neither] and ε = e_u + s_T·(e_text − e_image) + s_I·(e_image − e_u).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ti2i.client import steps as shared
+from ti2i.client.images import DEFAULT_MAX_PIXELS, load_image, prepare_image, to_pil
+from ti2i.client.results import ImageResult
+from ti2i.client.runners import Runner
+from ti2i.client.timing import Timings
+
+UNET = "unet_pix2pix"
+
+
+def pix2pix(
+    runner: Runner,
+    image: str | Path | Image.Image,
+    prompt: str,
+    negative_prompt: str | None = None,
+    steps: int = 100,
+    guidance: float = 7.5,
+    image_guidance: float = 1.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> ImageResult:
+    timings = Timings()
+    pipeline = runner.pipeline
+
+    # 1. Check inputs (an empty instruction is allowed, as in the reference)
+    shared.check_steps(steps)
+    pil = load_image(image, max_pixels)
+    scheduler = shared.make_scheduler(pipeline, UNET)
+    do_cfg = guidance > 1.0 and image_guidance >= 1.0
+
+    # 2. Encode the prompt: [text, negative, negative] with guidance
+    with timings.stage("encode_prompt"):
+        if do_cfg:
+            text, negative = shared.encode_prompts(runner, [prompt, negative_prompt or ""]).chunk(2)
+            prompt_embeds = torch.cat([text, negative, negative])
+        else:
+            prompt_embeds = shared.encode_prompts(runner, [prompt])
+
+    # 3. Encode the image: the posterior's mode, unscaled; [c_I, c_I, 0] with guidance
+    pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
+    with timings.stage("encode_image"):
+        image_latents, _ = shared.encode_image(runner, pixels)
+    if do_cfg:
+        image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+
+    # 4. Timesteps: the whole schedule
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+
+    # 5. Latents: noise × the scheduler's initial sigma
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = shared.noise_like(image_latents[:1], generator) * scheduler.init_noise_sigma
+
+    # 6. Denoising loop
+    extra = shared.step_kwargs(scheduler, generator, eta)
+    for t in tqdm(timesteps, desc="pix2pix", disable=not progress):
+        model_input = torch.cat([latents] * 3) if do_cfg else latents
+        model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=1)
+        with timings.stage("unet"):
+            noise_pred = shared.run_unet(runner, UNET, model_input, t, prompt_embeds)
+        if do_cfg:
+            e_text, e_image, e_uncond = noise_pred.chunk(3)
+            noise_pred = e_uncond + guidance * (e_text - e_image) + image_guidance * (e_image - e_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+    # 7. Decode
+    with timings.stage("decode_image"):
+        images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
+    return ImageResult(to_pil(images[0]), arrays[0], timings, latents)
