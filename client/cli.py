@@ -42,8 +42,9 @@ def _check_image_out(path: str) -> Path:
     from PIL import Image
 
     out = Path(path)
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise InvalidInputError(f"output {out} has no known image extension (use .png, .jpg, ...)")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InvalidInputError(f"output {out} has no image extension PIL can write (use .png, .jpg, ...)")
     return out
 
 

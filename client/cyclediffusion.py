@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
-from ti2i.client.images import DEFAULT_MAX_PIXELS, load_image, prepare_image, to_pil
+from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
 from ti2i.client.runners import Runner
 from ti2i.client.timing import Timings
@@ -73,7 +73,7 @@ def cyclediffusion(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
@@ -84,6 +84,7 @@ def cyclediffusion(
         raise InvalidInputError("CycleDiffusion needs a source prompt that describes the input image")
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps)
+    shared.check_finite(guidance=guidance, source_guidance=source_guidance, eta=eta)
     if not eta > 0:
         raise InvalidInputError(f"eta must be > 0 for CycleDiffusion (the DPM-Encoder divides by σ_t), got {eta}")
     pil = load_image(image, max_pixels)

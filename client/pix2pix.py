@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
-from ti2i.client.images import DEFAULT_MAX_PIXELS, load_image, prepare_image, to_pil
+from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
 from ti2i.client.runners import Runner
 from ti2i.client.timing import Timings
@@ -33,7 +33,7 @@ def pix2pix(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
@@ -41,6 +41,7 @@ def pix2pix(
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)
     shared.check_steps(steps)
+    shared.check_finite(guidance=guidance, image_guidance=image_guidance, eta=eta)
     pil = load_image(image, max_pixels)
     scheduler = shared.make_scheduler(pipeline, UNET)
     do_cfg = guidance > 1.0 and image_guidance >= 1.0

@@ -50,7 +50,7 @@ class InProcessRunner(Runner):
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
         self._engines: dict[str, Engine] = {}
         specs = {name: entry.spec for name, entry in self.manifest.components.items()}
-        self._ensembles = {e.name: e.wiring(specs) for e in available_ensembles(specs)}
+        self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
 
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
@@ -59,8 +59,10 @@ class InProcessRunner(Runner):
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         if model in self._ensembles:
+            spec, wiring = self._ensembles[model]
+            spec.validate_inputs(inputs)
             tensors: dict[str, np.ndarray] = dict(inputs)
-            for step, step_inputs, _ in self._ensembles[model]:
+            for step, step_inputs, _ in wiring:
                 tensors.update(self.engine(step).run({k: tensors[k] for k in step_inputs}))
             result = tensors
         elif model in self.manifest.components:

@@ -9,7 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
-from ti2i.client.images import DEFAULT_MAX_PIXELS, load_image, prepare_image, to_pil
+from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.runners import Runner
 from ti2i.client.results import ImageResult
 from ti2i.client.timing import Timings
@@ -27,7 +27,7 @@ def sdedit(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
@@ -36,6 +36,7 @@ def sdedit(
     # 1. Check inputs
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps)
+    shared.check_finite(guidance=guidance, eta=eta)
     pil = load_image(image, max_pixels)
     do_cfg = guidance > 1.0
 

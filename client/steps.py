@@ -7,6 +7,7 @@ the same `torch.Generator`, same arithmetic), so the methods built on them match
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,6 +127,13 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
     if not ok:
         bracket = "(" if low_open else "["
         raise InvalidInputError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_finite(**values: float) -> None:
+    """Guidance scales and the like: any real number, but not NaN or infinite."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{name} must be a finite number, got {value}")
 
 
 def check_steps(steps: int) -> None:

@@ -40,6 +40,7 @@ class ProcessingStep:
     name: str
     spec: Callable[[Mapping[str, Any]], ComponentSpec]
     make: Callable[[Mapping[str, Any], Path], Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]]
+    applies: Callable[[Mapping[str, Any]], bool] = lambda pipeline: True  # does the pipeline need this step?
 
 
 # --- tokenize: text -> token ids -----------------------------------------------------------------
@@ -133,7 +134,7 @@ def _make_postprocess(pipeline: Mapping[str, Any], root: Path):
 STEPS: dict[str, ProcessingStep] = {
     step.name: step
     for step in (
-        ProcessingStep("tokenize", _tokenize_spec, _make_tokenize),
+        ProcessingStep("tokenize", _tokenize_spec, _make_tokenize, lambda pipeline: "tokenizer" in pipeline),
         ProcessingStep("image_preprocess", _preprocess_spec, _make_preprocess),
         ProcessingStep("image_postprocess", _postprocess_spec, _make_postprocess),
     )

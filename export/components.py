@@ -43,6 +43,14 @@ def _load(cls_path: str) -> Callable[[str, str], torch.nn.Module]:
     return load
 
 
+def _load_auto(model: str, subfolder: str) -> torch.nn.Module:
+    """A diffusers model of whatever class its config names (AutoencoderKL or the SVD temporal VAE, ...)."""
+    from diffusers import AutoModel
+
+    return AutoModel.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32,
+                                     low_cpu_mem_usage=False).eval()
+
+
 # --- text encoder -----------------------------------------------------------------------------------
 
 class _TextEncoder(torch.nn.Module):
@@ -142,23 +150,105 @@ def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]]
     return spec
 
 
+# --- SVD: CLIP image encoder, spatio-temporal UNet, temporal VAE decoder ----------------------------
+
+class _ImageEncoder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values).image_embeds
+
+
+def _image_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    cfg = module.config
+    side = cfg.image_size
+    return ComponentSpec(
+        name="image_encoder",
+        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, side, side), (-2.0, 2.0)),),
+        outputs=(TensorSpec("image_embeds", "float32", (BATCH, cfg.projection_dim)),),
+        dims={BATCH: (1, MAX_BATCH)},
+    )
+
+
+class _UNetSVD(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_time_ids=added_time_ids, return_dict=False)[0]
+
+
+def _unet_svd_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    cfg = module.config
+    dims = {k: v for k, v in image_dims(pipeline["vae_scale_factor"]).items() if k in (BATCH, "height", "width")}
+    dims[BATCH] = (1, SVD_MAX_BATCH)
+    dims["frames"] = (1, MAX_FRAMES)
+    return ComponentSpec(
+        name="unet_svd",
+        inputs=(
+            TensorSpec("sample", "float32", (BATCH, "frames", cfg.in_channels, "height", "width"), (-3.0, 3.0)),
+            TensorSpec("timestep", "float32", (BATCH,), (-2.0, 2.0)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, 1, cfg.cross_attention_dim)),
+            TensorSpec("added_time_ids", "float32", (BATCH, len(_ADDED_TIME_IDS)), (0.0, 128.0)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", (BATCH, "frames", cfg.out_channels, "height", "width")),),
+        dims=dims,
+    )
+
+
+class _TemporalVaeDecoder(torch.nn.Module):
+    """Decodes one chunk of consecutive frames of one video: the chunk's length is its frame count."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, num_frames=latent.shape[0]).sample
+
+
+def _vae_decoder_temporal_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    dims = image_dims(pipeline["vae_scale_factor"])
+    del dims[BATCH]
+    dims["frames"] = (1, MAX_FRAMES)
+    return ComponentSpec(
+        name="vae_decoder_temporal",
+        inputs=(TensorSpec("latent", "float32", ("frames", module.config.latent_channels, "height", "width")),),
+        outputs=(TensorSpec("images", "float32", ("frames", 3, "image_height", "image_width")),),
+        dims=dims,
+        batched=False,  # frames of one chunk are not independent requests: never merged by the server
+    )
+
+
+_ADDED_TIME_IDS = ("fps_minus_one", "motion_bucket_id", "noise_aug_strength")
+SVD_MAX_BATCH = 8
+MAX_FRAMES = 64
+
 _IMAGE_SIZES = ({BATCH: 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
                 {BATCH: 1, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
 _TEXT_SIZES = ({BATCH: 2}, {BATCH: 1})
+_VIDEO_SIZES = ({BATCH: 2, "frames": 3, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
+                {BATCH: 1, "frames": 2, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
 
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
         Component("text_encoder", "text_encoder", _load("transformers.CLIPTextModel"), _TextEncoder,
                   _text_encoder_spec, _TEXT_SIZES),
-        Component("vae_encoder", "vae", _load("diffusers.AutoencoderKL"), _VaeEncoder, _vae_encoder_spec,
-                  _IMAGE_SIZES),
-        Component("vae_decoder", "vae", _load("diffusers.AutoencoderKL"), _VaeDecoder, _vae_decoder_spec,
-                  _IMAGE_SIZES),
-        Component("unet", "unet", _load("diffusers.UNet2DConditionModel"), _UNet, _unet_spec_named("unet"),
-                  _IMAGE_SIZES),
-        Component("unet_pix2pix", "unet", _load("diffusers.UNet2DConditionModel"), _UNet,
-                  _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES),
+        Component("vae_encoder", "vae", _load_auto, _VaeEncoder, _vae_encoder_spec, _IMAGE_SIZES),
+        Component("vae_decoder", "vae", _load_auto, _VaeDecoder, _vae_decoder_spec, _IMAGE_SIZES),
+        Component("unet", "unet", _load_auto, _UNet, _unet_spec_named("unet"), _IMAGE_SIZES),
+        Component("unet_pix2pix", "unet", _load_auto, _UNet, _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES),
+        Component("image_encoder", "image_encoder", _load("transformers.CLIPVisionModelWithProjection"),
+                  _ImageEncoder, _image_encoder_spec, _TEXT_SIZES),
+        Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES),
+        Component("vae_decoder_temporal", "vae", _load_auto, _TemporalVaeDecoder, _vae_decoder_temporal_spec,
+                  _VIDEO_SIZES),
     )
 }
 
@@ -166,5 +256,6 @@ COMPONENTS: dict[str, Component] = {
 KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sd": ("text_encoder", "vae_encoder", "vae_decoder", "unet"),
     "pix2pix": ("text_encoder", "vae_encoder", "vae_decoder", "unet_pix2pix"),
+    "svd": ("image_encoder", "vae_encoder", "vae_decoder_temporal", "unet_svd"),
 }
 KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix"}

@@ -31,47 +31,57 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for one file
 
 
 def detect_kind(model: str) -> str:
-    """Which component set a model folder needs, from its UNet's input channels."""
-    channels = _load_config(model, "unet", "config.json").get("in_channels")
+    """Which component set a model folder needs, from its UNet's class and input channels."""
+    unet = _load_config(model, "unet", "config.json")
+    if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
+        return "svd"
+    channels = unet.get("in_channels")
     if channels not in KIND_BY_UNET_CHANNELS:
         raise InvalidInputError(f"model {model!r}: a UNet with {channels} input channels is not supported "
                                 f"(supported: {sorted(KIND_BY_UNET_CHANNELS)})")
     return KIND_BY_UNET_CHANNELS[channels]
 
 
-# Facts every model sharing an engine directory must agree on (they share its text encoder and VAE).
-SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "max_length", "tokenizer_sha256")
+# Facts every model sharing an engine directory must agree on (they share its encoders and VAE).
+SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "max_length", "tokenizer_sha256",
+                "image_processor")
 
 
 def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
-    """Everything the sampling loops need besides the networks, and the model's tokenizer."""
-    from transformers import CLIPTokenizer
-
+    """Everything the sampling loops need besides the networks, and the model's tokenizer (if it has one)."""
+    components = KIND_COMPONENTS[kind]
     vae = _load_config(model, "vae", "config.json")
     unet = _load_config(model, "unet", "config.json")
-    scheduler = _load_config(model, "scheduler", "scheduler_config.json")
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    facts = {
+    denoiser = {"scheduler": _load_config(model, "scheduler", "scheduler_config.json"),
+                "default_size": int(unet["sample_size"]) * vae_scale_factor}
+    if "num_frames" in unet:
+        denoiser["num_frames"] = int(unet["num_frames"])
+    facts: dict[str, Any] = {
         "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor,
         "latent_channels": int(vae.get("latent_channels", 4)),
-        "tokenizer": "tokenizer",
-        "max_length": int(tokenizer.model_max_length),
-        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
-        # per denoiser: the scheduler its model folder ships and its default output size
-        "unets": {KIND_COMPONENTS[kind][-1]: {"scheduler": scheduler,
-                                              "default_size": int(unet["sample_size"]) * vae_scale_factor}},
+        "unets": {components[-1]: denoiser},  # per denoiser: its model folder's scheduler, default size
     }
+    tokenizer = None
+    if "text_encoder" in components:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+        facts.update(tokenizer="tokenizer", max_length=int(tokenizer.model_max_length),
+                     tokenizer_sha256=hashlib.sha256(vocab).hexdigest())
+    if "image_encoder" in components:
+        processor = _load_config(model, "feature_extractor", "preprocessor_config.json")
+        facts["image_processor"] = {"image_mean": processor["image_mean"], "image_std": processor["image_std"]}
     return facts, tokenizer
 
 
 def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str) -> None:
     for key in SHARED_FACTS:
-        if manifest.pipeline.get(key) != facts[key]:
+        if manifest.pipeline.get(key) != facts.get(key):
             raise InvalidInputError(
-                f"{model} cannot join engine directory {manifest.root}: its {key} is {facts[key]!r}, the "
+                f"{model} cannot join engine directory {manifest.root}: its {key} is {facts.get(key)!r}, the "
                 f"directory's is {manifest.pipeline.get(key)!r}; export it into another directory")
     manifest.pipeline["unets"].update(facts["unets"])
 
@@ -109,7 +119,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         _merge_facts(manifest, facts, model)
     else:
         manifest = Manifest(out, "fp32", facts, tool_versions=_tool_versions())
-        tokenizer.save_pretrained(str(out / facts["tokenizer"]))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out / facts["tokenizer"]))
     manifest.sources[kind] = model
 
     modules: dict[str, torch.nn.Module] = {}
@@ -135,7 +146,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, source=model, fingerprint=weights)
 
     for step in STEPS.values():
-        manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
+        if step.applies(manifest.pipeline):
+            manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
 

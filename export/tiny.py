@@ -5,6 +5,10 @@ export code paths run as for the real checkpoints) but cannot download gigabytes
 The models here have every real layer type (cross-attention, several resolution levels,
 GroupNorm, the VAE mid-block attention, a CLIP text transformer, a byte-level BPE tokenizer)
 at sizes that make a whole 64x64 pipeline run take a fraction of a second on a CPU.
+
+The video kinds follow the same idea: "svd" is a Stable Video Diffusion img2vid folder
+(spatio-temporal UNet, temporal-decoder VAE, CLIP vision encoder, SVD's EDM Euler scheduler) and
+"videoldm" is the "sd" folder plus an AnimateDiff-style MotionAdapter that fits its UNet.
 """
 
 from __future__ import annotations
@@ -15,18 +19,30 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    MotionAdapter,
     PNDMScheduler,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
+    StableVideoDiffusionPipeline,
     UNet2DConditionModel,
+    UNetSpatioTemporalConditionModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from ti2i.errors import InvalidInputError
 
-TINY_KINDS = ("sd", "pix2pix")
+TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -34,6 +50,18 @@ MAX_LENGTH = 77
 TEXT_HIDDEN = 32  # CLIP hidden size == UNet cross_attention_dim
 LATENT_CHANNELS = 4
 VAE_SCALING_FACTOR = 0.18215
+# The tiny SD UNet's shape; the "videoldm" MotionAdapter must match it block for block.
+UNET_BLOCK_OUT_CHANNELS = (32, 64)
+UNET_LAYERS_PER_BLOCK = 1
+UNET_NORM_GROUPS = 8
+
+# Stable Video Diffusion: frame count, micro-conditioning embedding size and the CLIP image side.
+SVD_NUM_FRAMES = 8  # the UNet's default frame count (the real img2vid has 14, img2vid-xt 25)
+SVD_TIME_EMBED_DIM = 32  # addition_time_embed_dim; fps, motion_bucket_id, noise_aug_strength -> 3x
+SVD_CROSS_ATTENTION_DIM = 32  # == CLIP image projection_dim
+CLIP_IMAGE_SIZE = 224  # the SVD pipeline always resizes its CLIP input to 224x224
+# Std of the random values given to the MotionAdapter's proj_out layers (AnimateDiff zero-inits them).
+MOTION_PROJ_OUT_STD = 0.05
 
 # A few BPE merges so common words become single tokens, as with the real CLIP vocabulary.
 # Each pair's parts must already be in the vocabulary when it is listed (order = priority).
@@ -117,11 +145,11 @@ def build_unet(in_channels: int) -> UNet2DConditionModel:
         out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        layers_per_block=UNET_LAYERS_PER_BLOCK,
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=UNET_NORM_GROUPS,
     ).eval()
 
 
@@ -144,13 +172,16 @@ def build_vae() -> AutoencoderKL:
 
 
 @torch.no_grad()
-def _calibrate_vae_posterior(vae: AutoencoderKL) -> None:
+def _calibrate_vae_posterior(vae: AutoencoderKL | AutoencoderKLTemporalDecoder) -> None:
     """Give the random encoder SD-like latent statistics, so img2img output depends on its input.
 
     Freshly initialised, the posterior mean has std ~0.2 and the log-variance ~0: scaled by 0.18215
     the image signal would drown in the sampling noise. SD's VAE gives latents * scaling_factor of
     about unit std and a near-deterministic posterior, so rescale the mean half of quant_conv to
     that on a fixed probe image and pin the log-variance half near -10.
+
+    SVD's VAE has the same encoder; its pipeline feeds the *unscaled* posterior mode to the UNet as
+    the conditioning image (std ~1/0.18215 for the real model), so the same calibration applies.
     """
     ramp = torch.linspace(-1.0, 1.0, 64)
     yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
@@ -203,6 +234,138 @@ def build_euler_ancestral_scheduler() -> EulerAncestralDiscreteScheduler:
     return EulerAncestralDiscreteScheduler.from_config(PIX2PIX_EULER_A_CONFIG)
 
 
+# scheduler/scheduler_config.json of stabilityai/stable-video-diffusion-img2vid(-xt): EDM-style
+# Karras sigmas between 0.002 and 700 on continuous timesteps, v-prediction. set_alpha_to_one,
+# skip_prk_steps and clip_sample are not EulerDiscreteScheduler arguments but the hub file has
+# them, and from_config keeps them in the saved config.
+SVD_EULER_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "prediction_type": "v_prediction",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": True,
+    "sigma_min": 0.002,
+    "sigma_max": 700.0,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "steps_offset": 1,
+    "final_sigmas_type": "zero",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+}
+
+# feature_extractor/preprocessor_config.json of stabilityai/stable-video-diffusion-img2vid(-xt)
+# (OpenCLIP ViT-H statistics). The pipeline itself resizes to 224x224 and passes do_resize=False,
+# do_center_crop=False, do_rescale=False, so only the normalisation is used there.
+SVD_FEATURE_EXTRACTOR_CONFIG: dict[str, object] = {
+    "crop_size": {"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": CLIP_IMAGE_SIZE},
+}
+
+
+def build_svd_scheduler() -> EulerDiscreteScheduler:
+    """The SVD scheduler, so sigmas and timesteps match what the real checkpoint would use."""
+    return EulerDiscreteScheduler.from_config(SVD_EULER_CONFIG)
+
+
+def build_svd_unet() -> UNetSpatioTemporalConditionModel:
+    """A two-level SVD UNet: spatial + temporal resnets and transformers, fps/motion/noise embeddings.
+
+    in_channels 8 = noisy latents + the (repeated) conditioning image latents.
+    """
+    return UNetSpatioTemporalConditionModel(
+        sample_size=8,  # x8 VAE -> 64x64
+        in_channels=2 * LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64),  # GroupNorm has 32 groups here: multiples of 32 only
+        addition_time_embed_dim=SVD_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=3 * SVD_TIME_EMBED_DIM,
+        layers_per_block=1,
+        cross_attention_dim=SVD_CROSS_ATTENTION_DIM,
+        num_attention_heads=(2, 4),  # head dim 16 at both levels
+        num_frames=SVD_NUM_FRAMES,
+    ).eval()
+
+
+def build_temporal_vae() -> AutoencoderKLTemporalDecoder:
+    """SVD's VAE: the SD KL encoder and a decoder with temporal resnets and a temporal conv_out.
+
+    Four levels give vae_scale_factor 8; 32 channels is the floor (its GroupNorms use 32 groups).
+    """
+    vae = AutoencoderKLTemporalDecoder(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        sample_size=64,
+        scaling_factor=VAE_SCALING_FACTOR,
+    ).eval()
+    _calibrate_vae_posterior(vae)
+    return vae
+
+
+def build_image_encoder() -> CLIPVisionModelWithProjection:
+    """A 2-layer CLIP vision transformer on 224x224 input; 32x32 patches keep it to 49 tokens."""
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=SVD_CROSS_ATTENTION_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=32,
+        hidden_act="gelu",  # OpenCLIP ViT-H, as in SVD's image_encoder/config.json
+    )
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def build_feature_extractor() -> CLIPImageProcessor:
+    """SVD's CLIP image processor settings."""
+    return CLIPImageProcessor(**SVD_FEATURE_EXTRACTOR_CONFIG)
+
+
+def build_motion_adapter() -> MotionAdapter:
+    """An AnimateDiff MotionAdapter that fits the tiny SD UNet (same levels, layers, norm groups).
+
+    AnimateDiff trains the temporal transformers' proj_out from zero, so an untrained adapter would
+    be an exact no-op. Here proj_out gets small random values, so the motion layers do mix frames.
+    """
+    adapter = MotionAdapter(
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        motion_layers_per_block=UNET_LAYERS_PER_BLOCK,
+        motion_transformer_layers_per_block=1,
+        motion_mid_block_layers_per_block=1,
+        motion_transformer_layers_per_mid_block=1,
+        motion_num_attention_heads=4,  # head dims 8 and 16
+        motion_norm_num_groups=UNET_NORM_GROUPS,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    ).eval()
+    with torch.no_grad():
+        for name, module in adapter.named_modules():
+            if name.endswith("proj_out") and isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, MOTION_PROJ_OUT_STD)
+                module.bias.normal_(0.0, MOTION_PROJ_OUT_STD)
+    return adapter
+
+
 def _write_vocab_files(tokenizer_dir: Path) -> None:
     """Also write the classic vocab.json + merges.txt, so slow/older tokenizer loaders work too."""
     vocab, merges = _vocab_and_merges()
@@ -211,16 +374,62 @@ def _write_vocab_files(tokenizer_dir: Path) -> None:
     (tokenizer_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _save_quietly(pipe_or_model: object, out: Path) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    pipe_or_model.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+def _write_svd(out: Path, seed: int) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        image_encoder = build_image_encoder()
+        vae = build_temporal_vae()
+        unet = build_svd_unet()
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=build_svd_scheduler(),
+        feature_extractor=build_feature_extractor(),
+    )
+    _save_quietly(pipe, out)
+    # Without torchvision, transformers 5 hands out CLIPImageProcessorPil for CLIPImageProcessor and
+    # diffusers records that class name; write what the real repository has.
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def _write_videoldm(out: Path, seed: int) -> Path:
+    write_tiny_model("sd", out / "sd", seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = build_motion_adapter()
+    _save_quietly(adapter, out / "motion_adapter")
+    return out
+
+
 def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random-weight diffusers folder of the given kind and return its path.
 
     kind "sd" loads with StableDiffusionPipeline / StableDiffusionImg2ImgPipeline,
-    kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None).
+    kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None),
+    kind "svd" with StableVideoDiffusionPipeline. Kind "videoldm" writes two folders: out_dir/sd
+    (exactly the "sd" model for that seed) and out_dir/motion_adapter (a MotionAdapter for
+    UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
     The same seed always gives the same weights; the global torch RNG state is left untouched.
     """
     if kind not in TINY_KINDS:
         raise InvalidInputError(f"unknown tiny model kind {kind!r}; allowed kinds: {', '.join(TINY_KINDS)}")
     out = Path(out_dir)
+    if kind == "svd":
+        return _write_svd(out, seed)
+    if kind == "videoldm":
+        return _write_videoldm(out, seed)
     scheduler: SchedulerMixin
     pipeline_cls: type[StableDiffusionPipeline] | type[StableDiffusionInstructPix2PixPipeline]
     if kind == "sd":
@@ -249,9 +458,6 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    pipe.save_pretrained(out, safe_serialization=True)
+    _save_quietly(pipe, out)
     _write_vocab_files(out / "tokenizer")
     return out

@@ -20,12 +20,14 @@ from ti2i.client.cli import main as cli_main
 from ti2i.engines.ort import OrtEngine
 from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export import exporter
-from ti2i.export.components import COMPONENTS
+from ti2i.export.components import COMPONENTS, KIND_COMPONENTS
 from ti2i.export.exporter import detect_kind, export_model, export_onnx, validate
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, Manifest
 from ti2i.spec import BATCH, ComponentSpec, sample_inputs
 
-ONNX_COMPONENTS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+SD_COMPONENTS = ("text_encoder", "vae_encoder", "vae_decoder", "unet")
+# sd_engines holds the SD model and, side by side, the 8-channel pix2pix UNet (shared text encoder and VAE).
+ONNX_COMPONENTS = (*SD_COMPONENTS, "unet_pix2pix")
 PROCESSING_STEPS = ("tokenize", "image_preprocess", "image_postprocess")
 TOLERANCE = 1e-4
 
@@ -59,26 +61,40 @@ def _torch_outputs(wrapper: torch.nn.Module, spec: ComponentSpec, inputs: dict[s
 
 
 @pytest.fixture(scope="module")
-def wrappers(sd_model: Path) -> dict[str, torch.nn.Module]:
-    """Each ONNX component's torch module, built through its declaration (load, then wrap)."""
+def modules(sd_engines: Manifest) -> dict[str, torch.nn.Module]:
+    """Each ONNX component's torch module, loaded through its declaration from the model it came from."""
     out = {}
     for name in ONNX_COMPONENTS:
         component = COMPONENTS[name]
-        out[name] = component.wrap(component.load(str(sd_model), component.subfolder)).eval()
+        out[name] = component.load(sd_engines.components[name].source, component.subfolder)
     return out
+
+
+@pytest.fixture(scope="module")
+def wrappers(modules) -> dict[str, torch.nn.Module]:
+    return {name: COMPONENTS[name].wrap(module).eval() for name, module in modules.items()}
 
 
 # --- manifest ------------------------------------------------------------------------------------------
 
-def test_manifest_lists_components_steps_source_precision_and_versions(sd_engines: Manifest, sd_model: Path):
+def test_manifest_lists_components_steps_source_precision_and_versions(sd_engines: Manifest, sd_model: Path,
+                                                                       pix2pix_model: Path):
     onnx_entries = {n for n, e in sd_engines.components.items() if e.backend == ONNX}
-    assert onnx_entries == set(ONNX_COMPONENTS)
+    assert set(KIND_COMPONENTS["sd"]) == set(SD_COMPONENTS)
+    assert onnx_entries == {n for kind in sd_engines.kinds for n in KIND_COMPONENTS[kind]}
+    assert onnx_entries >= set(ONNX_COMPONENTS)
     for step in PROCESSING_STEPS:
         assert step in sd_engines.components, step
         assert sd_engines.components[step].backend == PROCESSING
         assert sd_engines.components[step].file is None
-    assert sd_engines.kind == "sd"
-    assert sd_engines.source_model == str(sd_model)
+    assert sd_engines.sources["sd"] == str(sd_model)
+    assert sd_engines.sources["pix2pix"] == str(pix2pix_model)
+    for name in SD_COMPONENTS:  # exported from the SD folder; pix2pix's identical ones were kept
+        assert sd_engines.components[name].source == str(sd_model), name
+    assert sd_engines.components["unet_pix2pix"].source == str(pix2pix_model)
+    for name in ONNX_COMPONENTS:
+        assert re.fullmatch(r"[0-9a-f]{64}", sd_engines.components[name].fingerprint or ""), name
+        assert sd_engines.components[name].file == f"{name}.onnx"
     assert sd_engines.precision == "fp32"
 
     import diffusers
@@ -109,9 +125,18 @@ def test_manifest_records_validation_within_tolerance(sd_engines: Manifest):
         assert set(validation["per_size"][0]["rel_error"]) == {t.name for t in sd_engines.components[name].spec.outputs}
 
 
+def test_manifest_specs_are_the_declarations(sd_engines: Manifest, modules):
+    for name in ONNX_COMPONENTS:
+        declared = COMPONENTS[name].spec(modules[name], sd_engines.pipeline)
+        assert sd_engines.components[name].spec == declared, name
+        assert declared.name == name
+    assert sd_engines.components["unet"].spec.input("sample").shape[1] == 4
+    assert sd_engines.components["unet_pix2pix"].spec.input("sample").shape[1] == 8
+
+
 def test_manifest_json_on_disk_round_trips(sd_engines: Manifest):
     data = json.loads((sd_engines.root / MANIFEST_NAME).read_text())
-    assert data["source_model"] == sd_engines.source_model
+    assert data["sources"] == sd_engines.sources
     assert data["precision"] == "fp32"
     assert set(data["components"]) == set(sd_engines.components)
     assert data["tool_versions"] == sd_engines.tool_versions
@@ -119,6 +144,16 @@ def test_manifest_json_on_disk_round_trips(sd_engines: Manifest):
     assert loaded.to_json() == sd_engines.to_json()
     for name, entry in sd_engines.components.items():
         assert loaded.components[name].spec == entry.spec, name
+
+
+@pytest.mark.parametrize("drop", ["sources", "components", "pipeline"])
+def test_incomplete_manifest_is_model_not_found(sd_engines: Manifest, tmp_path: Path, drop: str):
+    """A manifest written by another ti2i version (or truncated) is a clear error, not a KeyError."""
+    data = json.loads((sd_engines.root / MANIFEST_NAME).read_text())
+    del data[drop]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ModelNotFoundError, match=MANIFEST_NAME):
+        Manifest.load(tmp_path)
 
 
 # --- ONNX files ----------------------------------------------------------------------------------------
@@ -202,6 +237,23 @@ def test_validate_fails_loudly_above_tolerance_and_passes_within(sd_engines: Man
     assert 0.0 < result["max_rel_error"] <= TOLERANCE
 
 
+def test_validate_fails_loudly_when_onnx_outputs_nan(sd_engines: Manifest, wrappers, tmp_path: Path):
+    """A NaN is not "within tolerance": an engine that outputs NaN must fail validation."""
+    name = "text_encoder"
+    spec = sd_engines.components[name].spec
+    broken = copy.deepcopy(wrappers[name])
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(float("nan"))
+    path = tmp_path / f"{name}.onnx"
+    export_onnx(broken, spec, COMPONENTS[name].sample_sizes[0], path)
+    engine = OrtEngine(path, spec, threads=2)
+    assert np.isnan(engine.run(sample_inputs(spec, {BATCH: 1}))["text_embeddings"]).all()
+    engine.close()
+    with pytest.raises(ExportValidationError, match=rf"^{name}\b"):
+        validate(wrappers[name], spec, path, COMPONENTS[name])
+
+
 def test_cli_export_fails_loudly_and_writes_no_manifest(sd_model: Path, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setitem(COMPONENTS, "text_encoder", dataclasses.replace(COMPONENTS["text_encoder"], tolerance=0.0))
     out = tmp_path / "engines"
@@ -263,14 +315,17 @@ def test_cli_export_prints_errors_and_uses_external_data_for_large_models(sd_mod
     out = tmp_path / "engines"
     assert cli_main(["export", "--model", str(sd_model), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    for name in ONNX_COMPONENTS:
+    manifest = Manifest.load(out)
+    for name in SD_COMPONENTS:
+        # Each component's line shows its validation error (as recorded in the manifest, to 3 digits).
         line = next((ln for ln in printed.splitlines() if ln.startswith(name + ":")), None)
         assert line is not None, f"no validation line for {name} in:\n{printed}"
-        numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?e[-+]\d+", line)]
-        assert numbers and min(numbers) <= TOLERANCE, line
+        recorded = manifest.components[name].validation["max_rel_error"]
+        assert recorded <= TOLERANCE
+        numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", line)]
+        assert any(abs(x - recorded) <= 0.01 * recorded for x in numbers), (line, recorded)
 
-    manifest = Manifest.load(out)
-    for name in ONNX_COMPONENTS:
+    for name in SD_COMPONENTS:
         assert manifest.path_of(name).with_name(f"{name}.onnx.data").is_file(), name
     spec = manifest.components["unet"].spec
     sizes = {BATCH: 2, "height": 9, "width": 5}
@@ -285,8 +340,9 @@ def test_cli_export_prints_errors_and_uses_external_data_for_large_models(sd_mod
 
 # --- unusable model folders ----------------------------------------------------------------------------
 
-def test_detect_kind_of_sd_folder(sd_model: Path):
+def test_detect_kind_from_unet_channels(sd_model: Path, pix2pix_model: Path):
     assert detect_kind(str(sd_model)) == "sd"
+    assert detect_kind(str(pix2pix_model)) == "pix2pix"
 
 
 def test_missing_model_folder_is_model_not_found(tmp_path: Path):
@@ -302,6 +358,21 @@ def test_folder_without_model_is_model_not_found(tmp_path: Path, capsys):
         export_model(str(empty), tmp_path / "out", log=lambda _: None)
     assert cli_main(["export", "--model", str(empty), "--out", str(tmp_path / "out2")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_unknown_kind_is_invalid_input(sd_model: Path, tmp_path: Path, capsys):
+    with pytest.raises(InvalidInputError, match="bogus"):
+        export_model(str(sd_model), tmp_path / "out", kind="bogus", log=lambda _: None)
+    assert cli_main(["export", "--model", str(sd_model), "--out", str(tmp_path / "cli"), "--kind", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_kind_that_does_not_match_the_model_is_invalid_input(sd_model: Path, tmp_path: Path):
+    """An SD folder (4-channel UNet) exported as pix2pix would yield an 8-channel engine name on a 4-channel graph."""
+    out = tmp_path / "out"
+    with pytest.raises(InvalidInputError, match="pix2pix"):
+        export_model(str(sd_model), out, kind="pix2pix", log=lambda _: None)
+    assert not (out / MANIFEST_NAME).exists()
 
 
 def test_unsupported_unet_channels_is_invalid_input(tmp_path: Path):

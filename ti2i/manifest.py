@@ -15,7 +15,7 @@ from ti2i.errors import ModelNotFoundError
 from ti2i.spec import ComponentSpec
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # The model-config parameter of every served model that carries the manifest's pipeline facts to clients.
 PIPELINE_PARAMETER = "ti2i_pipeline"
@@ -88,9 +88,21 @@ class Manifest:
             raise ModelNotFoundError(f"engine directory {root} does not exist (run `ti2i export` first)")
         if not path.is_file():
             raise ModelNotFoundError(f"{root} has no {MANIFEST_NAME}: not an engine directory written by `ti2i export`")
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT_VERSION:
-            raise ModelNotFoundError(f"{path}: manifest format {data.get('format')} is not {FORMAT_VERSION}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelNotFoundError(f"{path} is not valid JSON ({err}); export the model again") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ModelNotFoundError(f"{path}: manifest format {found} is not {FORMAT_VERSION}; "
+                                     f"export the model again with this version of ti2i")
+        try:
+            return cls._from_json(root, data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelNotFoundError(f"{path}: incomplete manifest ({err!r}); export the model again") from None
+
+    @classmethod
+    def _from_json(cls, root: Path, data: dict[str, Any]) -> Manifest:
         return cls(
             root=root,
             sources=data["sources"],

@@ -81,8 +81,11 @@ class TritonPythonModel:
                 merged = self.engine.run(merge_requests(batches))
                 results = split_outputs(merged, [len(next(iter(b.values()))) for b in batches])
         except Ti2iError as err:
-            for i, _ in members:
-                responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)
+            if len(members) > 1:  # find the bad request(s): each member alone
+                for member in members:
+                    self._run_group([member], responses)
+                return
+            responses[members[0][0]] = self._error(err, self.pb.TritonError.INVALID_ARG)
             return
         except Exception as err:  # an engine failure fails these requests, never the server
             for i, _ in members:
