@@ -29,12 +29,13 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--server", help="Triton server URL: grpc://HOST:PORT or http://HOST:PORT")
 
 
-def _add_image_args(parser: argparse.ArgumentParser) -> None:
+def _add_image_args(parser: argparse.ArgumentParser,
+                    out_help: str = "output image file (.png, .jpg, ...)") -> None:
     parser.add_argument("--image", required=True, help="input image file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="output height (snapped to a multiple of 8)")
     parser.add_argument("--width", type=int, default=None, help="output width (snapped to a multiple of 8)")
-    parser.add_argument("--out", required=True, help="output image file (.png, .jpg, ...)")
+    parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no timing report")
 
 
@@ -150,6 +151,23 @@ def cmd_cyclediffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_svd(args: argparse.Namespace) -> int:
+    from ti2i.client.svd import svd
+    from ti2i.client.video import check_video_out, write_video
+
+    out = check_video_out(args.out)
+    with _runner(args) as runner:
+        result = svd(runner, args.image, frames=args.frames, steps=args.steps, fps=args.fps,
+                     motion_bucket_id=args.motion_bucket_id, noise_aug=args.noise_aug, min_guidance=args.min_guidance,
+                     max_guidance=args.max_guidance, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
+                     height=args.height, width=args.width, progress=not args.quiet)
+    write_video(result.frames, out, result.fps)
+    if not args.quiet:
+        print(result.timings.report())
+    print(f"wrote {out} ({len(result.frames)} frames at {result.fps} fps)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ti2i.client.demo import run_demo
 
@@ -223,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.1, help="DDIM eta, > 0")
     _add_target(p)
     p.set_defaults(func=cmd_cyclediffusion)
+
+    p = sub.add_parser("svd", help="Stable Video Diffusion image-to-video")
+    _add_image_args(p, out_help="output video: OUT.mp4 (H.264), OUT.gif, or a folder for PNG frames")
+    p.add_argument("--frames", type=int, default=None, help="frame count (default: the model's, 14 or 25)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--motion-bucket-id", type=int, default=127)
+    p.add_argument("--noise-aug", type=float, default=0.02)
+    p.add_argument("--min-guidance", type=float, default=1.0)
+    p.add_argument("--max-guidance", type=float, default=3.0)
+    p.add_argument("--decode-chunk-size", type=int, default=None, help="frames decoded at once (default: all)")
+    _add_target(p)
+    p.set_defaults(func=cmd_svd)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny model through a real Triton server")
     p.add_argument("--work", default="work", help="folder for the model, engines and repository")

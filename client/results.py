@@ -17,3 +17,12 @@ class ImageResult:
     array: np.ndarray  # float32 [H, W, 3] in [0, 1], before rounding to uint8
     timings: Timings = field(default_factory=Timings)
     latents: torch.Tensor | None = None  # the final latents, before decoding
+
+
+@dataclass
+class VideoResult:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    array: np.ndarray  # float32 [F, H, W, 3] in [0, 1], before rounding to uint8
+    fps: float
+    timings: Timings = field(default_factory=Timings)
+    latents: torch.Tensor | None = None  # the final latents, before decoding

@@ -70,11 +70,12 @@ def classifier_free_guidance(noise_pred: torch.Tensor, scale: float) -> torch.Te
 
 
 def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor | float,
-             encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+             encoder_hidden_states: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
     """One UNet call; the timestep is sent per sample so the server can batch requests at different steps."""
     timestep = np.full((sample.shape[0],), float(t), dtype=np.float32)
+    extra = {name: value.contiguous().numpy() for name, value in conditions.items()}
     out = runner.run(model, sample=sample.contiguous().numpy(), timestep=timestep,
-                     encoder_hidden_states=encoder_hidden_states.numpy())
+                     encoder_hidden_states=encoder_hidden_states.contiguous().numpy(), **extra)
     return as_tensor(out["noise_pred"])
 
 

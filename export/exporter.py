@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -55,8 +56,8 @@ def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     denoiser = {"scheduler": _load_config(model, "scheduler", "scheduler_config.json"),
                 "default_size": int(unet["sample_size"]) * vae_scale_factor}
-    if "num_frames" in unet:
-        denoiser["num_frames"] = int(unet["num_frames"])
+    if kind == "svd":  # the reference pipeline's own defaults
+        denoiser.update(num_frames=int(unet["num_frames"]), default_height=576, default_width=1024)
     facts: dict[str, Any] = {
         "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor,
@@ -74,6 +75,7 @@ def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
     if "image_encoder" in components:
         processor = _load_config(model, "feature_extractor", "preprocessor_config.json")
         facts["image_processor"] = {"image_mean": processor["image_mean"], "image_std": processor["image_std"]}
+        facts["image_encoder_size"] = 224  # the reference resizes to 224² whatever the encoder's config says
     return facts, tokenizer
 
 
@@ -112,7 +114,12 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     _quiet_libraries()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    kind = kind or detect_kind(model)
+    detected = detect_kind(model)
+    if kind is not None and kind != detected:
+        known = ", ".join(KIND_COMPONENTS)
+        raise InvalidInputError(f"--kind {kind!r} does not match model {model!r}, which is a {detected!r} model "
+                                f"(kinds: {known}); leave --kind out to detect it")
+    kind = detected
     facts, tokenizer = pipeline_facts(model, kind)
     if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
         manifest = Manifest.load(out)
@@ -204,7 +211,19 @@ def _finalise_onnx(tmp: Path, raw: Path, path: Path) -> None:
 def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, component: Component) -> dict[str, Any]:
     """Relative error (max |onnx − torch| / max |torch|) of each output at every declared sample size."""
     engine = OrtEngine(path, spec)
-    worst = 0.0
+    try:
+        per_size = _validation_errors(wrapper, spec, engine, component)
+    finally:
+        engine.close()
+    worst = max(max(entry["rel_error"].values()) for entry in per_size)
+    if not worst <= component.tolerance:
+        raise ExportValidationError(f"{spec.name}: ONNX output differs from torch by relative error {worst:.3e} "
+                                    f"> tolerance {component.tolerance:.0e} ({per_size})")
+    return {"max_rel_error": worst, "tolerance": component.tolerance, "per_size": per_size}
+
+
+def _validation_errors(wrapper: torch.nn.Module, spec: ComponentSpec, engine: OrtEngine,
+                       component: Component) -> list[dict[str, Any]]:
     per_size = []
     for i, sizes in enumerate(component.sample_sizes):
         sample = sample_inputs(spec, sizes, seed=100 + i)
@@ -220,14 +239,10 @@ def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, componen
                 raise ExportValidationError(f"{spec.name}.{tensor.name}: ONNX shape {actual.shape} "
                                             f"!= torch shape {expected.shape} at sizes {dict(sizes)}")
             scale = max(float(np.abs(expected).max()), 1e-12)
-            errors[tensor.name] = float(np.abs(actual - expected).max()) / scale
-        worst = max(worst, *errors.values())
+            error = float(np.abs(actual - expected).max()) / scale
+            errors[tensor.name] = error if math.isfinite(error) else math.inf  # NaN must never pass
         per_size.append({"sizes": dict(sizes), "rel_error": errors})
-    engine.close()
-    if not worst <= component.tolerance:
-        raise ExportValidationError(f"{spec.name}: ONNX output differs from torch by relative error {worst:.3e} "
-                                    f"> tolerance {component.tolerance:.0e} ({per_size})")
-    return {"max_rel_error": worst, "tolerance": component.tolerance, "per_size": per_size}
+    return per_size
 
 
 def _tool_versions() -> dict[str, str]:

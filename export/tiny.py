@@ -61,7 +61,7 @@ SVD_TIME_EMBED_DIM = 32  # addition_time_embed_dim; fps, motion_bucket_id, noise
 SVD_CROSS_ATTENTION_DIM = 32  # == CLIP image projection_dim
 CLIP_IMAGE_SIZE = 224  # the SVD pipeline always resizes its CLIP input to 224x224
 # Std of the random values given to the MotionAdapter's proj_out layers (AnimateDiff zero-inits them).
-MOTION_PROJ_OUT_STD = 0.05
+MOTION_PROJ_OUT_STD = 0.02
 
 # A few BPE merges so common words become single tokens, as with the real CLIP vocabulary.
 # Each pair's parts must already be in the vocabulary when it is listed (order = priority).

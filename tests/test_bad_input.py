@@ -215,6 +215,7 @@ def test_engine_directory_without_manifest(tmp_path):
     assert_says(info.value, "manifest.json")
 
 
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1}', '{"format": 2}'])
 def test_engine_directory_with_a_broken_manifest(tmp_path, content):
     (tmp_path / "manifest.json").write_text(content)
     with pytest.raises(ModelNotFoundError) as info:

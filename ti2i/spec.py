@@ -165,7 +165,10 @@ def sample_inputs(spec: ComponentSpec, sizes: Mapping[str, int], seed: int = 0) 
     for tensor in spec.inputs:
         shape = tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)
         low, high = tensor.sample_range
-        if np.issubdtype(np.dtype(tensor.dtype), np.integer):
+        if tensor.dtype == "object":
+            count = int(np.prod(shape))
+            out[tensor.name] = np.array([f"sample text {i}" for i in range(count)], dtype=object).reshape(shape)
+        elif np.issubdtype(np.dtype(tensor.dtype), np.integer):
             out[tensor.name] = rng.integers(int(low), int(high), size=shape).astype(tensor.dtype)
         else:
             out[tensor.name] = rng.uniform(low, high, size=shape).astype(tensor.dtype)

@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.engines.ensembles import Ensemble, available_ensembles
+from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, ComponentSpec, TensorSpec
 
@@ -79,16 +80,31 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
                      models: Iterable[str] | None = None) -> Path:
     """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow."""
     out = Path(out_dir).resolve()
+    if manifest.root == out or manifest.root.is_relative_to(out):
+        raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
+                                f"write it elsewhere (e.g. {manifest.root / 'model_repository'})")
+    names = list(models) if models is not None else list(manifest.components)
+    unknown = [n for n in names if n not in manifest.components]
+    if unknown:
+        raise ModelNotFoundError(f"{manifest.root} has no {unknown} (has {sorted(manifest.components)})")
     if out.exists():
+        _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    names = list(models) if models is not None else list(manifest.components)
     specs = {name: manifest.components[name].spec for name in names}
     for name, spec in specs.items():
         _write_model(out / name, component_config(spec, manifest, options), with_code=True)
     for ensemble in available_ensembles(specs):
         _write_model(out / ensemble.name, ensemble_config(ensemble, specs, manifest), with_code=False)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only a folder of model folders (each with a config.pbtxt) is replaced wholesale."""
+    strangers = [p.name for p in out.iterdir() if not (p / "config.pbtxt").is_file()]
+    if strangers:
+        raise InvalidInputError(f"{out} exists and is not a model repository (it holds {sorted(strangers)[:5]}); "
+                                f"choose an empty or new folder")
 
 
 def _write_model(model_dir: Path, config: mc.ModelConfig, with_code: bool) -> None:
