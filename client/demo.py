@@ -1,7 +1,8 @@
 """`make demo`: the whole path on a tiny random-weight model, through a real Triton server.
 
-tiny model -> ONNX export (validated) -> Triton model repository -> bundled tritonserver on
-127.0.0.1 -> each method through the gRPC client -> outputs/, with per-stage latencies.
+tiny models -> ONNX export (validated) -> Triton model repositories -> bundled tritonserver on
+127.0.0.1 -> each method through the gRPC client -> outputs/, with per-stage latencies. The image
+methods share one engine directory and server; SVD (its own VAE, no text encoder) has its own.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 
 from ti2i.client.cyclediffusion import cyclediffusion
 from ti2i.client.pix2pix import pix2pix
-from ti2i.client.results import ImageResult
+from ti2i.client.results import ImageResult, VideoResult
 from ti2i.client.runners import Runner, TritonRunner
 from ti2i.client.sdedit import sdedit
+from ti2i.client.svd import svd
+from ti2i.client.video import write_video
 from ti2i.export.exporter import export_model
 from ti2i.export.tiny import write_tiny_model
 from ti2i.triton_models.repository import write_repository
@@ -23,43 +26,56 @@ from ti2i.triton_models.server import TritonServer
 DEMO_IMAGE = Path("examples/input.png")
 
 
-def _methods(image: Path) -> dict[str, Callable[[Runner], ImageResult]]:
-    """Each method with its reference defaults, on the example image."""
+Method = tuple[str, Callable[[Runner], ImageResult | VideoResult]]
+
+
+def _image_methods(image: Path) -> dict[str, Method]:
+    """Each image method with its reference defaults, on the example image."""
     return {
-        "sdedit": lambda r: sdedit(r, image, "a watercolor painting of hills at sunset", seed=0),
-        "pix2pix": lambda r: pix2pix(r, image, "make it a snowy winter evening", seed=0),
-        "cyclediffusion": lambda r: cyclediffusion(r, image, "a painting of mountains at night",
-                                                   "a picture of hills at sunset", seed=0),
+        "sdedit": ("sdedit.png", lambda r: sdedit(r, image, "a watercolor painting of hills at sunset", seed=0)),
+        "pix2pix": ("pix2pix.png", lambda r: pix2pix(r, image, "make it a snowy winter evening", seed=0)),
+        "cyclediffusion": ("cyclediffusion.png", lambda r: cyclediffusion(
+            r, image, "a painting of mountains at night", "a picture of hills at sunset", seed=0)),
     }
+
+
+def _video_methods(image: Path) -> dict[str, Method]:
+    """Image-to-video at 256×256 (the reference default, 576×1024, is slow on a CPU), the model's 8 frames."""
+    return {"svd": ("svd.mp4", lambda r: svd(r, image, height=256, width=256, seed=0))}
 
 
 def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    print("== 1. tiny random-weight Stable Diffusion and InstructPix2Pix models (offline)")
-    sd_model = write_tiny_model("sd", work / "model-sd")
-    pix2pix_model = write_tiny_model("pix2pix", work / "model-pix2pix")
+    print("== 1. tiny random-weight models (offline): Stable Diffusion, InstructPix2Pix, Stable Video Diffusion")
+    models = {kind: write_tiny_model(kind, work / f"model-{kind}") for kind in ("sd", "pix2pix", "svd")}
 
-    print("== 2. ONNX export, validated against torch (one engine directory, shared text encoder and VAE)")
-    export_model(str(sd_model), work / "engines")
-    manifest = export_model(str(pix2pix_model), work / "engines")
+    print("== 2. ONNX export, validated against torch")
+    export_model(str(models["sd"]), work / "engines")
+    image_engines = export_model(str(models["pix2pix"]), work / "engines")  # shares the text encoder and VAE
+    video_engines = export_model(str(models["svd"]), work / "engines-svd")  # its own VAE and image encoder
 
-    print("== 3. Triton model repository")
-    repository = write_repository(manifest, work / "model_repository")
-    print(f"wrote {repository}")
-
-    print("== 4. tritonserver on 127.0.0.1")
-    start = time.perf_counter()
-    with TritonServer(repository, log_path=work / "tritonserver.log") as server:
-        print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
-        with TritonRunner(f"grpc://{server.grpc_url}") as runner:
-            for step, (name, method) in enumerate(_methods(image).items(), start=5):
-                print(f"== {step}. {name} over gRPC")
-                result = method(runner)
-                target = out / f"{name}.png"
-                result.image.save(target)
-                print(result.timings.report())
-                print(f"wrote {target}")
-    print("== server stopped")
+    for name, engines, methods in (("image editing", image_engines, _image_methods(image)),
+                                   ("image-to-video", video_engines, _video_methods(image))):
+        print(f"== Triton model repository and server for {name}")
+        repository = write_repository(engines, engines.root.parent / f"repository-{engines.root.name}")
+        start = time.perf_counter()
+        with TritonServer(repository, log_path=work / f"tritonserver-{engines.root.name}.log") as server:
+            print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
+            with TritonRunner(f"grpc://{server.grpc_url}") as runner:
+                for method, (target, run) in methods.items():
+                    print(f"== {method} over gRPC")
+                    result = run(runner)
+                    save(result, out / target)
+                    print(result.timings.report())
+                    print(f"wrote {out / target}")
+        print("== server stopped")
     return 0
+
+
+def save(result: ImageResult | VideoResult, target: Path) -> None:
+    if isinstance(result, VideoResult):
+        write_video(result.frames, target, result.fps)
+    else:
+        result.image.save(target)

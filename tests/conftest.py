@@ -58,3 +58,22 @@ def example_image() -> Image.Image:
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+@pytest.fixture(scope="session")
+def svd_model(tmp_path_factory) -> Path:
+    return write_tiny_model("svd", tmp_path_factory.mktemp("models") / "svd")
+
+
+@pytest.fixture(scope="session")
+def svd_engines(svd_model, tmp_path_factory) -> Manifest:
+    """SVD has its own VAE and no text encoder: its own engine directory."""
+    return export_model(str(svd_model), tmp_path_factory.mktemp("engines") / "svd", log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def svd_server(svd_engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton-svd")
+    repository = write_repository(svd_engines, root / "repository")
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
