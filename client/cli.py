@@ -67,7 +67,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ti2i.export.exporter import export_model
 
-    manifest = export_model(args.model, args.out, kind=args.kind)
+    manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter)
     print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
     return 0
 
@@ -151,9 +151,18 @@ def cmd_cyclediffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_video(result, out: Path, quiet: bool) -> None:
+    from ti2i.client.video import write_video
+
+    write_video(result.frames, out, result.fps)
+    if not quiet:
+        print(result.timings.report())
+    print(f"wrote {out} ({len(result.frames)} frames at {result.fps} fps)")
+
+
 def cmd_svd(args: argparse.Namespace) -> int:
     from ti2i.client.svd import svd
-    from ti2i.client.video import check_video_out, write_video
+    from ti2i.client.video import check_video_out
 
     out = check_video_out(args.out)
     with _runner(args) as runner:
@@ -161,10 +170,21 @@ def cmd_svd(args: argparse.Namespace) -> int:
                      motion_bucket_id=args.motion_bucket_id, noise_aug=args.noise_aug, min_guidance=args.min_guidance,
                      max_guidance=args.max_guidance, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
                      height=args.height, width=args.width, progress=not args.quiet)
-    write_video(result.frames, out, result.fps)
-    if not args.quiet:
-        print(result.timings.report())
-    print(f"wrote {out} ({len(result.frames)} frames at {result.fps} fps)")
+    _save_video(result, out, args.quiet)
+    return 0
+
+
+def cmd_videoldm(args: argparse.Namespace) -> int:
+    from ti2i.client.video import check_video_out
+    from ti2i.client.videoldm import videoldm
+
+    out = check_video_out(args.out)
+    with _runner(args) as runner:
+        result = videoldm(runner, args.image, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
+                          strength=args.strength, steps=args.steps, guidance=args.guidance, alpha=args.alpha,
+                          anchor_first_frame=args.anchor_first_frame, scheduler=args.scheduler, fps=args.fps,
+                          seed=args.seed, height=args.height, width=args.width, progress=not args.quiet)
+    _save_video(result, out, args.quiet)
     return 0
 
 
@@ -188,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id or local diffusers folder")
     p.add_argument("--out", required=True, help="engine directory to write")
     p.add_argument("--kind", default=None, help="model kind (detected from the folder when left out)")
+    p.add_argument("--motion-adapter", default=None,
+                   help="AnimateDiff motion adapter (hub id or folder): also export the Video LDM temporal UNet")
     p.set_defaults(func=cmd_export)
 
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
@@ -204,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics-port", type=int, default=8002)
             p.add_argument("--log", type=Path, default=None, help="server log file")
         p.add_argument("--methods", default=None,
-                       help="comma-separated methods to serve (sdedit,cyclediffusion,pix2pix); default: all models")
+                       help="comma-separated methods to serve (sdedit, cyclediffusion, pix2pix, "
+                            "videoldm, svd); default: every model of the engine directory")
         p.add_argument("--max-queue-delay-us", type=int, default=2000)
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
@@ -254,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-chunk-size", type=int, default=None, help="frames decoded at once (default: all)")
     _add_target(p)
     p.set_defaults(func=cmd_svd)
+
+    p = sub.add_parser("videoldm", help="Video LDM image-to-video (SD 1.x + motion modules, merged with alpha)")
+    _add_image_args(p, out_help="output video: OUT.mp4 (H.264), OUT.gif, or a folder for PNG frames")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--strength", type=float, default=0.8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="temporal merge: 1 = the image model per frame, 0 = the motion modules as trained")
+    p.add_argument("--anchor-first-frame", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep frame 0 on the input image's trajectory (default: on)")
+    p.add_argument("--scheduler", choices=("model", "linear-ddim"), default="model",
+                   help="the model folder's scheduler, or the linear-beta DDIM the motion modules were trained with")
+    p.add_argument("--fps", type=float, default=8.0)
+    _add_target(p)
+    p.set_defaults(func=cmd_videoldm)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny model through a real Triton server")
     p.add_argument("--work", default="work", help="folder for the model, engines and repository")

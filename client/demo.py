@@ -18,6 +18,7 @@ from ti2i.client.runners import Runner, TritonRunner
 from ti2i.client.sdedit import sdedit
 from ti2i.client.svd import svd
 from ti2i.client.video import write_video
+from ti2i.client.videoldm import videoldm
 from ti2i.export.exporter import export_model
 from ti2i.export.tiny import write_tiny_model
 from ti2i.triton_models.repository import write_repository
@@ -29,17 +30,20 @@ DEMO_IMAGE = Path("examples/input.png")
 Method = tuple[str, Callable[[Runner], ImageResult | VideoResult]]
 
 
-def _image_methods(image: Path) -> dict[str, Method]:
-    """Each image method with its reference defaults, on the example image."""
+def _sd_methods(image: Path) -> dict[str, Method]:
+    """Each method on SD 1.x components with its reference defaults, on the example image."""
     return {
         "sdedit": ("sdedit.png", lambda r: sdedit(r, image, "a watercolor painting of hills at sunset", seed=0)),
         "pix2pix": ("pix2pix.png", lambda r: pix2pix(r, image, "make it a snowy winter evening", seed=0)),
         "cyclediffusion": ("cyclediffusion.png", lambda r: cyclediffusion(
             r, image, "a painting of mountains at night", "a picture of hills at sunset", seed=0)),
+        # 16 frames at 128×128 and 25 steps keep the CPU demo short
+        "videoldm": ("videoldm.mp4", lambda r: videoldm(r, image, "hills at sunset, clouds drifting", steps=25,
+                                                         height=128, width=128, seed=0)),
     }
 
 
-def _video_methods(image: Path) -> dict[str, Method]:
+def _svd_methods(image: Path) -> dict[str, Method]:
     """Image-to-video at 256×256 (the reference default, 576×1024, is slow on a CPU), the model's 8 frames."""
     return {"svd": ("svd.mp4", lambda r: svd(r, image, height=256, width=256, seed=0))}
 
@@ -48,16 +52,20 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    print("== 1. tiny random-weight models (offline): Stable Diffusion, InstructPix2Pix, Stable Video Diffusion")
-    models = {kind: write_tiny_model(kind, work / f"model-{kind}") for kind in ("sd", "pix2pix", "svd")}
+    print("== 1. tiny random-weight models (offline): SD + a motion adapter, InstructPix2Pix, Stable Video Diffusion")
+    videoldm_model = write_tiny_model("videoldm", work / "model-videoldm")  # sd/ and motion_adapter/
+    models = {kind: write_tiny_model(kind, work / f"model-{kind}") for kind in ("pix2pix", "svd")}
 
     print("== 2. ONNX export, validated against torch")
-    export_model(str(models["sd"]), work / "engines")
-    image_engines = export_model(str(models["pix2pix"]), work / "engines")  # shares the text encoder and VAE
-    video_engines = export_model(str(models["svd"]), work / "engines-svd")  # its own VAE and image encoder
+    # The SD components, the 8-channel UNet and the temporal UNet side by side (one text encoder and VAE)
+    export_model(str(videoldm_model / "sd"), work / "engines")
+    export_model(str(models["pix2pix"]), work / "engines")
+    sd_engines = export_model(str(videoldm_model / "sd"), work / "engines",
+                              motion_adapter=str(videoldm_model / "motion_adapter"))
+    svd_engines = export_model(str(models["svd"]), work / "engines-svd")  # its own VAE and image encoder
 
-    for name, engines, methods in (("image editing", image_engines, _image_methods(image)),
-                                   ("image-to-video", video_engines, _video_methods(image))):
+    for name, engines, methods in (("SD 1.x methods", sd_engines, _sd_methods(image)),
+                                   ("Stable Video Diffusion", svd_engines, _svd_methods(image))):
         print(f"== Triton model repository and server for {name}")
         repository = write_repository(engines, engines.root.parent / f"repository-{engines.root.name}")
         start = time.perf_counter()

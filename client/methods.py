@@ -13,6 +13,7 @@ METHOD_MODELS: dict[str, tuple[str, ...]] = {
     "sdedit": (*_IMAGE_EDIT, "unet"),
     "cyclediffusion": (*_IMAGE_EDIT, "unet"),
     "pix2pix": (*_IMAGE_EDIT, "unet_pix2pix"),
+    "videoldm": (*_IMAGE_EDIT, "unet_motion"),
     "svd": ("image_encoder", "image_preprocess", "vae_encoder", "unet_svd", "vae_decoder_temporal",
             "image_postprocess"),
 }

@@ -15,16 +15,25 @@ from typing import Any
 import torch
 
 from ti2i.engines.processing import MAX_BATCH, image_dims
+from ti2i.errors import InvalidInputError
 from ti2i.spec import BATCH, ComponentSpec, TensorSpec
 
 UNET_MAX_BATCH = 32  # up to 4 guidance branches × 8 requests batched by the server
 
 
 @dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a diffusers folder or hub id, and for Video LDM its motion adapter."""
+
+    model: str
+    motion_adapter: str | None = None
+
+
+@dataclass(frozen=True)
 class Component:
     name: str
     subfolder: str
-    load: Callable[[str, str], torch.nn.Module]
+    load: Callable[[ModelSource, str], torch.nn.Module]
     wrap: Callable[[torch.nn.Module], torch.nn.Module]
     spec: Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]
     # Symbolic sizes to trace with (the first) and to validate at (all): one of them is deliberately
@@ -33,21 +42,21 @@ class Component:
     tolerance: float = 1e-4
 
 
-def _load(cls_path: str) -> Callable[[str, str], torch.nn.Module]:
-    def load(model: str, subfolder: str) -> torch.nn.Module:
+def _load(cls_path: str) -> Callable[[ModelSource, str], torch.nn.Module]:
+    def load(source: ModelSource, subfolder: str) -> torch.nn.Module:
         module_name, cls_name = cls_path.rsplit(".", 1)
         cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-        return cls.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32,
+        return cls.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
                                    low_cpu_mem_usage=False).eval()
 
     return load
 
 
-def _load_auto(model: str, subfolder: str) -> torch.nn.Module:
+def _load_auto(source: ModelSource, subfolder: str) -> torch.nn.Module:
     """A diffusers model of whatever class its config names (AutoencoderKL or the SVD temporal VAE, ...)."""
     from diffusers import AutoModel
 
-    return AutoModel.from_pretrained(model, subfolder=subfolder, torch_dtype=torch.float32,
+    return AutoModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
                                      low_cpu_mem_usage=False).eval()
 
 
@@ -225,6 +234,79 @@ def _vae_decoder_temporal_spec(module: torch.nn.Module, pipeline: Mapping[str, A
     )
 
 
+# --- Video LDM: SD UNet + motion adapter, each temporal layer merged with a runtime α -------------------
+
+class _AlphaGate:
+    """Holds the per-frame α of the current forward for every merged temporal layer."""
+
+    alpha: torch.Tensor
+
+
+class _AlphaMerged(torch.nn.Module):
+    """α·(the layer's input) + (1 − α)·(its output): α = 1 skips the layer, α = 0 is the layer as trained."""
+
+    def __init__(self, layer: torch.nn.Module, gate: _AlphaGate):
+        super().__init__()
+        self.layer = layer
+        self.gate = gate
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.layer(hidden_states, *args, **kwargs)
+        alpha = self.gate.alpha
+        return alpha * hidden_states + (1 - alpha) * out
+
+
+def _load_motion_unet(source: ModelSource, subfolder: str) -> torch.nn.Module:
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    if source.motion_adapter is None:
+        raise InvalidInputError("unet_motion needs a motion adapter (--motion-adapter)")
+    unet = UNet2DConditionModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
+                                                low_cpu_mem_usage=False)
+    adapter = MotionAdapter.from_pretrained(source.motion_adapter, torch_dtype=torch.float32,
+                                            low_cpu_mem_usage=False)
+    return UNetMotionModel.from_unet2d(unet, adapter).eval()
+
+
+class _UNetMotion(torch.nn.Module):
+    """Takes one text embedding per video (repeated over its frames here) and a per-video α."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.gate = _AlphaGate()
+        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+            modules = getattr(block, "motion_modules", None)
+            for i, layer in enumerate(modules or ()):
+                modules[i] = _AlphaMerged(layer, self.gate)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                alpha: torch.Tensor) -> torch.Tensor:
+        batch, frames = sample.shape[0], sample.shape[2]
+        self.gate.alpha = alpha[:, None].expand(batch, frames).flatten()[:, None, None, None]
+        per_frame = encoder_hidden_states[:, None].expand(batch, frames, *encoder_hidden_states.shape[1:])
+        return self.unet(sample, timestep, encoder_hidden_states=per_frame.flatten(0, 1), return_dict=False)[0]
+
+
+def _unet_motion_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    cfg = module.config
+    dims = {k: v for k, v in image_dims(pipeline["vae_scale_factor"]).items() if k in (BATCH, "height", "width")}
+    dims[BATCH] = (1, UNET_MAX_BATCH)
+    dims["frames"] = (1, int(cfg.motion_max_seq_length))
+    return ComponentSpec(
+        name="unet_motion",
+        inputs=(
+            TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "frames", "height", "width"), (-3.0, 3.0)),
+            TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0)),
+            TensorSpec("encoder_hidden_states", "float32",
+                       (BATCH, pipeline["max_length"], cfg.cross_attention_dim)),
+            TensorSpec("alpha", "float32", (BATCH,), (0.0, 1.0)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "frames", "height", "width")),),
+        dims=dims,
+    )
+
+
 _ADDED_TIME_IDS = ("fps_minus_one", "motion_bucket_id", "noise_aug_strength")
 SVD_MAX_BATCH = 8
 MAX_FRAMES = 64
@@ -232,6 +314,7 @@ MAX_FRAMES = 64
 _IMAGE_SIZES = ({BATCH: 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
                 {BATCH: 1, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
 _TEXT_SIZES = ({BATCH: 2}, {BATCH: 1})
+_MOTION_SIZES = ({BATCH: 2, "frames": 3, "height": 9, "width": 5}, {BATCH: 1, "frames": 2, "height": 8, "width": 6})
 _VIDEO_SIZES = ({BATCH: 2, "frames": 3, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
                 {BATCH: 1, "frames": 2, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
 
@@ -249,6 +332,7 @@ COMPONENTS: dict[str, Component] = {
         Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES),
         Component("vae_decoder_temporal", "vae", _load_auto, _TemporalVaeDecoder, _vae_decoder_temporal_spec,
                   _VIDEO_SIZES),
+        Component("unet_motion", "unet", _load_motion_unet, _UNetMotion, _unet_motion_spec, _MOTION_SIZES),
     )
 }
 
@@ -257,5 +341,6 @@ KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sd": ("text_encoder", "vae_encoder", "vae_decoder", "unet"),
     "pix2pix": ("text_encoder", "vae_encoder", "vae_decoder", "unet_pix2pix"),
     "svd": ("image_encoder", "vae_encoder", "vae_decoder_temporal", "unet_svd"),
+    "videoldm": ("text_encoder", "vae_encoder", "vae_decoder", "unet", "unet_motion"),
 }
 KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix"}

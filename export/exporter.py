@@ -23,7 +23,7 @@ import torch
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
-from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component
+from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component, ModelSource
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
 
@@ -48,8 +48,9 @@ SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "ma
                 "image_processor")
 
 
-def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
+def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]:
     """Everything the sampling loops need besides the networks, and the model's tokenizer (if it has one)."""
+    model = source.model
     components = KIND_COMPONENTS[kind]
     vae = _load_config(model, "vae", "config.json")
     unet = _load_config(model, "unet", "config.json")
@@ -62,8 +63,12 @@ def pipeline_facts(model: str, kind: str) -> tuple[dict[str, Any], Any]:
         "vae_scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor,
         "latent_channels": int(vae.get("latent_channels", 4)),
-        "unets": {components[-1]: denoiser},  # per denoiser: its model folder's scheduler, default size
+        # per denoiser: its model folder's scheduler (and for video: frame counts, default size)
+        "unets": {name: dict(denoiser) for name in components if name.startswith("unet")},
     }
+    if kind == "videoldm":
+        adapter = _load_config(source.motion_adapter, None, "config.json")
+        facts["unets"]["unet_motion"]["max_frames"] = int(adapter.get("motion_max_seq_length", 32))
     tokenizer = None
     if "text_encoder" in components:
         from transformers import CLIPTokenizer
@@ -106,21 +111,27 @@ def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
     try:
         return dict(_Cfg.load_config(model, subfolder=subfolder))
     except (OSError, EnvironmentError) as err:
-        raise ModelNotFoundError(f"cannot read {subfolder}/{filename} of model {model!r}: {err}") from None
+        raise ModelNotFoundError(f"cannot read {subfolder + '/' if subfolder else ''}{filename} of model {model!r}: {err}") from None
 
 
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
-                 log: Callable[[str], None] = print) -> Manifest:
+                 log: Callable[[str], None] = print, motion_adapter: str | None = None) -> Manifest:
+    """Export `model` (with `motion_adapter`: its Video LDM temporal UNet too) into `out_dir`."""
     _quiet_libraries()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     detected = detect_kind(model)
+    if motion_adapter is not None:
+        if detected != "sd":
+            raise InvalidInputError(f"a motion adapter needs an SD 1.x image model, but {model!r} is {detected!r}")
+        detected = "videoldm"
     if kind is not None and kind != detected:
         known = ", ".join(KIND_COMPONENTS)
         raise InvalidInputError(f"--kind {kind!r} does not match model {model!r}, which is a {detected!r} model "
                                 f"(kinds: {known}); leave --kind out to detect it")
     kind = detected
-    facts, tokenizer = pipeline_facts(model, kind)
+    source = ModelSource(model, motion_adapter)
+    facts, tokenizer = pipeline_facts(source, kind)
     if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
         manifest = Manifest.load(out)
         _merge_facts(manifest, facts, model)
@@ -128,14 +139,15 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         manifest = Manifest(out, "fp32", facts, tool_versions=_tool_versions())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out / facts["tokenizer"]))
-    manifest.sources[kind] = model
+    manifest.sources[kind] = model if motion_adapter is None else f"{model} + {motion_adapter}"
 
-    modules: dict[str, torch.nn.Module] = {}
+    modules: dict[tuple[str, Any], torch.nn.Module] = {}
     for name in KIND_COMPONENTS[kind]:
         component = COMPONENTS[name]
-        if component.subfolder not in modules:
-            modules[component.subfolder] = component.load(model, component.subfolder)
-        module = modules[component.subfolder]
+        key = (component.subfolder, component.load)
+        if key not in modules:
+            modules[key] = component.load(source, component.subfolder)
+        module = modules[key]
         weights = fingerprint(module)
         if name in manifest.components:
             if manifest.components[name].fingerprint != weights:

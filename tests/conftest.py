@@ -29,11 +29,18 @@ def pix2pix_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engines(sd_model, pix2pix_model, tmp_path_factory) -> Manifest:
-    """One engine directory with the SD components and the 8-channel UNet side by side."""
+def motion_adapter(tmp_path_factory) -> Path:
+    """A tiny AnimateDiff motion adapter matching `sd_model` (whose weights `videoldm`'s sd/ repeats)."""
+    return write_tiny_model("videoldm", tmp_path_factory.mktemp("models") / "videoldm") / "motion_adapter"
+
+
+@pytest.fixture(scope="session")
+def engines(sd_model, pix2pix_model, motion_adapter, tmp_path_factory) -> Manifest:
+    """One engine directory with the SD components, the 8-channel UNet and the temporal UNet side by side."""
     root = tmp_path_factory.mktemp("engines") / "sd"
     export_model(str(sd_model), root, log=lambda _: None)
-    return export_model(str(pix2pix_model), root, log=lambda _: None)
+    export_model(str(pix2pix_model), root, log=lambda _: None)
+    return export_model(str(sd_model), root, log=lambda _: None, motion_adapter=str(motion_adapter))
 
 
 @pytest.fixture(scope="session")
