@@ -7,7 +7,9 @@ calls to a Triton server over gRPC or HTTP. Both expose the pipeline facts from 
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,9 +81,17 @@ class InProcessRunner(Runner):
 
 
 class TritonRunner(Runner):
-    """Calls models on a Triton server: ``grpc://host:port`` or ``http://host:port``."""
+    """Calls models on a Triton server: ``grpc://host:port`` or ``http://host:port``.
 
-    def __init__(self, url: str, timeout_s: float = 600.0):
+    With ``shared_memory=True`` numeric tensors travel through Triton *system* shared memory instead
+    of the request and response bodies: one region per (model, tensor, byte size), created and
+    registered with the server on first use and reused by every later call of that size. Outputs
+    go through shared memory once their size is known (from the first call with the same input
+    shapes). The server must run on this machine and allow the shared-memory API. A runner is for
+    one thread at a time (its regions are reused across calls).
+    """
+
+    def __init__(self, url: str, timeout_s: float = 600.0, shared_memory: bool = False):
         self.protocol, self.address = _parse_url(url)
         if self.protocol == "grpc":
             import tritonclient.grpc as client_module
@@ -102,6 +112,17 @@ class TritonRunner(Runner):
             raise ServerUnavailableError(f"Triton server at {url} is not ready")
         self._configs: dict[str, dict[str, Any]] = {}
         self.pipeline = self._pipeline_facts()
+        self._shm = _SharedMemoryPool(self.client) if shared_memory else None
+        # (model, input shapes, outputs) -> each output's (shape, numpy dtype): sizes output regions
+        self._output_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
+
+    @property
+    def shared_memory(self) -> bool:
+        return self._shm is not None
+
+    def model_config(self, model: str) -> dict[str, Any]:
+        """The served model's configuration (as JSON), fetched once per model."""
+        return self._config(model)
 
     def _config(self, model: str) -> dict[str, Any]:
         if model not in self._configs:
@@ -147,26 +168,98 @@ class TritonRunner(Runner):
             if batched and value.ndim == 1 and _dims(declared[name]) == [1]:
                 value = value.reshape(-1, 1)  # a per-sample scalar travels as [B, 1]
             infer_input = self._module.InferInput(name, list(value.shape), _wire_dtype(value))
-            infer_input.set_data_from_numpy(value)
+            if self._shm is not None and value.dtype.kind not in "OSU" and value.nbytes:
+                region = self._shm.write(("in", model, name), value)
+                infer_input.set_shared_memory(region, value.nbytes)
+            else:
+                infer_input.set_data_from_numpy(value)
             infer_inputs.append(infer_input)
         declared_outputs = {o["name"]: o for o in config.get("output", [])}
         wanted = list(outputs or declared_outputs)
         requested = [self._module.InferRequestedOutput(name) for name in wanted]
+        shape_key = (model, tuple((i.name(), tuple(i.shape())) for i in infer_inputs), tuple(wanted))
+        in_shm: dict[str, tuple[Any, tuple[int, ...], np.dtype]] = {}
+        if self._shm is not None and shape_key in self._output_shapes:
+            for name, req in zip(wanted, requested):
+                shape, dtype = self._output_shapes[shape_key][name]
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                if dtype.kind not in "OSU" and nbytes:
+                    region, handle = self._shm.region(("out", model, name), nbytes)
+                    req.set_shared_memory(region, nbytes)
+                    in_shm[name] = (handle, shape, dtype)
         try:
             kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
             result = self.client.infer(model, infer_inputs, outputs=requested, **kwargs)
         except self._exception_type() as err:
             raise _translate(err, model) from None
         out = {}
+        seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for name in wanted:
-            value = result.as_numpy(name)
+            if name in in_shm:
+                handle, _, dtype = in_shm[name]
+                value = self._shm.read(handle, _output_shape(result, name), dtype)
+            else:
+                value = result.as_numpy(name)
+                seen[name] = (tuple(value.shape), value.dtype)
             if batched and _is_batched_scalar(declared_outputs[name]):
                 value = value.reshape(-1)
             out[name] = value
+        if self._shm is not None and seen:
+            self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         self.client.close()
+
+
+class _SharedMemoryPool:
+    """System shared-memory regions of one runner, registered with the server and reused by size."""
+
+    _ids = itertools.count()
+
+    def __init__(self, client: Any):
+        from tritonclient.utils import shared_memory
+
+        self._lib = shared_memory
+        self._client = client
+        self._prefix = f"ti2i_{os.getpid()}_{next(self._ids)}"
+        self._regions: dict[tuple, tuple[str, Any]] = {}
+
+    def region(self, key: tuple, nbytes: int) -> tuple[str, Any]:
+        """(registered name, handle) of the region for `key` (direction, model, tensor) of `nbytes` bytes."""
+        key = (*key, nbytes)
+        if key not in self._regions:
+            name = f"{self._prefix}_{len(self._regions)}"
+            handle = self._lib.create_shared_memory_region(name, "/" + name, nbytes, create_only=True)
+            try:
+                self._client.register_system_shared_memory(name, "/" + name, nbytes)
+            except Exception as err:
+                self._lib.destroy_shared_memory_region(handle)
+                message = err.message() if hasattr(err, "message") else str(err)
+                raise ServerUnavailableError(f"the server refused system shared memory ({message}); it must run "
+                                             f"on this machine and allow the shared-memory API") from None
+            self._regions[key] = (name, handle)
+        return self._regions[key]
+
+    def write(self, key: tuple, value: np.ndarray) -> str:
+        name, handle = self.region(key, value.nbytes)
+        self._lib.set_shared_memory_region(handle, [value])
+        return name
+
+    def read(self, handle: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A copy of the region's contents (the region is overwritten by the next call)."""
+        return np.array(self._lib.get_contents_as_numpy(handle, dtype, shape), copy=True)
+
+    def close(self) -> None:
+        for name, handle in self._regions.values():
+            try:
+                self._client.unregister_system_shared_memory(name)
+            except Exception:  # the server may be gone already: the local region still goes
+                pass
+            self._lib.destroy_shared_memory_region(handle)
+        self._regions.clear()
 
 
 def _parse_url(url: str) -> tuple[str, str]:
@@ -175,6 +268,12 @@ def _parse_url(url: str) -> tuple[str, str]:
         if url.startswith(prefix) and len(url) > len(prefix):
             return scheme, url[len(prefix):].rstrip("/")
     raise InvalidInputError(f"server URL {url!r} must look like grpc://HOST:PORT or http://HOST:PORT")
+
+
+def _output_shape(result: Any, name: str) -> tuple[int, ...]:
+    """An output's shape as the response reports it (gRPC: a protobuf message, HTTP: a dict)."""
+    meta = result.get_output(name)
+    return tuple(int(d) for d in (meta["shape"] if isinstance(meta, dict) else meta.shape))
 
 
 def _dims(tensor_config: Mapping[str, Any]) -> list[int]:

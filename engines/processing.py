@@ -21,6 +21,7 @@ from ti2i.spec import BATCH, ComponentSpec, TensorSpec
 # Pixel-size range of images the pre/post steps (and the VAE) accept; the clients enforce a pixel limit too.
 IMAGE_SIDE_RANGE = (8, 2048)
 MAX_BATCH = 16
+FRAMES_MAX_BATCH = 64  # the image steps also carry every frame of a decoded video chunk
 
 
 def image_dims(scale: int) -> dict[str, tuple[int, int]]:
@@ -85,7 +86,7 @@ def _preprocess_spec(pipeline: Mapping[str, Any]) -> ComponentSpec:
         name="image_preprocess",
         inputs=(TensorSpec("image", "uint8", (BATCH, "image_height", "image_width", 3), (0, 256)),),
         outputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width")),),
-        dims=image_dims(pipeline["vae_scale_factor"]),
+        dims={**image_dims(pipeline["vae_scale_factor"]), BATCH: (1, FRAMES_MAX_BATCH)},
     )
 
 
@@ -112,7 +113,7 @@ def _postprocess_spec(pipeline: Mapping[str, Any]) -> ComponentSpec:
             TensorSpec("image", "uint8", (BATCH, "image_height", "image_width", 3)),
             TensorSpec("image_float", "float32", (BATCH, "image_height", "image_width", 3)),
         ),
-        dims=image_dims(pipeline["vae_scale_factor"]),
+        dims={**image_dims(pipeline["vae_scale_factor"]), BATCH: (1, FRAMES_MAX_BATCH)},
     )
 
 

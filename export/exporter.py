@@ -162,7 +162,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         validation = validate(wrapper, spec, out / file, component)
         log(f"{name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
             f"(tolerance {component.tolerance:.0e})")
-        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, source=model, fingerprint=weights)
+        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, source=manifest.sources[kind]
+                                                   if name == "unet_motion" else model, fingerprint=weights)
 
     for step in STEPS.values():
         if step.applies(manifest.pipeline):

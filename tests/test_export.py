@@ -20,7 +20,7 @@ from ti2i.client.cli import main as cli_main
 from ti2i.engines.ort import OrtEngine
 from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export import exporter
-from ti2i.export.components import COMPONENTS, KIND_COMPONENTS
+from ti2i.export.components import COMPONENTS, KIND_COMPONENTS, ModelSource
 from ti2i.export.exporter import detect_kind, export_model, export_onnx, validate
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, Manifest
 from ti2i.spec import BATCH, ComponentSpec, sample_inputs
@@ -66,7 +66,7 @@ def modules(sd_engines: Manifest) -> dict[str, torch.nn.Module]:
     out = {}
     for name in ONNX_COMPONENTS:
         component = COMPONENTS[name]
-        out[name] = component.load(sd_engines.components[name].source, component.subfolder)
+        out[name] = component.load(ModelSource(sd_engines.components[name].source), component.subfolder)
     return out
 
 

@@ -55,6 +55,12 @@ def test_in_process_matches_diffusers(case, reference, svd_engines, example_imag
     assert np.array_equal(got.frames, (got.array * 255).round().astype(np.uint8))
 
 
+def test_a_chunk_of_more_frames_than_an_image_batch_decodes(svd_engines, example_image):
+    with InProcessRunner(svd_engines.root) as runner:
+        got = svd(runner, example_image, frames=20, steps=1, progress=False, **SIZE)
+    assert got.frames.shape == (20, 48, 64, 3)
+
+
 def test_defaults_come_from_the_model(svd_engines, example_image):
     facts = svd_engines.pipeline["unets"]["unet_svd"]
     assert facts["num_frames"] == 8 and (facts["default_height"], facts["default_width"]) == (576, 1024)

@@ -1,0 +1,388 @@
+"""Benchmark backends: a small registry of names -> factories of things that run one whole request.
+
+A backend runs a method's request end to end and reports the per-stage times of that request.
+Two families exist:
+
+* runner backends (``ort``, ``triton-grpc``, ``triton-http``, ``triton-grpc-shm``): our method loops
+  over a `Runner`; the method records its own stage timings. They can also hand out fresh runners
+  (the concurrency sweep gives one to each client) and run single UNet calls.
+* reference backends (``diffusers``, ``diffusers-compile``): the diffusers pipeline the method
+  reproduces, with the pipeline's components wrapped by timers that record the same stages.
+
+A later backend (TensorRT engines in-process, say) registers itself with `register_backend` and
+the harness measures it like the others, without any change to the harness.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ti2i.benchmarks.presets import Request
+from ti2i.client.runners import Runner
+
+PROMPT = "a watercolor painting of rolling hills"
+SOURCE_PROMPT = "a photo of rolling hills"  # CycleDiffusion's description of the input
+NEGATIVE_PROMPT = ""
+IMAGE_GUIDANCE = 1.5  # InstructPix2Pix s_I
+SOURCE_GUIDANCE = 1.0  # CycleDiffusion
+ETA = 0.1  # CycleDiffusion
+MIN_GUIDANCE = 1.0  # SVD
+
+
+@dataclass
+class RunRecord:
+    """One request: its end-to-end time, each stage's calls (seconds) and the output ([0, 1] floats)."""
+
+    end_to_end_s: float
+    stages: dict[str, list[float]]
+    output: np.ndarray | None = None
+
+
+@dataclass
+class BenchContext:
+    """What a backend factory gets: the method, its request and where models, engines and the server are."""
+
+    method: str
+    request: Request
+    engine_dir: Path
+    model_dir: Path  # the diffusers folder the engines were exported from
+    server: Any = None  # a started TritonServer when a served backend is measured
+    device: str = "cpu"  # where the reference pipeline runs ("cuda" when torch sees a GPU)
+    providers: Sequence[str] | None = None  # ONNX Runtime providers of in-process engines (default: best available)
+    status: Callable[[str], None] = lambda text: None  # progress: "backend · model"
+    shared: dict[str, Any] = field(default_factory=dict)  # objects backends of one method share (pipelines)
+
+
+class Backend(ABC):
+    """Runs whole requests of one method. `kind` is "reference", "in-process" or "served"."""
+
+    kind = "in-process"
+
+    def __init__(self, name: str, ctx: BenchContext):
+        self.name = name
+        self.ctx = ctx
+
+    @abstractmethod
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        """Run one request on `image`; return its timings (and output)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    factory: Callable[[str, BenchContext], Backend]
+    needs_server: bool = False
+    description: str = ""
+
+
+BACKENDS: dict[str, BackendInfo] = {}
+
+
+def register_backend(name: str, factory: Callable[[str, BenchContext], Backend], *, needs_server: bool = False,
+                     description: str = "") -> None:
+    """Make `name` measurable by `ti2i bench --backends`: `factory(name, ctx)` builds the backend."""
+    BACKENDS[name] = BackendInfo(name, factory, needs_server, description)
+
+
+# --- our method loops over a runner ------------------------------------------------------------------
+
+def run_method(method: str, runner: Runner, image: Image.Image, req: Request, seed: int) -> tuple[Any, np.ndarray]:
+    """Our implementation of `method` on `runner`: (the Timings it recorded, its float output)."""
+    if method == "sdedit":
+        from ti2i.client.sdedit import sdedit
+
+        result = sdedit(runner, image, PROMPT, negative_prompt=NEGATIVE_PROMPT or None, strength=req.strength,
+                        steps=req.steps, guidance=req.guidance, seed=seed, progress=False)
+    elif method == "pix2pix":
+        from ti2i.client.pix2pix import pix2pix
+
+        result = pix2pix(runner, image, PROMPT, steps=req.steps, guidance=req.guidance,
+                         image_guidance=IMAGE_GUIDANCE, seed=seed, progress=False)
+    elif method == "cyclediffusion":
+        from ti2i.client.cyclediffusion import cyclediffusion
+
+        result = cyclediffusion(runner, image, PROMPT, SOURCE_PROMPT, strength=req.strength, steps=req.steps,
+                                guidance=req.guidance, source_guidance=SOURCE_GUIDANCE, eta=ETA, seed=seed,
+                                progress=False)
+    elif method == "svd":
+        from ti2i.client.svd import svd
+
+        result = svd(runner, image, frames=req.frames, steps=req.steps, min_guidance=MIN_GUIDANCE,
+                     max_guidance=req.guidance, decode_chunk_size=req.decode_chunk_size or None, seed=seed,
+                     height=req.height, width=req.width, progress=False)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return result.timings, result.array
+
+
+UNET_OF = {"sdedit": "unet", "cyclediffusion": "unet", "pix2pix": "unet_pix2pix", "svd": "unet_svd"}
+
+
+class _ReportingRunner(Runner):
+    """Passes calls through, telling the progress display which model runs."""
+
+    def __init__(self, runner: Runner, label: str, status: Callable[[str], None]):
+        self.inner = runner
+        self.pipeline = runner.pipeline
+        self._label = label
+        self._status = status
+        self._calls: dict[str, int] = {}
+
+    def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        self._calls[model] = self._calls.get(model, 0) + 1
+        self._status(f"{self._label} · {model} #{self._calls[model]}")
+        return self.inner.run(model, outputs, **inputs)
+
+    def reset(self) -> None:
+        self._calls.clear()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class RunnerBackend(Backend):
+    """Our method loop over a runner that `make_runner()` builds (one for the repeats, fresh ones on demand)."""
+
+    def __init__(self, name: str, ctx: BenchContext, make_runner: Callable[[], Runner], kind: str,
+                 details: Mapping[str, Any] | None = None):
+        super().__init__(name, ctx)
+        self.kind = kind
+        self.make_runner = make_runner
+        self._details = dict(details or {})
+        self.runner = _ReportingRunner(make_runner(), name, ctx.status)
+
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        self.runner.reset()
+        start = time.perf_counter()
+        timings, array = run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
+        elapsed = time.perf_counter() - start
+        return RunRecord(elapsed, {k: list(v) for k, v in timings.samples.items()}, array)
+
+    def unet_call(self, inputs: Mapping[str, np.ndarray]) -> float:
+        """Seconds of one UNet call with exactly these inputs."""
+        start = time.perf_counter()
+        self.runner.inner.run(UNET_OF[self.ctx.method], **inputs)
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self._details}
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _ort(name: str, ctx: BenchContext) -> Backend:
+    from ti2i.client.runners import InProcessRunner
+    from ti2i.engines.ort import default_providers
+
+    providers = list(ctx.providers or default_providers())
+    return RunnerBackend(name, ctx, lambda: InProcessRunner(ctx.engine_dir, providers=providers), "in-process",
+                         {"providers": providers})
+
+
+def _triton(protocol: str, shared_memory: bool = False) -> Callable[[str, BenchContext], Backend]:
+    def factory(name: str, ctx: BenchContext) -> Backend:
+        from ti2i.client.runners import TritonRunner
+
+        if ctx.server is None:
+            raise RuntimeError("no Triton server is running")
+        url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
+        return RunnerBackend(name, ctx, lambda: TritonRunner(url, shared_memory=shared_memory), "served",
+                             {"url": url, "shared_memory": shared_memory})
+
+    return factory
+
+
+# --- the diffusers reference pipelines ---------------------------------------------------------------
+
+# method -> (pipeline class, the pipeline's own prompt-encoding method and image-encoding method)
+_PIPELINES = {
+    "sdedit": ("StableDiffusionImg2ImgPipeline", "encode_prompt", None),
+    "pix2pix": ("StableDiffusionInstructPix2PixPipeline", "_encode_prompt", None),
+    "cyclediffusion": ("CycleDiffusionPipeline", "encode_prompt", None),
+    "svd": ("StableVideoDiffusionPipeline", None, "_encode_image"),
+}
+
+
+class _Clock:
+    """Wall-clock seconds; synchronised with the GPU on CUDA so a stage's kernels are inside its time."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+
+class _StageTimers:
+    """Wraps a pipeline's callables so every call adds its time to the current request's stage list."""
+
+    def __init__(self, clock: _Clock, status: Callable[[str], None]):
+        self.clock = clock
+        self.status = status
+        self.label = ""
+        self.samples: dict[str, list[float]] | None = None
+
+    def wrap(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.samples is None:
+                return fn(*args, **kwargs)
+            calls = self.samples.setdefault(stage, [])
+            self.status(f"{self.label} · {stage} #{len(calls) + 1}")
+            start = self.clock.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                calls.append(self.clock.now() - start)
+
+        timed.__wrapped__ = fn  # type: ignore[attr-defined]
+        return timed
+
+
+class _Reference:
+    """One diffusers pipeline per method, shared by the eager and the compiled backend (one copy of the weights).
+
+    The timers wrap the pipeline's stage entry points (prompt encoding, ``vae.encode``, ``unet``,
+    ``vae.decode``) once; underneath, the UNet's and the VAE encoder's and decoder's ``forward`` go
+    through a switch that each backend sets before its request: the eager originals or their
+    torch.compile'd versions. So both backends are timed by the same code around the same calls.
+    """
+
+    def __init__(self, ctx: BenchContext):
+        import diffusers
+        import torch
+
+        cls_name, prompt_fn, clip_fn = _PIPELINES[ctx.method]
+        cls = getattr(diffusers, cls_name)
+        kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
+        if ctx.method != "svd":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(str(ctx.model_dir), **kwargs)
+        if ctx.method == "cyclediffusion":
+            pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(ctx.device)
+        self.pipe = pipe
+        self.ctx = ctx
+        self.timers = timers = _StageTimers(_Clock(ctx.device), ctx.status)
+        if prompt_fn:
+            setattr(pipe, prompt_fn, timers.wrap(getattr(pipe, prompt_fn), "encode_prompt"))
+        if clip_fn:
+            setattr(pipe, clip_fn, timers.wrap(getattr(pipe, clip_fn), "encode_image_clip"))
+        pipe.vae.encode = timers.wrap(pipe.vae.encode, "encode_image")
+        pipe.vae.decode = timers.wrap(pipe.vae.decode, "decode_chunk" if ctx.method == "svd" else "decode_image")
+        modules = {"unet": pipe.unet, "vae_encoder": pipe.vae.encoder, "vae_decoder": pipe.vae.decoder}
+        self.eager = {key: module.forward for key, module in modules.items()}  # the modules' own forwards
+        self.current = dict(self.eager)
+        for key, module in modules.items():
+            module.forward = self._switch(key)
+        pipe.unet.forward = timers.wrap(pipe.unet.forward, "unet")
+
+    def _switch(self, key: str) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.current[key](*args, **kwargs)
+
+        return forward
+
+    def install(self, callables: Mapping[str, Callable[..., Any]]) -> None:
+        self.current = dict(callables)
+
+    def __call__(self, image: Image.Image, seed: int, label: str) -> RunRecord:
+        import torch
+
+        req, method, pipe = self.ctx.request, self.ctx.method, self.pipe
+        generator = torch.Generator("cpu").manual_seed(seed)
+        samples: dict[str, list[float]] = {}
+        self.timers.samples, self.timers.label = samples, label
+        try:
+            start = self.timers.clock.now()
+            with torch.inference_mode():
+                if method == "sdedit":
+                    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT or None, image=image,
+                               strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
+                               generator=generator, output_type="np").images[0]
+                elif method == "pix2pix":
+                    out = pipe(prompt=PROMPT, image=image, num_inference_steps=req.steps,
+                               guidance_scale=req.guidance, image_guidance_scale=IMAGE_GUIDANCE,
+                               generator=generator, output_type="np").images[0]
+                elif method == "cyclediffusion":
+                    out = pipe(prompt=PROMPT, source_prompt=SOURCE_PROMPT, image=image, strength=req.strength,
+                               num_inference_steps=req.steps, guidance_scale=req.guidance,
+                               source_guidance_scale=SOURCE_GUIDANCE, eta=ETA, generator=generator,
+                               output_type="np").images[0]
+                else:
+                    out = pipe(image, height=req.height, width=req.width, num_frames=req.frames,
+                               num_inference_steps=req.steps, min_guidance_scale=MIN_GUIDANCE,
+                               max_guidance_scale=req.guidance, decode_chunk_size=req.decode_chunk_size or req.frames,
+                               generator=generator, output_type="np").frames[0]
+            elapsed = self.timers.clock.now() - start
+        finally:
+            self.timers.samples = None
+        return RunRecord(elapsed, samples, np.asarray(out, dtype=np.float32))
+
+
+def _reference(ctx: BenchContext) -> _Reference:
+    if "reference" not in ctx.shared:
+        ctx.shared["reference"] = _Reference(ctx)
+    return ctx.shared["reference"]
+
+
+class DiffusersBackend(Backend):
+    """The diffusers pipeline on torch eager, or with its UNet and VAE under torch.compile."""
+
+    kind = "reference"
+
+    def __init__(self, name: str, ctx: BenchContext, compile: bool = False):
+        super().__init__(name, ctx)
+        self.reference = _reference(ctx)
+        self.compile = compile
+        eager = self.reference.eager
+        if compile:
+            import torch
+
+            # The timers stay outside the compiled regions: only the modules' forwards are compiled.
+            self.callables = {k: torch.compile(fn) for k, fn in eager.items()}
+        else:
+            self.callables = dict(eager)
+
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        self.reference.install(self.callables)
+        return self.reference(image, seed, self.name)
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {"kind": self.kind, "device": self.ctx.device, "torch_threads": torch.get_num_threads(),
+                "compiled": self.compile}
+
+
+register_backend("diffusers", lambda name, ctx: DiffusersBackend(name, ctx),
+                 description="the diffusers reference pipeline on torch eager")
+register_backend("diffusers-compile", lambda name, ctx: DiffusersBackend(name, ctx, compile=True),
+                 description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)")
+register_backend("ort", _ort, description="our method loop over our ONNX Runtime engines, in-process")
+register_backend("triton-grpc", _triton("grpc"), needs_server=True,
+                 description="our method loop, every model call to Triton over gRPC")
+register_backend("triton-http", _triton("http"), needs_server=True,
+                 description="our method loop, every model call to Triton over HTTP")
+register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_server=True,
+                 description="as triton-grpc, tensors through Triton system shared memory")
+
+DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm")
