@@ -111,7 +111,8 @@ def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
     try:
         return dict(_Cfg.load_config(model, subfolder=subfolder))
     except (OSError, EnvironmentError) as err:
-        raise ModelNotFoundError(f"cannot read {subfolder + '/' if subfolder else ''}{filename} of model {model!r}: {err}") from None
+        where = f"{subfolder}/{filename}" if subfolder else filename
+        raise ModelNotFoundError(f"cannot read {where} of model {model!r}: {err}") from None
 
 
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
@@ -141,35 +142,40 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
             tokenizer.save_pretrained(str(out / facts["tokenizer"]))
     manifest.sources[kind] = model if motion_adapter is None else f"{model} + {motion_adapter}"
 
-    modules: dict[tuple[str, Any], torch.nn.Module] = {}
+    modules: dict[tuple[str, Any], torch.nn.Module] = {}  # the VAE serves two components: load it once
     for name in KIND_COMPONENTS[kind]:
         component = COMPONENTS[name]
         key = (component.subfolder, component.load)
         if key not in modules:
             modules[key] = component.load(source, component.subfolder)
-        module = modules[key]
-        weights = fingerprint(module)
-        if name in manifest.components:
-            if manifest.components[name].fingerprint != weights:
-                raise InvalidInputError(f"{out} already holds a different {name} (from "
-                                        f"{manifest.components[name].source}); export {model} into another directory")
-            log(f"{name}: same weights as the engine already in {out}, kept")
-            continue
-        spec = component.spec(module, manifest.pipeline)
-        wrapper = component.wrap(module).eval()
-        file = f"{name}.onnx"
-        export_onnx(wrapper, spec, component.sample_sizes[0], out / file)
-        validation = validate(wrapper, spec, out / file, component)
-        log(f"{name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
-            f"(tolerance {component.tolerance:.0e})")
-        manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, source=manifest.sources[kind]
-                                                   if name == "unet_motion" else model, fingerprint=weights)
+        _export_component(manifest, component, modules[key], manifest.sources[kind], log)
 
     for step in STEPS.values():
         if step.applies(manifest.pipeline):
             manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
+
+
+def _export_component(manifest: Manifest, component: Component, module: torch.nn.Module, origin: str,
+                      log: Callable[[str], None]) -> None:
+    """Export and validate one component, or keep the engine already there if its weights are the same."""
+    weights = fingerprint(module)
+    existing = manifest.components.get(component.name)
+    if existing is not None:
+        if existing.fingerprint != weights:
+            raise InvalidInputError(f"{manifest.root} already holds a different {component.name} (from "
+                                    f"{existing.source}); export {origin} into another directory")
+        log(f"{component.name}: same weights as the engine already in {manifest.root}, kept")
+        return
+    spec = component.spec(module, manifest.pipeline)
+    wrapper = component.wrap(module).eval()
+    file = f"{component.name}.onnx"
+    export_onnx(wrapper, spec, component.sample_sizes[0], manifest.root / file)
+    validation = validate(wrapper, spec, manifest.root / file, component)
+    log(f"{component.name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
+        f"(tolerance {component.tolerance:.0e})")
+    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights)
 
 
 def _quiet_libraries() -> None:
