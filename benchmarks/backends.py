@@ -141,9 +141,12 @@ class _ReportingRunner(Runner):
         self._label = label
         self._status = status
         self._calls: dict[str, int] = {}
+        self.first_inputs: dict[str, dict[str, np.ndarray]] = {}  # each model's first inputs, for single calls
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         self._calls[model] = self._calls.get(model, 0) + 1
+        if model not in self.first_inputs:
+            self.first_inputs[model] = {k: np.array(v, copy=True) for k, v in inputs.items()}
         self._status(f"{self._label} · {model} #{self._calls[model]}")
         return self.inner.run(model, outputs, **inputs)
 

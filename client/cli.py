@@ -30,11 +30,16 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_image_args(parser: argparse.ArgumentParser,
-                    out_help: str = "output image file (.png, .jpg, ...)") -> None:
-    parser.add_argument("--image", required=True, help="input image file")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None, help="output height (snapped to a multiple of 8)")
-    parser.add_argument("--width", type=int, default=None, help="output width (snapped to a multiple of 8)")
+                    out_help: str = "output image file (.png, .jpg, ...)", image: bool = True, seed: bool = True,
+                    size_default: str = "the input image's") -> None:
+    if image:
+        parser.add_argument("--image", required=True, help="input image file")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None,
+                        help=f"output height (snapped to a multiple of 8; default: {size_default})")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"output width (snapped to a multiple of 8; default: {size_default})")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no timing report")
 
@@ -151,6 +156,42 @@ def cmd_cyclediffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    from ti2i.client.txt2img import txt2img
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = txt2img(runner, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                         guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                         progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from ti2i.client.inpaint import inpaint
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = inpaint(runner, args.image, args.mask, args.prompt, negative_prompt=args.negative_prompt,
+                         strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                         height=args.height, width=args.width, progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
+def cmd_ddib(args: argparse.Namespace) -> int:
+    from ti2i.client.ddib import ddib
+
+    out = _check_image_out(args.out)
+    with _runner(args) as runner:
+        result = ddib(runner, args.image, args.prompt, args.source_prompt, strength=args.strength, steps=args.steps,
+                      guidance=args.guidance, source_guidance=args.source_guidance, height=args.height,
+                      width=args.width, progress=not args.quiet)
+    _save(result, out, args.quiet)
+    return 0
+
+
 def _save_video(result, out: Path, quiet: bool) -> None:
     from ti2i.client.video import write_video
 
@@ -226,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics-port", type=int, default=8002)
             p.add_argument("--log", type=Path, default=None, help="server log file")
         p.add_argument("--methods", default=None,
-                       help="comma-separated methods to serve (sdedit, cyclediffusion, pix2pix, "
-                            "videoldm, svd); default: every model of the engine directory")
-        p.add_argument("--max-queue-delay-us", type=int, default=2000)
+                       help="comma-separated methods to serve (txt2img, sdedit, inpaint, cyclediffusion, ddib, "
+                            "pix2pix, videoldm, svd); default: every model of the engine directory")
+        p.add_argument("--max-queue-delay-us", type=int, default=0,
+                       help="how long a request may wait for others to batch with (default 0: batch what queued)")
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
         p.set_defaults(func=func)
@@ -265,8 +307,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     p.set_defaults(func=cmd_cyclediffusion)
 
+    p = sub.add_parser("txt2img", help="text-to-image")
+    _add_image_args(p, image=False, size_default="the model's, 512 for SD 1.5")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    _add_target(p)
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("inpaint", help="inpainting with a 9-channel inpainting UNet (mask white = repaint)")
+    _add_image_args(p, size_default="the model's, 512 for SD 1.5; image and mask are resized to it")
+    p.add_argument("--mask", required=True, help="mask image file: white repaints, black keeps")
+    p.add_argument("--prompt", default="", help="what to paint into the masked region")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--strength", type=float, default=1.0, help="1 starts from pure noise")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    _add_target(p)
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("ddib", help="DDIB: deterministic DDIM inversion under the source prompt, decoding under "
+                                    "the target prompt")
+    _add_image_args(p, seed=False)
+    p.add_argument("--source-prompt", required=True, help="describes the input image")
+    p.add_argument("--prompt", required=True, help="describes the edited image")
+    p.add_argument("--strength", type=float, default=1.0, help="how far up to invert (1: all the way)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance of the decoding (target prompt)")
+    p.add_argument("--source-guidance", type=float, default=1.0, help="guidance of the inversion (source prompt)")
+    _add_target(p)
+    p.set_defaults(func=cmd_ddib)
+
     p = sub.add_parser("svd", help="Stable Video Diffusion image-to-video")
-    _add_image_args(p, out_help="output video: OUT.mp4 (H.264), OUT.gif, or a folder for PNG frames")
+    _add_image_args(p, out_help="output video: OUT.mp4 (H.264), OUT.gif, or a folder for PNG frames",
+                    size_default="576×1024, the reference's")
     p.add_argument("--frames", type=int, default=None, help="frame count (default: the model's, 14 or 25)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--fps", type=int, default=7)
@@ -300,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="work", help="folder for the model, engines and repository")
     p.add_argument("--out", default="outputs", help="folder for the results")
     p.set_defaults(func=cmd_demo)
+
+    from ti2i.benchmarks.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # `ti2i bench`
     return parser
 
 

@@ -30,36 +30,43 @@ def pixel_limit(max_pixels: int | None = None) -> int:
     return value
 
 
-def _check_size(width: int, height: int, limit: int) -> None:
+def _check_size(width: int, height: int, limit: int, what: str = "image") -> None:
     if width == 0 or height == 0:
-        raise InvalidInputError(f"image has zero size ({width}×{height})")
+        raise InvalidInputError(f"{what} has zero size ({width}×{height})")
     if width * height > limit:
-        raise InvalidInputError(f"image of {width}×{height} = {width * height} pixels is over the limit of "
+        raise InvalidInputError(f"{what} of {width}×{height} = {width * height} pixels is over the limit of "
                                 f"{limit} pixels (set {MAX_PIXELS_ENV} or max_pixels to change it)")
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int | None = None) -> Image.Image:
+def load_image(source: str | Path | Image.Image, max_pixels: int | None = None, what: str = "image",
+               convert_rgb: bool = True) -> Image.Image:
     """An RGB PIL image from a path or an image; RGBA, grayscale and palette images are converted.
 
-    A file's size is checked from its header, before its pixels are decoded.
+    A file's size is checked from its header, before its pixels are decoded. `what` names the input in
+    error messages; with ``convert_rgb=False`` the image keeps its mode (an inpainting mask is resized
+    in its own mode and then made grayscale, as the reference does).
     """
     limit = pixel_limit(max_pixels)
     if isinstance(source, Image.Image):
         image = source
-        _check_size(*image.size, limit)
-    else:
+        _check_size(*image.size, limit, what)
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise InvalidInputError(f"image file {path} does not exist")
+            raise InvalidInputError(f"{what} file {path} does not exist")
         try:
             with Image.open(path) as opened:
-                _check_size(*opened.size, limit)
+                _check_size(*opened.size, limit, what)
                 opened.load()
                 image = opened.copy()
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
             if isinstance(err, InvalidInputError):
                 raise
-            raise InvalidInputError(f"{path} is not a readable image: {err}") from None
+            raise InvalidInputError(f"{what} {path} is not a readable image: {err}") from None
+    else:
+        raise InvalidInputError(f"{what} must be an image file path or a PIL image, got {type(source).__name__}")
+    if not convert_rgb:
+        return image
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
     return image
@@ -67,14 +74,29 @@ def load_image(source: str | Path | Image.Image, max_pixels: int | None = None) 
 
 def snap_size(image: Image.Image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
     """Height and width rounded down to a multiple of the VAE factor, as diffusers' VaeImageProcessor does."""
+    return _snap(height, width, image.height, image.width, multiple)
+
+
+def _snap(height: int | None, width: int | None, default_height: int, default_width: int,
+          multiple: int) -> tuple[int, int]:
     for label, value in (("height", height), ("width", width)):
         if value is not None and value <= 0:
             raise InvalidInputError(f"{label} must be positive, got {value}")
-    h = height if height is not None else image.height
-    w = width if width is not None else image.width
+    h = height if height is not None else default_height
+    w = width if width is not None else default_width
     h, w = h - h % multiple, w - w % multiple
     if h == 0 or w == 0:
         raise InvalidInputError(f"image size {w}×{h} is smaller than one latent pixel ({multiple}×{multiple})")
+    return h, w
+
+
+def requested_size(height: int | None, width: int | None, default: int, multiple: int,
+                   max_pixels: int | None = None) -> tuple[int, int]:
+    """An output size not taken from an input image: given or the model's default, snapped, within the limit."""
+    h, w = _snap(height, width, default, default, multiple)
+    limit = pixel_limit(max_pixels)
+    if h * w > limit:
+        raise InvalidInputError(f"requested size {w}×{h} is over the limit of {limit} pixels")
     return h, w
 
 
@@ -89,6 +111,19 @@ def prepare_image(image: Image.Image, height: int | None, width: int | None, mul
         raise InvalidInputError(f"requested size {w}×{h} is over the limit of {limit} pixels")
     resized = VaeImageProcessor(vae_scale_factor=multiple).resize(image, h, w)
     return np.asarray(resized, dtype=np.uint8)[None]
+
+
+def prepare_mask(mask: Image.Image, height: int, width: int, multiple: int) -> np.ndarray:
+    """float32 [1, 1, H, W] in {0, 1} (1 = repaint): resized to the output size in the mask's own mode,
+    made grayscale and binarised at 0.5, exactly as the inpainting pipeline's mask processor does."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=multiple, do_normalize=False, do_binarize=True,
+                                  do_convert_grayscale=True)
+    try:
+        return processor.preprocess(mask, height=height, width=width).numpy().astype(np.float32)
+    except (ValueError, OSError, TypeError) as err:
+        raise InvalidInputError(f"mask of mode {mask.mode} cannot be made a grayscale mask: {err}") from None
 
 
 def to_pil(image: np.ndarray) -> Image.Image:

@@ -10,8 +10,12 @@ from ti2i.errors import InvalidInputError
 _IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
 
 METHOD_MODELS: dict[str, tuple[str, ...]] = {
+    "txt2img": ("encode_prompt", "decode_image", "unet"),
     "sdedit": (*_IMAGE_EDIT, "unet"),
     "cyclediffusion": (*_IMAGE_EDIT, "unet"),
+    "ddib": (*_IMAGE_EDIT, "unet"),
+    # the masked image is edited in pixels, then encoded: the ensemble's two steps are called one by one
+    "inpaint": ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"),
     "pix2pix": (*_IMAGE_EDIT, "unet_pix2pix"),
     "videoldm": (*_IMAGE_EDIT, "unet_motion"),
     "svd": ("image_encoder", "image_preprocess", "vae_encoder", "unet_svd", "vae_decoder_temporal",

@@ -43,6 +43,17 @@ def encode_image(runner: Runner, image: np.ndarray) -> tuple[torch.Tensor, torch
     return as_tensor(out["latent_mean"]), as_tensor(out["latent_logvar"])
 
 
+def preprocess_image(runner: Runner, image: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1], for methods that edit pixels before encoding."""
+    return as_tensor(runner.run("image_preprocess", image=image)["images"])
+
+
+def encode_pixels(runner: Runner, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, log-variance) of float [B, 3, H, W] images in [-1, 1]."""
+    out = runner.run("vae_encoder", images=images.contiguous().numpy())
+    return as_tensor(out["latent_mean"]), as_tensor(out["latent_logvar"])
+
+
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """`latent_dist.sample(generator)` of diffusers' DiagonalGaussianDistribution."""
     return mean + torch.exp(0.5 * logvar) * noise_like(mean, generator)
@@ -79,6 +90,19 @@ def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor |
     return as_tensor(out["noise_pred"])
 
 
+def guided_noise_pred(runner: Runner, model: str, scheduler, latents: torch.Tensor, t: torch.Tensor | float,
+                      prompt_embeds: torch.Tensor, guidance: float, do_cfg: bool,
+                      extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+    """One denoiser evaluation as the reference loops write it: the [uncond, cond] batch with guidance,
+    the scheduler-scaled latents (then `extra_channels`, unscaled, concatenated after them), guidance."""
+    model_input = torch.cat([latents] * 2) if do_cfg else latents
+    model_input = scheduler.scale_model_input(model_input, t)
+    if extra_channels is not None:
+        model_input = torch.cat([model_input, extra_channels], dim=1)
+    noise_pred = run_unet(runner, model, model_input, t, prompt_embeds)
+    return classifier_free_guidance(noise_pred, guidance) if do_cfg else noise_pred
+
+
 def unet_facts(pipeline: dict[str, Any], unet: str) -> dict[str, Any]:
     if unet not in pipeline["unets"]:
         raise ModelNotFoundError(f"these engines have no {unet!r} (they have {sorted(pipeline['unets'])}); "
@@ -95,6 +119,9 @@ def make_scheduler(pipeline: dict[str, Any], unet: str, cls_name: str | None = N
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise InvalidInputError(f"unknown scheduler class {name!r}")
+    if cls_name is not None:  # another class: leave out the settings it has no use for (they would only warn)
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
     return cls.from_config({**config, **overrides})
 
 
@@ -137,6 +164,9 @@ def check_finite(**values: float) -> None:
             raise InvalidInputError(f"{name} must be a finite number, got {value}")
 
 
-def check_steps(steps: int) -> None:
+def check_steps(steps: int, at_most: int | None = None) -> None:
+    """An integer ≥ 1 (and at most the scheduler's training timesteps where its schedule needs that)."""
     if int(steps) != steps or steps < 1:
         raise InvalidInputError(f"steps must be an integer ≥ 1, got {steps}")
+    if at_most is not None and steps > at_most:
+        raise InvalidInputError(f"steps must be at most {at_most} (the scheduler's training timesteps), got {steps}")

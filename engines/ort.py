@@ -19,23 +19,51 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+# Graphs larger than this (weights included) are compute-bound: each operator runs for milliseconds.
+SPIN_MAX_BYTES = 64 * 1024**2
+SPIN_ENV = "TI2I_ORT_SPINNING"  # "1"/"0" forces intra-op thread spinning on/off for every session
+
+
+def spinning_default(model_bytes: int) -> bool:
+    """Whether idle intra-op threads should spin (busy-wait) for the next operator.
+
+    Spinning saves the wake-up latency between operators: it matters for small graphs whose
+    operators take microseconds (a tiny UNet call: 1.3 ms spinning vs 2.2 ms not). For large
+    graphs it only burns the cycles other processes need (the Triton stubs and the client share
+    the cores): on 2 shared cores the SD 1.5 UNet step ran 1.2× faster without it.
+    """
+    env = os.environ.get(SPIN_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    return model_bytes <= SPIN_MAX_BYTES
+
+
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
     """Full graph optimisation; intra-op threads = the cores this process may use unless told."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def model_bytes(path: Path) -> int:
+    """The graph's size on disk, external weight files included."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 class OrtEngine(Engine):
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool | None = None):
         super().__init__(spec)
         path = Path(onnx_path)
         if not path.is_file():
             raise ModelNotFoundError(f"{spec.name}: ONNX file {path} does not exist")
-        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+        self.spinning = spinning_default(model_bytes(path)) if spinning is None else spinning
+        self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, self.spinning),
                                             providers=list(providers or default_providers()))
         self._output_names = [t.name for t in spec.outputs]
 

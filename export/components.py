@@ -327,6 +327,8 @@ COMPONENTS: dict[str, Component] = {
         Component("vae_decoder", "vae", _load_auto, _VaeDecoder, _vae_decoder_spec, _IMAGE_SIZES),
         Component("unet", "unet", _load_auto, _UNet, _unet_spec_named("unet"), _IMAGE_SIZES),
         Component("unet_pix2pix", "unet", _load_auto, _UNet, _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES),
+        # inpainting: 9 input channels = noise latent ‖ mask ‖ masked-image latent
+        Component("unet_inpaint", "unet", _load_auto, _UNet, _unet_spec_named("unet_inpaint"), _IMAGE_SIZES),
         Component("image_encoder", "image_encoder", _load("transformers.CLIPVisionModelWithProjection"),
                   _ImageEncoder, _image_encoder_spec, _TEXT_SIZES),
         Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES),
@@ -340,7 +342,8 @@ COMPONENTS: dict[str, Component] = {
 KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sd": ("text_encoder", "vae_encoder", "vae_decoder", "unet"),
     "pix2pix": ("text_encoder", "vae_encoder", "vae_decoder", "unet_pix2pix"),
+    "inpaint": ("text_encoder", "vae_encoder", "vae_decoder", "unet_inpaint"),
     "svd": ("image_encoder", "vae_encoder", "vae_decoder_temporal", "unet_svd"),
     "videoldm": ("text_encoder", "vae_encoder", "vae_decoder", "unet", "unet_motion"),
 }
-KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix"}
+KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix", 9: "inpaint"}

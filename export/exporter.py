@@ -56,7 +56,8 @@ def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]
     unet = _load_config(model, "unet", "config.json")
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     denoiser = {"scheduler": _load_config(model, "scheduler", "scheduler_config.json"),
-                "default_size": int(unet["sample_size"]) * vae_scale_factor}
+                "default_size": int(unet["sample_size"]) * vae_scale_factor,
+                "in_channels": int(unet["in_channels"])}
     if kind == "svd":  # the reference pipeline's own defaults
         denoiser.update(num_frames=int(unet["num_frames"]), default_height=576, default_width=1024)
     facts: dict[str, Any] = {

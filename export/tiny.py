@@ -6,6 +6,9 @@ The models here have every real layer type (cross-attention, several resolution 
 GroupNorm, the VAE mid-block attention, a CLIP text transformer, a byte-level BPE tokenizer)
 at sizes that make a whole 64x64 pipeline run take a fraction of a second on a CPU.
 
+Kind "inpaint" is an SD 1.x inpainting folder (a 9-channel UNet: noise latent, mask and
+masked-image latent; DDIM, as the inpainting checkpoints ship) sharing "sd"'s text encoder and VAE.
+
 The video kinds follow the same idea: "svd" is a Stable Video Diffusion img2vid folder
 (spatio-temporal UNet, temporal-decoder VAE, CLIP vision encoder, SVD's EDM Euler scheduler) and
 "videoldm" is the "sd" folder plus an AnimateDiff-style MotionAdapter that fits its UNet.
@@ -20,10 +23,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLTemporalDecoder,
+    DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     MotionAdapter,
     PNDMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
     StableVideoDiffusionPipeline,
@@ -42,7 +47,7 @@ from transformers import (
 
 from ti2i.errors import InvalidInputError
 
-TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm")
+TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -137,7 +142,8 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 def build_unet(in_channels: int) -> UNet2DConditionModel:
     """A two-level SD 1.x UNet (cross-attention down/up blocks, mid-block attention).
 
-    in_channels is 4 for text-to-image/img2img and 8 for InstructPix2Pix (latents + image latents).
+    in_channels is 4 for text-to-image/img2img, 8 for InstructPix2Pix (latents + image latents) and
+    9 for inpainting (latents + mask + masked-image latents).
     """
     return UNet2DConditionModel(
         sample_size=8,  # x8 VAE -> 64x64 default image size
@@ -222,6 +228,26 @@ PIX2PIX_EULER_A_CONFIG: dict[str, object] = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+
+
+# scheduler/scheduler_config.json of the SD 1.x inpainting checkpoint (runwayml/stable-diffusion-inpainting,
+# mirrored as stable-diffusion-v1-5/stable-diffusion-inpainting): DDIM, with PNDM's skip_prk_steps left in.
+SD15_INPAINT_DDIM_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+}
+
+
+def build_inpaint_scheduler() -> DDIMScheduler:
+    """The SD 1.x inpainting scheduler, so timesteps match what the real checkpoint would use."""
+    return DDIMScheduler.from_config(SD15_INPAINT_DDIM_CONFIG)
 
 
 def build_pndm_scheduler() -> PNDMScheduler:
@@ -418,6 +444,7 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     kind "sd" loads with StableDiffusionPipeline / StableDiffusionImg2ImgPipeline,
     kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None),
+    kind "inpaint" with StableDiffusionInpaintPipeline (same text encoder and VAE as "sd" for the seed),
     kind "svd" with StableVideoDiffusionPipeline. Kind "videoldm" writes two folders: out_dir/sd
     (exactly the "sd" model for that seed) and out_dir/motion_adapter (a MotionAdapter for
     UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
@@ -431,9 +458,12 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     if kind == "videoldm":
         return _write_videoldm(out, seed)
     scheduler: SchedulerMixin
-    pipeline_cls: type[StableDiffusionPipeline] | type[StableDiffusionInstructPix2PixPipeline]
+    pipeline_cls: (type[StableDiffusionPipeline] | type[StableDiffusionInstructPix2PixPipeline]
+                   | type[StableDiffusionInpaintPipeline])
     if kind == "sd":
         in_channels, scheduler, pipeline_cls = 4, build_pndm_scheduler(), StableDiffusionPipeline
+    elif kind == "inpaint":
+        in_channels, scheduler, pipeline_cls = 9, build_inpaint_scheduler(), StableDiffusionInpaintPipeline
     else:
         in_channels, scheduler = 8, build_euler_ancestral_scheduler()
         pipeline_cls = StableDiffusionInstructPix2PixPipeline
@@ -443,8 +473,9 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer = build_tokenizer()
         text_encoder = build_text_encoder(tokenizer)
         vae = build_vae()
-        # Drawn last, so both kinds share the text encoder and VAE at the same seed (as
-        # instruct-pix2pix shares SD 1.5's) and their engines can live in one engine directory.
+        # Drawn last, so the image kinds share the text encoder and VAE at the same seed (as
+        # instruct-pix2pix and the inpainting model share SD 1.5's) and their engines can live in one
+        # engine directory.
         unet = build_unet(in_channels)
 
     # The pipeline only serves to write model_index.json and the component subfolders.

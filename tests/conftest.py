@@ -29,17 +29,24 @@ def pix2pix_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def inpaint_model(tmp_path_factory) -> Path:
+    """A 9-channel inpainting UNet sharing the text encoder and VAE of `sd_model` (same seed)."""
+    return write_tiny_model("inpaint", tmp_path_factory.mktemp("models") / "inpaint")
+
+
+@pytest.fixture(scope="session")
 def motion_adapter(tmp_path_factory) -> Path:
     """A tiny AnimateDiff motion adapter matching `sd_model` (whose weights `videoldm`'s sd/ repeats)."""
     return write_tiny_model("videoldm", tmp_path_factory.mktemp("models") / "videoldm") / "motion_adapter"
 
 
 @pytest.fixture(scope="session")
-def engines(sd_model, pix2pix_model, motion_adapter, tmp_path_factory) -> Manifest:
-    """One engine directory with the SD components, the 8-channel UNet and the temporal UNet side by side."""
+def engines(sd_model, pix2pix_model, inpaint_model, motion_adapter, tmp_path_factory) -> Manifest:
+    """One engine directory with the SD components, the 8- and 9-channel UNets and the temporal UNet side by side."""
     root = tmp_path_factory.mktemp("engines") / "sd"
     export_model(str(sd_model), root, log=lambda _: None)
     export_model(str(pix2pix_model), root, log=lambda _: None)
+    export_model(str(inpaint_model), root, log=lambda _: None)
     return export_model(str(sd_model), root, log=lambda _: None, motion_adapter=str(motion_adapter))
 
 

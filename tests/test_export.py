@@ -340,9 +340,24 @@ def test_cli_export_prints_errors_and_uses_external_data_for_large_models(sd_mod
 
 # --- unusable model folders ----------------------------------------------------------------------------
 
-def test_detect_kind_from_unet_channels(sd_model: Path, pix2pix_model: Path):
+def test_detect_kind_from_unet_channels(sd_model: Path, pix2pix_model: Path, inpaint_model: Path):
     assert detect_kind(str(sd_model)) == "sd"
     assert detect_kind(str(pix2pix_model)) == "pix2pix"
+    assert detect_kind(str(inpaint_model)) == "inpaint"
+
+
+def test_the_inpainting_unet_joins_the_sd_directory(sd_engines: Manifest, sd_model: Path, inpaint_model: Path):
+    """Its text encoder and VAE are SD's (kept), its 9-channel UNet is exported beside the others."""
+    assert sd_engines.sources["inpaint"] == str(inpaint_model)
+    entry = sd_engines.components["unet_inpaint"]
+    assert entry.source == str(inpaint_model) and entry.file == "unet_inpaint.onnx"
+    assert entry.spec.input("sample").shape[1] == 9 and entry.spec.output("noise_pred").shape[1] == 4
+    assert entry.validation["max_rel_error"] <= TOLERANCE
+    for name in SD_COMPONENTS[:3]:
+        assert sd_engines.components[name].source == str(sd_model), name
+    facts = sd_engines.pipeline["unets"]["unet_inpaint"]
+    assert facts["scheduler"]["_class_name"] == "DDIMScheduler" and facts["in_channels"] == 9
+    assert facts["default_size"] == 64 and sd_engines.pipeline["unets"]["unet"]["in_channels"] == 4
 
 
 def test_missing_model_folder_is_model_not_found(tmp_path: Path):
@@ -376,11 +391,11 @@ def test_kind_that_does_not_match_the_model_is_invalid_input(sd_model: Path, tmp
 
 
 def test_unsupported_unet_channels_is_invalid_input(tmp_path: Path):
-    model = tmp_path / "inpainting"
+    model = tmp_path / "five_channels"
     (model / "unet").mkdir(parents=True)
     (model / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
-                                                             "in_channels": 9, "sample_size": 64}))
-    with pytest.raises(InvalidInputError, match=r"\b9\b"):
+                                                             "in_channels": 5, "sample_size": 64}))
+    with pytest.raises(InvalidInputError, match=r"\b5\b.*4, 8, 9"):
         detect_kind(str(model))
     with pytest.raises(InvalidInputError):
         export_model(str(model), tmp_path / "out", log=lambda _: None)

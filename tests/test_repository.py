@@ -100,7 +100,7 @@ def test_python_models_match_their_specs(sd_engines: Manifest, repository: Path,
 
 
 def test_timestep_is_dims_1_reshaped_to_scalar(configs):
-    for name in ("unet", "unet_pix2pix"):
+    for name in ("unet", "unet_pix2pix", "unet_inpaint"):
         if name not in configs:
             continue
         timestep = next(i for i in configs[name].input if i.name == "timestep")

@@ -15,6 +15,7 @@ from diffusers import (
     MotionAdapter,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
     StableVideoDiffusionPipeline,
@@ -139,9 +140,40 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_names_allowed_kinds(tmp_path: Path) -> None:
-    assert TINY_KINDS == ("sd", "pix2pix", "svd", "videoldm")
-    with pytest.raises(InvalidInputError, match="sd.*pix2pix.*svd.*videoldm"):
+    assert TINY_KINDS == ("sd", "pix2pix", "svd", "videoldm", "inpaint")
+    with pytest.raises(InvalidInputError, match="sd.*pix2pix.*svd.*videoldm.*inpaint"):
         write_tiny_model("sdxl", tmp_path)
+
+
+def test_inpaint_shares_the_sd_text_encoder_and_vae(tmp_path: Path) -> None:
+    """Same seed: the 9-channel UNet is drawn last, so the inpainting folder can join SD's engine directory."""
+    sd, inpaint = write_tiny_model("sd", tmp_path / "sd"), write_tiny_model("inpaint", tmp_path / "inpaint")
+    for weights in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(sd / weights), load_file(inpaint / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
+    assert (sd / "tokenizer" / "vocab.json").read_bytes() == (inpaint / "tokenizer" / "vocab.json").read_bytes()
+    index = json.loads((inpaint / "model_index.json").read_text())
+    unet = json.loads((inpaint / "unet" / "config.json").read_text())
+    sched = json.loads((inpaint / "scheduler" / "scheduler_config.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    assert unet["in_channels"] == 9 and unet["out_channels"] == 4 and unet["sample_size"] == 8
+    assert sched["_class_name"] == "DDIMScheduler" and sched["steps_offset"] == 1 and not sched["set_alpha_to_one"]
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(inpaint, safety_checker=None,
+                                                          requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 16, 40, 48))  # off-centre, so its mirror image is another mask
+
+    def run(seed: int, mask_image: Image.Image) -> np.ndarray:
+        return pipe("a cat", image=_example(), mask_image=mask_image, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    first, again, other = run(0, mask), run(0, mask), run(1, mask)
+    assert first.shape == (1, 64, 64, 3) and first.std() > 0.01
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).mean() > 1e-3
+    assert np.abs(first - run(0, mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT))).mean() > 1e-3
 
 
 def test_example_image() -> None:

@@ -1,0 +1,675 @@
+"""The benchmark harness: every backend measured in one process run, interleaved, per method.
+
+For each method: build (or reuse from the cache) the preset's model folder and engines, start the
+bundled Triton server when a served backend or the concurrency sweep needs it, then
+
+1. set up each backend and warm it up (warm-up requests are recorded but not summarised; a backend
+   that fails here, e.g. torch.compile without a working compiler, is skipped with its reason);
+2. run `repeats` rounds; each round runs one request on every backend, the order rotated every
+   round, so machine drift and cache effects hit all backends alike;
+3. time single UNet calls with identical inputs on every runner backend, interleaved: the serving
+   overhead of one call is the served time minus the in-process time;
+4. sweep the concurrency levels against the server: N client threads, each with its own runner,
+   issue whole requests at once; throughput, latency percentiles, and from Triton's statistics
+   API each model's queue and compute time and the batch sizes it actually executed.
+
+Results are written after every measured request (JSON, then the markdown table; the plot at the
+end), so an interrupted run leaves what it measured so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ti2i.benchmarks import machine, report
+from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend
+from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
+    model_preset
+from ti2i.benchmarks.stats import median, ratio, summarize
+from ti2i.errors import InvalidInputError
+
+SCHEMA = "ti2i-bench/1"
+EXAMPLE = machine.PROJECT_ROOT / "examples" / "input.png"
+REFERENCE = "diffusers"
+IN_PROCESS = "ort"
+SEED = 0
+
+
+@dataclass
+class BenchConfig:
+    methods: Sequence[str]
+    preset: str = "tiny"
+    backends: Sequence[str] = ()
+    concurrency: Sequence[int] = (1, 2, 4, 8)
+    out: Path = Path("bench-results")
+    model: str | None = None  # a real diffusers folder instead of the preset's models
+    cache: Path | None = None
+    repeats: int | None = None  # default: the preset's
+    warmup: int | None = None
+    steps: int | None = None  # overrides the preset's request
+    unet_calls: int | None = None  # single-UNet-call samples per backend (default: preset-sized)
+    concurrency_backend: str = "triton-grpc"
+    concurrency_requests: int | None = None  # whole requests per client at each level
+    image: Path = EXAMPLE
+    max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
+    quiet: bool = False
+    argv: Sequence[str] = field(default_factory=list)
+
+
+class Progress:
+    """One status line (backend, stage) rewritten on a terminal; throttled plain lines elsewhere."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.phase = ""
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._width = 0
+
+    def _elapsed(self) -> str:
+        s = int(time.monotonic() - self.start)
+        return f"{s // 60:02d}:{s % 60:02d}"
+
+    def log(self, text: str) -> None:
+        if self.quiet:
+            return
+        self._clear()
+        print(f"[{self._elapsed()}] {text}", file=self.stream, flush=True)
+
+    def status(self, text: str) -> None:
+        if self.quiet:
+            return
+        line = f"[{self._elapsed()}] {self.phase} · {text}" if self.phase else f"[{self._elapsed()}] {text}"
+        if self.tty:
+            line = line[:160]
+            print("\r" + line.ljust(self._width), end="", file=self.stream, flush=True)
+            self._width = len(line)
+        elif time.monotonic() - self._last >= 15.0:  # logs: a heartbeat, not a flood
+            self._last = time.monotonic()
+            print(line, file=self.stream, flush=True)
+
+    def _clear(self) -> None:
+        if self.tty and self._width:
+            print("\r" + " " * self._width + "\r", end="", file=self.stream, flush=True)
+            self._width = 0
+
+
+class Results:
+    """The results document, written atomically after every change that matters."""
+
+    def __init__(self, out: Path, data: dict[str, Any]):
+        self.out = out
+        self.data = data
+        out.mkdir(parents=True, exist_ok=True)
+        self.json_path = out / "results.json"
+        self.md_path = out / "results.md"
+        self.png_path = out / "results.png"
+
+    def save(self, plot: bool = False) -> None:
+        self.data["updated"] = _now()
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
+        os.replace(tmp, self.json_path)
+        self.md_path.write_text(report.markdown(self.data))
+        if plot:
+            try:
+                report.plot(self.data, self.png_path)
+                self.data["plot"] = self.png_path.name
+            except Exception as err:  # a plotting problem must not lose the measurements
+                self.data["plot_error"] = f"{type(err).__name__}: {err}"
+            tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
+            os.replace(tmp, self.json_path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_methods(spec: str | Sequence[str], preset: Preset) -> list[str]:
+    names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec)
+    if names == ["all"]:
+        return [m for m in METHOD_KINDS if m in preset.requests]
+    unknown = [m for m in names if m not in METHOD_KINDS]
+    if unknown:
+        raise InvalidInputError(f"unknown method(s) {unknown} (known: {', '.join(METHOD_KINDS)}, all)")
+    missing = [m for m in names if m not in preset.requests]
+    if missing:
+        raise InvalidInputError(f"preset {preset.name!r} has no request for {missing} "
+                                f"(it has {', '.join(preset.requests)})")
+    return names
+
+
+def resolve_backends(names: Sequence[str]) -> list[str]:
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise InvalidInputError(f"unknown backend(s) {unknown} (known: {', '.join(BACKENDS)})")
+    return list(dict.fromkeys(names))
+
+
+def run_benchmark(config: BenchConfig) -> dict[str, Any]:
+    """Run the whole benchmark; return the results document (also written under `config.out`)."""
+    preset = model_preset(config.model, config.preset) if config.model else get_preset(config.preset)
+    methods = resolve_methods(config.methods, preset)
+    backends = resolve_backends(config.backends or list(BACKENDS))
+    levels = sorted({int(n) for n in config.concurrency if int(n) > 0})
+    if config.concurrency and levels and config.concurrency_backend not in BACKENDS:
+        raise InvalidInputError(f"unknown concurrency backend {config.concurrency_backend!r}")
+    cache = Path(config.cache or default_cache_dir()).expanduser()
+    progress = Progress(config.quiet)
+    _quiet_libraries()
+    repeats = config.repeats or preset.repeats
+    warmup = preset.warmup if config.warmup is None else config.warmup
+    results = Results(Path(config.out), {
+        "schema": SCHEMA,
+        "started": _now(),
+        "complete": False,
+        "command": list(config.argv),
+        "machine": machine.describe_machine(),
+        "versions": machine.versions(),
+        "git": machine.git_state(),
+        "config": {
+            "preset": preset.name, "preset_description": preset.description, "methods": methods,
+            "backends": backends, "concurrency": levels, "concurrency_backend": config.concurrency_backend,
+            "repeats": repeats, "warmup": warmup, "cache": str(cache), "model": config.model,
+            "image": str(config.image), "seed": SEED,
+        },
+        "methods": {},
+    })
+    results.save()
+    progress.log(f"benchmark: preset {preset.name}, methods {', '.join(methods)}, backends {', '.join(backends)}, "
+                 f"concurrency {levels or 'none'}; results in {results.out}")
+    try:
+        for method in methods:
+            entry = results.data["methods"].setdefault(method, {"status": "running"})
+            try:
+                _bench_method(method, preset, config, backends, levels, repeats, warmup, cache, entry, results,
+                              progress)
+                entry["status"] = "done"
+            except KeyboardInterrupt:
+                entry["status"] = "interrupted"
+                raise
+            except Exception as err:
+                entry["status"] = "error"
+                entry["error"] = f"{type(err).__name__}: {err}"
+                progress.log(f"[{method}] failed: {entry['error']}")
+            finally:
+                gc.collect()
+                results.save()
+        results.data["complete"] = True
+    except KeyboardInterrupt:
+        results.data["interrupted"] = True
+        progress.log("interrupted: writing the partial results")
+        raise
+    finally:
+        results.data["finished"] = _now()
+        results.data["machine"]["load_average_at_end"] = machine.load_average()
+        results.save(plot=True)
+        progress.log(f"wrote {results.json_path}, {results.md_path}" +
+                     (f", {results.png_path}" if "plot" in results.data else ""))
+    return results.data
+
+
+def _quiet_libraries() -> None:
+    """Loading chatter and deprecation notices would bury the progress lines."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for module in (diffusers_logging, transformers_logging):
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: list[str], levels: list[int],
+                  repeats: int, warmup: int, cache: Path, entry: dict[str, Any], results: Results,
+                  progress: Progress) -> None:
+    import torch
+
+    kind = METHOD_KINDS[method]
+    request = preset.request(method, config.steps)
+    if method in ("sdedit", "cyclediffusion") and int(request.steps * request.strength) < 1:
+        raise InvalidInputError(f"{method}: {request.steps} steps at strength {request.strength} run no denoising "
+                                f"step (steps × strength must be ≥ 1)")
+    progress.phase = method
+    models = model_dir(preset, kind, cache, progress.log)
+    engines = engine_dir(preset, ["svd"] if kind == "svd" else [kind], cache, progress.log)
+    entry.update(request=request.to_json(), model_dir=str(models), engine_dir=str(engines), backends={},
+                 rounds=[])
+    image = Image.open(config.image).convert("RGB").resize((request.width, request.height), Image.LANCZOS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    need_server = bool(levels) or any(BACKENDS[b].needs_server for b in backends)
+    ctx = BenchContext(method, request, engines, models, device=device, status=progress.status)
+    options = _repository_options(config)
+    with _server(engines, method, results.out, need_server, options, progress) as server:
+        if server is not None:
+            ctx.server = server
+            entry["server"] = _server_info(server, options)
+        live = _setup_backends(backends, ctx, entry, progress)
+        try:
+            _warm_up(method, live, warmup, image, entry, progress)
+            _measure(method, live, repeats, image, entry, results, progress)
+            _summarize(entry, live)
+            results.save()
+            _unet_calls(live, method, config.unet_calls or (30 if preset.name == "tiny" else 3), entry, progress)
+            results.save()
+            if levels and server is not None:
+                _concurrency(method, preset, config, levels, ctx, image, entry, results, progress)
+        finally:
+            for backend in live.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            ctx.shared.clear()
+    progress.phase = ""
+
+
+def _repository_options(config: BenchConfig) -> Any:
+    from ti2i.triton_models.repository import RepositoryOptions
+
+    if config.max_queue_delay_us is None:
+        return RepositoryOptions()
+    return RepositoryOptions(max_queue_delay_us=config.max_queue_delay_us)
+
+
+@contextlib.contextmanager
+def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress) -> Iterator[Any]:
+    if not needed:
+        yield None
+        return
+    from ti2i.client.methods import components_for
+    from ti2i.manifest import Manifest
+    from ti2i.triton_models.repository import write_repository
+    from ti2i.triton_models.server import TritonServer
+
+    manifest = Manifest.load(engines)
+    with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
+        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
+        progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")
+        start = time.perf_counter()
+        with TritonServer(repo, log_path=out / f"server-{method}.log", startup_timeout_s=900) as server:
+            server.startup_s = time.perf_counter() - start  # type: ignore[attr-defined]
+            progress.log(f"[{method}] server ready in {server.startup_s:.1f} s (gRPC {server.grpc_url})")
+            yield server
+
+
+def _server_info(server: Any, options: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {"startup_s": getattr(server, "startup_s", None), "log": str(server.log_path),
+                            "repository_options": dict(options.__dict__)}
+    try:
+        import tritonclient.grpc as grpcclient
+
+        with contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as client:
+            meta = client.get_server_metadata(as_json=True)
+        info.update(version=meta.get("version"), extensions=meta.get("extensions"))
+    except Exception as err:
+        info["metadata_error"] = str(err)
+    return info
+
+
+def _setup_backends(names: list[str], ctx: BenchContext, entry: dict[str, Any],
+                    progress: Progress) -> dict[str, Backend]:
+    live: dict[str, Backend] = {}
+    for name in names:
+        info = BACKENDS[name]
+        record = entry["backends"].setdefault(name, {"description": info.description})
+        progress.status(f"{name} · setting up")
+        start = time.perf_counter()
+        try:
+            backend = info.factory(name, ctx)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:
+            record.update(status="skipped", reason=f"setup failed: {type(err).__name__}: {_first_line(err)}")
+            progress.log(f"[{ctx.method}] {name}: skipped ({record['reason']})")
+            continue
+        record.update(status="ok", setup_s=time.perf_counter() - start, details=backend.describe(),
+                      warmup_s=[], repeats=[])
+        live[name] = backend
+    return live
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _warm_up(method: str, live: dict[str, Backend], warmup: int, image: Image.Image, entry: dict[str, Any],
+             progress: Progress) -> None:
+    """Warm-up requests (at least one: first calls load engines, compile graphs, open connections).
+
+    A backend that fails here is skipped with the reason recorded.
+    """
+    for i in range(max(1, warmup)):
+        progress.phase = f"{method} · warm-up {i + 1}"
+        for name in list(live):
+            record = entry["backends"][name]
+            try:
+                run = live[name].run(image, SEED)
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:
+                record.update(status="skipped", reason=f"warm-up failed: {type(err).__name__}: {_first_line(err)}")
+                progress.log(f"[{method}] {name}: skipped ({record['reason']})")
+                with contextlib.suppress(Exception):
+                    live.pop(name).close()
+                continue
+            record["warmup_s"].append(run.end_to_end_s)
+            progress.log(f"[{method}] warm-up {name}: {run.end_to_end_s:.3f} s")
+
+
+def _measure(method: str, live: dict[str, Backend], repeats: int, image: Image.Image, entry: dict[str, Any],
+             results: Results, progress: Progress) -> None:
+    outputs: dict[str, np.ndarray] = {}
+    names = list(live)
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        entry["rounds"].append({"order": [n for n in order if n in live], "load_average": machine.load_average()})
+        for name in order:
+            if name not in live:
+                continue
+            record = entry["backends"][name]
+            progress.phase = f"{method} · repeat {r + 1}/{repeats}"
+            try:
+                run = live[name].run(image, SEED)
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:
+                record.update(status="error", reason=f"repeat {r + 1} failed: {type(err).__name__}: "
+                                                     f"{_first_line(err)}")
+                progress.log(f"[{method}] {name}: dropped ({record['reason']})")
+                with contextlib.suppress(Exception):
+                    live.pop(name).close()
+                continue
+            record["repeats"].append({"end_to_end_s": run.end_to_end_s, "stages": run.stages})
+            if run.output is not None:
+                outputs.setdefault(name, run.output)
+            progress.log(f"[{method}] repeat {r + 1}/{repeats} {name}: {run.end_to_end_s:.3f} s")
+            results.save()
+    # agreement with the reference (same seed, same request): evidence that all backends did the same work
+    reference = outputs.get(REFERENCE)
+    for name, output in outputs.items():
+        if reference is not None and name != REFERENCE and output.shape == reference.shape:
+            diff = np.abs(output.astype(np.float64) - reference.astype(np.float64)).max()
+            entry["backends"][name]["max_abs_vs_diffusers"] = float(diff)
+
+
+def _summarize(entry: dict[str, Any], live: dict[str, Backend]) -> None:
+    summary: dict[str, Any] = {}
+    for name, record in entry["backends"].items():
+        runs = record.get("repeats") or []
+        if not runs:
+            continue
+        stages: dict[str, Any] = {}
+        for stage in dict.fromkeys(s for run in runs for s in run["stages"]):
+            calls = [run["stages"].get(stage, []) for run in runs]
+            stages[stage] = {
+                "calls_per_request": median([len(c) for c in calls]),
+                "per_request_s": summarize([sum(c) for c in calls if c]),
+                "per_call_s": summarize([x for c in calls for x in c]),
+            }
+        e2e = [run["end_to_end_s"] for run in runs]
+        staged = [sum(sum(c) for c in run["stages"].values()) for run in runs]
+        summary[name] = {"end_to_end_s": summarize(e2e),
+                         "outside_stages_s": summarize([t - s for t, s in zip(e2e, staged)]),
+                         "stages": stages}
+    entry["summary"] = summary
+    entry["ratios"] = _ratios(entry)
+    entry["serving_overhead_ms"] = _serving_overhead(entry)
+
+
+def _e2e(entry: dict[str, Any], name: str) -> float | None:
+    return (entry.get("summary", {}).get(name, {}).get("end_to_end_s") or {}).get("median")
+
+
+def _paired(entry: dict[str, Any], a: str, b: str) -> list[float]:
+    """Per-round ratios a/b of end-to-end times (rounds run back to back, so drift cancels)."""
+    ra = entry["backends"].get(a, {}).get("repeats") or []
+    rb = entry["backends"].get(b, {}).get("repeats") or []
+    return [x["end_to_end_s"] / y["end_to_end_s"] for x, y in zip(ra, rb) if y["end_to_end_s"] > 0]
+
+
+def _ratios(entry: dict[str, Any]) -> dict[str, Any]:
+    """Speed-up over the reference and time relative to in-process, per backend.
+
+    The headline figure is the median over rounds of the per-round ratio: each round runs every
+    backend back to back, so load that comes and goes on a shared machine mostly cancels. The
+    ratio of the two medians is kept beside it.
+    """
+    out: dict[str, Any] = {}
+    for name in entry.get("summary", {}):
+        item: dict[str, Any] = {}
+        if name != REFERENCE and _e2e(entry, REFERENCE):
+            item["speedup_vs_diffusers"] = median(_paired(entry, REFERENCE, name))
+            item["speedup_vs_diffusers_of_medians"] = ratio(_e2e(entry, REFERENCE), _e2e(entry, name))
+        if name != IN_PROCESS and _e2e(entry, IN_PROCESS):
+            item["time_vs_ort"] = median(_paired(entry, name, IN_PROCESS))
+            item["time_vs_ort_of_medians"] = ratio(_e2e(entry, name), _e2e(entry, IN_PROCESS))
+        if item:
+            out[name] = item
+    return out
+
+
+def _serving_overhead(entry: dict[str, Any]) -> dict[str, Any]:
+    """Per UNet call: served time minus in-process time of the same step of the same round (ms)."""
+    base = entry["backends"].get(IN_PROCESS, {}).get("repeats") or []
+    out: dict[str, Any] = {}
+    for name, record in entry["backends"].items():
+        if (record.get("details") or {}).get("kind") != "served" or not base:
+            continue
+        diffs = []
+        for served, local in zip(record.get("repeats") or [], base):
+            for a, b in zip(served["stages"].get("unet", []), local["stages"].get("unet", [])):
+                diffs.append((a - b) * 1e3)
+        if diffs:
+            out[name] = {"from_requests": summarize(diffs)}
+    return out
+
+
+def _unet_calls(live: dict[str, Backend], method: str, count: int, entry: dict[str, Any],
+                progress: Progress) -> None:
+    """Single UNet calls with identical inputs (those of the method's first step), interleaved across backends."""
+    runners = {n: b for n, b in live.items() if isinstance(b, RunnerBackend)}
+    if IN_PROCESS not in runners or len(runners) < 2 or count <= 0:
+        return
+    inputs = _unet_inputs(runners[IN_PROCESS], method)
+    if inputs is None:
+        return
+    samples: dict[str, list[float]] = {n: [] for n in runners}
+    names = list(runners)
+    progress.phase = f"{method} · unet calls"
+    for i in range(count + 1):  # the first round is a warm-up
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            progress.status(f"{name} · {UNET_OF[method]} call {i}/{count}")
+            elapsed = runners[name].unet_call(inputs)
+            if i:
+                samples[name].append(elapsed)
+    entry["unet_calls"] = {
+        "model": UNET_OF[method],
+        "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        "samples_s": samples,
+        "summary_s": {n: summarize(v) for n, v in samples.items()},
+    }
+    local = samples[IN_PROCESS]
+    for name, values in samples.items():
+        if name != IN_PROCESS and (entry["backends"][name].get("details") or {}).get("kind") == "served":
+            diffs = [(a - b) * 1e3 for a, b in zip(values, local)]
+            entry.setdefault("serving_overhead_ms", {}).setdefault(name, {})["from_unet_calls"] = summarize(diffs)
+    progress.log(f"[{method}] single {UNET_OF[method]} calls, median ms: " +
+                 ", ".join(f"{n} {median(v) * 1e3:.2f}" for n, v in samples.items()))
+
+
+def _unet_inputs(backend: RunnerBackend, method: str) -> dict[str, np.ndarray] | None:
+    """The inputs of the UNet's first call in a request, as the in-process runner saw them."""
+    return backend.runner.first_inputs.get(UNET_OF[method])
+
+
+def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[int], ctx: BenchContext,
+                 image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress) -> None:
+    from ti2i.benchmarks.backends import run_method
+
+    name = config.concurrency_backend
+    info = BACKENDS[name]
+    if not info.needs_server:
+        entry["concurrency"] = {"backend": name, "skipped": "the concurrency sweep needs a served backend"}
+        return
+    try:
+        backend = info.factory(name, ctx)
+    except Exception as err:
+        entry["concurrency"] = {"backend": name, "skipped": f"{type(err).__name__}: {_first_line(err)}"}
+        return
+    if not isinstance(backend, RunnerBackend):
+        entry["concurrency"] = {"backend": name, "skipped": "not a runner backend"}
+        backend.close()
+        return
+    backend.close()
+    per_client = config.concurrency_requests or preset.concurrency_requests
+    sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "levels": []}
+    entry["concurrency"] = sweep
+    from ti2i.client.methods import METHOD_MODELS
+
+    for n in levels:
+        progress.phase = f"{method} · concurrency {n}"
+        runners = [backend.make_runner() for _ in range(n)]
+        try:
+            for runner in runners:  # configs fetched before the clock starts
+                for model in METHOD_MODELS[method]:
+                    if hasattr(runner, "model_config"):
+                        runner.model_config(model)
+            before = _server_stats(ctx.server)
+            spans: list[tuple[float, float]] = []
+            errors: list[str] = []
+            lock = threading.Lock()
+            barrier = threading.Barrier(n)
+            done = [0]
+
+            def client(runner) -> None:
+                barrier.wait()
+                for _ in range(per_client):
+                    start = time.perf_counter()
+                    try:
+                        run_method(method, runner, image, ctx.request, SEED)
+                    except Exception as err:  # recorded; the other clients go on
+                        with lock:
+                            errors.append(f"{type(err).__name__}: {_first_line(err)}")
+                        return
+                    with lock:
+                        spans.append((start, time.perf_counter()))
+                        done[0] += 1
+
+            threads = [threading.Thread(target=client, args=(r,), daemon=True) for r in runners]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                progress.status(f"{name} · {n} clients · {done[0]}/{n * per_client} requests done")
+                for t in threads:
+                    t.join(timeout=0.5)
+            after = _server_stats(ctx.server)
+        finally:
+            for runner in runners:
+                with contextlib.suppress(Exception):
+                    runner.close()
+        latencies = [b - a for a, b in spans]
+        wall = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
+        level = {
+            "clients": n,
+            "requests": len(spans),
+            "errors": errors,
+            "wall_s": wall,
+            "throughput_rps": (len(spans) / wall) if wall else None,
+            "latency_s": summarize(latencies),
+            "latencies_s": latencies,
+            "server": _stats_delta(before, after),
+        }
+        sweep["levels"].append(level)
+        base = sweep["levels"][0].get("throughput_rps")
+        level["throughput_gain"] = ratio(level["throughput_rps"], base)
+        unet = level["server"].get(UNET_OF[method], {})
+        progress.log(f"[{method}] concurrency {n}: {level['throughput_rps'] or 0:.3f} req/s, "
+                     f"p50 {level['latency_s'].get('median', 0):.3f} s, {UNET_OF[method]} avg batch "
+                     f"{unet.get('avg_requests_per_execution', 0) or 0:.2f} requests/execution")
+        results.save()
+    gains = [lv["throughput_gain"] for lv in sweep["levels"] if lv.get("throughput_gain")]
+    if gains:
+        best = max(range(len(gains)), key=lambda i: gains[i])
+        sweep["best_gain"] = gains[best]
+        sweep["best_clients"] = sweep["levels"][best]["clients"]
+
+
+def _server_stats(server: Any) -> dict[str, Any]:
+    import tritonclient.grpc as grpcclient
+
+    with contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as client:
+        stats = client.get_inference_statistics(as_json=True)
+    return {m["name"]: m for m in stats.get("model_stats", [])}
+
+
+def _ns(stat: dict[str, Any] | None, key: str = "ns") -> int:
+    return int((stat or {}).get(key, 0) or 0)
+
+
+def _stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per model, what happened between the two snapshots: counts, queue and compute time, executed batch sizes."""
+    out: dict[str, Any] = {}
+    for name, now in after.items():
+        old = before.get(name, {})
+        executions = int(now.get("execution_count", 0) or 0) - int(old.get("execution_count", 0) or 0)
+        inferences = int(now.get("inference_count", 0) or 0) - int(old.get("inference_count", 0) or 0)
+        if executions <= 0 and inferences <= 0:
+            continue
+        s_new, s_old = now.get("inference_stats", {}), old.get("inference_stats", {})
+
+        def delta(key: str, field_: str = "ns") -> int:
+            return _ns(s_new.get(key), field_) - _ns(s_old.get(key), field_)
+
+        requests = delta("success", "count")
+        batches: dict[str, int] = {}
+        old_batches = {int(b["batch_size"]): _ns(b.get("compute_infer"), "count") for b in old.get("batch_stats", [])}
+        for b in now.get("batch_stats", []):
+            size = int(b["batch_size"])
+            count = _ns(b.get("compute_infer"), "count") - old_batches.get(size, 0)
+            if count > 0:
+                batches[str(size)] = count
+        item = {
+            "requests": requests,
+            "executions": executions,
+            "inferences": inferences,
+            "avg_batch_samples": inferences / executions if executions else None,
+            "avg_requests_per_execution": requests / executions if executions else None,
+            "queue_ms_per_request": delta("queue") / requests / 1e6 if requests else None,
+            "compute_input_ms_per_request": delta("compute_input") / requests / 1e6 if requests else None,
+            "compute_infer_ms_per_request": delta("compute_infer") / requests / 1e6 if requests else None,
+            "compute_output_ms_per_request": delta("compute_output") / requests / 1e6 if requests else None,
+            "executed_batch_sizes": batches,
+        }
+        out[name] = item
+    return out

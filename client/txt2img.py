@@ -1,0 +1,64 @@
+"""Text-to-image, as diffusers' `StableDiffusionPipeline`: noise × the initial sigma, guided denoising, decode."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ti2i.client import steps as shared
+from ti2i.client.images import requested_size, to_pil
+from ti2i.client.results import ImageResult
+from ti2i.client.runners import Runner
+from ti2i.client.timing import Timings
+
+UNET = "unet"
+
+
+def txt2img(
+    runner: Runner,
+    prompt: str,
+    negative_prompt: str | None = None,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    eta: float = 0.0,
+    max_pixels: int | None = None,
+    progress: bool = True,
+) -> ImageResult:
+    timings = Timings()
+    pipeline = runner.pipeline
+    facts = shared.unet_facts(pipeline, UNET)
+
+    # 1. Check inputs; the size defaults to the model's (UNet sample size × VAE factor: 512 for SD 1.5)
+    shared.check_steps(steps, at_most=facts["scheduler"].get("num_train_timesteps", 1000))
+    shared.check_finite(guidance=guidance, eta=eta)
+    factor = pipeline["vae_scale_factor"]
+    height, width = requested_size(height, width, facts["default_size"], factor, max_pixels)
+    do_cfg = guidance > 1.0
+
+    # 2. Encode the prompt: [uncond, cond] with guidance
+    with timings.stage("encode_prompt"):
+        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+
+    # 3. Timesteps: the whole schedule of the model folder's scheduler
+    scheduler = shared.make_scheduler(pipeline, UNET)
+    scheduler.set_timesteps(steps)
+
+    # 4. Latents: noise × the scheduler's initial sigma
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, pipeline["latent_channels"], height // factor, width // factor)
+    latents = shared.noise_like(torch.empty(shape), generator) * scheduler.init_noise_sigma
+
+    # 5. Denoising loop
+    extra = shared.step_kwargs(scheduler, generator, eta)
+    for t in tqdm(scheduler.timesteps, desc="txt2img", disable=not progress):
+        with timings.stage("unet"):
+            noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+    # 6. Decode
+    with timings.stage("decode_image"):
+        images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
+    return ImageResult(to_pil(images[0]), arrays[0], timings, latents)

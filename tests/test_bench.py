@@ -1,0 +1,189 @@
+"""The benchmark harness end to end on the tiny preset: structure of what it writes, never its timings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
+from ti2i.benchmarks.harness import BenchConfig, _stats_delta, run_benchmark
+from ti2i.client.cli import main
+from ti2i.client.runners import TritonRunner
+
+BACKENDS_UNDER_TEST = ["diffusers", "ort", "triton-grpc", "triton-grpc-shm"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, cache):
+    """2 inference steps at strength 0.8: one denoising step (PNDM runs it as two UNet calls)."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    config = BenchConfig(methods="sdedit", preset="tiny", backends=BACKENDS_UNDER_TEST, concurrency=(1, 2),
+                         out=out, cache=cache, repeats=2, warmup=1, steps=2, unet_calls=3,
+                         concurrency_requests=2, quiet=True)
+    return out, run_benchmark(config)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_stats(stats: dict) -> None:
+    assert stats["n"] >= 1
+    for key in ("median", "p90", "p99", "mean", "min", "max"):
+        assert _positive(stats[key]), (key, stats)
+
+
+def test_writes_json_markdown_and_plot(bench):
+    out, data = bench
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["complete"] is True and on_disk["schema"] == "ti2i-bench/1"
+    for key in ("cpu", "cores", "memory_gib", "os"):
+        assert on_disk["machine"][key]
+    assert on_disk["versions"]["onnxruntime"] and on_disk["versions"]["torch"]
+    assert "commit" in on_disk["git"]
+    markdown = (out / "results.md").read_text()
+    assert "| backend |" in markdown and "triton-grpc-shm" in markdown
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_backend_measured_with_positive_figures(bench):
+    _, data = bench
+    entry = data["methods"]["sdedit"]
+    assert entry["status"] == "done"
+    assert entry["request"]["steps"] == 2
+    for name in BACKENDS_UNDER_TEST:
+        record = entry["backends"][name]
+        assert record["status"] == "ok", record
+        assert len(record["repeats"]) == 2 and len(record["warmup_s"]) == 1
+        for run in record["repeats"]:
+            assert _positive(run["end_to_end_s"])
+            assert {"encode_prompt", "encode_image", "unet", "decode_image"} <= set(run["stages"])
+            for calls in run["stages"].values():
+                assert calls and all(_positive(x) for x in calls)
+        summary = entry["summary"][name]
+        _check_stats(summary["end_to_end_s"])
+        for stage in summary["stages"].values():
+            _check_stats(stage["per_request_s"])
+            _check_stats(stage["per_call_s"])
+        if name != "diffusers":  # the same seeded request gives the same image on every backend
+            assert record["max_abs_vs_diffusers"] < 1e-2
+    assert entry["rounds"][0]["order"] != entry["rounds"][1]["order"]  # the order rotates between rounds
+    assert _positive(entry["ratios"]["ort"]["speedup_vs_diffusers"])
+    assert _positive(entry["ratios"]["triton-grpc"]["time_vs_ort"])
+
+
+def test_serving_overhead_and_single_unet_calls(bench):
+    _, data = bench
+    entry = data["methods"]["sdedit"]
+    calls = entry["unet_calls"]
+    assert calls["model"] == "unet" and calls["inputs"]["sample"][0] == 2  # the guidance pair
+    for name in ("ort", "triton-grpc", "triton-grpc-shm"):
+        assert len(calls["samples_s"][name]) == 3 and all(_positive(x) for x in calls["samples_s"][name])
+    for name in ("triton-grpc", "triton-grpc-shm"):  # a difference of timings: finite, sign not asserted
+        for source in ("from_requests", "from_unet_calls"):
+            assert math.isfinite(entry["serving_overhead_ms"][name][source]["median"])
+
+
+def test_concurrency_sweep_reads_server_statistics(bench):
+    _, data = bench
+    entry = data["methods"]["sdedit"]
+    unet_calls = entry["summary"]["triton-grpc"]["stages"]["unet"]["calls_per_request"]
+    sweep = entry["concurrency"]
+    assert sweep["backend"] == "triton-grpc" and [lv["clients"] for lv in sweep["levels"]] == [1, 2]
+    for level in sweep["levels"]:
+        assert level["requests"] == 2 * level["clients"] and not level["errors"]
+        assert _positive(level["throughput_rps"]) and _positive(level["wall_s"])
+        _check_stats(level["latency_s"])
+        unet = level["server"]["unet"]
+        assert unet["requests"] == level["requests"] * unet_calls
+        assert unet["executions"] >= 1 and _positive(unet["avg_requests_per_execution"])
+        assert _positive(unet["compute_infer_ms_per_request"])
+        assert sum(unet["executed_batch_sizes"].values()) == unet["executions"]
+    assert _positive(sweep["best_gain"])
+
+
+def test_stats_delta_counts_batches():
+    def snapshot(executions, inferences, requests, queue_ns, batches):
+        return {"unet": {"execution_count": str(executions), "inference_count": str(inferences),
+                         "inference_stats": {"success": {"count": str(requests), "ns": "1"},
+                                             "queue": {"count": str(requests), "ns": str(queue_ns)},
+                                             "compute_infer": {"count": str(requests), "ns": str(requests * 10**6)}},
+                         "batch_stats": [{"batch_size": str(k), "compute_infer": {"count": str(v), "ns": "1"}}
+                                         for k, v in batches.items()]}}
+
+    delta = _stats_delta(snapshot(2, 4, 2, 0, {2: 2}), snapshot(5, 16, 8, 6 * 10**6, {2: 3, 4: 1, 6: 1}))["unet"]
+    assert delta["executions"] == 3 and delta["requests"] == 6
+    assert delta["avg_requests_per_execution"] == 2.0 and delta["avg_batch_samples"] == 4.0
+    assert delta["executed_batch_sizes"] == {"2": 1, "4": 1, "6": 1}
+    assert delta["queue_ms_per_request"] == pytest.approx(1.0)
+
+
+def test_shared_memory_runner_matches_plain_grpc(triton_server):
+    """Inputs and outputs through system shared memory give the same tensors, regions reused by size."""
+    rng = np.random.default_rng(0)
+    inputs = dict(sample=rng.standard_normal((2, 4, 6, 8)).astype(np.float32),
+                  timestep=np.array([10.0, 500.0], dtype=np.float32),
+                  encoder_hidden_states=rng.standard_normal((2, 77, 32)).astype(np.float32))
+    with TritonRunner(f"grpc://{triton_server.grpc_url}") as plain, \
+            TritonRunner(f"grpc://{triton_server.grpc_url}", shared_memory=True) as shm:
+        expected = plain.run("unet", **inputs)["noise_pred"]
+        for i in range(3):  # the first call learns the output size, later ones receive through shm too
+            got = shm.run("unet", **inputs)["noise_pred"]
+            assert np.array_equal(got, expected)
+            assert got.flags.writeable == (i > 0)  # a copy out of the region, not a view of it
+        regions = len(shm._shm._regions)
+        assert regions == 4  # three inputs, one output
+        smaller = {k: v[:1] for k, v in inputs.items()}
+        assert np.array_equal(shm.run("unet", **smaller)["noise_pred"], plain.run("unet", **smaller)["noise_pred"])
+        image = shm.run("decode_image", latent=inputs["sample"][:1])  # an ensemble, uint8 and float outputs
+        assert image["image"].dtype == np.uint8 and image["image"].shape == (1, 48, 64, 3)
+        status = plain.client.get_system_shared_memory_status(as_json=True)
+        assert len(status.get("regions", {})) >= regions
+    status_after = TritonRunner(f"grpc://{triton_server.grpc_url}").client.get_system_shared_memory_status(
+        as_json=True)
+    assert not status_after.get("regions")  # closing unregisters every region
+
+
+def test_registry_takes_new_backends(tmp_path, cache):
+    """A backend registered later (e.g. TensorRT) is measured without touching the harness."""
+
+    class Constant:
+        kind = "in-process"
+
+        def __init__(self, name, ctx):
+            self.name = name
+
+        def run(self, image, seed):
+            return RunRecord(0.01, {"unet": [0.004, 0.004]}, None)
+
+        def describe(self):
+            return {"kind": self.kind}
+
+        def close(self):
+            pass
+
+    register_backend("constant-test", Constant, description="test double")
+    try:
+        data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["constant-test"], concurrency=(),
+                                         out=tmp_path / "r", cache=cache, repeats=2, warmup=1,
+                                         quiet=True))
+    finally:
+        del BACKENDS["constant-test"]
+    summary = data["methods"]["sdedit"]["summary"]["constant-test"]
+    assert summary["end_to_end_s"]["median"] == pytest.approx(0.01)
+    assert summary["stages"]["unet"]["calls_per_request"] == 2
+
+
+def test_cli_rejects_unknown_names(tmp_path, capsys):
+    assert main(["bench", "--backends", "nope", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+    assert main(["bench", "--method", "videoldm,nope", "--out", str(tmp_path / "r")]) == 2
+    assert main(["bench", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
