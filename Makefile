@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/ti2i demo --work work --out outputs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q  # torch (the reference pipelines) on one thread: ORT sets its own
 
 clean:
 	rm -rf work outputs .pytest_cache

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,8 +130,8 @@ class Results:
         self.md_path.write_text(report.markdown(self.data))
         if plot:
             try:
-                report.plot(self.data, self.png_path)
-                self.data["plot"] = self.png_path.name
+                if report.plot(self.data, self.png_path):
+                    self.data["plot"] = self.png_path.name
             except Exception as err:  # a plotting problem must not lose the measurements
                 self.data["plot_error"] = f"{type(err).__name__}: {err}"
             tmp.write_text(json.dumps(self.data, indent=1, default=_json_default) + "\n")
@@ -286,6 +286,9 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
             if levels and server is not None:
                 _concurrency(method, preset, config, levels, ctx, image, entry, results, progress)
         finally:
+            if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
+                with contextlib.suppress(Exception):
+                    _summarize(entry, live)
             for backend in live.values():
                 with contextlib.suppress(Exception):
                     backend.close()

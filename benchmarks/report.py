@@ -43,11 +43,11 @@ def markdown(data: dict[str, Any]) -> str:
         "",
     ]
     for method, entry in data.get("methods", {}).items():
-        lines += _method_section(method, entry)
+        lines += _method_section(method, entry, data.get("machine", {}).get("usable_cores"))
     return "\n".join(lines) + "\n"
 
 
-def _method_section(method: str, entry: dict[str, Any]) -> list[str]:
+def _method_section(method: str, entry: dict[str, Any], cores: int | None = None) -> list[str]:
     req = entry.get("request", {})
     size = f"{req.get('width')}×{req.get('height')}"
     extra = f", {req.get('frames')} frames" if req.get("frames") else ""
@@ -56,10 +56,10 @@ def _method_section(method: str, entry: dict[str, Any]) -> list[str]:
              f"({entry.get('status')})", ""]
     if entry.get("error"):
         lines += [f"Error: `{entry['error']}`", ""]
-    rounds = [r.get("load_average") for r in entry.get("rounds", []) if isinstance(r, dict)]
-    if rounds:
-        lines += ["Load average (1 min) at the start of each round: " +
-                  ", ".join(f"{r[0]:.2f}" for r in rounds if r) + ".", ""]
+    loads = [r["load_average"][0] for r in entry.get("rounds", []) if isinstance(r, dict) and r.get("load_average")]
+    if loads:
+        lines += [f"Load average (1 min) at the start of the {len(loads)} rounds: {min(loads):.2f}–{max(loads):.2f} "
+                  f"(median {sorted(loads)[len(loads) // 2]:.2f}) on {cores} cores.", ""]
     summary = entry.get("summary", {})
     stages = _stages(entry)
     header = ["backend", "end to end s", "p90 s", "p99 s", "min s"] + [f"{s} ms" for s in stages] + \
@@ -134,8 +134,11 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def plot(data: dict[str, Any], path: Path) -> None:
-    """Per method: stacked stage medians per backend (left) and throughput vs concurrency (right)."""
+def plot(data: dict[str, Any], path: Path) -> bool:
+    """Per method: stacked stage medians per backend (left) and throughput vs concurrency (right).
+
+    Returns whether there was anything to plot (and the file was written).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +146,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     methods = [(m, e) for m, e in data.get("methods", {}).items() if e.get("summary")]
     if not methods:
-        return
+        return False
     fig, axes = plt.subplots(len(methods), 2, figsize=(13, 4.2 * len(methods)), squeeze=False,
                              gridspec_kw={"width_ratios": [1.6, 1]})
     colors = plt.get_cmap("tab10")
@@ -168,6 +171,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             e2e = summary[name]["end_to_end_s"].get("median")
             if e2e:
                 ax.text(bottoms[y], y, f" {e2e:.3g} s", va="center", fontsize=8)
+        ax.set_xlim(0, max(bottoms) * 1.35 if max(bottoms) > 0 else 1)  # room for the labels and the legend
         ax.invert_yaxis()
         ax.set_xlabel("seconds per request (median per stage)")
         ax.set_title(f"{method}: latency by backend and stage")
@@ -179,11 +183,14 @@ def plot(data: dict[str, Any], path: Path) -> None:
             ax2.plot(xs, [lv.get("throughput_rps") or 0 for lv in levels], "o-", label="requests/s")
             ax2.set_xlabel("concurrent clients")
             ax2.set_ylabel("requests / s")
+            ax2.set_ylim(bottom=0, top=max(lv.get("throughput_rps") or 0 for lv in levels) * 1.15 or 1)
             ax2.set_xticks(xs)
             ax3 = ax2.twinx()
             ax3.plot(xs, [lv.get("latency_s", {}).get("median") or 0 for lv in levels], "s--", color="tab:red",
                      label="latency p50")
             ax3.set_ylabel("latency p50 (s)", color="tab:red")
+            ax3.set_ylim(bottom=0)
+            ax2.legend(handles=ax2.get_lines() + ax3.get_lines(), fontsize=7, loc="lower right")
             ax2.set_title(f"{method}: throughput vs concurrency ({entry['concurrency']['backend']})")
         else:
             ax2.set_axis_off()
@@ -192,3 +199,4 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
