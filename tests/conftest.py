@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from ti2i.export.exporter import export_model
 from ti2i.export.tiny import write_tiny_model
-from ti2i.manifest import Manifest
 from ti2i.triton_models.repository import write_repository
 from ti2i.triton_models.server import TritonServer
+
+from ti2i.manifest import Manifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "input.png"
 
@@ -67,6 +67,21 @@ def triton_server(engines, tmp_path_factory):
 def example_image() -> Image.Image:
     """The shipped example, at 64×48 so the tiny pipelines stay fast (non-square on purpose)."""
     return Image.open(EXAMPLE).convert("RGB").resize((64, 48), Image.LANCZOS)
+
+
+def server_url(server: TritonServer, protocol: str) -> str:
+    return f"{protocol}://{server.grpc_url if protocol == 'grpc' else server.http_url}"
+
+
+def served_and_local(server: TritonServer, protocol: str, engine_dir: Path, run):
+    """The same method call through the server (gRPC or HTTP) and in-process on the same engines."""
+    from ti2i.client.runners import InProcessRunner, TritonRunner
+
+    with TritonRunner(server_url(server, protocol)) as runner:
+        served = run(runner)
+    with InProcessRunner(engine_dir) as runner:
+        local = run(runner)
+    return served, local
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:

@@ -20,15 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLE, server_url
 from PIL import Image
-
 from ti2i.client import cli
 from ti2i.client.images import load_image
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.client.sdedit import sdedit
-from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, Ti2iError
 
-from conftest import EXAMPLE
+from ti2i.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ServerUnavailableError,
+    Ti2iError,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -438,7 +442,7 @@ def test_server_rejects_bad_request_with_invalid_arg(protocol, case, triton_serv
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_triton_runner_maps_invalid_arg_to_invalid_input_error(protocol, triton_server):
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
+    url = server_url(triton_server, protocol)
     with TritonRunner(url) as served:
         with pytest.raises(InvalidInputError) as info:
             served.run("unet", **_unet_inputs(sample=_f32(1, 4, 300, 8)))

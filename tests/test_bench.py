@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
 from ti2i.benchmarks.harness import BenchConfig, _stats_delta, run_benchmark
 from ti2i.client.cli import main

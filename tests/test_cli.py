@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLE
 from PIL import Image
-
 from ti2i.client.cli import main
-from ti2i.manifest import Manifest
 from ti2i.triton_models.repository import parse_config
 from ti2i.triton_models.server import find_free_ports
 
-from conftest import EXAMPLE
+from ti2i.manifest import Manifest
 
 pytestmark = pytest.mark.timeout(300)
 

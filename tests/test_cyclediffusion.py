@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_abs, served_and_local
 from diffusers import CycleDiffusionPipeline, DDIMScheduler
-
 from ti2i.client import steps as shared
 from ti2i.client.cyclediffusion import cyclediffusion
 from ti2i.client.images import prepare_image
-from ti2i.client.runners import InProcessRunner, TritonRunner
-from ti2i.errors import InvalidInputError
+from ti2i.client.runners import InProcessRunner
 
-from conftest import max_abs
+from ti2i.errors import InvalidInputError
 
 TOLERANCE = 1e-3
 
@@ -52,11 +51,8 @@ def test_in_process_matches_diffusers(case, reference, engines, example_image):
 def test_triton_matches_diffusers_and_in_process(protocol, reference, engines, triton_server, example_image):
     kwargs = CASES["guided"]
     expected = run_reference(reference, example_image, 9, 10, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = cyclediffusion(runner, example_image, seed=9, steps=10, progress=False, **kwargs)
-    with InProcessRunner(engines.root) as runner:
-        local = cyclediffusion(runner, example_image, seed=9, steps=10, progress=False, **kwargs)
+    served, local = served_and_local(triton_server, protocol, engines.root, lambda runner: cyclediffusion(
+        runner, example_image, seed=9, steps=10, progress=False, **kwargs))
     assert max_abs(served.array, expected) <= TOLERANCE
     assert max_abs(served.array, local.array) <= 1e-5
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, UNet2DConditionModel
+from conftest import EXAMPLE, max_abs
+from diffusers import (
+    AutoencoderKL,
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    UNet2DConditionModel,
+)
 from diffusers.image_processor import VaeImageProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
-
 from ti2i.client import cli
 from ti2i.client import steps as shared
 from ti2i.client.ddib import ddib
 from ti2i.client.images import prepare_image
 from ti2i.client.runners import InProcessRunner, TritonRunner
-from ti2i.errors import InvalidInputError
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from conftest import EXAMPLE, max_abs
+from ti2i.errors import InvalidInputError
 
 TOLERANCE = 1e-3  # max |Δ| on the [0, 1] float image
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from transformers import CLIPTokenizer
-
 from ti2i.engines.base import Engine
 from ti2i.engines.loader import load_engine
 from ti2i.engines.processing import to_model_range, to_unit_range
+from transformers import CLIPTokenizer
+
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.manifest import Manifest
 from ti2i.spec import BATCH, ComponentSpec, TensorSpec, sample_inputs

@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-import ti2i
 from ti2i.client.cli import main as cli_main
 from ti2i.engines.ort import OrtEngine
-from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export import exporter
 from ti2i.export.components import COMPONENTS, KIND_COMPONENTS, ModelSource
 from ti2i.export.exporter import detect_kind, export_model, export_onnx, validate
+
+import ti2i
+from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, Manifest
 from ti2i.spec import BATCH, ComponentSpec, sample_inputs
 

@@ -8,15 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLE, max_abs, served_and_local
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
-
 from ti2i.client import cli
 from ti2i.client.inpaint import inpaint
 from ti2i.client.runners import InProcessRunner, TritonRunner
-from ti2i.errors import InvalidInputError, ModelNotFoundError
 
-from conftest import EXAMPLE, max_abs
+from ti2i.errors import InvalidInputError, ModelNotFoundError
 
 TOLERANCE = 1e-3  # max |Δ| on the [0, 1] float image
 
@@ -100,11 +99,8 @@ def test_triton_matches_diffusers_and_in_process(protocol, reference, engines, t
                                                  record_property):
     kwargs = CASES["strength_0.6_negative"]
     expected = run_reference(reference, example_image, mask, 9, 8, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = inpaint(runner, example_image, mask, seed=9, steps=8, progress=False, **kwargs)
-    with InProcessRunner(engines.root) as runner:
-        local = inpaint(runner, example_image, mask, seed=9, steps=8, progress=False, **kwargs)
+    served, local = served_and_local(triton_server, protocol, engines.root, lambda runner: inpaint(
+        runner, example_image, mask, seed=9, steps=8, progress=False, **kwargs))
     error = max_abs(served.array, expected)
     record_property("max_abs_error", error)
     print(f"inpaint through Triton ({protocol}): max |Δ| = {error:.2e}")

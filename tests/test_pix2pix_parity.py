@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_abs, served_and_local
 from diffusers import StableDiffusionInstructPix2PixPipeline
-
 from ti2i.client.pix2pix import pix2pix
-from ti2i.client.runners import InProcessRunner, TritonRunner
-
-from conftest import max_abs
+from ti2i.client.runners import InProcessRunner
 
 TOLERANCE = 1e-3
 
@@ -56,10 +54,7 @@ def test_each_unet_keeps_the_scheduler_its_model_folder_ships(engines):
 def test_triton_matches_diffusers_and_in_process(protocol, reference, engines, triton_server, example_image):
     kwargs = CASES["three_way_guidance"]
     expected = run_reference(reference, example_image, 11, 8, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = pix2pix(runner, example_image, seed=11, steps=8, progress=False, **kwargs)
-    with InProcessRunner(engines.root) as runner:
-        local = pix2pix(runner, example_image, seed=11, steps=8, progress=False, **kwargs)
+    served, local = served_and_local(triton_server, protocol, engines.root, lambda runner: pix2pix(
+        runner, example_image, seed=11, steps=8, progress=False, **kwargs))
     assert max_abs(served.array, expected) <= TOLERANCE
     assert max_abs(served.array, local.array) <= 1e-5

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from ti2i.engines.ensembles import ENSEMBLES
+from ti2i.triton_models.repository import MODEL_FILE, write_repository
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ti2i.engines.ensembles import ENSEMBLES
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, TensorSpec
-from ti2i.triton_models.repository import MODEL_FILE, write_repository
 
 ENSEMBLE_STEPS = {
     "encode_prompt": ("tokenize", "text_encoder"),

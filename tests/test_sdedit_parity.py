@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import max_abs, served_and_local
 from diffusers import StableDiffusionImg2ImgPipeline
-
-from ti2i.client.runners import InProcessRunner, TritonRunner
+from ti2i.client.runners import InProcessRunner
 from ti2i.client.sdedit import sdedit
-
-from conftest import max_abs
 
 TOLERANCE = 1e-3  # max |Δ| on the [0, 1] float image
 
@@ -79,11 +77,8 @@ def test_stochastic_scheduler_consumes_the_generator_like_diffusers(reference, s
 def test_triton_matches_diffusers_and_in_process(protocol, reference, sd_engines, triton_server, example_image):
     kwargs = CASES["defaults"]
     expected = run_reference(reference, example_image, seed=5, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = ours(runner, example_image, seed=5, **kwargs)
-    with InProcessRunner(sd_engines.root) as runner:
-        local = ours(runner, example_image, seed=5, **kwargs)
+    served, local = served_and_local(triton_server, protocol, sd_engines.root, lambda runner: ours(
+        runner, example_image, seed=5, **kwargs))
     assert max_abs(served.array, expected) <= TOLERANCE
     assert max_abs(served.array, local.array) <= 1e-5
     assert np.array_equal(np.asarray(served.image), (served.array * 255).round().astype(np.uint8))

@@ -15,10 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ti2i.triton_models import server as srv
+from ti2i.triton_models.server import (
+    ServerPorts,
+    TritonServer,
+    find_free_ports,
+    prepare_backend_dir,
+)
 
 from ti2i.errors import ServerUnavailableError
-from ti2i.triton_models import server as srv
-from ti2i.triton_models.server import ServerPorts, TritonServer, find_free_ports, prepare_backend_dir
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLE, max_abs, served_and_local
 from diffusers import StableVideoDiffusionPipeline
-
 from ti2i.client.cli import main
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.client.svd import svd
-from ti2i.errors import InvalidInputError
 
-from conftest import EXAMPLE, max_abs
+from ti2i.errors import InvalidInputError
 
 TOLERANCE = 1e-3
 SIZE = dict(height=48, width=64)
@@ -73,11 +72,8 @@ def test_defaults_come_from_the_model(svd_engines, example_image):
 def test_triton_matches_diffusers_and_in_process(protocol, reference, svd_engines, svd_server, example_image):
     kwargs = CASES["chunked_decode"]
     expected = run_reference(reference, example_image, 3, 6, 4, **kwargs)
-    url = f"{protocol}://{svd_server.grpc_url if protocol == 'grpc' else svd_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = svd(runner, example_image, frames=6, steps=4, seed=3, progress=False, **SIZE, **kwargs)
-    with InProcessRunner(svd_engines.root) as runner:
-        local = svd(runner, example_image, frames=6, steps=4, seed=3, progress=False, **SIZE, **kwargs)
+    served, local = served_and_local(svd_server, protocol, svd_engines.root, lambda runner: svd(
+        runner, example_image, frames=6, steps=4, seed=3, progress=False, **SIZE, **kwargs))
     assert max_abs(served.array, expected) <= TOLERANCE
     assert max_abs(served.array, local.array) <= 1e-5
 

@@ -25,10 +25,10 @@ from diffusers import (
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
+from ti2i.export.tiny import SVD_EULER_CONFIG, TINY_KINDS, write_tiny_model
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ti2i.errors import InvalidInputError
-from ti2i.export.tiny import SVD_EULER_CONFIG, TINY_KINDS, write_tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "input.png"
 PIPELINES: dict[str, type[DiffusionPipeline]] = {

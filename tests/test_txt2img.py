@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import max_abs, served_and_local
 from diffusers import StableDiffusionPipeline
-
 from ti2i.client import cli
-from ti2i.client.runners import InProcessRunner, TritonRunner
+from ti2i.client.runners import InProcessRunner
 from ti2i.client.txt2img import txt2img
-from ti2i.errors import InvalidInputError
 
-from conftest import max_abs
+from ti2i.errors import InvalidInputError
 
 TOLERANCE = 1e-3  # max |Δ| on the [0, 1] float image
 
@@ -65,11 +64,8 @@ def test_default_size_is_the_models(engines):
 def test_triton_matches_diffusers_and_in_process(protocol, reference, engines, triton_server, record_property):
     kwargs = CASES["guided"]
     expected = run_reference(reference, 5, 8, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
-    with TritonRunner(url) as runner:
-        served = txt2img(runner, seed=5, steps=8, progress=False, **kwargs)
-    with InProcessRunner(engines.root) as runner:
-        local = txt2img(runner, seed=5, steps=8, progress=False, **kwargs)
+    served, local = served_and_local(triton_server, protocol, engines.root, lambda runner: txt2img(
+        runner, seed=5, steps=8, progress=False, **kwargs))
     error = max_abs(served.array, expected)
     record_property("max_abs_error", error)
     print(f"txt2img through Triton ({protocol}): max |Δ| = {error:.2e}")

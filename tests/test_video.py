@@ -8,8 +8,8 @@ import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 import pytest
-
 from ti2i.client.video import check_video_out, write_video
+
 from ti2i.errors import InvalidInputError
 
 FPS = 8.0

@@ -9,16 +9,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import (AnimateDiffVideoToVideoPipeline, DDIMScheduler, MotionAdapter, StableDiffusionPipeline,
-                       UNetMotionModel)
-
+from conftest import EXAMPLE, max_abs, server_url
+from diffusers import (
+    AnimateDiffVideoToVideoPipeline,
+    DDIMScheduler,
+    MotionAdapter,
+    StableDiffusionPipeline,
+    UNetMotionModel,
+)
 from ti2i.client import steps as shared
 from ti2i.client.images import prepare_image
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.client.videoldm import LINEAR_DDIM, videoldm
-from ti2i.errors import InvalidInputError
 
-from conftest import EXAMPLE, max_abs
+from ti2i.errors import InvalidInputError
 
 TOLERANCE = 1e-3
 SIZE = dict(height=48, width=64)
@@ -105,7 +109,7 @@ def test_alpha_zero_without_anchor_matches_animatediff(case, reference, engines,
 def test_alpha_zero_through_triton_matches_animatediff(protocol, reference, engines, triton_server, example_image):
     kwargs = CASES["model_scheduler"]
     expected = run_reference(reference, example_image, 6, 4, 8, **kwargs)
-    url = f"{protocol}://{triton_server.grpc_url if protocol == 'grpc' else triton_server.http_url}"
+    url = server_url(triton_server, protocol)
     with TritonRunner(url) as runner:
         served = videoldm(runner, example_image, frames=4, steps=8, anchor_first_frame=False, seed=6,
                           progress=False, **SIZE, **kwargs)
