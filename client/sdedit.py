@@ -62,12 +62,9 @@ def sdedit(
     # 6. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
     for t in tqdm(timesteps, desc="sdedit", disable=not progress):
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
         with timings.stage("unet"):
-            noise_pred = shared.run_unet(runner, "unet", model_input, t, prompt_embeds)
-        if do_cfg:
-            noise_pred = shared.classifier_free_guidance(noise_pred, guidance)
+            noise_pred = shared.guided_noise_pred(runner, "unet", scheduler, latents, t, prompt_embeds, guidance,
+                                                  do_cfg)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 7. Decode

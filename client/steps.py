@@ -92,14 +92,15 @@ def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor |
 
 def guided_noise_pred(runner: Runner, model: str, scheduler, latents: torch.Tensor, t: torch.Tensor | float,
                       prompt_embeds: torch.Tensor, guidance: float, do_cfg: bool,
-                      extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+                      extra_channels: torch.Tensor | None = None, **conditions: torch.Tensor) -> torch.Tensor:
     """One denoiser evaluation as the reference loops write it: the [uncond, cond] batch with guidance,
-    the scheduler-scaled latents (then `extra_channels`, unscaled, concatenated after them), guidance."""
+    the scheduler-scaled latents (then `extra_channels`, unscaled, concatenated after them), guidance.
+    `conditions` are further UNet inputs, already laid out for the batch (e.g. Video LDM's α)."""
     model_input = torch.cat([latents] * 2) if do_cfg else latents
     model_input = scheduler.scale_model_input(model_input, t)
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)
-    noise_pred = run_unet(runner, model, model_input, t, prompt_embeds)
+    noise_pred = run_unet(runner, model, model_input, t, prompt_embeds, **conditions)
     return classifier_free_guidance(noise_pred, guidance) if do_cfg else noise_pred
 
 

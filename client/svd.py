@@ -94,9 +94,9 @@ def svd(
     generator = torch.Generator("cpu").manual_seed(seed)
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
     with timings.stage("encode_image"):
-        images = shared.as_tensor(runner.run("image_preprocess", image=pixels)["images"])
+        images = shared.preprocess_image(runner, pixels)
         images = images + noise_aug * shared.noise_like(images, generator)
-        image_latents = shared.as_tensor(runner.run("vae_encoder", images=images.numpy())["latent_mean"])
+        image_latents, _ = shared.encode_pixels(runner, images)
     if do_cfg:
         image_latents = torch.cat([torch.zeros_like(image_latents), image_latents])
     image_latents = image_latents[:, None].repeat(1, frames, 1, 1, 1)

@@ -100,12 +100,9 @@ def videoldm(
     extra = shared.step_kwargs(sched, generator, eta)
     alphas = torch.full((2 if do_cfg else 1,), float(alpha))
     for i, t in enumerate(tqdm(timesteps, desc="videoldm", disable=not progress)):
-        model_input = torch.cat([latents] * 2) if do_cfg else latents
-        model_input = sched.scale_model_input(model_input, t)
         with timings.stage("unet"):
-            noise_pred = shared.run_unet(runner, UNET, model_input, t, prompt_embeds, alpha=alphas)
-        if do_cfg:
-            noise_pred = shared.classifier_free_guidance(noise_pred, guidance)
+            noise_pred = shared.guided_noise_pred(runner, UNET, sched, latents, t, prompt_embeds, guidance, do_cfg,
+                                                  alpha=alphas)
         latents = sched.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         if anchor_first_frame:
             last = i == len(timesteps) - 1
