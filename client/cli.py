@@ -18,15 +18,20 @@ EXIT_USAGE = 2
 def _runner(args: argparse.Namespace):
     from ti2i.client.runners import InProcessRunner, TritonRunner
 
+    from ti2i.families import parse_engine_dirs
+
     if args.engines:
-        return InProcessRunner(args.engines)
-    return TritonRunner(args.server)
+        return InProcessRunner(parse_engine_dirs(args.engines), family=args.family)
+    return TritonRunner(args.server, family=args.family)
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--engines", help="engine directory written by `ti2i export` (runs in-process)")
-    target.add_argument("--server", help="Triton server URL: grpc://HOST:PORT or http://HOST:PORT")
+    target.add_argument("--engines", action="append", help="engine directory written by `ti2i export` (runs "
+                        "in-process); NAME=DIR, repeated, for several model families")
+    target.add_argument("--server", help="Triton server URL: grpc://HOST:PORT or http://HOST:PORT; several "
+                        "replicas separated by commas")
+    parser.add_argument("--family", default=None, help="the model family to use when several serve the method")
 
 
 def _add_image_args(parser: argparse.ArgumentParser,
@@ -97,24 +102,31 @@ def _models(args: argparse.Namespace, manifest) -> list[str] | None:
     return names
 
 
-def cmd_repository(args: argparse.Namespace) -> int:
+def _write_families(args: argparse.Namespace, out: Path | None):
+    """The repository of every --engines family (default: in the first one's folder), limited by --methods."""
+    from ti2i.client.methods import components_by_family
+    from ti2i.families import parse_engine_dirs
     from ti2i.manifest import Manifest
-    from ti2i.triton_models.repository import write_repository
+    from ti2i.triton_models.families import write_family_repository
 
-    manifest = Manifest.load(args.engines)
-    out = write_repository(manifest, args.out, _repository_options(args), models=_models(args, manifest))
-    print(f"wrote {out}")
+    manifests = {name: Manifest.load(path) for name, path in parse_engine_dirs(args.engines).items()}
+    if None in manifests:
+        models = {None: _models(args, manifests[None])}
+    else:
+        models = components_by_family(args.methods.split(","), manifests) if args.methods else None
+    first = next(iter(manifests.values())).root
+    return write_family_repository(manifests, out or first / "model_repository", _repository_options(args), models)
+
+
+def cmd_repository(args: argparse.Namespace) -> int:
+    print(f"wrote {_write_families(args, Path(args.out))}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ti2i.manifest import Manifest
-    from ti2i.triton_models.repository import write_repository
     from ti2i.triton_models.server import ServerPorts, TritonServer, serve_forever
 
-    manifest = Manifest.load(args.engines)
-    repository = write_repository(manifest, args.repository or manifest.root / "model_repository",
-                                  _repository_options(args), models=_models(args, manifest))
+    repository = _write_families(args, Path(args.repository) if args.repository else None)
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     return serve_forever(TritonServer(repository, ports=ports, log_path=args.log))
 
@@ -256,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
                                   ("serve", cmd_serve, "serve an engine directory with the bundled Triton")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--engines", required=True)
+        p.add_argument("--engines", required=True, action="append",
+                       help="engine directory; NAME=DIR, repeated, serves several model families side by side "
+                            "(their models named NAME.MODEL)")
         if name == "repository":
             p.add_argument("--out", required=True)
         else:

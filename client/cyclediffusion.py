@@ -77,6 +77,7 @@ def cyclediffusion(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("cyclediffusion")
     pipeline = runner.pipeline
 
     # 1. Check inputs

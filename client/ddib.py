@@ -57,6 +57,7 @@ def ddib(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("ddib")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

@@ -1,8 +1,9 @@
 """`make demo`: the whole path on a tiny random-weight model, through a real Triton server.
 
-tiny models -> ONNX export (validated) -> Triton model repositories -> bundled tritonserver on
-127.0.0.1 -> each method through the gRPC client -> outputs/, with per-stage latencies. The image
-methods share one engine directory and server; SVD (its own VAE, no text encoder) has its own.
+tiny models -> ONNX export (validated) -> one Triton model repository -> one bundled tritonserver
+on 127.0.0.1 -> each method through the gRPC client -> outputs/, with per-stage latencies. The image
+methods share one engine directory; SVD (its own VAE, no text encoder) has its own. Both are served
+by the same server as two model families (``sd.*`` and ``svd.*``); each method finds its family.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ti2i.client.video import write_video
 from ti2i.client.videoldm import videoldm
 from ti2i.export.exporter import export_model
 from ti2i.export.tiny import write_tiny_model
-from ti2i.triton_models.repository import write_repository
+from ti2i.triton_models.families import write_family_repository
 from ti2i.triton_models.server import TritonServer
 
 DEMO_IMAGE = Path("examples/input.png")
@@ -88,21 +89,19 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
                               motion_adapter=str(videoldm_model / "motion_adapter"))
     svd_engines = export_model(str(models["svd"]), work / "engines-svd")  # its own VAE and image encoder
 
-    for name, engines, methods in (("SD 1.x methods", sd_engines, _sd_methods(image)),
-                                   ("Stable Video Diffusion", svd_engines, _svd_methods(image))):
-        print(f"== Triton model repository and server for {name}")
-        repository = write_repository(engines, engines.root.parent / f"repository-{engines.root.name}")
-        start = time.perf_counter()
-        with TritonServer(repository, log_path=work / f"tritonserver-{engines.root.name}.log") as server:
-            print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
-            with TritonRunner(f"grpc://{server.grpc_url}") as runner:
-                for method, (target, run) in methods.items():
-                    print(f"== {method} over gRPC")
-                    result = run(runner)
-                    save(result, out / target)
-                    print(result.timings.report())
-                    print(f"wrote {out / target}")
-        print("== server stopped")
+    print("== 3. one Triton model repository and server for every method: families sd (SD 1.x) and svd")
+    repository = write_family_repository({"sd": sd_engines, "svd": svd_engines}, work / "repository")
+    start = time.perf_counter()
+    with TritonServer(repository, log_path=work / "tritonserver.log") as server:
+        print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
+        with TritonRunner(f"grpc://{server.grpc_url}") as runner:
+            for method, (target, run) in {**_sd_methods(image), **_svd_methods(image)}.items():
+                print(f"== {method} over gRPC")
+                result = run(runner)
+                save(result, out / target)
+                print(result.timings.report())
+                print(f"wrote {out / target}")
+    print("== server stopped")
     return 0
 
 

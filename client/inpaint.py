@@ -44,6 +44,7 @@ def inpaint(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("inpaint")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

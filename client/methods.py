@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ti2i.engines.ensembles import ENSEMBLES
 from ti2i.errors import InvalidInputError
+from ti2i.manifest import Manifest
 
 _IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
 
@@ -35,3 +36,18 @@ def components_for(methods: Iterable[str]) -> list[str]:
                 if component not in names:
                     names.append(component)
     return names
+
+
+def components_by_family(methods: Iterable[str], manifests: Mapping[str, Manifest]) -> dict[str, list[str]]:
+    """Per family, the components of the methods it can serve; every method must be served by one family."""
+    methods = [m.strip() for m in methods if m.strip()]
+    served: dict[str, list[str]] = {name: [] for name in manifests}
+    for method in methods:
+        needed = components_for([method])
+        able = [name for name, manifest in manifests.items() if all(n in manifest.components for n in needed)]
+        if not able:
+            raise InvalidInputError(f"no engine directory ({', '.join(manifests)}) has every component {method} "
+                                    f"needs ({needed})")
+        for name in able:
+            served[name] += [n for n in needed if n not in served[name]]
+    return served

@@ -37,6 +37,7 @@ def pix2pix(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("pix2pix")
     pipeline = runner.pipeline
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)

@@ -8,7 +8,6 @@ calls to a Triton server over gRPC or HTTP. Both expose the pipeline facts from 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -20,16 +19,47 @@ import numpy as np
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
-from ti2i.manifest import PIPELINE_PARAMETER, Manifest
-
+from ti2i.families import Family, choose_family, families_from_configs, split_served_name
+from ti2i.manifest import Manifest
 
 
 class Runner(ABC):
-    pipeline: dict[str, Any]
+    # The model families it reaches (ti2i.families), and the one chosen with family= (None: found per method).
+    families: dict[str | None, Family] = {}
+    family: str | None = None
+    _pipeline: dict[str, Any] | None = None
 
     @abstractmethod
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run `model` on named inputs; return the named outputs (all of them unless `outputs` says)."""
+
+    @property
+    def pipeline(self) -> dict[str, Any]:
+        """The pipeline facts of the family this runner calls (a method binds it with `for_method`)."""
+        if self._pipeline is None:
+            names = ", ".join(sorted(f.label for f in self.families.values()))
+            raise ModelNotFoundError(f"several model families are served ({names}): use runner.for_method(NAME) "
+                                     f"or runner.for_family(NAME), or pass family=NAME")
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, facts: dict[str, Any]) -> None:
+        self._pipeline = facts
+
+    def for_method(self, method: str) -> Runner:
+        """This runner bound to the family that serves `method` (itself when it reaches one unnamed family)."""
+        if not self.families or (list(self.families) == [None] and self.family is None):
+            return self
+        from ti2i.client.methods import METHOD_MODELS
+
+        return self._bound(choose_family(self.families, METHOD_MODELS.get(method, ()), self.family, purpose=method))
+
+    def for_family(self, name: str | None) -> Runner:
+        """This runner bound to the family `name`: `run("unet")` then calls that family's UNet."""
+        return self._bound(choose_family(self.families, (), name, purpose=f"family {name!r}"))
+
+    def _bound(self, family: Family) -> Runner:
+        return self if family.name is None else FamilyRunner(self, family)
 
     def close(self) -> None:
         pass
@@ -41,18 +71,64 @@ class Runner(ABC):
         self.close()
 
 
-class InProcessRunner(Runner):
-    """Engines loaded from an engine directory on first use, in this process."""
+class FamilyRunner(Runner):
+    """One family of a runner that reaches several: plain model names in, the family's served names out."""
 
-    def __init__(self, engine_dir: str | Path, **engine_options: Any):
+    def __init__(self, base: Runner, family: Family):
+        self.base, self.family, self.families = base, family.name, {family.name: family}
+        self._family = family
+        self.pipeline = family.pipeline
+
+    def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return self.base.run(self._family.served(model), outputs, **inputs)
+
+    def for_method(self, method: str) -> Runner:
+        return self.base.for_method(method)
+
+    def for_family(self, name: str | None) -> Runner:
+        return self.base.for_family(name)
+
+    def __getattr__(self, name: str) -> Any:  # the base runner's other attributes (model_config, protocol, ...)
+        return getattr(self.base, name)
+
+
+class InProcessRunner(Runner):
+    """Engines loaded from an engine directory on first use, in this process.
+
+    `engine_dir` may map family names to engine directories (`ti2i.families`): each family then gets its
+    own runner, found per method by `for_method`, or fixed with `family=`.
+    """
+
+    def __init__(self, engine_dir: str | Path | Mapping[str | None, str | Path], family: str | None = None,
+                 **engine_options: Any):
         from ti2i.engines.loader import load_engine
 
+        self.family = family
+        self._children: dict[str, InProcessRunner] = {}
+        self._engines: dict[str, Engine] = {}
+        if isinstance(engine_dir, Mapping):
+            if list(engine_dir) != [None]:
+                self._children = {name: InProcessRunner(path, **engine_options) for name, path in engine_dir.items()}
+                self.families = {name: Family(name, child.pipeline, child.families[None].models)
+                                 for name, child in self._children.items()}
+                if family is not None:
+                    self.pipeline = choose_family(self.families, (), family).pipeline
+                elif len(self.families) == 1:
+                    self.pipeline = next(iter(self.families.values())).pipeline
+                return
+            engine_dir = engine_dir[None]
         self.manifest = Manifest.load(engine_dir)
         self.pipeline = self.manifest.pipeline
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
         self._engines: dict[str, Engine] = {}
         specs = {name: entry.spec for name, entry in self.manifest.components.items()}
         self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
+        self.families = {None: Family(None, self.pipeline, frozenset([*self.manifest.components, *self._ensembles]))}
+        if family is not None:
+            choose_family(self.families, (), family)  # one unnamed family: naming one is an error that says so
+
+    def _bound(self, family: Family) -> Runner:
+        return self._children[family.name] if family.name is not None else self
 
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
@@ -60,6 +136,12 @@ class InProcessRunner(Runner):
         return self._engines[name]
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self._children:  # several families: a served name, <family>.<model>
+            family, plain = split_served_name(model)
+            if family not in self._children:
+                raise ModelNotFoundError(f"no model {model!r}: families are {sorted(self._children)}; "
+                                         f"models are named <family>.<model>")
+            return self._children[family].run(plain, outputs, **inputs)
         if model in self._ensembles:
             spec, wiring = self._ensembles[model]
             spec.validate_inputs(inputs)
@@ -75,6 +157,8 @@ class InProcessRunner(Runner):
         return {k: result[k] for k in wanted}
 
     def close(self) -> None:
+        for child in self._children.values():
+            child.close()
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
@@ -89,10 +173,21 @@ class TritonRunner(Runner):
     go through shared memory once their size is known (from the first call with the same input
     shapes). The server must run on this machine and allow the shared-memory API. A runner is for
     one thread at a time (its regions are reused across calls).
+
+    `url` may name several replicas (a list, or URLs separated by commas): calls are spread over them
+    by `ti2i.client.balancer`. A server serving several model families (`ti2i.families`) is reached
+    per method through `for_method`, or with one family fixed by `family=`.
     """
 
-    def __init__(self, url: str, timeout_s: float = 600.0, shared_memory: bool = False):
-        self.protocol, self.address = _parse_url(url)
+    def __init__(self, url: str | Sequence[str], timeout_s: float = 600.0, shared_memory: bool = False,
+                 family: str | None = None):
+        from ti2i.client.balancer import replica_urls
+
+        urls = replica_urls(url)
+        url = ", ".join(urls)
+        self.protocol, self.address = _parse_url(urls[0])
+        if any(_parse_url(u)[0] != self.protocol for u in urls):
+            raise InvalidInputError(f"replicas {url} mix protocols: use grpc:// or http:// for all of them")
         if self.protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
@@ -100,18 +195,26 @@ class TritonRunner(Runner):
         self._module = client_module
         self._timeout_s = timeout_s
         try:
-            if self.protocol == "grpc":
-                self.client = client_module.InferenceServerClient(self.address)
+            if len(urls) > 1:
+                from ti2i.client.balancer import BalancedClient
+
+                if shared_memory:
+                    raise InvalidInputError("shared memory needs one server on this machine, not several replicas")
+                self.client = BalancedClient(urls, lambda u: _client(client_module, _parse_url(u)[1], timeout_s))
             else:
-                self.client = client_module.InferenceServerClient(self.address, network_timeout=timeout_s,
-                                                                  connection_timeout=10.0)
+                self.client = _client(client_module, self.address, timeout_s)
             ready = self.client.is_server_ready()
+        except InvalidInputError:
+            raise
         except Exception as err:  # connection refused, DNS, ...: the client raises many types
             raise ServerUnavailableError(f"Triton server at {url} is unreachable: {err}") from None
         if not ready:
             raise ServerUnavailableError(f"Triton server at {url} is not ready")
         self._configs: dict[str, dict[str, Any]] = {}
-        self.pipeline = self._pipeline_facts()
+        self.family = family
+        self.families = self._families()
+        if family is not None or list(self.families) == [None]:
+            self.pipeline = choose_family(self.families, (), family).pipeline
         self._shm = _SharedMemoryPool(self.client) if shared_memory else None
         # (model, input shapes, outputs) -> each output's (shape, numpy dtype): sizes output regions
         self._output_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
@@ -146,15 +249,14 @@ class TritonRunner(Runner):
             return self.client.get_model_repository_index(as_json=True).get("models", [])
         return self.client.get_model_repository_index()
 
-    def _pipeline_facts(self) -> dict[str, Any]:
-        for entry in self._repository_index():
-            if entry.get("state") != "READY":
-                continue
-            params = self._config(entry["name"]).get("parameters", {})
-            if PIPELINE_PARAMETER in params:
-                return json.loads(params[PIPELINE_PARAMETER]["string_value"])
-        raise ModelNotFoundError("the server's models carry no ti2i pipeline facts (was the repository "
-                                 "generated by `ti2i repository`/`ti2i serve`?)")
+    def _families(self) -> dict[str | None, Family]:
+        """The model families served, from the pipeline facts (and family name) every model's config carries."""
+        ready = [e["name"] for e in self._repository_index() if e.get("state") == "READY"]
+        families = families_from_configs({name: self._config(name) for name in ready})
+        if not families:
+            raise ModelNotFoundError("the server's models carry no ti2i pipeline facts (was the repository "
+                                     "generated by `ti2i repository`/`ti2i serve`?)")
+        return families
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         config = self._config(model)
@@ -260,6 +362,12 @@ class _SharedMemoryPool:
                 pass
             self._lib.destroy_shared_memory_region(handle)
         self._regions.clear()
+
+
+def _client(module: Any, address: str, timeout_s: float) -> Any:
+    if module.__name__.endswith("grpc"):
+        return module.InferenceServerClient(address)
+    return module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
 
 
 def _parse_url(url: str) -> tuple[str, str]:

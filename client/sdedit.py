@@ -31,6 +31,7 @@ def sdedit(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("sdedit")
     pipeline = runner.pipeline
 
     # 1. Check inputs

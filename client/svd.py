@@ -68,6 +68,7 @@ def svd(
     progress: bool = True,
 ) -> VideoResult:
     timings = Timings()
+    runner = runner.for_method("svd")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

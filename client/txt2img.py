@@ -28,6 +28,7 @@ def txt2img(
     progress: bool = True,
 ) -> ImageResult:
     timings = Timings()
+    runner = runner.for_method("txt2img")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

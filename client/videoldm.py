@@ -60,6 +60,7 @@ def videoldm(
     progress: bool = True,
 ) -> VideoResult:
     timings = Timings()
+    runner = runner.for_method("videoldm")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

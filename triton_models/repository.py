@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.engines.ensembles import Ensemble, available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError
+from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, ComponentSpec, TensorSpec
 
@@ -49,8 +50,9 @@ def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, resha
     return config
 
 
-def component_config(spec: ComponentSpec, manifest: Manifest, options: RepositoryOptions) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch)
+def component_config(spec: ComponentSpec, manifest: Manifest, options: RepositoryOptions,
+                     family: str | None = None) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
     if spec.batched:
@@ -59,20 +61,29 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     _parameters(config, engine_dir=str(manifest.root), component=spec.name, threads=str(options.threads),
                 **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
+    _family_parameter(config, family)
     return config
 
 
-def ensemble_config(ensemble: Ensemble, specs: dict[str, ComponentSpec], manifest: Manifest) -> mc.ModelConfig:
+def ensemble_config(ensemble: Ensemble, specs: dict[str, ComponentSpec], manifest: Manifest,
+                    family: str | None = None) -> mc.ModelConfig:
     spec = ensemble.spec(specs)
-    config = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=spec.max_batch)
+    config = mc.ModelConfig(name=served_name(family, ensemble.name), platform="ensemble",
+                            max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched, reshape=False) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True, reshape=False) for t in spec.outputs)
     for model, inputs, outputs in ensemble.wiring(specs):
-        step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step = config.ensemble_scheduling.step.add(model_name=served_name(family, model), model_version=-1)
         step.input_map.update({name: name for name in inputs})
         step.output_map.update({name: name for name in outputs})
     _parameters(config, **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
+    _family_parameter(config, family)
     return config
+
+
+def _family_parameter(config: mc.ModelConfig, family: str | None) -> None:
+    if family is not None:  # an unnamed family's configs stay exactly as they were
+        _parameters(config, **{FAMILY_PARAMETER: family})
 
 
 def _parameters(config: mc.ModelConfig, **values: str) -> None:
@@ -81,8 +92,11 @@ def _parameters(config: mc.ModelConfig, **values: str) -> None:
 
 
 def write_repository(manifest: Manifest, out_dir: str | Path, options: RepositoryOptions = RepositoryOptions(),
-                     models: Iterable[str] | None = None) -> Path:
-    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow."""
+                     models: Iterable[str] | None = None, family: str | None = None, replace: bool = True) -> Path:
+    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow.
+
+    With `family`, every model is served as ``<family>.<name>``; `replace=False` adds to an existing repository
+    (several families side by side, see `ti2i.triton_models.families`)."""
     out = Path(out_dir).resolve()
     if manifest.root == out or manifest.root.is_relative_to(out):
         raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
@@ -91,15 +105,17 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
     unknown = [n for n in names if n not in manifest.components]
     if unknown:
         raise ModelNotFoundError(f"{manifest.root} has no {unknown} (has {sorted(manifest.components)})")
-    if out.exists():
+    if out.exists() and replace:
         _check_replaceable(out)
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=not replace)
     specs = {name: manifest.components[name].spec for name in names}
     for name, spec in specs.items():
-        _write_model(out / name, component_config(spec, manifest, options), with_code=True)
+        _write_model(out / served_name(family, name), component_config(spec, manifest, options, family),
+                     with_code=True)
     for ensemble in available_ensembles(specs):
-        _write_model(out / ensemble.name, ensemble_config(ensemble, specs, manifest), with_code=False)
+        _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),
+                     with_code=False)
     return out
 
 

@@ -1,0 +1,121 @@
+"""Several model families (SD and SVD engine directories) behind one Triton server."""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pytest
+from conftest import max_abs
+from ti2i.client.cli import main
+from ti2i.client.methods import components_for
+from ti2i.client.runners import InProcessRunner, TritonRunner
+from ti2i.client.sdedit import sdedit
+from ti2i.client.svd import svd
+from ti2i.client.txt2img import txt2img
+from ti2i.errors import InvalidInputError, ModelNotFoundError
+from ti2i.families import FAMILY_PARAMETER, parse_engine_dirs, split_served_name
+from ti2i.triton_models.families import write_family_repository
+from ti2i.triton_models.repository import parse_config, write_repository
+from ti2i.triton_models.server import TritonServer
+
+SD_METHODS = ["sdedit", "txt2img"]  # enough of the SD family to show both families side by side
+
+
+@pytest.fixture(scope="module")
+def family_server(engines, svd_engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    repository = write_family_repository({"sd": engines, "svd": svd_engines}, root / "repository",
+                                         models={"sd": components_for(SD_METHODS), "svd": None})
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
+
+
+def test_named_families_prefix_every_model_and_ensemble_step(engines, svd_engines, tmp_path):
+    out = write_family_repository({"sd": engines, "svd": svd_engines}, tmp_path / "repo")
+    names = sorted(p.name for p in out.iterdir())
+    assert {split_served_name(n)[0] for n in names} == {"sd", "svd"}
+    assert "sd.vae_encoder" in names and "svd.vae_encoder" in names  # the names that collide unprefixed
+    for name in names:
+        config = parse_config(out / name / "config.pbtxt")
+        assert config.name == name
+        assert config.parameters[FAMILY_PARAMETER].string_value == split_served_name(name)[0]
+        for step in config.ensemble_scheduling.step:
+            assert step.model_name in names and split_served_name(step.model_name)[0] == split_served_name(name)[0]
+    assert parse_config(out / "sd.encode_image" / "config.pbtxt").ensemble_scheduling.step[1].model_name == \
+        "sd.vae_encoder"
+
+
+def test_one_unnamed_family_keeps_todays_repository_exactly(engines, tmp_path):
+    before = write_repository(engines, tmp_path / "plain")
+    after = write_family_repository(parse_dirs_to_manifests([str(engines.root)]), tmp_path / "family")
+    assert sorted(p.name for p in before.iterdir()) == sorted(p.name for p in after.iterdir())
+    for model in before.iterdir():
+        assert filecmp.cmp(model / "config.pbtxt", after / model.name / "config.pbtxt", shallow=False)
+
+
+def parse_dirs_to_manifests(values):
+    from ti2i.manifest import Manifest
+
+    return {name: Manifest.load(path) for name, path in parse_engine_dirs(values).items()}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_one_server_answers_sd_and_svd_with_parity(protocol, family_server, engines, svd_engines, example_image):
+    url = f"grpc://{family_server.grpc_url}" if protocol == "grpc" else f"http://{family_server.http_url}"
+    dirs = {"sd": engines.root, "svd": svd_engines.root}
+    cases = {
+        "sdedit": lambda r: sdedit(r, example_image, "a painting", steps=3, seed=2, progress=False),
+        "txt2img": lambda r: txt2img(r, "a painting", steps=2, seed=3, height=32, width=32, progress=False),
+        "svd": lambda r: svd(r, example_image, frames=3, steps=2, seed=4, height=32, width=32, progress=False),
+    }
+    with TritonRunner(url) as served_runner, InProcessRunner(dirs) as local_runner, \
+            InProcessRunner(engines.root) as sd_alone:
+        assert sorted(served_runner.families, key=str) == ["sd", "svd"]
+        for method, run in cases.items():  # interleaved: each call finds its own family
+            served, local = run(served_runner), run(local_runner)
+            assert max_abs(served.array, local.array) <= 1e-5, method
+        alone = cases["sdedit"](sd_alone)  # the SD family served with SVD beside it == served on its own
+        assert max_abs(cases["sdedit"](served_runner).array, alone.array) <= 1e-5
+
+
+def test_family_choice_and_errors_name_the_families(family_server, engines, example_image):
+    url = f"grpc://{family_server.grpc_url}"
+    with TritonRunner(url) as runner:
+        with pytest.raises(ModelNotFoundError, match=r"several model families are served \(sd, svd\)"):
+            runner.pipeline
+        assert runner.for_family("svd").run("image_postprocess", images=_images())["image"].shape == (1, 8, 8, 3)
+        with pytest.raises(ModelNotFoundError, match=r"family 'svd' lacks .*sdedit.*families: sd, svd"):
+            TritonRunner(url, family="svd").for_method("sdedit")
+    with pytest.raises(ModelNotFoundError, match=r"no model family 'sd15' is served \(families: sd, svd\)"):
+        TritonRunner(url, family="sd15")
+    with pytest.raises(ModelNotFoundError, match=r"no served model family has every model pix2pix needs"):
+        TritonRunner(url).for_method("pix2pix")  # the SD family is served without unet_pix2pix here
+    # two families that can both serve a method: the caller chooses
+    twins = {"a": engines.root, "b": engines.root}
+    with pytest.raises(InvalidInputError, match=r"several model families can serve sdedit \(a, b\).*--family"):
+        sdedit(InProcessRunner(twins), example_image, "x", steps=1, progress=False)
+    with InProcessRunner(twins, family="b") as runner:
+        assert sdedit(runner, example_image, "x", steps=2, progress=False).array.shape == (48, 64, 3)
+
+
+def _images():
+    return np.zeros((1, 3, 8, 8), np.float32)
+
+
+def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_engines, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["repository", "--engines", f"sd={engines.root}", "--engines", f"svd={svd_engines.root}",
+                 "--methods", "sdedit,svd", "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {n for n in names if n.startswith("sd.")} == {"sd." + m for m in components_for(["sdedit"])} | {
+        "sd.encode_prompt", "sd.encode_image", "sd.decode_image"}
+    assert {n for n in names if n.startswith("svd.")} >= {"svd.unet_svd", "svd.image_encoder"}
+    assert "sd.unet_pix2pix" not in names and "svd.unet" not in names
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(engines.root), "--engines", str(svd_engines.root),
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "NAME=DIR" in err
+    assert main(["repository", "--engines", f"sd={engines.root}", "--methods", "svd", "--out", str(tmp_path / "y")]) == 2
+    assert "no engine directory (sd) has every component svd needs" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+"""One Triton model repository for several engine directories (model families).
+
+A single unnamed family is written exactly as `write_repository` always has (plain model names);
+named families are written side by side, each model as ``<family>.<model>`` (see `ti2i.families`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ti2i.errors import InvalidInputError
+from ti2i.manifest import Manifest
+from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, write_repository
+
+
+def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: str | Path,
+                            options: RepositoryOptions = RepositoryOptions(),
+                            models: Mapping[str | None, Sequence[str] | None] | None = None) -> Path:
+    """Write (replacing) one repository serving every family; `models` limits a family to some components."""
+    if not manifests:
+        raise InvalidInputError("no engine directory to serve")
+    models = models or {}
+    if None in manifests:
+        if len(manifests) > 1:
+            raise InvalidInputError("an unnamed family cannot be served beside others: name every family")
+        return write_repository(manifests[None], out_dir, options, models=models.get(None))
+    out = Path(out_dir).resolve()
+    for manifest in manifests.values():
+        if manifest.root == out or manifest.root.is_relative_to(out):
+            raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
+                                    f"write it elsewhere (e.g. {manifest.root.parent / 'model_repository'})")
+    if out.exists():
+        _check_replaceable(out)
+        shutil.rmtree(out)
+    for family, manifest in manifests.items():
+        write_repository(manifest, out, options, models=models.get(family), family=family, replace=False)
+    return out
+
