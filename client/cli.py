@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ti2i.benchmarks.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)  # `ti2i bench`
+    from ti2i.kubernetes import add_parser as add_kubernetes_parser
+
+    add_kubernetes_parser(sub)  # `ti2i kubernetes`
     return parser
 
 
