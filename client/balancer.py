@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,8 +31,9 @@ HEALTH_TIMEOUT_S = 2.0
 
 
 def replica_urls(url: str | Sequence[str]) -> list[str]:
-    """URLs from a list or a comma-separated string."""
-    parts = url.split(",") if isinstance(url, str) else list(url)
+    """URLs from a list or a comma-separated string (a comma inside a gRPC target such as
+    ``grpc://ipv4:HOST:PORT,HOST:PORT`` stays: only a comma before a scheme separates replicas)."""
+    parts = re.split(r",\s*(?=(?:grpc|http)://)", url) if isinstance(url, str) else list(url)
     urls = [u.strip() for u in parts if u.strip()]
     if not urls:
         raise InvalidInputError("no server URL given")

@@ -366,6 +366,9 @@ class _SharedMemoryPool:
 
 def _client(module: Any, address: str, timeout_s: float) -> Any:
     if module.__name__.endswith("grpc"):
+        if address.startswith(("dns:", "ipv4:", "ipv6:")):  # a gRPC target naming several servers (a headless
+            # Service's DNS name, a static list): gRPC itself spreads the calls over them, round robin per call
+            return module.InferenceServerClient(address, channel_args=[("grpc.lb_policy_name", "round_robin")])
         return module.InferenceServerClient(address)
     return module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
 

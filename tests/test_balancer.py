@@ -133,3 +133,15 @@ def test_a_component_call_is_retried_once_a_whole_method_request_is_not(replicas
     assert _served_count(alive) == before + 1
     with pytest.raises(InvalidInputError, match="mix protocols"):
         TritonRunner(f"{alive_url},http://{alive.http_url}")
+
+
+def test_a_grpc_target_of_several_servers_is_balanced_per_call_by_grpc(replicas, expected):
+    """`grpc://dns:///NAME:PORT` (a headless Service) or `grpc://ipv4:A:P,B:Q`: gRPC's round robin over all of them."""
+    target = "grpc://ipv4:" + ",".join(s.grpc_url for s in replicas)
+    with TritonRunner(target) as runner:
+        for i in range(2 * INPUTS):
+            _call(runner, expected, i)
+    counts = [_served_count(s) for s in replicas]
+    assert sum(counts) == 2 * INPUTS and min(counts) >= 2, counts
+    with TritonRunner(f"grpc://dns:///{replicas[0].grpc_url}") as runner:  # the resolver form, one address here
+        _call(runner, expected, 0)
