@@ -89,6 +89,8 @@ class FamilyRunner(Runner):
         return self.base.for_family(name)
 
     def __getattr__(self, name: str) -> Any:  # the base runner's other attributes (model_config, protocol, ...)
+        if name == "base":
+            raise AttributeError(name)
         return getattr(self.base, name)
 
 

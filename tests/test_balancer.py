@@ -15,7 +15,7 @@ from ti2i.client.balancer import BalancedClient
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.errors import InvalidInputError
 from ti2i.triton_models.repository import RepositoryOptions, write_repository
-from ti2i.triton_models.server import TritonServer
+from ti2i.triton_models.server import TritonServer, find_free_ports
 from tritonclient.utils import InferenceServerException
 
 CALLS = 48  # bounded load, 127.0.0.1 only
@@ -30,9 +30,8 @@ def repository(engines, tmp_path_factory):
                             models=["unet"])
 
 
-@pytest.fixture()
-def replicas(repository, tmp_path):
-    servers = [TritonServer(repository, log_path=tmp_path / f"replica{i}.log") for i in range(2)]
+def _start_pair(repository, folder):
+    servers = [TritonServer(repository, log_path=folder / f"replica{i}.log") for i in range(2)]
     try:
         for server in servers:
             server.start()
@@ -40,6 +39,18 @@ def replicas(repository, tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(repository, tmp_path_factory):
+    """Two replicas kept running for the module's tests (they compare statistics before and after)."""
+    yield from _start_pair(repository, tmp_path_factory.mktemp("replicas"))
+
+
+@pytest.fixture()
+def doomed_replicas(repository, tmp_path):
+    """Two replicas of which the test kills one."""
+    yield from _start_pair(repository, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +84,20 @@ def _call(runner, expected, i):
 
 
 def test_load_spreads_over_both_replicas(replicas, expected):
+    before = [_served_count(s) for s in replicas]
     with TritonRunner(_urls(replicas)) as runner:
         with ThreadPoolExecutor(THREADS) as pool:
             done = list(pool.map(lambda i: _call(runner, expected, i), range(CALLS)))
         for i in range(INPUTS):  # one call at a time alternates
             _call(runner, expected, i)
     assert done == list(range(CALLS))
-    counts = [_served_count(s) for s in replicas]  # the servers' own statistics
+    counts = [_served_count(s) - b for s, b in zip(replicas, before)]  # the servers' own statistics
     assert sum(counts) == CALLS + INPUTS
     assert min(counts) >= CALLS // 4, counts
 
 
-def test_killing_a_replica_mid_run_loses_no_request_and_is_reported_once(replicas, expected, caplog):
+def test_killing_a_replica_mid_run_loses_no_request_and_is_reported_once(doomed_replicas, expected, caplog):
+    replicas = doomed_replicas
     caplog.set_level(logging.WARNING, logger="ti2i.balancer")
     victim = replicas[1]
     halfway = threading.Event()
@@ -113,9 +126,8 @@ def test_killing_a_replica_mid_run_loses_no_request_and_is_reported_once(replica
 
 
 def test_a_component_call_is_retried_once_a_whole_method_request_is_not(replicas, expected):
-    dead, alive = replicas
-    dead_url, alive_url = f"grpc://{dead.grpc_url}", f"grpc://{alive.grpc_url}"
-    dead.stop()
+    alive = replicas[0]
+    dead_url, alive_url = f"grpc://127.0.0.1:{find_free_ports(1)[0]}", f"grpc://{alive.grpc_url}"  # nothing listens
     connect = lambda url: grpcclient.InferenceServerClient(url.removeprefix("grpc://"))  # noqa: E731
     inputs, want = expected[0]
     tensors = []
@@ -138,10 +150,11 @@ def test_a_component_call_is_retried_once_a_whole_method_request_is_not(replicas
 def test_a_grpc_target_of_several_servers_is_balanced_per_call_by_grpc(replicas, expected):
     """`grpc://dns:///NAME:PORT` (a headless Service) or `grpc://ipv4:A:P,B:Q`: gRPC's round robin over all of them."""
     target = "grpc://ipv4:" + ",".join(s.grpc_url for s in replicas)
+    before = [_served_count(s) for s in replicas]
     with TritonRunner(target) as runner:
         for i in range(2 * INPUTS):
             _call(runner, expected, i)
-    counts = [_served_count(s) for s in replicas]
+    counts = [_served_count(s) - b for s, b in zip(replicas, before)]
     assert sum(counts) == 2 * INPUTS and min(counts) >= 2, counts
     with TritonRunner(f"grpc://dns:///{replicas[0].grpc_url}") as runner:  # the resolver form, one address here
         _call(runner, expected, 0)
