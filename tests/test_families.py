@@ -6,6 +6,7 @@ import filecmp
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from conftest import max_abs
 from ti2i.client.cli import main
 from ti2i.client.methods import components_for
@@ -119,3 +120,22 @@ def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_en
     assert err.count("\n") == 0 and "NAME=DIR" in err
     assert main(["repository", "--engines", f"sd={engines.root}", "--methods", "svd", "--out", str(tmp_path / "y")]) == 2
     assert "no engine directory (sd) has every component svd needs" in capsys.readouterr().err
+
+
+def test_capacity_counts_the_autoscalers_signal_from_the_servers_metrics(family_server):
+    """benchmarks/capacity.py reads the queue-time signal as the adapter rule does: Δ queue µs / Δ successes."""
+    from ti2i.benchmarks.capacity import measure
+
+    def successes() -> int:  # Triton's statistics API: a second account of the same calls
+        client = grpcclient.InferenceServerClient(family_server.grpc_url)
+        stats = client.get_inference_statistics(as_json=True)["model_stats"]
+        client.close()
+        return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats)
+
+    run = lambda r: txt2img(r, "hills", steps=2, seed=0, height=32, width=32, progress=False)  # noqa: E731
+    before = successes()
+    level = measure(f"grpc://{family_server.grpc_url}", family_server.metrics_url, run, clients=2, count=3)
+    calls = successes() - before
+    assert calls % 5 == 0  # 2 warm-up requests + 3 measured, each the same calls
+    assert level["model_calls"] == calls // 5 * 3
+    assert level["requests"] == 3 and level["requests_per_s"] > 0 and level["queue_us_per_call"] >= 0
