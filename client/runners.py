@@ -122,7 +122,6 @@ class InProcessRunner(Runner):
         self.manifest = Manifest.load(engine_dir)
         self.pipeline = self.manifest.pipeline
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
-        self._engines: dict[str, Engine] = {}
         specs = {name: entry.spec for name, entry in self.manifest.components.items()}
         self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
         self.families = {None: Family(None, self.pipeline, frozenset([*self.manifest.components, *self._ensembles]))}
