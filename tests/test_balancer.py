@@ -147,6 +147,16 @@ def test_a_component_call_is_retried_once_a_whole_method_request_is_not(replicas
         TritonRunner(f"{alive_url},http://{alive.http_url}")
 
 
+def test_over_http_a_replica_down_at_start_is_left_out(replicas, expected, caplog):
+    caplog.set_level(logging.WARNING, logger="ti2i.balancer")
+    dead_url = f"http://127.0.0.1:{find_free_ports(1)[0]}"
+    with TritonRunner(f"{dead_url},http://{replicas[0].http_url}") as runner:
+        for i in range(3):
+            _call(runner, expected, i)
+    reports = [r.getMessage() for r in caplog.records if "failed its health check" in r.getMessage()]
+    assert len(reports) == 1 and dead_url in reports[0]
+
+
 def test_a_grpc_target_of_several_servers_is_balanced_per_call_by_grpc(replicas, expected):
     """`grpc://dns:///NAME:PORT` (a headless Service) or `grpc://ipv4:A:P,B:Q`: gRPC's round robin over all of them."""
     target = "grpc://ipv4:" + ",".join(s.grpc_url for s in replicas)
