@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 from abc import ABC, abstractmethod
+from http.client import HTTPException
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,18 @@ class TritonRunner(Runner):
     of the request and response bodies: one region per (model, tensor, byte size), created and
     registered with the server on first use and reused by every later call of that size. Outputs
     go through shared memory once their size is known (from the first call with the same input
-    shapes). The server must run on this machine and allow the shared-memory API. A runner is for
-    one thread at a time (its regions are reused across calls).
+    shapes). The server must run on this machine and allow the shared-memory API: a ``ti2i serve``
+    server restricts it to holders of its key, ``api_key`` (default ``$TI2I_API_KEY``), sent as
+    the ``ti2i-api-key`` header. A runner is for one thread at a time (its regions are reused
+    across calls).
     """
 
-    def __init__(self, url: str, timeout_s: float = 600.0, shared_memory: bool = False):
+    def __init__(self, url: str, timeout_s: float = 600.0, shared_memory: bool = False,
+                 api_key: str | None = None):
         self.protocol, self.address = _parse_url(url)
+        self.url = url
+        api_key = api_key or os.environ.get("TI2I_API_KEY")
+        self._key_headers = {"ti2i-api-key": api_key} if api_key else {}
         if self.protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
@@ -112,7 +119,7 @@ class TritonRunner(Runner):
             raise ServerUnavailableError(f"Triton server at {url} is not ready")
         self._configs: dict[str, dict[str, Any]] = {}
         self.pipeline = self._pipeline_facts()
-        self._shm = _SharedMemoryPool(self.client) if shared_memory else None
+        self._shm = _SharedMemoryPool(self.client, self._key_headers) if shared_memory else None
         # (model, input shapes, outputs) -> each output's (shape, numpy dtype): sizes output regions
         self._output_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
 
@@ -142,9 +149,24 @@ class TritonRunner(Runner):
         return InferenceServerException
 
     def _repository_index(self) -> list[dict[str, Any]]:
-        if self.protocol == "grpc":
-            return self.client.get_model_repository_index(as_json=True).get("models", [])
-        return self.client.get_model_repository_index()
+        """The repository index; where that API is restricted and this runner has no key, the
+        models the methods call (those the server has)."""
+        try:
+            if self.protocol == "grpc":
+                return self.client.get_model_repository_index(headers=self._key_headers,
+                                                              as_json=True).get("models", [])
+            return self.client.get_model_repository_index(headers=self._key_headers)
+        except self._exception_type():
+            from ti2i.client.methods import METHOD_MODELS
+
+            names = dict.fromkeys(m for models in METHOD_MODELS.values() for m in models)
+            return [{"name": n, "state": "READY"} for n in names if self._is_model_ready(n)]
+
+    def _is_model_ready(self, model: str) -> bool:
+        try:
+            return bool(self.client.is_model_ready(model))
+        except self._exception_type():
+            return False
 
     def _pipeline_facts(self) -> dict[str, Any]:
         for entry in self._repository_index():
@@ -191,7 +213,9 @@ class TritonRunner(Runner):
             kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
             result = self.client.infer(model, infer_inputs, outputs=requested, **kwargs)
         except self._exception_type() as err:
-            raise _translate(err, model) from None
+            raise self._server_gone(model) or _translate(err, model) from None
+        except (OSError, HTTPException) as err:  # HTTP: connection refused/reset/closed mid-request
+            raise self._server_gone(model, err) or ServerUnavailableError(f"{model}: {err}") from None
         out = {}
         seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for name in wanted:
@@ -208,6 +232,20 @@ class TritonRunner(Runner):
             self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out
 
+    def _server_gone(self, model: str, err: Exception | None = None) -> ServerUnavailableError | None:
+        """The error to raise when a failed call is due to the server stopping or being gone
+        (a server shutting down first unloads its models: "unknown model"); None when it is ready."""
+        if err is None and self._is_server_ready():
+            return None
+        cause = f" ({type(err).__name__})" if err is not None else ""
+        return ServerUnavailableError(f"{model}: the Triton server at {self.url} stopped or is unreachable{cause}")
+
+    def _is_server_ready(self) -> bool:
+        try:
+            return bool(self.client.is_server_ready())
+        except Exception:  # unreachable: refused, reset, closed
+            return False
+
     def close(self) -> None:
         if self._shm is not None:
             self._shm.close()
@@ -219,11 +257,12 @@ class _SharedMemoryPool:
 
     _ids = itertools.count()
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, headers: dict[str, str] | None = None):
         from tritonclient.utils import shared_memory
 
         self._lib = shared_memory
         self._client = client
+        self._headers = headers or {}
         self._prefix = f"ti2i_{os.getpid()}_{next(self._ids)}"
         self._regions: dict[tuple, tuple[str, Any]] = {}
 
@@ -234,12 +273,13 @@ class _SharedMemoryPool:
             name = f"{self._prefix}_{len(self._regions)}"
             handle = self._lib.create_shared_memory_region(name, "/" + name, nbytes, create_only=True)
             try:
-                self._client.register_system_shared_memory(name, "/" + name, nbytes)
+                self._client.register_system_shared_memory(name, "/" + name, nbytes, headers=self._headers)
             except Exception as err:
                 self._lib.destroy_shared_memory_region(handle)
                 message = err.message() if hasattr(err, "message") else str(err)
                 raise ServerUnavailableError(f"the server refused system shared memory ({message}); it must run "
-                                             f"on this machine and allow the shared-memory API") from None
+                                             f"on this machine and allow the shared-memory API, or be given its key "
+                                             f"(api_key=..., $TI2I_API_KEY)") from None
             self._regions[key] = (name, handle)
         return self._regions[key]
 
@@ -255,7 +295,7 @@ class _SharedMemoryPool:
     def close(self) -> None:
         for name, handle in self._regions.values():
             try:
-                self._client.unregister_system_shared_memory(name)
+                self._client.unregister_system_shared_memory(name, headers=self._headers)
             except Exception:  # the server may be gone already: the local region still goes
                 pass
             self._lib.destroy_shared_memory_region(handle)
