@@ -99,7 +99,8 @@ class TritonRunner(Runner):
         self.protocol, self.address = _parse_url(url)
         self.url = url
         api_key = api_key or os.environ.get("TI2I_API_KEY")
-        self._key_headers = {"ti2i-api-key": api_key} if api_key else {}
+        # the restricted APIs' key, as `ti2i serve` expects it over HTTP and over gRPC
+        self._key_headers = {"ti2i-api-key": api_key, "triton-grpc-protocol-ti2i-api-key": api_key} if api_key else {}
         if self.protocol == "grpc":
             import tritonclient.grpc as client_module
         else:

@@ -14,7 +14,7 @@ itself, before reading the body:
   parameters and reads its JSON or binary body whatever the type says, so ``curl -d '{...}'``
   keeps working, but libevhtp no longer parses the body);
 * 411 to a chunked request body (the Triton clients never send one; its length is unknown);
-* 431 to a request head over 64 KiB;
+* 431 to a request head over 1 MiB;
 * 503 when Triton is not reachable (it is being restarted): clients see UNAVAILABLE.
 
 Bytes are streamed through (no body is held whole); one upstream connection per client
@@ -33,8 +33,8 @@ import signal
 import sys
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
-MAX_HEAD_BYTES = 64 * 1024
-_COPY_CHUNK = 256 * 1024
+MAX_HEAD_BYTES = 1024 * 1024  # also the streams' buffer size: larger reads, fewer copies
+_COPY_CHUNK = 1024 * 1024
 _REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large", 400: "Bad Request", 502: "Bad Gateway",
             503: "Service Unavailable"}
@@ -119,6 +119,20 @@ async def _copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         await _copy(reader, writer, size + 2)
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 5.0) -> None:
+    """After refusing a request, discard what the client still sends (for a few seconds) before
+    closing: a client still writing its body would otherwise get a reset instead of the reply."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    with contextlib.suppress(Exception):
+        while (left := deadline - loop.time()) > 0:
+            if not await asyncio.wait_for(reader.read(_COPY_CHUNK), left):
+                return
+
+
 def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
@@ -159,6 +173,7 @@ class HttpGuard:
                 except _Refused as refused:
                     _reply(writer, refused.status, str(refused))
                     await writer.drain()
+                    await _linger(reader, writer)
                     return
                 method, _, version = start.split(" ")
                 if (_one(headers, "expect") or "").lower() == "100-continue":

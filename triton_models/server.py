@@ -81,6 +81,7 @@ _PORT_RETRIES = 3  # restarts with fresh ports when auto-picked ports were taken
 RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace", "statistics")
 API_KEY_HEADER = "ti2i-api-key"
 API_KEY_ENV = "TI2I_API_KEY"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 _UMASK = 0o077  # the files the server creates are its user's only
 
 
@@ -479,8 +480,9 @@ class TritonServer:
 
     @property
     def api_headers(self) -> dict[str, str]:
-        """The header a client sends to call the restricted APIs."""
-        return {API_KEY_HEADER: self.api_key}
+        """The headers a client sends to call the restricted APIs: Triton's gRPC frontend expects
+        the key under ``triton-grpc-protocol-<header>``; each protocol ignores the other's."""
+        return {API_KEY_HEADER: self.api_key, GRPC_HEADER_PREFIX + API_KEY_HEADER: self.api_key}
 
     @property
     def metrics_url(self) -> str:
