@@ -132,7 +132,8 @@ def test_shared_memory_runner_matches_plain_grpc(triton_server):
                   timestep=np.array([10.0, 500.0], dtype=np.float32),
                   encoder_hidden_states=rng.standard_normal((2, 77, 32)).astype(np.float32))
     with TritonRunner(f"grpc://{triton_server.grpc_url}") as plain, \
-            TritonRunner(f"grpc://{triton_server.grpc_url}", shared_memory=True) as shm:
+            TritonRunner(f"grpc://{triton_server.grpc_url}", shared_memory=True,
+                         api_key=triton_server.api_key) as shm:
         expected = plain.run("unet", **inputs)["noise_pred"]
         for i in range(3):  # the first call learns the output size, later ones receive through shm too
             got = shm.run("unet", **inputs)["noise_pred"]
