@@ -236,14 +236,17 @@ class TritonRunner(Runner):
     def _server_gone(self, model: str, err: Exception | None = None) -> ServerUnavailableError | None:
         """The error to raise when a failed call is due to the server stopping or being gone
         (a server shutting down first unloads its models: "unknown model"); None when it is ready."""
-        if err is None and self._is_server_ready():
+        if err is None and self._server_state("ready"):
             return None
+        if self._server_state("live"):
+            return ServerUnavailableError(f"{model}: the Triton server at {self.url} is not ready "
+                                          "(it is stopping, or reloading a model)")
         cause = f" ({type(err).__name__})" if err is not None else ""
         return ServerUnavailableError(f"{model}: the Triton server at {self.url} stopped or is unreachable{cause}")
 
-    def _is_server_ready(self) -> bool:
+    def _server_state(self, state: str) -> bool:
         try:
-            return bool(self.client.is_server_ready())
+            return bool(self.client.is_server_ready() if state == "ready" else self.client.is_server_live())
         except Exception:  # unreachable: refused, reset, closed
             return False
 

@@ -272,4 +272,4 @@ def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, prot
     lines = err.strip().splitlines()
     assert client.returncode == 2, (out, err)
     assert len(lines) == 1, err
-    assert "stopped or is unreachable" in lines[0], lines[0]
+    assert "the Triton server at" in lines[0] and "stopp" in lines[0], lines[0]
