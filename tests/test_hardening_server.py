@@ -248,6 +248,7 @@ def _inferences(server: TritonServer, model: str) -> int:
 def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, protocol):
     # Original failure: SIGTERM on the server during a served SDEdit printed a 41-line
     # geventhttpclient traceback (HTTP, exit 1) or a misleading "unknown model 'unet'" (gRPC).
+    # (Triton keeps serving for its exit timeout, 5 s: the request must outlast it.)
     from PIL import Image
 
     image = tmp_path / "in.png"
@@ -256,7 +257,7 @@ def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, prot
         url = f"{protocol}://{server.grpc_url if protocol == 'grpc' else server.http_url}"
         client = subprocess.Popen(
             [sys.executable, "-m", "ti2i.client.cli", "sdedit", "--server", url, "--image", str(image), "--prompt",
-             "a cat", "--steps", "400", "--strength", "1.0", "--quiet", "--out", str(tmp_path / "o.png")],
+             "a cat", "--steps", "1000", "--strength", "0.99", "--quiet", "--out", str(tmp_path / "o.png")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 90

@@ -573,12 +573,16 @@ class TritonServer:
                     self._launch(ports, backend_dir)
                     self._wait_ready()
                     self.protect_shm_regions()
-                    if self.http_guard:
-                        self._start_guard()
-                    if self.supervise and self.supervisor is None:
-                        from ti2i.triton_models.supervisor import Supervisor
+                    try:
+                        if self.http_guard:
+                            self._start_guard()
+                        if self.supervise and self.supervisor is None:
+                            from ti2i.triton_models.supervisor import Supervisor
 
-                        self.supervisor = Supervisor(self).start()
+                            self.supervisor = Supervisor(self).start()
+                    except BaseException:
+                        self.stop()
+                        raise
                     return self
                 except _StartupAborted:
                     raise
@@ -853,7 +857,7 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
         print(f"Stopping Triton server ({signal.Signals(received[0]).name})...", file=out, flush=True)
         return 0
     finally:
+        server.stop()  # with _abort still set: a restart under way gives up at once
         server._abort = None
-        server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

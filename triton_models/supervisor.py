@@ -84,6 +84,7 @@ class Supervisor:
         self.failed: str | None = None
         self._restarts: list[float] = []
         self._expected: dict[str, tuple[int, str]] = {}
+        self._backoff: dict[str, tuple[float, float]] = {}  # model -> (next try, delay) after a failed reload
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -138,7 +139,15 @@ class Supervisor:
         for model, instances in dead.items():
             if self._stop.is_set() or not self.server.is_alive():
                 return
-            self._reload(model, instances)
+            next_try, delay = self._backoff.get(model, (0.0, 1.0))
+            if time.monotonic() < next_try:
+                continue
+            try:
+                self._reload(model, instances)
+                self._backoff.pop(model, None)
+            except Exception:
+                self._backoff[model] = (time.monotonic() + delay, min(delay * 2, 60.0))
+                raise
 
     def _restart_server(self) -> None:
         proc = self.server._proc
@@ -160,6 +169,7 @@ class Supervisor:
             self._event(f"restart failed: {str(err).splitlines()[0]}")
             return
         self._snapshot()
+        self._backoff.clear()
         self._event(f"recovered: tritonserver ready again (pid {self.server.pid}) after {time.monotonic() - t0:.1f} s")
 
     def _reload(self, model: str, instances: list[str]) -> None:
