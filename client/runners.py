@@ -11,8 +11,8 @@ import itertools
 import json
 import os
 from abc import ABC, abstractmethod
-from http.client import HTTPException
 from collections.abc import Mapping, Sequence
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
