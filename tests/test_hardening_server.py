@@ -248,12 +248,13 @@ def _inferences(server: TritonServer, model: str) -> int:
 def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, protocol):
     # Original failure: SIGTERM on the server during a served SDEdit printed a 41-line
     # geventhttpclient traceback (HTTP, exit 1) or a misleading "unknown model 'unet'" (gRPC).
-    # (Triton keeps serving for its exit timeout, 5 s: the request must outlast it.)
+    # (Triton keeps serving for its exit timeout: the request must outlast it.)
     from PIL import Image
 
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
-    with TritonServer(sdedit_repository, log_path=tmp_path / "server.log", startup_timeout_s=120) as server:
+    with TritonServer(sdedit_repository, log_path=tmp_path / "server.log", startup_timeout_s=120,
+                      exit_timeout_s=1) as server:
         url = f"{protocol}://{server.grpc_url if protocol == 'grpc' else server.http_url}"
         client = subprocess.Popen(
             [sys.executable, "-m", "ti2i.client.cli", "sdedit", "--server", url, "--image", str(image), "--prompt",
