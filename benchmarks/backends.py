@@ -204,7 +204,8 @@ def _triton(protocol: str, shared_memory: bool = False) -> Callable[[str, BenchC
         if ctx.server is None:
             raise RuntimeError("no Triton server is running")
         url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
-        return RunnerBackend(name, ctx, lambda: TritonRunner(url, shared_memory=shared_memory), "served",
+        key = getattr(ctx.server, "api_key", None)  # the shared-memory API is restricted to the server's key
+        return RunnerBackend(name, ctx, lambda: TritonRunner(url, shared_memory=shared_memory, api_key=key), "served",
                              {"url": url, "shared_memory": shared_memory})
 
     return factory

@@ -45,11 +45,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None, help="where built models and engines are kept "
                                                  "(default: $TI2I_BENCH_CACHE or ~/.cache/ti2i/bench)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
+                   help="instead: a soak of this many minutes against one supervised server (benchmarks/soak.py)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ti2i.benchmarks.harness import BenchConfig, run_benchmark
+
+    if args.soak is not None:
+        from ti2i.benchmarks.soak import run_soak
+
+        report = run_soak(args.soak, args.clients, Path(args.out), preset=args.preset,
+                          cache=Path(args.cache) if args.cache else None,
+                          log=(lambda _: None) if args.quiet else print)
+        print((Path(args.out) / "soak.md").read_text())
+        return 0 if report["unexpected_failures"] == 0 else 1
 
     if args.repeats is not None and args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}")

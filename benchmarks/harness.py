@@ -632,7 +632,7 @@ def _server_stats(server: Any) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
 
     with contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as client:
-        stats = client.get_inference_statistics(as_json=True)
+        stats = client.get_inference_statistics(headers=getattr(server, "api_headers", None), as_json=True)
     return {m["name"]: m for m in stats.get("model_stats", [])}
 
 

@@ -49,10 +49,20 @@ def _add_image_args(parser: argparse.ArgumentParser,
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no timing report")
 
 
+def check_out_parent(out: Path) -> Path:
+    """Refuse an output path under an existing non-folder at once, not after the whole run."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInputError(f"output {out}: {parent} exists and is not a folder")
+            break
+    return out
+
+
 def _check_image_out(path: str) -> Path:
     from PIL import Image
 
-    out = Path(path)
+    out = check_out_parent(Path(path))
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise InvalidInputError(f"output {out} has no image extension PIL can write (use .png, .jpg, ...)")
@@ -124,11 +134,20 @@ def cmd_repository(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ti2i.triton_models.server import ServerPorts, TritonServer, serve_forever
+    from ti2i.triton_models.server import RESTRICTED_APIS, ServerPorts, TritonServer, serve_forever
 
+    opened = {a.strip() for a in (args.open_apis or "").split(",") if a.strip()}
+    if opened - set(RESTRICTED_APIS):
+        raise InvalidInputError(f"--open-apis: unknown {sorted(opened - set(RESTRICTED_APIS))} "
+                                f"(restricted by default: {', '.join(RESTRICTED_APIS)})")
+    if args.http_max_body_mb <= 0:
+        raise InvalidInputError(f"--http-max-body-mb must be > 0, got {args.http_max_body_mb}")
     repository = _write_families(args, Path(args.repository) if args.repository else None)
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
-    return serve_forever(TritonServer(repository, ports=ports, log_path=args.log))
+    server = TritonServer(repository, ports=ports, log_path=args.log, api_key=args.api_key,
+                          restricted_apis=[a for a in RESTRICTED_APIS if a not in opened],
+                          max_http_body_bytes=int(args.http_max_body_mb * 1024 * 1024), supervise=not args.no_supervise)
+    return serve_forever(server)
 
 
 def cmd_sdedit(args: argparse.Namespace) -> int:
@@ -217,7 +236,7 @@ def cmd_svd(args: argparse.Namespace) -> int:
     from ti2i.client.svd import svd
     from ti2i.client.video import check_video_out
 
-    out = check_video_out(args.out)
+    out = check_out_parent(check_video_out(args.out))
     with _runner(args) as runner:
         result = svd(runner, args.image, frames=args.frames, steps=args.steps, fps=args.fps,
                      motion_bucket_id=args.motion_bucket_id, noise_aug=args.noise_aug, min_guidance=args.min_guidance,
@@ -231,7 +250,7 @@ def cmd_videoldm(args: argparse.Namespace) -> int:
     from ti2i.client.video import check_video_out
     from ti2i.client.videoldm import videoldm
 
-    out = check_video_out(args.out)
+    out = check_out_parent(check_video_out(args.out))
     with _runner(args) as runner:
         result = videoldm(runner, args.image, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
                           strength=args.strength, steps=args.steps, guidance=args.guidance, alpha=args.alpha,
@@ -280,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--http-port", type=int, default=8000)
             p.add_argument("--metrics-port", type=int, default=8002)
             p.add_argument("--log", type=Path, default=None, help="server log file")
+            p.add_argument("--api-key", default=None,
+                           help="key of the restricted APIs, sent as header ti2i-api-key "
+                                "(default: $TI2I_API_KEY, else a random one, printed at start)")
+            p.add_argument("--open-apis", default=None,
+                           help="comma-separated API groups to open to every client (restricted by default: "
+                                "shared-memory, model-repository, logging, trace, statistics)")
+            p.add_argument("--http-max-body-mb", type=float, default=64.0,
+                           help="largest HTTP request body accepted (MiB; larger ones get 413)")
+            p.add_argument("--no-supervise", action="store_true",
+                           help="do not reload models whose python-backend stub died, nor restart a dead server")
         p.add_argument("--methods", default=None,
                        help="comma-separated methods to serve (txt2img, sdedit, inpaint, cyclediffusion, ddib, "
                             "pix2pix, videoldm, svd); default: every model of the engine directory")

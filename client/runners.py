@@ -11,6 +11,7 @@ import itertools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
-from ti2i.families import Family, choose_family, families_from_configs, split_served_name
+from ti2i.families import Family, choose_family, families_from_configs, served_name, split_served_name
 from ti2i.manifest import Manifest
 
 
@@ -172,8 +173,10 @@ class TritonRunner(Runner):
     of the request and response bodies: one region per (model, tensor, byte size), created and
     registered with the server on first use and reused by every later call of that size. Outputs
     go through shared memory once their size is known (from the first call with the same input
-    shapes). The server must run on this machine and allow the shared-memory API. A runner is for
-    one thread at a time (its regions are reused across calls).
+    shapes). The server must run on this machine and allow the shared-memory API: a ``ti2i serve``
+    server restricts it to holders of its key, ``api_key`` (default ``$TI2I_API_KEY``), sent as
+    the ``ti2i-api-key`` header. A runner is for one thread at a time (its regions are reused
+    across calls).
 
     `url` may name several replicas (a list, or URLs separated by commas): calls are spread over them
     by `ti2i.client.balancer`. A server serving several model families (`ti2i.families`) is reached
@@ -181,14 +184,18 @@ class TritonRunner(Runner):
     """
 
     def __init__(self, url: str | Sequence[str], timeout_s: float = 600.0, shared_memory: bool = False,
-                 family: str | None = None):
+                 family: str | None = None, api_key: str | None = None):
         from ti2i.client.balancer import replica_urls
 
         urls = replica_urls(url)
         url = ", ".join(urls)
+        self.url = url
         self.protocol, self.address = _parse_url(urls[0])
         if any(_parse_url(u)[0] != self.protocol for u in urls):
             raise InvalidInputError(f"replicas {url} mix protocols: use grpc:// or http:// for all of them")
+        api_key = api_key or os.environ.get("TI2I_API_KEY")
+        # the restricted APIs' key, as `ti2i serve` expects it over HTTP and over gRPC
+        self._key_headers = {"ti2i-api-key": api_key, "triton-grpc-protocol-ti2i-api-key": api_key} if api_key else {}
         if self.protocol == "grpc":
             import tritonclient.grpc as client_module
         else:
@@ -216,7 +223,7 @@ class TritonRunner(Runner):
         self.families = self._families()
         if family is not None or list(self.families) == [None]:
             self.pipeline = choose_family(self.families, (), family).pipeline
-        self._shm = _SharedMemoryPool(self.client) if shared_memory else None
+        self._shm = _SharedMemoryPool(self.client, self._key_headers) if shared_memory else None
         # (model, input shapes, outputs) -> each output's (shape, numpy dtype): sizes output regions
         self._output_shapes: dict[tuple, dict[str, tuple[tuple[int, ...], np.dtype]]] = {}
 
@@ -246,9 +253,25 @@ class TritonRunner(Runner):
         return InferenceServerException
 
     def _repository_index(self) -> list[dict[str, Any]]:
-        if self.protocol == "grpc":
-            return self.client.get_model_repository_index(as_json=True).get("models", [])
-        return self.client.get_model_repository_index()
+        """The repository index; where that API is restricted and this runner has no key, the
+        models the methods call (those the server has)."""
+        try:
+            if self.protocol == "grpc":
+                return self.client.get_model_repository_index(headers=self._key_headers,
+                                                              as_json=True).get("models", [])
+            return self.client.get_model_repository_index(headers=self._key_headers)
+        except self._exception_type():
+            from ti2i.client.methods import METHOD_MODELS
+
+            names = dict.fromkeys(served_name(family, m) for family in dict.fromkeys([None, self.family])
+                                  for models in METHOD_MODELS.values() for m in models)
+            return [{"name": n, "state": "READY"} for n in names if self._is_model_ready(n)]
+
+    def _is_model_ready(self, model: str) -> bool:
+        try:
+            return bool(self.client.is_model_ready(model))
+        except self._exception_type():
+            return False
 
     def _families(self) -> dict[str | None, Family]:
         """The model families served, from the pipeline facts (and family name) every model's config carries."""
@@ -294,7 +317,9 @@ class TritonRunner(Runner):
             kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
             result = self.client.infer(model, infer_inputs, outputs=requested, **kwargs)
         except self._exception_type() as err:
-            raise _translate(err, model) from None
+            raise self._server_gone(model) or _translate(err, model) from None
+        except (OSError, HTTPException) as err:  # HTTP: connection refused/reset/closed mid-request
+            raise self._server_gone(model, err) or ServerUnavailableError(f"{model}: {err}") from None
         out = {}
         seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for name in wanted:
@@ -311,6 +336,23 @@ class TritonRunner(Runner):
             self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out
 
+    def _server_gone(self, model: str, err: Exception | None = None) -> ServerUnavailableError | None:
+        """The error to raise when a failed call is due to the server stopping or being gone
+        (a server shutting down first unloads its models: "unknown model"); None when it is ready."""
+        if err is None and self._server_state("ready"):
+            return None
+        if self._server_state("live"):
+            return ServerUnavailableError(f"{model}: the Triton server at {self.url} is not ready "
+                                          "(it is stopping, or reloading a model)")
+        cause = f" ({type(err).__name__})" if err is not None else ""
+        return ServerUnavailableError(f"{model}: the Triton server at {self.url} stopped or is unreachable{cause}")
+
+    def _server_state(self, state: str) -> bool:
+        try:
+            return bool(self.client.is_server_ready() if state == "ready" else self.client.is_server_live())
+        except Exception:  # unreachable: refused, reset, closed
+            return False
+
     def close(self) -> None:
         if self._shm is not None:
             self._shm.close()
@@ -322,11 +364,12 @@ class _SharedMemoryPool:
 
     _ids = itertools.count()
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, headers: dict[str, str] | None = None):
         from tritonclient.utils import shared_memory
 
         self._lib = shared_memory
         self._client = client
+        self._headers = headers or {}
         self._prefix = f"ti2i_{os.getpid()}_{next(self._ids)}"
         self._regions: dict[tuple, tuple[str, Any]] = {}
 
@@ -337,12 +380,13 @@ class _SharedMemoryPool:
             name = f"{self._prefix}_{len(self._regions)}"
             handle = self._lib.create_shared_memory_region(name, "/" + name, nbytes, create_only=True)
             try:
-                self._client.register_system_shared_memory(name, "/" + name, nbytes)
+                self._client.register_system_shared_memory(name, "/" + name, nbytes, headers=self._headers)
             except Exception as err:
                 self._lib.destroy_shared_memory_region(handle)
                 message = err.message() if hasattr(err, "message") else str(err)
                 raise ServerUnavailableError(f"the server refused system shared memory ({message}); it must run "
-                                             f"on this machine and allow the shared-memory API") from None
+                                             f"on this machine and allow the shared-memory API, or be given its key "
+                                             f"(api_key=..., $TI2I_API_KEY)") from None
             self._regions[key] = (name, handle)
         return self._regions[key]
 
@@ -358,7 +402,7 @@ class _SharedMemoryPool:
     def close(self) -> None:
         for name, handle in self._regions.values():
             try:
-                self._client.unregister_system_shared_memory(name)
+                self._client.unregister_system_shared_memory(name, headers=self._headers)
             except Exception:  # the server may be gone already: the local region still goes
                 pass
             self._lib.destroy_shared_memory_region(handle)

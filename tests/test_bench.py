@@ -132,7 +132,8 @@ def test_shared_memory_runner_matches_plain_grpc(triton_server):
                   timestep=np.array([10.0, 500.0], dtype=np.float32),
                   encoder_hidden_states=rng.standard_normal((2, 77, 32)).astype(np.float32))
     with TritonRunner(f"grpc://{triton_server.grpc_url}") as plain, \
-            TritonRunner(f"grpc://{triton_server.grpc_url}", shared_memory=True) as shm:
+            TritonRunner(f"grpc://{triton_server.grpc_url}", shared_memory=True,
+                         api_key=triton_server.api_key) as shm:
         expected = plain.run("unet", **inputs)["noise_pred"]
         for i in range(3):  # the first call learns the output size, later ones receive through shm too
             got = shm.run("unet", **inputs)["noise_pred"]
@@ -144,10 +145,10 @@ def test_shared_memory_runner_matches_plain_grpc(triton_server):
         assert np.array_equal(shm.run("unet", **smaller)["noise_pred"], plain.run("unet", **smaller)["noise_pred"])
         image = shm.run("decode_image", latent=inputs["sample"][:1])  # an ensemble, uint8 and float outputs
         assert image["image"].dtype == np.uint8 and image["image"].shape == (1, 48, 64, 3)
-        status = plain.client.get_system_shared_memory_status(as_json=True)
+        status = plain.client.get_system_shared_memory_status(headers=triton_server.api_headers, as_json=True)
         assert len(status.get("regions", {})) >= regions
     status_after = TritonRunner(f"grpc://{triton_server.grpc_url}").client.get_system_shared_memory_status(
-        as_json=True)
+        headers=triton_server.api_headers, as_json=True)
     assert not status_after.get("regions")  # closing unregisters every region
 
 

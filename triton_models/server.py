@@ -13,7 +13,14 @@ server as a child process:
   ``ti2i``, numpy and onnxruntime;
 * stdout and stderr written to a log file (never a pipe that could fill up);
 * readiness awaited on ``/v2/health/ready``; a server that exits or does not become ready in
-  time raises :class:`ti2i.errors.ServerUnavailableError` carrying the tail of its log.
+  time raises :class:`ti2i.errors.ServerUnavailableError` carrying the tail of its log;
+* safe by default: the HTTP port is served by :mod:`ti2i.triton_models.http_guard` (Triton's own
+  HTTP port sits behind it), which refuses the request bodies that crash this Triton; the
+  shared-memory, model-repository, logging, trace and statistics APIs are restricted over HTTP and
+  gRPC to holders of :attr:`TritonServer.api_key` (sent as the ``ti2i-api-key`` header); the
+  server runs with umask 077 and its python backend's ``/dev/shm`` regions are made readable by
+  this user only (:meth:`TritonServer.protect_shm_regions`); ``supervise=True`` adds a :class:`ti2i.triton_models.supervisor.Supervisor` that
+  reloads a model whose python-backend stub died and restarts a server that died.
 
 Example::
 
@@ -28,8 +35,10 @@ import contextlib
 import hashlib
 import itertools
 import importlib.util
+import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -49,6 +58,9 @@ from typing import IO, Sequence
 from ti2i.errors import ModelNotFoundError, ServerUnavailableError
 
 __all__ = [
+    "API_KEY_ENV",
+    "API_KEY_HEADER",
+    "RESTRICTED_APIS",
     "ServerPorts",
     "TritonServer",
     "find_free_ports",
@@ -62,6 +74,15 @@ _LOG_TAIL_BYTES = 3000
 # Error lines every CPU-only start logs; left out of error summaries.
 _HARMLESS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
 _PORT_RETRIES = 3  # restarts with fresh ports when auto-picked ports were taken meanwhile
+# The APIs only holders of the server's key may call (Triton's restricted-API groups): registering
+# system shared memory lets a client map any region the server can open, the repository API loads
+# and unloads models, logging/trace settings change what the server writes, statistics are not
+# every client's business. Health, metadata, model configuration and inference stay open.
+RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace", "statistics")
+API_KEY_HEADER = "ti2i-api-key"
+API_KEY_ENV = "TI2I_API_KEY"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+_UMASK = 0o077  # the files the server creates are its user's only
 
 
 # --------------------------------------------------------------------------- locating the wheel
@@ -252,22 +273,29 @@ def _stop_live_servers() -> None:  # pragma: no cover - exercised at interpreter
             server.stop(timeout_s=10)
 
 
-def _parent_death_signal_fn():
+def _parent_death_signal_fn(umask: int | None = None):
     """A ``preexec_fn`` asking the kernel to SIGTERM the server when its parent dies (Linux), so a
-    killed Python process does not leave a server behind; ``None`` where unavailable. Everything is
-    resolved here, in the parent: the child must not import anything between fork and exec."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+    killed Python process does not leave a server behind, and setting ``umask``; ``None`` when
+    there is nothing to do. Everything is resolved here, in the parent: the child must not import
+    anything between fork and exec. PDEATHSIG fires when the *thread* that forked exits, so it is
+    only asked for from the main thread."""
+    prctl = None
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        try:
+            import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            prctl = None
+    if prctl is None and umask is None:
         return None
     sigterm = int(signal.SIGTERM)
 
     def _preexec() -> None:
-        prctl(1, sigterm)  # PR_SET_PDEATHSIG
+        if umask is not None:
+            os.umask(umask)
+        if prctl is not None:
+            prctl(1, sigterm)  # PR_SET_PDEATHSIG
 
     return _preexec
 
@@ -371,6 +399,16 @@ class TritonServer:
             in-flight requests and open HTTP keep-alive connections before unloading its models
             (Triton's default, 30 s, makes every stop with a connected HTTP client take 30 s).
             Ignored when ``extra_args`` sets it.
+        api_key: the key of the restricted APIs; default ``$TI2I_API_KEY``, else a fresh random
+            one. Read it back from :attr:`api_key`; clients send it as the ``ti2i-api-key`` header.
+        restricted_apis: Triton API groups only key holders may call (``()`` opens them all).
+        http_guard: serve the HTTP port through :mod:`ti2i.triton_models.http_guard` (refusing
+            bodies over ``max_http_body_bytes`` and the form-encoded bodies that crash Triton 2.51).
+        max_http_body_bytes: the guard's request-body limit.
+        supervise: watch the python-backend stubs and the server; reload a model whose stub died
+            and restart a server that died (:class:`ti2i.triton_models.supervisor.Supervisor`).
+            Implies ``--model-control-mode=explicit`` with every model loaded at start (the
+            repository API stays restricted to the key).
 
     Each server gets its own python-backend shared-memory prefix
     (``--backend-config=python,shm-region-prefix-name=...``, unless ``extra_args`` sets one) so that
@@ -386,6 +424,11 @@ class TritonServer:
         startup_timeout_s: float = 120.0,
         backend_dir: Path | None = None,
         exit_timeout_s: int = 5,
+        api_key: str | None = None,
+        restricted_apis: Sequence[str] = RESTRICTED_APIS,
+        http_guard: bool = True,
+        max_http_body_bytes: int | None = None,
+        supervise: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).expanduser().resolve()
         self._fixed_ports = ports
@@ -403,6 +446,16 @@ class TritonServer:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.RLock()
         self._abort: threading.Event | None = None  # set by serve_forever on SIGINT/SIGTERM
+        self.api_key = api_key or os.environ.get(API_KEY_ENV) or secrets.token_urlsafe(24)
+        self.restricted_apis = tuple(restricted_apis)
+        self.http_guard = bool(http_guard)
+        from ti2i.triton_models.http_guard import DEFAULT_MAX_BODY_BYTES
+
+        self.max_http_body_bytes = int(max_http_body_bytes or DEFAULT_MAX_BODY_BYTES)
+        self.supervise = bool(supervise)
+        self.supervisor = None  # the Supervisor while supervise=True and started
+        self._triton_http: int | None = None  # Triton's own HTTP port (behind the guard)
+        self._guard: subprocess.Popen | None = None
 
     # ----- properties
 
@@ -419,6 +472,17 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"{HOST}:{self.ports.http}"
+
+    @property
+    def triton_http_url(self) -> str:
+        """Triton's own HTTP address: the guard's upstream (the same as :attr:`http_url` unguarded)."""
+        return f"{HOST}:{self._triton_http or self.ports.http}"
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """The headers a client sends to call the restricted APIs: Triton's gRPC frontend expects
+        the key under ``triton-grpc-protocol-<header>``; each protocol ignores the other's."""
+        return {API_KEY_HEADER: self.api_key, GRPC_HEADER_PREFIX + API_KEY_HEADER: self.api_key}
 
     @property
     def metrics_url(self) -> str:
@@ -449,7 +513,16 @@ class TritonServer:
 
     def command(self, ports: ServerPorts, backend_dir: Path) -> list[str]:
         """The full ``tritonserver`` command line."""
+        http_port = self._triton_http or ports.http
         defaults = []
+        if self.restricted_apis:
+            apis = ",".join(self.restricted_apis)
+            defaults += [f"--http-restricted-api={apis}:{API_KEY_HEADER}={self.api_key}",
+                         f"--grpc-restricted-protocol={apis}:{API_KEY_HEADER}={self.api_key}"]
+        if self.supervise:  # the supervisor reloads models through the (restricted) repository API
+            defaults += ["--model-control-mode=explicit", "--load-model=*"]
+        else:
+            defaults.append("--model-control-mode=none")
         if not self._has_arg("--exit-timeout-secs"):
             defaults.append(f"--exit-timeout-secs={self.exit_timeout_s}")
         if self._user_shm_prefix() is None:
@@ -458,7 +531,6 @@ class TritonServer:
             str(find_tritonserver()),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
-            "--model-control-mode=none",
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--allow-grpc=true",
@@ -466,7 +538,7 @@ class TritonServer:
             f"--grpc-port={ports.grpc}",
             "--allow-http=true",
             f"--http-address={HOST}",
-            f"--http-port={ports.http}",
+            f"--http-port={http_port}",
             "--allow-metrics=true",
             f"--metrics-address={HOST}",
             f"--metrics-port={ports.metrics}",
@@ -495,9 +567,22 @@ class TritonServer:
             attempts = 1 if self._fixed_ports is not None else _PORT_RETRIES
             for attempt in range(1, attempts + 1):
                 ports = self._fixed_ports or _pick_ports()
+                if self.http_guard:
+                    self._triton_http = find_free_ports(1)[0]
                 try:
                     self._launch(ports, backend_dir)
                     self._wait_ready()
+                    self.protect_shm_regions()
+                    try:
+                        if self.http_guard:
+                            self._start_guard()
+                        if self.supervise and self.supervisor is None:
+                            from ti2i.triton_models.supervisor import Supervisor
+
+                            self.supervisor = Supervisor(self).start()
+                    except BaseException:
+                        self.stop()
+                        raise
                     return self
                 except _StartupAborted:
                     raise
@@ -525,13 +610,65 @@ class TritonServer:
                 # Own process group: a terminal's Ctrl-C reaches us, not the server, and stop()
                 # can take down the python-backend stubs with the group.
                 start_new_session=True,
-                # PDEATHSIG fires when the *thread* that forked exits: main thread only.
-                preexec_fn=_parent_death_signal_fn()
-                if threading.current_thread() is threading.main_thread()
-                else None,
+                preexec_fn=_parent_death_signal_fn(umask=_UMASK),
                 close_fds=True,
             )
         _LIVE_SERVERS.add(self)
+
+    # ----- the HTTP guard
+
+    @property
+    def guard_log_path(self) -> Path:
+        return self._log_path.with_name(self._log_path.name + ".guard")
+
+    def _start_guard(self) -> None:
+        """Start the HTTP guard on the public HTTP port, forwarding to Triton's own; wait until it
+        accepts connections."""
+        if self._guard is not None and self._guard.poll() is None:
+            return
+        cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={HOST}:{self.ports.http}",
+               f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}"]
+        with open(self.guard_log_path, "ab") as log:
+            self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, close_fds=True,
+                                           preexec_fn=_parent_death_signal_fn(umask=_UMASK))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._guard.poll() is not None:
+                raise ServerUnavailableError(f"the HTTP guard exited with code {self._guard.returncode} "
+                                             f"(port {self.ports.http} taken?); log {self.guard_log_path}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.ports.http), timeout=1):
+                return
+            time.sleep(0.05)
+        raise ServerUnavailableError(f"the HTTP guard did not listen on {self.http_url} within 30 s")
+
+    def guard_alive(self) -> bool:
+        return not self.http_guard or (self._guard is not None and self._guard.poll() is None)
+
+    def _stop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is None:
+            return
+        if guard.poll() is None:
+            guard.terminate()
+            try:
+                guard.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                guard.kill()
+                guard.wait()
+
+    def restart(self) -> None:
+        """Stop tritonserver (not the HTTP guard) and start it again on the same ports: clients of
+        the HTTP port get 503 meanwhile, gRPC clients UNAVAILABLE."""
+        with self._lock:
+            self._fixed_ports = self._ports
+            self._stop_triton()
+            backend_dir = Path(self._backend_dir) if self._backend_dir else prepare_backend_dir()
+            self._launch(self.ports, backend_dir)
+            self._wait_ready()
+            self.protect_shm_regions()
+            if self.http_guard and not self.guard_alive():
+                self._start_guard()
 
     def _port_clash_in_log(self) -> bool:
         tail = self.log_tail().lower()
@@ -541,13 +678,13 @@ class TritonServer:
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
-        url = f"http://{self.http_url}/v2/health/ready"
+        url = f"http://{self.triton_http_url}/v2/health/ready"
         deadline = time.monotonic() + self.startup_timeout_s
         delay = 0.05
         while True:
             code = self._proc.poll()
             if code is not None:
-                self.stop()
+                self._stop_triton()
                 raise ServerUnavailableError(
                     f"tritonserver exited with code {code} before becoming ready "
                     f"(model repository {self.model_repository}); log {self._log_path}:\n{self.log_tail()}"
@@ -561,11 +698,11 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
                 pass
             if self._abort is not None and self._abort.is_set():
-                self.stop()
+                self._stop_triton()
                 raise _StartupAborted("server startup interrupted")
             if time.monotonic() >= deadline:
                 tail = self.log_tail()
-                self.stop()
+                self._stop_triton()
                 raise ServerUnavailableError(
                     f"tritonserver was not ready after {self.startup_timeout_s:.0f} s "
                     f"(model repository {self.model_repository}); log {self._log_path}:\n{tail}"
@@ -590,6 +727,21 @@ class TritonServer:
                 return
             time.sleep(0.02)
 
+    def protect_shm_regions(self) -> int:
+        """Make this server's python-backend ``/dev/shm`` regions readable by its user only; returns
+        how many were changed. (The backend creates them 0644 whatever the umask: Boost.Interprocess
+        sets the mode explicitly.) Called after each start; the supervisor calls it every round."""
+        shm = Path("/dev/shm")
+        changed = 0
+        if not self._shm_prefix or not shm.is_dir():
+            return 0
+        for region in shm.glob(f"{self._shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                if region.stat().st_mode & 0o077:
+                    region.chmod(0o600)
+                    changed += 1
+        return changed
+
     def _remove_shm_regions(self) -> None:
         """Delete ``/dev/shm`` regions left by this server's python backend (after a kill)."""
         shm = Path("/dev/shm")
@@ -602,8 +754,16 @@ class TritonServer:
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM the server, wait up to ``timeout_s``, then SIGKILL it and its process group.
 
-        Idempotent; also reaps a server that already died.
+        Idempotent; also reaps a server that already died. Stops the supervisor and the guard too.
         """
+        supervisor, self.supervisor = self.supervisor, None
+        if supervisor is not None:
+            supervisor.stop()
+        with self._lock:
+            self._stop_triton(timeout_s)
+            self._stop_guard()
+
+    def _stop_triton(self, timeout_s: float = 30) -> None:
         with self._lock:
             proc = self._proc
             if proc is None:
@@ -643,7 +803,8 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
 
     Starts it, prints its URLs, blocks until SIGINT/SIGTERM or until the server dies, then stops
     it. Returns 0 after a signal (also one received while the server was still starting), 1 if
-    the server died on its own (its log tail goes to stderr).
+    the server died on its own (its log tail goes to stderr) — with ``supervise=True``, only once
+    the supervisor gave up restarting it (its faults and recoveries are logged to stderr).
     Startup failures propagate as :class:`ServerUnavailableError` / :class:`ModelNotFoundError`.
     """
     out = out or sys.stdout
@@ -660,6 +821,8 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _handler)
     server._abort = stop_requested
+    if server.supervise and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="ti2i serve: %(message)s")
     try:
         try:
             server.start()
@@ -668,12 +831,23 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
             return 0
         print(f"Triton server ready (pid {server.pid}, models from {server.model_repository})", file=out)
         print(f"  gRPC    {server.grpc_url}", file=out)
-        print(f"  HTTP    http://{server.http_url}", file=out)
+        guard = f" (guarded: bodies up to {server.max_http_body_bytes} bytes)" if server.http_guard else ""
+        print(f"  HTTP    http://{server.http_url}{guard}", file=out)
         print(f"  metrics {server.metrics_url}", file=out)
         print(f"  log     {server.log_path}", file=out)
+        if server.restricted_apis:
+            source = "from $" + API_KEY_ENV if os.environ.get(API_KEY_ENV) == server.api_key else "generated"
+            print(f"  restricted APIs ({', '.join(server.restricted_apis)}): header {API_KEY_HEADER}: "
+                  f"{server.api_key} ({source})", file=out)
+        if server.supervisor is not None:
+            print("  supervised: dead python-backend stubs are reloaded, a dead server restarted", file=out)
         print("Press Ctrl-C to stop.", file=out, flush=True)
         while not stop_requested.wait(0.5):
-            if not server.is_alive():
+            if server.supervisor is not None:
+                if server.supervisor.failed:
+                    print(f"ti2i serve: {server.supervisor.failed}", file=sys.stderr)
+                    return 1
+            elif not server.is_alive():
                 code = server._proc.returncode if server._proc is not None else None
                 print(
                     f"tritonserver exited unexpectedly (code {code}); log {server.log_path}:\n{server.log_tail()}",
@@ -683,7 +857,7 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
         print(f"Stopping Triton server ({signal.Signals(received[0]).name})...", file=out, flush=True)
         return 0
     finally:
+        server.stop()  # with _abort still set: a restart under way gives up at once
         server._abort = None
-        server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]

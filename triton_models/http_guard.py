@@ -1,0 +1,255 @@
+"""A small HTTP/1.1 guard in front of Triton's HTTP port: it refuses the requests that crash it.
+
+Why: the HTTP frontend of the bundled Triton 2.51 is built on libevhtp, which parses the body of
+any request sent as ``Content-Type: application/x-www-form-urlencoded`` as query arguments into
+two stack buffers the size of the body (``evhtp_parse_query_wflags``). A body of about half the
+thread stack (8 MiB) — ``curl --data-binary @big.bin`` sends that content type by default —
+overflows the stack and the whole server dies with SIGSEGV. That Triton also has no request-size
+limit (``--http-max-input-size`` came with later releases). The guard listens on the public HTTP
+port, forwards every request to Triton's own port (bound to 127.0.0.1 beside it) and answers
+itself, before reading the body:
+
+* 413 to a body over ``max_body_bytes`` (default 64 MiB, the limit later Tritons default to);
+* a form-encoded ``Content-Type`` is dropped before forwarding (Triton's API has no form
+  parameters and reads its JSON or binary body whatever the type says, so ``curl -d '{...}'``
+  keeps working, but libevhtp no longer parses the body);
+* 411 to a chunked request body (the Triton clients never send one; its length is unknown);
+* 431 to a request head over 1 MiB;
+* 503 when Triton is not reachable (it is being restarted): clients see UNAVAILABLE.
+
+Bytes are streamed through (no body is held whole); one upstream connection per client
+connection keeps keep-alive and response order. Run as ``python -m ti2i.triton_models.http_guard
+--listen HOST:PORT --upstream HOST:PORT``; :class:`ti2i.triton_models.server.TritonServer` starts
+it as a child process so that it shares no interpreter lock with the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_HEAD_BYTES = 1024 * 1024  # also the streams' buffer size: larger reads, fewer copies
+_COPY_CHUNK = 1024 * 1024
+_REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
+            431: "Request Header Fields Too Large", 400: "Bad Request", 502: "Bad Gateway",
+            503: "Service Unavailable"}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    """(start line, [(name, value)]) of an HTTP head ending in a blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    start, headers = lines[0], []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _Refused(400, f"malformed header line {line[:80]!r}")
+        headers.append((name.lower(), value.strip()))
+    return start, headers
+
+
+def _one(headers: list[tuple[str, str]], name: str) -> str | None:
+    values = [v for k, v in headers if k == name]
+    if len(values) > 1:
+        raise _Refused(400, f"more than one {name} header")
+    return values[0] if values else None
+
+
+def _is_form(name: str, value: str) -> bool:
+    """The header that makes libevhtp parse a body as form fields (matched as it does: a prefix)."""
+    return name == "content-type" and value.lower().startswith("application/x-www-form-urlencoded")
+
+
+def _content_length(headers: list[tuple[str, str]]) -> int:
+    value = _one(headers, "content-length")
+    if value is None:
+        return 0
+    if not value.isdigit():
+        raise _Refused(400, f"invalid Content-Length {value[:40]!r}")
+    return int(value)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
+    """The next request/response head, or None at a clean end of stream."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as err:
+        if err.partial.strip():
+            raise _Refused(400, "incomplete request head") from None
+        return None
+    except asyncio.LimitOverrunError:
+        raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes") from None
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    while n > 0:
+        data = await reader.read(min(n, _COPY_CHUNK))
+        if not data:
+            raise ConnectionError("connection closed mid-body")
+        writer.write(data)
+        n -= len(data)
+        await writer.drain()
+
+
+async def _copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Relay a chunked response body as it is, up to and including its last chunk and trailers."""
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        writer.write(line)
+        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            while True:  # trailers, then the blank line
+                trailer = await reader.readuntil(b"\r\n")
+                writer.write(trailer)
+                if trailer == b"\r\n":
+                    await writer.drain()
+                    return
+        await _copy(reader, writer, size + 2)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 5.0) -> None:
+    """After refusing a request, discard what the client still sends (for a few seconds) before
+    closing: a client still writing its body would otherwise get a reset instead of the reply."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    with contextlib.suppress(Exception):
+        while (left := deadline - loop.time()) > 0:
+            if not await asyncio.wait_for(reader.read(_COPY_CHUNK), left):
+                return
+
+
+def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+class HttpGuard:
+    """The guard's server: ``await HttpGuard(...).serve()``."""
+
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.listen = listen
+        self.upstream = upstream
+        self.max_body_bytes = int(max_body_bytes)
+
+    def _check(self, start: str, headers: list[tuple[str, str]]) -> int:
+        """The body length of an acceptable request; raises _Refused otherwise."""
+        if _one(headers, "transfer-encoding") is not None:
+            raise _Refused(411, "chunked request bodies are not accepted: send a Content-Length")
+        length = _content_length(headers)
+        if length > self.max_body_bytes:
+            raise _Refused(413, f"request body of {length} bytes is over the server's limit of "
+                                f"{self.max_body_bytes} bytes")
+        if len(start.split(" ")) != 3:
+            raise _Refused(400, f"malformed request line {start[:80]!r}")
+        return length
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader = up_writer = None
+        try:
+            while True:
+                try:
+                    head = await _read_head(reader)
+                    if head is None:
+                        return
+                    start, headers = _parse_head(head[:-4])
+                    length = self._check(start, headers)
+                except _Refused as refused:
+                    _reply(writer, refused.status, str(refused))
+                    await writer.drain()
+                    await _linger(reader, writer)
+                    return
+                method, _, version = start.split(" ")
+                if (_one(headers, "expect") or "").lower() == "100-continue":
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                kept = [(k, v) for k, v in headers if k != "expect" and not _is_form(k, v)]
+                out_head = start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in kept) + "\r\n"
+                if up_writer is None:
+                    try:
+                        up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=MAX_HEAD_BYTES)
+                    except OSError as err:
+                        _reply(writer, 503, f"the Triton server is not reachable (restarting?): {err}")
+                        await writer.drain()
+                        return
+                up_writer.write(out_head.encode("latin-1"))
+                await _copy(reader, up_writer, length)
+                close = version == "HTTP/1.0" or (_one(headers, "connection") or "").lower() == "close"
+                try:
+                    resp_head = await _read_head(up_reader)
+                except (_Refused, ConnectionError):
+                    resp_head = None
+                if resp_head is None:
+                    _reply(writer, 502, "the Triton server closed the connection without a reply")
+                    await writer.drain()
+                    return
+                _, resp_headers = _parse_head(resp_head[:-4])
+                writer.write(resp_head)
+                if method == "HEAD" or resp_head.startswith((b"HTTP/1.1 204", b"HTTP/1.1 304")):
+                    pass
+                elif (_one(resp_headers, "transfer-encoding") or "").lower() == "chunked":
+                    await _copy_chunked(up_reader, writer)
+                elif _one(resp_headers, "content-length") is not None:
+                    await _copy(up_reader, writer, _content_length(resp_headers))
+                else:  # delimited by the end of the connection
+                    while data := await up_reader.read(_COPY_CHUNK):
+                        writer.write(data)
+                    close = True
+                await writer.drain()
+                if close or (_one(resp_headers, "connection") or "").lower() == "close":
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, _Refused):
+            return  # a peer went away or broke the protocol: drop this connection only
+        finally:
+            for w in (up_writer, writer):
+                if w is not None:
+                    w.close()
+                    with contextlib.suppress(Exception):
+                        await w.wait_closed()
+
+    async def serve(self, started: asyncio.Event | None = None) -> None:
+        server = await asyncio.start_server(self._handle, *self.listen, limit=MAX_HEAD_BYTES, reuse_address=True)
+        if started is not None:
+            started.set()
+        async with server:
+            await server.serve_forever()
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, type=_address, help="HOST:PORT clients connect to")
+    parser.add_argument("--upstream", required=True, type=_address, help="Triton's own HTTP HOST:PORT")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    args = parser.parse_args(argv)
+    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(guard.serve())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        loop.run_until_complete(task)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
