@@ -94,7 +94,7 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
     start = time.perf_counter()
     with TritonServer(repository, log_path=work / "tritonserver.log") as server:
         print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
-        with TritonRunner(f"grpc://{server.grpc_url}") as runner:
+        with TritonRunner(f"grpc://{server.grpc_url}", api_key=server.api_key) as runner:
             for method, (target, run) in {**_sd_methods(image), **_svd_methods(image)}.items():
                 print(f"== {method} over gRPC")
                 result = run(runner)

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 CALLS = 48  # bounded load, 127.0.0.1 only
 THREADS = 4
 INPUTS = 6  # distinct inputs, each checked against the in-process engine
+KEY = "balancer-test-key"  # the restricted APIs (statistics) of both replicas
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def repository(engines, tmp_path_factory):
 
 
 def _start_pair(repository, folder):
-    servers = [TritonServer(repository, log_path=folder / f"replica{i}.log") for i in range(2)]
+    servers = [TritonServer(repository, log_path=folder / f"replica{i}.log", api_key=KEY) for i in range(2)]
     try:
         for server in servers:
             server.start()
@@ -70,7 +71,7 @@ def _urls(servers):
 def _served_count(server) -> int:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        stats = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+        stats = client.get_inference_statistics("unet", headers=server.api_headers, as_json=True)["model_stats"][0]
         return int(stats["inference_stats"]["success"].get("count", 0))
     finally:
         client.close()

@@ -28,8 +28,11 @@ def family_server(engines, svd_engines, tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     repository = write_family_repository({"sd": engines, "svd": svd_engines}, root / "repository",
                                          models={"sd": components_for(SD_METHODS), "svd": None})
-    with TritonServer(repository, log_path=root / "server.log") as server:
-        yield server
+    # the operator's way: one key in the environment, read by the server and by every runner
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TI2I_API_KEY", "families-test-key")
+        with TritonServer(repository, log_path=root / "server.log") as server:
+            yield server
 
 
 def test_named_families_prefix_every_model_and_ensemble_step(engines, svd_engines, tmp_path):
@@ -128,7 +131,7 @@ def test_capacity_counts_the_autoscalers_signal_from_the_servers_metrics(family_
 
     def successes() -> int:  # Triton's statistics API: a second account of the same calls
         client = grpcclient.InferenceServerClient(family_server.grpc_url)
-        stats = client.get_inference_statistics(as_json=True)["model_stats"]
+        stats = client.get_inference_statistics(headers=family_server.api_headers, as_json=True)["model_stats"]
         client.close()
         return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats)
 
