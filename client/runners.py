@@ -189,7 +189,10 @@ class TritonRunner(Runner):
                     in_shm[name] = (handle, shape, dtype)
         try:
             kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
-            result = self.client.infer(model, infer_inputs, outputs=requested, **kwargs)
+            # the deadline also travels as the request's queue timeout (µs): the server drops it unrun once
+            # this runner has given up on it
+            result = self.client.infer(model, infer_inputs, outputs=requested, timeout=int(self._timeout_s * 1e6),
+                                       **kwargs)
         except self._exception_type() as err:
             raise _translate(err, model) from None
         out = {}

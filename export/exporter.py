@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ti2i.budget import format_bytes
+from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
@@ -176,7 +178,11 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
     validation = validate(wrapper, spec, manifest.root / file, component)
     log(f"{component.name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
         f"(tolerance {component.tolerance:.0e})")
-    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights)
+    memory = calibrate(manifest.root / file, spec)
+    tokens, growth = memory.points[-1]
+    at = f" at {int(tokens)} tokens ({'×'.join(memory.token_dims)})" if memory.token_dims else ""
+    log(f"{component.name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
+    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory)
 
 
 def _quiet_libraries() -> None:
