@@ -56,7 +56,8 @@ def calibrate(onnx_path: str | Path, spec: ComponentSpec, target_bytes: int | No
     job = {"onnx": str(onnx_path), "spec": spec.to_json(), "target": target, **shape}
     ladder = _child({**job, "mode": "ladder"})
     growths = [(float(x), float(y)) for x, y in ladder["points"]]
-    fit_points = [p for p in growths if p[1] >= ladder["max_growth"] / 16] or growths
+    # growths below 1% of the loaded size are allocator noise, and never decide a budget
+    fit_points = [p for p in growths if p[1] >= 0.01 * ladder["base"]] or growths
     linear, quadratic = fit_growth(fit_points)
     power = 1.0
     if shape["frames_dim"] is not None:
