@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ti2i.budget import machine_budget
+from ti2i.budget import io_memory, machine_budget
 from ti2i.engines.base import Engine
 from ti2i.engines.processing import STEPS, ProcessingEngine
 from ti2i.errors import ModelNotFoundError
@@ -29,7 +29,13 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
         engine.budget = machine_budget() if budget is None else budget
         return engine
     if entry.backend == PROCESSING:
-        return ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
+        from ti2i.engines.calibrate import layout
+
+        engine = ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
+        dims = layout(entry.spec)
+        engine.memory = io_memory(entry.spec, dims["token_dims"], dims["item_dims"])
+        engine.budget = machine_budget() if budget is None else budget
+        return engine
     raise ModelNotFoundError(f"component {name!r}: unknown backend {entry.backend!r}")
 
 

@@ -130,6 +130,21 @@ class MemoryModel:
                    tuple((float(x), float(y)) for x, y in data.get("points", ())))
 
 
+def io_memory(spec: Any, token_dims: tuple[str, ...], item_dims: tuple[str, ...], copies: int = 3) -> MemoryModel:
+    """A numpy step's memory from its tensors' sizes: inputs and outputs and `copies` temporaries of each.
+
+    Pre/post-processing steps allocate exactly their arrays (no arenas, no attention): counted, not measured.
+    """
+    import numpy as np
+
+    per_token = 0
+    for tensor in (*spec.inputs, *spec.outputs):
+        itemsize = 8 if tensor.dtype == "object" else np.dtype(tensor.dtype).itemsize
+        per_token += itemsize * math.prod(d for d in tensor.shape if isinstance(d, int))
+    return MemoryModel(base=0, linear=float(copies * per_token), quadratic=0.0, token_dims=token_dims,
+                       item_dims=item_dims)
+
+
 def fit_growth(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """(linear, quadratic) ≥ 0 of growth = l·T + q·T², least squares in relative error, then raised so that
     the curve lies on or above every measured point (the estimate must not undercut what was seen)."""

@@ -63,7 +63,7 @@ def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, resha
 
 def component_config(spec: ComponentSpec, manifest: Manifest, options: RepositoryOptions,
                      budget: int | None = None) -> mc.ModelConfig:
-    """`budget`: bytes per instance (None: unchecked); `spec`'s batch range already fits it (`budgeted_spec`)."""
+    """`budget`: bytes per instance (None: the stub's machine budget); `spec`'s batch range fits it (`budgeted_spec`)."""
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
@@ -83,7 +83,11 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
 
 
 def instance_budget(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> int:
-    """Each instance's share of the budget: the instances of every engine-backed component share it evenly."""
+    """Each instance's share of the budget: the instances of every engine-backed component share it evenly.
+
+    The pre/post-processing steps (numpy on a request's own arrays, no weights) are held to the same share
+    without taking one: counting them would shrink the UNet's share by almost half for steps that need little.
+    """
     total = options.memory_budget if options.memory_budget is not None else machine_budget()
     measured = [n for n in names if manifest.components[n].file is not None]
     return total // max(1, len(measured) * options.instances)
@@ -136,9 +140,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
     budget = instance_budget(manifest, names, options)
     specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget) for name in names}
     for name, spec in specs.items():
-        measured = manifest.components[name].file is not None
-        _write_model(out / name, component_config(spec, manifest, options, budget if measured else None),
-                     with_code=True)
+        _write_model(out / name, component_config(spec, manifest, options, budget), with_code=True)
     for ensemble in available_ensembles(specs):
         _write_model(out / ensemble.name, ensemble_config(ensemble, specs, manifest), with_code=False)
     return out
