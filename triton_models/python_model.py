@@ -90,6 +90,10 @@ class TritonPythonModel:
         for count in chunk_sizes(memory, bound, sizes, budget):
             chunks.append(members[start:start + count])
             start += count
+        if len(chunks) > 1:
+            self.pb.Logger.log_info(f"{self.spec.name}: {len(members)} requests of {sum(sizes)} items run in "
+                                    f"{len(chunks)} batches of {[len(c) for c in chunks]} requests within the "
+                                    f"memory budget")
         return chunks
 
     def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list[Any]) -> None:
