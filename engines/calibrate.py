@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -70,12 +71,19 @@ def calibrate(onnx_path: str | Path, spec: ComponentSpec, target_bytes: int | No
 
 def _child(job: Mapping[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run([sys.executable, "-m", "ti2i.engines.calibrate"], input=json.dumps(job), text=True,
+    proc = subprocess.run([_python(), "-m", "ti2i.engines.calibrate"], input=json.dumps(job), text=True,
                           capture_output=True, timeout=_TIMEOUT_S, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ExportValidationError(f"{job['spec']['name']}: memory calibration failed: {' | '.join(tail)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _python() -> str:
+    """This interpreter; inside Triton's python-backend stub (an embedded interpreter), the first on PATH."""
+    if Path(sys.executable).name.startswith("python"):
+        return sys.executable
+    return shutil.which("python3") or shutil.which("python") or "python3"
 
 
 # --------------------------------------------------------------------------- inside the child process

@@ -24,7 +24,7 @@ from ti2i.budget import format_bytes
 from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
-from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
+from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component, ModelSource
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
@@ -256,7 +256,10 @@ def _validation_errors(wrapper: torch.nn.Module, spec: ComponentSpec, engine: Or
         with torch.inference_mode():
             ref = wrapper(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
         refs = ref if isinstance(ref, tuple) else (ref,)
-        got = engine.run(sample)
+        try:
+            got = engine.run(sample)
+        except ComponentOutputError as err:  # NaN is never "within tolerance"
+            raise ExportValidationError(f"{err} at sizes {dict(sizes)}") from None
         errors = {}
         for tensor, expected in zip(spec.outputs, refs):
             expected = expected.numpy()

@@ -177,7 +177,7 @@ def check_budget(component: str, model: MemoryModel, bound: Mapping[str, int], b
     fit = model.affordable_items(bound, budget)
     hint = f"; at these sizes a batch of at most {fit} fits" if fit and model.item_dims else ""
     raise OverBudgetError(f"{component}: a request of {dims} needs about {format_bytes(cost)}, over the memory "
-                          f"budget of {format_bytes(budget)} per {component} instance ({BUDGET_ENV}){hint}")
+                          f"budget of {format_bytes(budget)} per {component} instance (--memory-budget or {BUDGET_ENV}){hint}")
 
 
 def chunk_sizes(model: MemoryModel, bound: Mapping[str, int], sizes: Sequence[int], budget: int) -> list[int]:
