@@ -217,6 +217,15 @@ def test_config_carries_the_budget_and_a_queue_policy(limited_server):
     assert policy.timeout_action == policy.REJECT and policy.default_timeout_microseconds == 30_000_000
 
 
+def test_unbatched_models_wait_in_a_bounded_queue_too(svd_engines, tmp_path):
+    """The temporal VAE decoder (max_batch_size 0: frames of one video are never merged) gets the same policy."""
+    repository = write_repository(svd_engines, tmp_path / "repository", RepositoryOptions(max_queue_size=3),
+                                  models=["vae_decoder_temporal"])
+    config = parse_config(repository / "vae_decoder_temporal" / "config.pbtxt")
+    assert config.max_batch_size == 0
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 3
+
+
 def stats(server: TritonServer, model: str) -> dict:
     client = httpclient.InferenceServerClient(server.http_url)
     try:

@@ -36,8 +36,8 @@ class RepositoryOptions:
     # Bytes all model instances may use together (None: TI2I_MEMORY_BUDGET, else a safe share of the memory
     # available now), split evenly among the instances of the components with a measured memory model.
     memory_budget: int | None = None
-    # Bounded queues: a request that waited `queue_timeout_us` without starting, or that finds `max_queue_size`
-    # requests waiting, is refused with UNAVAILABLE (a request's own timeout overrides the default). Sized from
+    # Bounded queues (every component model): a request that waited `queue_timeout_us` without starting, or that
+    # finds `max_queue_size` requests waiting, is refused with UNAVAILABLE (a request's own timeout overrides the default). Sized from
     # the measured service time: the SD 1.5 UNet serves one request (batch 2, 256²) in 0.93 s on 2 cores (README
     # figures), so 32 queued requests take ≈30 s to drain, about the default timeout; a request that cannot
     # start within 30 s is better told at once (an unbounded queue kept 32 clients waiting 34 s median, 52 s
@@ -67,14 +67,16 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
+    # Every component model gets the dynamic batcher's bounded queue; with max_batch_size 0 (a chunk of video
+    # frames) Triton still runs each request alone, but it waits in the same bounded queue.
+    config.dynamic_batching.SetInParent()
     if spec.batched:
-        config.dynamic_batching.SetInParent()  # present even when every field keeps its default
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-        policy = config.dynamic_batching.default_queue_policy
-        policy.timeout_action = mc.ModelQueuePolicy.REJECT
-        policy.default_timeout_microseconds = options.queue_timeout_us
-        policy.allow_timeout_override = True
-        policy.max_queue_size = options.max_queue_size
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = options.max_queue_size
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     _parameters(config, engine_dir=str(manifest.root), component=spec.name, threads=str(options.threads),
                 **({"memory_budget": str(budget)} if budget is not None else {}),
