@@ -195,6 +195,9 @@ class TritonRunner(Runner):
                                        **kwargs)
         except self._exception_type() as err:
             raise _translate(err, model) from None
+        except TimeoutError:  # HTTP: the socket's deadline (gRPC reports DEADLINE_EXCEEDED above)
+            raise ServerUnavailableError(f"{model}: no reply within the runner's {self._timeout_s:g} s deadline") \
+                from None
         out = {}
         seen: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         for name in wanted:

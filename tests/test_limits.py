@@ -362,3 +362,13 @@ def test_the_server_itself_expires_a_queued_request(limited_server, engines):
         client.close()
     assert replies and "timeout" in str(replies[0]).lower(), replies
     serves_a_good_request(limited_server, engines)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_deadline_passing_in_the_queue_is_one_line(limited_server, engines, protocol):
+    results: dict = {}
+    with TritonRunner(server_url(limited_server, protocol), timeout_s=0.2) as runner:
+        while_busy(limited_server, engines, results, lambda: _slow_call(runner, engines, results, 1))
+    assert isinstance(results[1], ServerUnavailableError), results
+    assert_one_line(results[1], "unet")  # what the CLI prints (exit 2); HTTP was a gevent traceback
+    serves_a_good_request(limited_server, engines)
