@@ -98,8 +98,8 @@ class MemoryModel:
     def per_item(self, tokens: float) -> float:
         return self.linear * tokens + self.quadratic * tokens * tokens
 
-    def estimate(self, bound: Mapping[str, int]) -> int:
-        """Peak resident bytes of an instance running one request (or merged batch) of these dims."""
+    def growth(self, bound: Mapping[str, int]) -> float:
+        """Estimated bytes above `base` while one request (or merged batch) of these dims runs, margin included."""
         items = math.prod(bound.get(d, 1) for d in self.item_dims)
         tokens = math.prod(bound.get(d, 1) for d in self.token_dims)
         growth = items * self.per_item(tokens)
@@ -107,14 +107,18 @@ class MemoryModel:
             frames = bound.get(self.frames_dim, self.frames_ref)
             ratio = frames / self.frames_ref
             growth *= ratio ** self.frames_power if ratio > 1 else ratio
-        return int(self.base + MARGIN * growth)
+        return MARGIN * growth
+
+    def estimate(self, bound: Mapping[str, int]) -> int:
+        """Peak resident bytes of an instance running one request (or merged batch) of these dims."""
+        return int(self.base + self.growth(bound))
 
     def affordable_items(self, bound: Mapping[str, int], budget: int) -> int:
         """How many items of these other dims fit in `budget` (0 if not even one does)."""
-        one = self.estimate({**bound, **{d: 1 for d in self.item_dims}}) - self.base
+        one = self.growth({**bound, **{d: 1 for d in self.item_dims}})
         if not self.item_dims:
             return 1 if self.base + one <= budget else 0
-        return max(0, int((budget - self.base) // max(one, 1)))
+        return max(0, math.floor((budget - self.base) / max(one, 1.0)))
 
     def to_json(self) -> dict[str, Any]:
         return {"base": self.base, "linear": self.linear, "quadratic": self.quadratic,

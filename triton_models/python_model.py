@@ -3,8 +3,8 @@
 `execute` validates each request against the component's spec and the instance's memory budget (a
 bad or unaffordable request gets INVALID_ARG and never affects the others), concatenates the valid
 requests that share a shape along the batch dimension in chunks that fit the budget, runs the engine
-once per chunk and splits the outputs back. Runs inside Triton's stub
-process, where `triton_python_backend_utils` is importable.
+once per chunk and splits the outputs back. Runs inside Triton's stub process, where
+`triton_python_backend_utils` is importable.
 """
 
 from __future__ import annotations
