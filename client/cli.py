@@ -95,8 +95,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _repository_options(args: argparse.Namespace):
     from ti2i.triton_models.repository import RepositoryOptions
 
+    from ti2i.budget import parse_bytes
+
     return RepositoryOptions(max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
-                             threads=args.threads)
+                             threads=args.threads, max_queue_size=args.max_queue_size,
+                             queue_timeout_us=int(args.queue_timeout_s * 1e6),
+                             memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
 
 
 def _models(args: argparse.Namespace, manifest) -> list[str] | None:
@@ -314,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "pix2pix, videoldm, svd); default: every model of the engine directory")
         p.add_argument("--max-queue-delay-us", type=int, default=0,
                        help="how long a request may wait for others to batch with (default 0: batch what queued)")
+        p.add_argument("--max-queue-size", type=int, default=32,
+                       help="requests that may wait per model; one more is refused with UNAVAILABLE (default 32)")
+        p.add_argument("--queue-timeout-s", type=float, default=30.0,
+                       help="a request that waited this long without starting is refused (default 30; a request's "
+                            "own shorter timeout wins)")
+        p.add_argument("--memory-budget", default=None,
+                       help="memory all model instances may use together, e.g. 8G (default: TI2I_MEMORY_BUDGET, else "
+                            "60%% of the memory available); requests that would exceed an instance's share are refused")
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
         p.set_defaults(func=func)

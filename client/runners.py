@@ -317,9 +317,15 @@ class TritonRunner(Runner):
                     in_shm[name] = (handle, shape, dtype)
         try:
             kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
-            result = self.client.infer(model, infer_inputs, outputs=requested, **kwargs)
+            # the deadline also travels as the request's queue timeout (µs): the server drops it unrun once
+            # this runner has given up on it
+            result = self.client.infer(model, infer_inputs, outputs=requested, timeout=int(self._timeout_s * 1e6),
+                                       **kwargs)
         except self._exception_type() as err:
             raise self._server_gone(model) or _translate(err, model) from None
+        except TimeoutError:  # HTTP: the socket's deadline (gRPC reports DEADLINE_EXCEEDED above)
+            raise ServerUnavailableError(f"{model}: no reply within the runner's {self._timeout_s:g} s deadline") \
+                from None
         except (OSError, HTTPException) as err:  # HTTP: connection refused/reset/closed mid-request
             raise self._server_gone(model, err) or ServerUnavailableError(f"{model}: {err}") from None
         out = {}

@@ -1,7 +1,9 @@
 """The engine interface: one component, named arrays in, named arrays out.
 
 Nothing above an engine knows which backend it got. Backends validate inputs against the
-component's spec before running, so every caller gets the same clear error for a bad tensor.
+component's spec before running, so every caller gets the same clear error for a bad tensor; a request
+whose estimated memory exceeds the engine's budget is refused before it runs, and non-finite outputs
+are refused after (an error naming the component, never a NaN image).
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ti2i.budget import MemoryModel, check_budget
 from ti2i.spec import ComponentSpec
 
 
 class Engine(ABC):
     """Runs one component. Subclasses implement `_run`; `run` validates first."""
+
+    # What a request costs and what this engine may spend (the loader sets both; None: unchecked).
+    memory: MemoryModel | None = None
+    budget: int | None = None
 
     def __init__(self, spec: ComponentSpec):
         self.spec = spec
@@ -24,9 +31,18 @@ class Engine(ABC):
     def name(self) -> str:
         return self.spec.name
 
+    def check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Validate inputs against the spec and the memory budget; return the bound symbolic dims."""
+        bound = self.spec.validate_inputs(inputs)
+        if self.memory is not None and self.budget is not None:
+            check_budget(self.name, self.memory, bound, self.budget)
+        return bound
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.spec.validate_inputs(inputs)
-        return self._run(inputs)
+        self.check(inputs)
+        outputs = self._run(inputs)
+        self.spec.validate_outputs(outputs)
+        return outputs
 
     @abstractmethod
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ti2i.budget import io_memory, machine_budget
 from ti2i.engines.base import Engine
 from ti2i.engines.processing import STEPS, ProcessingEngine
 from ti2i.errors import ModelNotFoundError
@@ -11,16 +12,30 @@ from ti2i.manifest import ONNX, PROCESSING, Manifest
 
 
 def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, budget: int | None = None) -> Engine:
+    """The component's engine, refusing requests over `budget` bytes (default: this machine's budget).
+
+    A manifest written before memory calibration gets its engines calibrated here, at load (seconds).
+    """
     if name not in manifest.components:
         raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
     entry = manifest.components[name]
     if entry.backend == ONNX:
+        from ti2i.engines.calibrate import calibrate
         from ti2i.engines.ort import OrtEngine
 
-        return OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
+        engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
+        engine.memory = entry.memory or calibrate(manifest.path_of(name), entry.spec)
+        engine.budget = machine_budget() if budget is None else budget
+        return engine
     if entry.backend == PROCESSING:
-        return ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
+        from ti2i.engines.calibrate import layout
+
+        engine = ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
+        dims = layout(entry.spec)
+        engine.memory = io_memory(entry.spec, dims["token_dims"], dims["item_dims"])
+        engine.budget = machine_budget() if budget is None else budget
+        return engine
     raise ModelNotFoundError(f"component {name!r}: unknown backend {entry.backend!r}")
 
 

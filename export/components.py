@@ -8,6 +8,7 @@ Export, engines, the Triton generator and the clients all read what this module 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,11 @@ from ti2i.errors import InvalidInputError
 from ti2i.spec import BATCH, ComponentSpec, TensorSpec
 
 UNET_MAX_BATCH = 32  # up to 4 guidance branches × 8 requests batched by the server
+# Limit on the magnitude of latents, images and embeddings a network accepts: far beyond anything the pipelines
+# send (unit-scale model inputs; latents ÷ the VAE scaling factor stay within ±10²), far below what overflows
+# float32 inside a network (3e38 in a VAE latent came back as NaN images).
+VALUE_LIMIT = 1e4
+VALUES = (-VALUE_LIMIT, VALUE_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ def _text_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> 
     seq = pipeline["max_length"]
     return ComponentSpec(
         name="text_encoder",
-        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, cfg.vocab_size)),),
+        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, cfg.vocab_size), (0, cfg.vocab_size - 1)),),
         outputs=(TensorSpec("text_embeddings", "float32", (BATCH, seq, cfg.hidden_size)),),
         dims={BATCH: (1, MAX_BATCH)},
     )
@@ -101,7 +107,7 @@ def _vae_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> C
     latent = (BATCH, c, "height", "width")
     return ComponentSpec(
         name="vae_encoder",
-        inputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width")),),
+        inputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width"), limits=VALUES),),
         outputs=(TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_logvar", "float32", latent)),
         dims=image_dims(pipeline["vae_scale_factor"]),
     )
@@ -122,7 +128,7 @@ def _vae_decoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> C
     c = module.config.latent_channels
     return ComponentSpec(
         name="vae_decoder",
-        inputs=(TensorSpec("latent", "float32", (BATCH, c, "height", "width")),),
+        inputs=(TensorSpec("latent", "float32", (BATCH, c, "height", "width"), limits=VALUES),),
         outputs=(TensorSpec("images", "float32", (BATCH, 3, "image_height", "image_width")),),
         dims=image_dims(pipeline["vae_scale_factor"]),
     )
@@ -147,16 +153,37 @@ def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]]
         return ComponentSpec(
             name=name,
             inputs=(
-                TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "height", "width"), (-3.0, 3.0)),
-                TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0)),
+                TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "height", "width"), (-3.0, 3.0), VALUES),
+                TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0), timestep_limits(pipeline, name)),
                 TensorSpec("encoder_hidden_states", "float32",
-                           (BATCH, pipeline["max_length"], cfg.cross_attention_dim)),
+                           (BATCH, pipeline["max_length"], cfg.cross_attention_dim), limits=VALUES),
             ),
             outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "height", "width")),),
             dims={k: v for k, v in dims.items() if k in (BATCH, "height", "width")},
         )
 
     return spec
+
+
+def timestep_limits(pipeline: Mapping[str, Any], unet: str) -> tuple[float, float]:
+    """The timesteps the denoiser's scheduler can produce.
+
+    Discrete schedulers count training steps: [0, num_train_timesteps]. SVD's EDM Euler scheduler takes
+    continuous timesteps t = ¼·ln σ for σ in [sigma_min, sigma_max] (0.002 and 700: t in [−1.55, 1.64]);
+    a hair of slack keeps float32 rounding of the ends inside.
+    """
+    config = pipeline["unets"][unet]["scheduler"]
+    if config.get("timestep_type") != "continuous":
+        return 0.0, float(config.get("num_train_timesteps", 1000))
+    sigmas = [config.get("sigma_min"), config.get("sigma_max")]
+    if None in sigmas:  # the range its training betas span
+        import diffusers
+
+        scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+        trained = scheduler.sigmas[scheduler.sigmas > 0]
+        sigmas = [float(trained.min()) if sigmas[0] is None else sigmas[0],
+                  float(trained.max()) if sigmas[1] is None else sigmas[1]]
+    return 0.25 * math.log(sigmas[0]) - 1e-3, 0.25 * math.log(sigmas[1]) + 1e-3
 
 
 # --- SVD: CLIP image encoder, spatio-temporal UNet, temporal VAE decoder ----------------------------
@@ -175,7 +202,7 @@ def _image_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) ->
     side = cfg.image_size
     return ComponentSpec(
         name="image_encoder",
-        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, side, side), (-2.0, 2.0)),),
+        inputs=(TensorSpec("pixel_values", "float32", (BATCH, 3, side, side), (-2.0, 2.0), VALUES),),
         outputs=(TensorSpec("image_embeds", "float32", (BATCH, cfg.projection_dim)),),
         dims={BATCH: (1, MAX_BATCH)},
     )
@@ -200,10 +227,11 @@ def _unet_svd_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> Comp
     return ComponentSpec(
         name="unet_svd",
         inputs=(
-            TensorSpec("sample", "float32", (BATCH, "frames", cfg.in_channels, "height", "width"), (-3.0, 3.0)),
-            TensorSpec("timestep", "float32", (BATCH,), (-2.0, 2.0)),
-            TensorSpec("encoder_hidden_states", "float32", (BATCH, 1, cfg.cross_attention_dim)),
-            TensorSpec("added_time_ids", "float32", (BATCH, len(_ADDED_TIME_IDS)), (0.0, 128.0)),
+            TensorSpec("sample", "float32", (BATCH, "frames", cfg.in_channels, "height", "width"), (-3.0, 3.0),
+                       VALUES),
+            TensorSpec("timestep", "float32", (BATCH,), (-1.5, 1.6), timestep_limits(pipeline, "unet_svd")),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, 1, cfg.cross_attention_dim), limits=VALUES),
+            TensorSpec("added_time_ids", "float32", (BATCH, len(_ADDED_TIME_IDS)), (0.0, 128.0), VALUES),
         ),
         outputs=(TensorSpec("noise_pred", "float32", (BATCH, "frames", cfg.out_channels, "height", "width")),),
         dims=dims,
@@ -227,7 +255,8 @@ def _vae_decoder_temporal_spec(module: torch.nn.Module, pipeline: Mapping[str, A
     dims["frames"] = (1, MAX_FRAMES)
     return ComponentSpec(
         name="vae_decoder_temporal",
-        inputs=(TensorSpec("latent", "float32", ("frames", module.config.latent_channels, "height", "width")),),
+        inputs=(TensorSpec("latent", "float32", ("frames", module.config.latent_channels, "height", "width"),
+                           limits=VALUES),),
         outputs=(TensorSpec("images", "float32", ("frames", 3, "image_height", "image_width")),),
         dims=dims,
         batched=False,  # frames of one chunk are not independent requests: never merged by the server
@@ -296,11 +325,12 @@ def _unet_motion_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> C
     return ComponentSpec(
         name="unet_motion",
         inputs=(
-            TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "frames", "height", "width"), (-3.0, 3.0)),
-            TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0)),
+            TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "frames", "height", "width"), (-3.0, 3.0),
+                       VALUES),
+            TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0), timestep_limits(pipeline, "unet_motion")),
             TensorSpec("encoder_hidden_states", "float32",
-                       (BATCH, pipeline["max_length"], cfg.cross_attention_dim)),
-            TensorSpec("alpha", "float32", (BATCH,), (0.0, 1.0)),
+                       (BATCH, pipeline["max_length"], cfg.cross_attention_dim), limits=VALUES),
+            TensorSpec("alpha", "float32", (BATCH,), (0.0, 1.0), (0.0, 1.0)),
         ),
         outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "frames", "height", "width")),),
         dims=dims,

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ti2i.budget import format_bytes
+from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
-from ti2i.errors import ExportValidationError, InvalidInputError, ModelNotFoundError
+from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component, ModelSource
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
@@ -176,7 +178,11 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
     validation = validate(wrapper, spec, manifest.root / file, component)
     log(f"{component.name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
         f"(tolerance {component.tolerance:.0e})")
-    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights)
+    memory = calibrate(manifest.root / file, spec)
+    tokens, growth = memory.points[-1]
+    at = f" at {int(tokens)} tokens ({'×'.join(memory.token_dims)})" if memory.token_dims else ""
+    log(f"{component.name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
+    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory)
 
 
 def _quiet_libraries() -> None:
@@ -250,7 +256,10 @@ def _validation_errors(wrapper: torch.nn.Module, spec: ComponentSpec, engine: Or
         with torch.inference_mode():
             ref = wrapper(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
         refs = ref if isinstance(ref, tuple) else (ref,)
-        got = engine.run(sample)
+        try:
+            got = engine.run(sample)
+        except ComponentOutputError as err:  # NaN is never "within tolerance"
+            raise ExportValidationError(f"{err} at sizes {dict(sizes)}") from None
         errors = {}
         for tensor, expected in zip(spec.outputs, refs):
             expected = expected.numpy()

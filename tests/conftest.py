@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from ti2i.triton_models.server import TritonServer
 from ti2i.manifest import Manifest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "input.png"
+# Export measures each engine's memory up to this growth (default 1 GiB): enough for the tiny models, and cheap.
+os.environ.setdefault("TI2I_CALIBRATION_BYTES", str(64 * 1024**2))
 
 
 @pytest.fixture(scope="session")

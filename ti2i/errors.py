@@ -13,12 +13,20 @@ class InvalidInputError(Ti2iError, ValueError):
     """An argument or an input tensor/image is not acceptable."""
 
 
+class OverBudgetError(InvalidInputError):
+    """A request inside the declared ranges would need more memory than the machine's budget allows."""
+
+
 class ModelNotFoundError(Ti2iError, FileNotFoundError):
     """A model folder, engine directory or manifest is missing or incomplete."""
 
 
 class ServerUnavailableError(Ti2iError, ConnectionError):
     """A Triton server cannot be reached or is not ready."""
+
+
+class ComponentOutputError(Ti2iError, RuntimeError):
+    """A component produced outputs that cannot be used (NaN or infinite values)."""
 
 
 class ExportValidationError(Ti2iError, RuntimeError):

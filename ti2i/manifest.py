@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ti2i.budget import MemoryModel
 from ti2i.errors import ModelNotFoundError
 from ti2i.spec import ComponentSpec
 
@@ -33,15 +34,20 @@ class ComponentEntry:
     validation: dict[str, Any] | None = None  # relative error against the torch module per sample size
     source: str | None = None  # the model folder or hub id it was exported from
     fingerprint: str | None = None  # sha256 of its weights
+    memory: MemoryModel | None = None  # peak memory against request size, measured at export
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
+        data = {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
                 "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint}
+        if self.memory is not None:
+            data["memory"] = self.memory.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ComponentEntry:
+        memory = data.get("memory")  # manifests written before memory calibration have none
         return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"),
-                   data.get("source"), data.get("fingerprint"))
+                   data.get("source"), data.get("fingerprint"), None if memory is None else MemoryModel.from_json(memory))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ti2i.errors import InvalidInputError
+from ti2i.errors import ComponentOutputError, InvalidInputError
 
 Dim = int | str
 BATCH = "batch"
@@ -41,18 +41,30 @@ class TensorSpec:
     shape: tuple[Dim, ...]
     # Values that sample inputs are drawn from (export validation and tests), [low, high).
     sample_range: tuple[float, float] = (-1.0, 1.0)
+    # Values an input may hold, [low, high] inclusive (None: any). Floating-point tensors must be finite
+    # whatever the limits: NaN or inf in, a NaN image out.
+    limits: tuple[float, float] | None = None
 
     @property
     def rank(self) -> int:
         return len(self.shape)
 
+    @property
+    def floating(self) -> bool:
+        return self.dtype in ("float32", "float16")
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+        data = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
                 "sample_range": list(self.sample_range)}
+        if self.limits is not None:
+            data["limits"] = list(self.limits)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(data["name"], data["dtype"], tuple(data["shape"]), tuple(data.get("sample_range", (-1.0, 1.0))))
+        limits = data.get("limits")  # manifests written before value limits have none
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), tuple(data.get("sample_range", (-1.0, 1.0))),
+                   None if limits is None else (float(limits[0]), float(limits[1])))
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,16 @@ class ComponentSpec:
         for tensor in self.inputs:
             value = inputs[tensor.name]
             _check_tensor(self, tensor, value, bound)
+        for tensor in self.inputs:
+            _check_values(f"{self.name}.{tensor.name}", tensor, inputs[tensor.name], InvalidInputError)
         return bound
+
+    def validate_outputs(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Refuse non-finite outputs: raises `ComponentOutputError` naming the component and the tensor."""
+        for tensor in self.outputs:
+            if tensor.floating and tensor.name in outputs:
+                _check_finite(f"{self.name} produced non-finite values in {tensor.name}", outputs[tensor.name],
+                              ComponentOutputError)
 
 
 def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: dict[str, int]) -> None:
@@ -145,6 +166,25 @@ def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: di
             raise InvalidInputError(
                 f"{where}: dimension {axis} ({dim}) is {size} but another input has {dim}={bound[dim]}"
             )
+
+
+def _check_values(where: str, tensor: TensorSpec, value: np.ndarray, error: type[Exception]) -> None:
+    if tensor.floating:
+        _check_finite(f"{where}: values must be finite", value, error)
+    if tensor.limits is not None and value.size and tensor.dtype != "object":
+        low, high = tensor.limits
+        smallest, largest = value.min(), value.max()
+        if smallest < low or largest > high:
+            raise error(f"{where}: values must be in [{low:g}, {high:g}], got values in "
+                        f"[{float(smallest):g}, {float(largest):g}]")
+
+
+def _check_finite(what: str, value: np.ndarray, error: type[Exception]) -> None:
+    finite = np.isfinite(value)
+    if not finite.all():
+        nan = int(np.isnan(value).sum())
+        raise error(f"{what}, got {nan} NaN and {int(value.size - finite.sum()) - nan} infinite "
+                    f"of {value.size} values")
 
 
 def _shape_str(shape: tuple[Dim, ...]) -> str:

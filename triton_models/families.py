@@ -6,10 +6,12 @@ named families are written side by side, each model as ``<family>.<model>`` (see
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ti2i.budget import machine_budget
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, write_repository
@@ -34,7 +36,15 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
     if out.exists():
         _check_replaceable(out)
         shutil.rmtree(out)
+    # One machine, one memory budget: each family's engine-backed models get their share of it, as one
+    # family's components share its budget (`instance_budget`).
+    engines = {family: sum(manifest.components[n].file is not None
+                           for n in (models.get(family) or manifest.components))
+               for family, manifest in manifests.items()}
+    total = options.memory_budget if options.memory_budget is not None else machine_budget()
     for family, manifest in manifests.items():
-        write_repository(manifest, out, options, models=models.get(family), family=family, replace=False)
+        share = total * max(1, engines[family]) // max(1, sum(engines.values()))
+        write_repository(manifest, out, dataclasses.replace(options, memory_budget=share),
+                         models=models.get(family), family=family, replace=False)
     return out
 

@@ -1,9 +1,10 @@
 """The python-backend model behind every served component: host the component's engine.
 
-`execute` validates each request against the component's spec (a bad request gets INVALID_ARG and
-never affects the others), concatenates the valid requests that share a shape along the batch
-dimension, runs the engine once per group and splits the outputs back. Runs inside Triton's stub
-process, where `triton_python_backend_utils` is importable.
+`execute` validates each request against the component's spec and the instance's memory budget (a
+bad or unaffordable request gets INVALID_ARG and never affects the others), concatenates the valid
+requests that share a shape along the batch dimension in chunks that fit the budget, runs the engine
+once per chunk and splits the outputs back. Runs inside Triton's stub process, where
+`triton_python_backend_utils` is importable.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ti2i.budget import chunk_sizes
 from ti2i.engines.loader import load_engine
 from ti2i.errors import InvalidInputError, Ti2iError
 from ti2i.manifest import Manifest
@@ -51,26 +53,48 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("threads", "0")) or None
-        self.engine = load_engine(Manifest.load(params["engine_dir"]), params["component"], threads=threads)
+        budget = int(params["memory_budget"]) if params.get("memory_budget") else None
+        self.engine = load_engine(Manifest.load(params["engine_dir"]), params["component"], threads=threads,
+                                  budget=budget)
         self.spec = self.engine.spec
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         groups: dict[Any, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        bounds: dict[Any, dict[str, int]] = {}
         for i, request in enumerate(requests):
             try:
                 inputs = {t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name))
                           for t in self.spec.inputs}
-                self.spec.validate_inputs(inputs)
+                bound = self.engine.check(inputs)
             except Ti2iError as err:
                 responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)
                 continue
             key = shape_key(inputs) if self.batched else i
             groups.setdefault(key, []).append((i, inputs))
-        for members in groups.values():
-            self._run_group(members, responses)
+            bounds[key] = bound
+        for key, members in groups.items():
+            for chunk in self._chunks(members, bounds[key]):
+                self._run_group(chunk, responses)
         return responses
+
+    def _chunks(self, members: list[tuple[int, dict[str, np.ndarray]]],
+                bound: dict[str, int]) -> list[list[tuple[int, dict[str, np.ndarray]]]]:
+        """Consecutive members in groups whose merged batch fits the memory budget."""
+        memory, budget = self.engine.memory, self.engine.budget
+        if len(members) == 1 or memory is None or budget is None:
+            return [members]
+        sizes = [len(next(iter(inputs.values()))) for _, inputs in members]
+        chunks, start = [], 0
+        for count in chunk_sizes(memory, bound, sizes, budget):
+            chunks.append(members[start:start + count])
+            start += count
+        if len(chunks) > 1:
+            self.pb.Logger.log_info(f"{self.spec.name}: {len(members)} requests of {sum(sizes)} items run in "
+                                    f"{len(chunks)} batches of {[len(c) for c in chunks]} requests within the "
+                                    f"memory budget")
+        return chunks
 
     def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list[Any]) -> None:
         try:
@@ -85,7 +109,9 @@ class TritonPythonModel:
                 for member in members:
                     self._run_group([member], responses)
                 return
-            responses[members[0][0]] = self._error(err, self.pb.TritonError.INVALID_ARG)
+            invalid = isinstance(err, InvalidInputError)  # else the component failed (non-finite outputs)
+            code = self.pb.TritonError.INVALID_ARG if invalid else self.pb.TritonError.INTERNAL
+            responses[members[0][0]] = self._error(err, code)
             return
         except Exception as err:  # an engine failure fails these requests, never the server
             for i, _ in members:

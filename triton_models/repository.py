@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from ti2i.budget import machine_budget
 from ti2i.engines.ensembles import Ensemble, available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, served_name
@@ -33,6 +34,17 @@ class RepositoryOptions:
     max_queue_delay_us: int = 0
     instances: int = 1  # python-backend processes per component (each holds its own weights)
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0 = all cores
+    # Bytes all model instances may use together (None: TI2I_MEMORY_BUDGET, else a safe share of the memory
+    # available now), split evenly among the instances of the components with a measured memory model.
+    memory_budget: int | None = None
+    # Bounded queues (every component model): a request that waited `queue_timeout_us` without starting, or that
+    # finds `max_queue_size` requests waiting, is refused with UNAVAILABLE (a request's own timeout overrides the default). Sized from
+    # the measured service time: the SD 1.5 UNet serves one request (batch 2, 256²) in 0.93 s on 2 cores (README
+    # figures), so 32 queued requests take ≈30 s to drain, about the default timeout; a request that cannot
+    # start within 30 s is better told at once (an unbounded queue kept 32 clients waiting 34 s median, 52 s
+    # p99, and ran requests whose clients had given up).
+    max_queue_size: int = 32
+    queue_timeout_us: int = 30_000_000
 
 
 def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, reshape: bool = True):
@@ -51,18 +63,49 @@ def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, resha
 
 
 def component_config(spec: ComponentSpec, manifest: Manifest, options: RepositoryOptions,
-                     family: str | None = None) -> mc.ModelConfig:
+                     budget: int | None = None, family: str | None = None) -> mc.ModelConfig:
+    """`budget`: bytes per instance (None: the stub's machine budget); `spec`'s batch range fits it (`budgeted_spec`)."""
     config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
+    # Every component model gets the dynamic batcher's bounded queue; with max_batch_size 0 (a chunk of video
+    # frames) Triton still runs each request alone, but it waits in the same bounded queue.
+    config.dynamic_batching.SetInParent()
     if spec.batched:
-        config.dynamic_batching.SetInParent()  # present even when every field keeps its default
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = options.max_queue_size
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     _parameters(config, engine_dir=str(manifest.root), component=spec.name, threads=str(options.threads),
+                **({"memory_budget": str(budget)} if budget is not None else {}),
                 **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
     _family_parameter(config, family)
     return config
+
+
+def instance_budget(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> int:
+    """Each instance's share of the budget: the instances of every engine-backed component share it evenly.
+
+    The pre/post-processing steps (numpy on a request's own arrays, no weights) are held to the same share
+    without taking one: counting them would shrink the UNet's share by almost half for steps that need little.
+    """
+    total = options.memory_budget if options.memory_budget is not None else machine_budget()
+    measured = [n for n in names if manifest.components[n].file is not None]
+    return total // max(1, len(measured) * options.instances)
+
+
+def budgeted_spec(spec: ComponentSpec, manifest: Manifest, budget: int) -> ComponentSpec:
+    """The spec with its batch range cut to what fits `budget` at the smallest sizes (the batcher's maximum)."""
+    memory = manifest.components[spec.name].memory
+    if not spec.batched or memory is None:
+        return spec
+    smallest = {dim: low for dim, (low, _) in spec.dims.items()}
+    low, high = spec.dims[BATCH]
+    fit = max(low, min(high, memory.affordable_items(smallest, budget)))
+    return replace(spec, dims={**spec.dims, BATCH: (low, fit)})
 
 
 def ensemble_config(ensemble: Ensemble, specs: dict[str, ComponentSpec], manifest: Manifest,
@@ -109,9 +152,10 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=not replace)
-    specs = {name: manifest.components[name].spec for name in names}
+    budget = instance_budget(manifest, names, options)
+    specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget) for name in names}
     for name, spec in specs.items():
-        _write_model(out / served_name(family, name), component_config(spec, manifest, options, family),
+        _write_model(out / served_name(family, name), component_config(spec, manifest, options, budget, family),
                      with_code=True)
     for ensemble in available_ensembles(specs):
         _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),

@@ -1,0 +1,374 @@
+"""Requests the machine can afford, finite values only, bounded queues and deadlines — in-process and served.
+
+What these reproduce, against `ti2i serve` on the demo's engines before the limits existed:
+
+* a `vae_decoder` latent of [1, 4, 256, 256] (inside its declared range) grew the stub to 23.9 GB until the
+  kernel's out-of-memory killer took it; `unet` at 256×256 failed after trying to allocate 128 GiB;
+* NaN/inf in any `unet` input, or NaN/inf/3e38 in a `vae_decoder` latent, came back as 200 with all-NaN
+  outputs, and a timestep of 1e30 was accepted;
+* `dynamic_batching {}` had no queue policy: at 32 clients requests waited 34 s (median), and a request whose
+  client had given up still ran (6 of 6 ran, 5 had timed out).
+
+The budgets here are small (set through ``TI2I_MEMORY_BUDGET``) so that the edge of the affordable range is a
+few hundred MB to 1 GB: no test needs more than about 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from conftest import server_url
+from ti2i.client.runners import TritonRunner
+from ti2i.engines.loader import load_engine
+from ti2i.manifest import Manifest
+from ti2i.triton_models.repository import RepositoryOptions, parse_config, write_repository
+from ti2i.triton_models.server import TritonServer
+
+from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, parse_bytes
+from ti2i.errors import ComponentOutputError, InvalidInputError, OverBudgetError, ServerUnavailableError
+from ti2i.spec import sample_inputs
+
+pytestmark = pytest.mark.timeout(300)
+
+BUDGET = "2G"  # the served tests share it between two models: 1 GiB per instance, ~1 s per UNet call at the edge
+
+
+def edge_side(memory: MemoryModel, budget: int, batch: int = 1) -> int:
+    """The largest square latent side whose estimate fits `budget`."""
+    return max(s for s in range(1, 257) if memory.estimate({"batch": batch, "height": s, "width": s}) <= budget)
+
+
+def unet_inputs(manifest: Manifest, side: int, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    return sample_inputs(manifest.components["unet"].spec, {"batch": batch, "height": side, "width": side}, seed)
+
+
+def assert_one_line(err: BaseException, *words: str) -> None:
+    message = str(err)
+    assert "\n" not in message.strip(), f"one line expected: {message!r}"
+    for word in words:
+        assert word.lower() in message.lower(), f"{word!r} not in {message!r}"
+
+
+# --------------------------------------------------------------------------- the memory model
+
+
+def test_export_measures_a_memory_model_per_engine(engines):
+    for name, entry in engines.components.items():
+        if entry.file is None:
+            continue
+        memory = entry.memory
+        assert memory is not None and memory.base > 0, name
+        small = memory.estimate({d: lo for d, (lo, _) in entry.spec.dims.items()})
+        large = memory.estimate({d: hi for d, (_, hi) in entry.spec.dims.items()})
+        assert memory.base <= small < large, name
+        for tokens, growth in memory.points:  # the curve never undercuts what was measured (beyond noise)
+            assert memory.per_item(tokens) >= growth - 0.01 * memory.base, (name, tokens)
+    unet = engines.components["unet"].memory
+    assert unet.token_dims == ("height", "width") and unet.item_dims == ("batch",)
+    grow = [unet.estimate({"batch": 1, "height": s, "width": s}) - unet.base for s in (64, 128)]
+    assert grow[1] > 8 * grow[0], "attention makes memory grow faster than the pixel count"
+
+
+def test_the_estimate_covers_a_size_past_the_measured_ones(engines):
+    """The UNet run in a fresh process at a size beyond its calibration ladder peaks below the estimate."""
+    memory = engines.components["unet"].memory
+    side = int(round(1.3 * memory.points[-1][0] ** 0.5))
+    code = (
+        "import sys; from ti2i.manifest import Manifest; from ti2i.engines.loader import load_engine; "
+        "from ti2i.spec import sample_inputs; m = Manifest.load(sys.argv[1]); e = load_engine(m, 'unet'); "
+        f"e.run(sample_inputs(e.spec, {{'batch': 1, 'height': {side}, 'width': {side}}})); "
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    peak = int(subprocess.run([sys.executable, "-c", code, str(engines.root)], capture_output=True, text=True,
+                              check=True, timeout=120).stdout.split()[-1])
+    assert peak <= memory.estimate({"batch": 1, "height": side, "width": side})
+
+
+def test_manifest_without_memory_model_still_loads(engines, tmp_path):
+    """A manifest written before calibration loads; its engines are calibrated at load."""
+    data = engines.to_json()
+    for entry in data["components"].values():
+        entry.pop("memory", None)
+        for tensor in entry["spec"]["inputs"]:
+            tensor.pop("limits", None)
+    old = Manifest._from_json(engines.root, data)
+    assert all(e.memory is None for e in old.components.values())
+    engine = load_engine(old, "text_encoder", budget=parse_bytes("1G"))
+    assert engine.memory is not None and engine.memory.base > 0
+
+
+def test_budget_parsing_and_chunks():
+    assert parse_bytes("1.5G") == 3 * 1024**3 // 2 and parse_bytes("512MiB") == 512 * 1024**2
+    with pytest.raises(InvalidInputError):
+        parse_bytes("lots")
+    model = MemoryModel(base=100, linear=10.0, quadratic=0.0, token_dims=("height",), item_dims=("batch",))
+    # 1 token costs 10 × 1.25 per item: a budget of 100 + 50 fits 4 items per merged batch
+    assert chunk_sizes(model, {"height": 1}, [2, 2, 1, 3, 1], 150) == [2, 2, 1]
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+@pytest.fixture(scope="module")
+def small_unet(engines, monkeypatch_module):
+    monkeypatch_module.setenv(BUDGET_ENV, "512M")
+    engine = load_engine(engines, "unet")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_edge_of_the_budget_runs_and_past_it_is_refused(engines, small_unet):
+    assert small_unet.budget == parse_bytes("512M")
+    side = edge_side(small_unet.memory, small_unet.budget)
+    out = small_unet.run(unet_inputs(engines, side))
+    assert out["noise_pred"].shape == (1, 4, side, side) and np.isfinite(out["noise_pred"]).all()
+    for past in (side + 1, 256):  # 256²: the size that tried to allocate 128 GiB
+        with pytest.raises(OverBudgetError) as err:
+            small_unet.run(unet_inputs(engines, past))
+        assert_one_line(err.value, "unet", f"height={past}", "needs about", "budget of 512.0 MiB", BUDGET_ENV)
+    with pytest.raises(OverBudgetError, match="batch of at most"):  # the batch counts too
+        small_unet.run(unet_inputs(engines, side, batch=4))
+
+
+@pytest.mark.parametrize("name,value", [("sample", np.nan), ("sample", np.inf), ("encoder_hidden_states", -np.inf),
+                                        ("timestep", np.nan), ("timestep", 1e30), ("timestep", -1.0),
+                                        ("sample", 3e38)])
+def test_non_finite_and_absurd_unet_inputs(engines, small_unet, name, value):
+    inputs = unet_inputs(engines, 8, batch=2)
+    inputs[name].reshape(-1)[-1] = value
+    with pytest.raises(InvalidInputError) as err:
+        small_unet.run(inputs)
+    assert_one_line(err.value, f"unet.{name}")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 3e38])
+def test_vae_latent_must_be_finite_and_sane(engines, value):
+    engine = load_engine(engines, "vae_decoder")
+    inputs = sample_inputs(engine.spec, {"batch": 1, "height": 8, "width": 8})
+    inputs["latent"][0, 0, 0, 0] = value
+    with pytest.raises(InvalidInputError, match="vae_decoder.latent"):
+        engine.run(inputs)
+
+
+def test_token_ids_outside_the_vocabulary(engines):
+    engine = load_engine(engines, "text_encoder")
+    ids = sample_inputs(engine.spec, {"batch": 1})["input_ids"]
+    ids[0, 3] = 10**6
+    with pytest.raises(InvalidInputError, match="text_encoder.input_ids: values must be in"):
+        engine.run({"input_ids": ids})
+
+
+def test_svd_timestep_range_is_its_sigma_range(svd_engines):
+    """SVD's continuous timesteps are ¼·ln σ for σ in [0.002, 700]: 1e30 and 2.0 are outside, its own are inside."""
+    low, high = svd_engines.components["unet_svd"].spec.input("timestep").limits
+    assert low == pytest.approx(0.25 * np.log(0.002), abs=2e-3) and high == pytest.approx(0.25 * np.log(700), abs=2e-3)
+    engine = load_engine(svd_engines, "unet_svd")
+    inputs = sample_inputs(engine.spec, {"batch": 1, "frames": 2, "height": 8, "width": 8})
+    for t in (1e30, 2.0):
+        inputs["timestep"][:] = t
+        with pytest.raises(InvalidInputError, match="unet_svd.timestep"):
+            engine.run(inputs)
+    inputs["timestep"][:] = 0.25 * np.log(700.0)
+    assert np.isfinite(engine.run(inputs)["noise_pred"]).all()
+
+
+def test_non_finite_outputs_name_the_component(engines):
+    spec = engines.components["vae_decoder"].spec
+    images = np.zeros((1, 3, 16, 16), np.float32)
+    spec.validate_outputs({"images": images})
+    images[0, 1, 2, 3] = np.nan
+    with pytest.raises(ComponentOutputError) as err:
+        spec.validate_outputs({"images": images})
+    assert_one_line(err.value, "vae_decoder produced non-finite values in images", "1 NaN")
+
+
+# --------------------------------------------------------------------------- served
+
+
+@pytest.fixture(scope="module")
+def limited_server(engines, tmp_path_factory, monkeypatch_module):
+    """unet and vae_decoder sharing a 2 GiB budget, two requests allowed to wait per model."""
+    monkeypatch_module.setenv(BUDGET_ENV, BUDGET)
+    root = tmp_path_factory.mktemp("triton-limits")
+    repository = write_repository(engines, root / "repository", RepositoryOptions(max_queue_size=2),
+                                  models=["unet", "vae_decoder"])
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        server.repository_dir = repository
+        yield server
+
+
+def test_config_carries_the_budget_and_a_queue_policy(limited_server):
+    config = parse_config(limited_server.repository_dir / "unet" / "config.pbtxt")
+    assert int(config.parameters["memory_budget"].string_value) == parse_bytes(BUDGET) // 2
+    policy = config.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 2 and policy.allow_timeout_override
+    assert policy.timeout_action == policy.REJECT and policy.default_timeout_microseconds == 30_000_000
+
+
+def test_unbatched_models_wait_in_a_bounded_queue_too(svd_engines, tmp_path):
+    """The temporal VAE decoder (max_batch_size 0: frames of one video are never merged) gets the same policy."""
+    repository = write_repository(svd_engines, tmp_path / "repository", RepositoryOptions(max_queue_size=3),
+                                  models=["vae_decoder_temporal"])
+    config = parse_config(repository / "vae_decoder_temporal" / "config.pbtxt")
+    assert config.max_batch_size == 0
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 3
+
+
+def stats(server: TritonServer, model: str) -> dict:
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        return client.get_inference_statistics(model)["model_stats"][0]
+    finally:
+        client.close()
+
+
+def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
+    """The server and its models stay ready, and a good request is answered."""
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        assert client.is_server_ready() and client.is_model_ready("unet") and client.is_model_ready("vae_decoder")
+    finally:
+        client.close()
+    with TritonRunner(server_url(server, "grpc")) as runner:
+        assert np.isfinite(runner.run("unet", **unet_inputs(engines, 8))["noise_pred"]).all()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_edge_runs_and_past_it_is_invalid_arg(limited_server, engines, protocol):
+    memory = engines.components["unet"].memory
+    budget = parse_bytes(BUDGET) // 2
+    side = edge_side(memory, budget)
+    with TritonRunner(server_url(limited_server, protocol)) as runner:
+        assert runner.run("unet", **unet_inputs(engines, side))["noise_pred"].shape == (1, 4, side, side)
+        for past in (side + 1, 256):
+            with pytest.raises(InvalidInputError) as err:
+                runner.run("unet", **unet_inputs(engines, past))
+            assert_one_line(err.value, "OverBudgetError", "needs about", "budget of 1.0 GiB")
+        latent = sample_inputs(engines.components["vae_decoder"].spec, {"batch": 1, "height": 256, "width": 256})
+        with pytest.raises(InvalidInputError, match="vae_decoder: a request of batch=1, height=256"):
+            runner.run("vae_decoder", **latent)  # the request that grew a stub to 23.9 GB
+    serves_a_good_request(limited_server, engines)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model,name,value", [("unet", "sample", np.nan), ("unet", "encoder_hidden_states", np.inf),
+                                              ("unet", "timestep", 1e30), ("vae_decoder", "latent", 3e38),
+                                              ("vae_decoder", "latent", -np.inf)])
+def test_served_non_finite_inputs_are_invalid_arg(limited_server, engines, protocol, model, name, value):
+    spec = engines.components[model].spec
+    inputs = sample_inputs(spec, {"batch": 2, "height": 8, "width": 8})
+    inputs[name].reshape(-1)[0] = value
+    with TritonRunner(server_url(limited_server, protocol)) as runner:
+        with pytest.raises(InvalidInputError) as err:
+            runner.run(model, **inputs)
+    assert_one_line(err.value, f"{model}.{name}")
+    serves_a_good_request(limited_server, engines)
+
+
+def _slow_call(runner: TritonRunner, engines: Manifest, results: dict, key: int) -> None:
+    side = edge_side(engines.components["unet"].memory, parse_bytes(BUDGET) // 2)
+    try:
+        runner.run("unet", **unet_inputs(engines, side, seed=key))
+        results[key] = "ok"
+    except ServerUnavailableError as err:
+        results[key] = err
+
+
+def while_busy(server: TritonServer, engines: Manifest, results: dict, action) -> None:
+    """Run `action()` while the unet instance executes a slow request (~1–2 s at the edge of its budget)."""
+    with TritonRunner(server_url(server, "grpc")) as runner:
+        first = threading.Thread(target=_slow_call, args=(runner, engines, results, 0))
+        first.start()
+        time.sleep(0.2)  # the request is on its way and executing: the model's queue is empty again
+        try:
+            action()
+        finally:
+            first.join(timeout=120)
+
+
+def test_full_queue_is_unavailable_in_one_line(limited_server, engines):
+    results: dict = {}
+
+    runners = [TritonRunner(server_url(limited_server, "grpc")) for _ in range(5)]
+
+    def crowd() -> None:
+        threads = [threading.Thread(target=_slow_call, args=(r, engines, results, i + 1))
+                   for i, r in enumerate(runners)]
+        for thread in threads:
+            thread.start()
+        for thread, runner in zip(threads, runners):
+            thread.join(timeout=120)
+            runner.close()
+
+    while_busy(limited_server, engines, results, crowd)
+    refused = [r for r in results.values() if isinstance(r, ServerUnavailableError)]
+    assert results[0] == "ok" and refused, results
+    for err in refused:  # what the CLI prints as its one line (exit 2)
+        assert_one_line(err, "unet", "Exceeds maximum queue size")
+    assert sum(r == "ok" for r in results.values()) >= 2  # one ran, the waiting ones ran after it
+    # the two that waited were merged by the batcher; at the edge of the budget only one fits: run one by one
+    assert "unet: 2 requests of 2 items run in 2 batches of [1, 1] requests within the memory budget" in \
+        limited_server.log_tail(20000)
+    serves_a_good_request(limited_server, engines)
+
+
+def test_request_whose_deadline_passes_in_the_queue_is_not_run(limited_server, engines):
+    before = stats(limited_server, "unet")
+    results: dict = {}
+
+    with TritonRunner(server_url(limited_server, "grpc"), timeout_s=0.2) as runner:
+        while_busy(limited_server, engines, results, lambda: _slow_call(runner, engines, results, 1))
+    assert results[0] == "ok" and isinstance(results[1], ServerUnavailableError), results
+    time.sleep(0.5)
+    after = stats(limited_server, "unet")
+    # Triton's statistics: only the first request was executed; the second expired in the queue
+    assert after["inference_count"] - before["inference_count"] == 1
+    assert after["execution_count"] - before["execution_count"] == 1
+
+
+def test_the_server_itself_expires_a_queued_request(limited_server, engines):
+    """Over HTTP with no client-side deadline: the server's reply once the request's queue timeout passed."""
+    replies: list = []
+
+    client = httpclient.InferenceServerClient(limited_server.http_url, network_timeout=60)
+    inputs = []
+    for name, array in unet_inputs(engines, 8).items():
+        array = array.reshape(-1, 1) if array.ndim == 1 else array
+        infer_input = httpclient.InferInput(name, list(array.shape), "FP32")
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+
+    def queued_1ms() -> None:
+        try:
+            client.infer("unet", inputs, timeout=1000)  # 1 ms in the queue behind the slow request
+        except Exception as err:  # noqa: BLE001 - the reply is what is checked
+            replies.append(err)
+
+    try:
+        while_busy(limited_server, engines, {}, queued_1ms)
+    finally:
+        client.close()
+    assert replies and "timeout" in str(replies[0]).lower(), replies
+    serves_a_good_request(limited_server, engines)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_deadline_passing_in_the_queue_is_one_line(limited_server, engines, protocol):
+    results: dict = {}
+    with TritonRunner(server_url(limited_server, protocol), timeout_s=0.2) as runner:
+        while_busy(limited_server, engines, results, lambda: _slow_call(runner, engines, results, 1))
+    assert isinstance(results[1], ServerUnavailableError), results
+    assert_one_line(results[1], "unet")  # what the CLI prints (exit 2); HTTP was a gevent traceback
+    serves_a_good_request(limited_server, engines)
