@@ -178,9 +178,8 @@ class BalancedClient:
                 try:
                     return getattr(replica.client, name)(*args, **kwargs)
                 except Exception as err:
-                    if not is_transport_failure(err):
-                        raise
-                    self._check(replica)
+                    if not is_transport_failure(err) or self._check(replica):
+                        raise  # the server's own answer (e.g. a restricted API), not a replica gone
 
         return call
 
