@@ -72,7 +72,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ti2i.export.exporter import export_model
 
-    manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter)
+    manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter,
+                            precision=args.precision)
     print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
     return 0
 
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default=None, help="model kind (detected from the folder when left out)")
     p.add_argument("--motion-adapter", default=None,
                    help="AnimateDiff motion adapter (hub id or folder): also export the Video LDM temporal UNet")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="graph precision (fp16: components known to overflow stay fp32; each is validated "
+                        "against the fp32 module)")
     p.set_defaults(func=cmd_export)
 
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),

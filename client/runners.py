@@ -51,7 +51,7 @@ class InProcessRunner(Runner):
         self.pipeline = self.manifest.pipeline
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
         self._engines: dict[str, Engine] = {}
-        specs = {name: entry.spec for name, entry in self.manifest.components.items()}
+        specs = {name: entry.spec.interface() for name, entry in self.manifest.components.items()}
         self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
 
     def engine(self, name: str) -> Engine:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ti2i.spec import ComponentSpec
+from ti2i.spec import ComponentSpec, as_float32
 
 
 class Engine(ABC):
@@ -25,8 +25,10 @@ class Engine(ABC):
         return self.spec.name
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Callers exchange float32 whatever the graph holds: float16 graphs are cast at this boundary."""
+        inputs = self.spec.cast_inputs(inputs)
         self.spec.validate_inputs(inputs)
-        return self._run(inputs)
+        return as_float32(self._run(inputs))
 
     @abstractmethod
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,15 +33,17 @@ class ComponentEntry:
     validation: dict[str, Any] | None = None  # relative error against the torch module per sample size
     source: str | None = None  # the model folder or hub id it was exported from
     fingerprint: str | None = None  # sha256 of its weights
+    precision: str | None = None  # "fp32" or "fp16": the graph's float type (None: fp32, older manifests)
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
-                "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint}
+                "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint,
+                **({"precision": self.precision} if self.precision else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ComponentEntry:
         return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"),
-                   data.get("source"), data.get("fingerprint"))
+                   data.get("source"), data.get("fingerprint"), data.get("precision"))
 
 
 @dataclass

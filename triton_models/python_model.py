@@ -52,7 +52,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         threads = int(params.get("threads", "0")) or None
         self.engine = load_engine(Manifest.load(params["engine_dir"]), params["component"], threads=threads)
-        self.spec = self.engine.spec
+        self.spec = self.engine.spec.interface()  # float32 on the wire; the engine casts for fp16 graphs
         self.batched = int(config.get("max_batch_size", 0)) > 0
 
     def execute(self, requests: list[Any]) -> list[Any]:

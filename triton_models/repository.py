@@ -95,7 +95,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    specs = {name: manifest.components[name].spec for name in names}
+    specs = {name: manifest.components[name].spec.interface() for name in names}  # python models: float32
     for name, spec in specs.items():
         _write_model(out / name, component_config(spec, manifest, options), with_code=True)
     for ensemble in available_ensembles(specs):
