@@ -78,6 +78,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from ti2i.export.build import build
+
+    build(args.engines, args.backend, components=args.components, limits=args.limit, device=args.device)
+    return 0
+
+
 def _repository_options(args: argparse.Namespace):
     from ti2i.triton_models.repository import RepositoryOptions
 
@@ -103,6 +110,13 @@ def cmd_repository(args: argparse.Namespace) -> int:
     from ti2i.triton_models.repository import write_repository
 
     manifest = Manifest.load(args.engines)
+    if args.backend != "python":
+        from ti2i.triton_models.native import write_native_repository
+
+        out = write_native_repository(manifest, args.out, args.backend, _repository_options(args),
+                                      models=_models(args, manifest))
+        print(f"wrote {out}")
+        return 0
     out = write_repository(manifest, args.out, _repository_options(args), models=_models(args, manifest))
     print(f"wrote {out}")
     return 0
@@ -257,12 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the fp32 module)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("build", help="compile an engine directory's ONNX graphs: TensorRT plans or AOTInductor "
+                                     "packages, cached beside them")
+    p.add_argument("--engines", required=True, help="engine directory written by `ti2i export`")
+    p.add_argument("--backend", required=True, choices=("tensorrt", "aoti"))
+    p.add_argument("--components", default=None, help="comma-separated components (default: every ONNX one)")
+    p.add_argument("--limit", default=None, help="cap declared dims for the build, e.g. batch=4,height=128 "
+                                                 "(a plan's memory grows with its profile's max)")
+    p.add_argument("--device", default=None, help="aoti: cpu or cuda (default: cuda when torch sees a GPU)")
+    p.set_defaults(func=cmd_build)
+
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
                                   ("serve", cmd_serve, "serve an engine directory with the bundled Triton")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--engines", required=True)
         if name == "repository":
             p.add_argument("--out", required=True)
+            p.add_argument("--backend", choices=("python", "tensorrt", "onnxruntime"), default="python",
+                           help="python: python-backend models hosting the engines (CPU or GPU); tensorrt: "
+                                "tensorrt_plan models (plans from `ti2i build`); onnxruntime: onnxruntime_onnx "
+                                "models on the CUDA provider; both native ones on GPU instances")
         else:
             p.add_argument("--repository", default=None, help="where to write the repository "
                                                               "(default: ENGINES/model_repository)")

@@ -165,6 +165,8 @@ class TritonRunner(Runner):
             if name not in declared:
                 raise InvalidInputError(f"{model}: unknown input {name!r} (expects {sorted(declared)})")
             value = np.asarray(value)
+            if declared[name].get("data_type") == "TYPE_FP16" and value.dtype == np.float32:
+                value = value.astype(np.float16)  # a native fp16 network: the runner casts at the boundary
             if batched and value.ndim == 1 and _dims(declared[name]) == [1]:
                 value = value.reshape(-1, 1)  # a per-sample scalar travels as [B, 1]
             infer_input = self._module.InferInput(name, list(value.shape), _wire_dtype(value))
@@ -203,7 +205,7 @@ class TritonRunner(Runner):
                 seen[name] = (tuple(value.shape), value.dtype)
             if batched and _is_batched_scalar(declared_outputs[name]):
                 value = value.reshape(-1)
-            out[name] = value
+            out[name] = value.astype(np.float32) if value.dtype == np.float16 else value
         if self._shm is not None and seen:
             self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out

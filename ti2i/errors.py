@@ -23,3 +23,7 @@ class ServerUnavailableError(Ti2iError, ConnectionError):
 
 class ExportValidationError(Ti2iError, RuntimeError):
     """An exported component disagrees with its torch module beyond its tolerance."""
+
+
+class BackendUnavailableError(Ti2iError, RuntimeError):
+    """A requested engine backend cannot run here (its library or the GPU it needs is missing)."""
