@@ -49,6 +49,7 @@ class InProcessRunner(Runner):
 
         self.manifest = Manifest.load(engine_dir)
         self.pipeline = self.manifest.pipeline
+        self._device = engine_options.get("device", "cpu")
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
         self._engines: dict[str, Engine] = {}
         specs = {name: entry.spec.interface() for name, entry in self.manifest.components.items()}
@@ -74,10 +75,41 @@ class InProcessRunner(Runner):
         wanted = outputs or [k for k in result if k not in inputs]
         return {k: result[k] for k in wanted}
 
+    def run_tensors(self, model: str, /, **inputs: Any) -> dict[str, Any]:
+        """One component on torch tensors, returned on the engines' device (the ``device`` engine option).
+
+        Engines that live on a device (AOTInductor on CUDA, TensorRT) take and return device tensors
+        without a host round trip; the others (ONNX Runtime, processing steps) go through numpy. This
+        is the building block of loops kept on the device: the seeded generator stays on the CPU and
+        its noise is moved once. The methods call `run` (numpy), so their parity is untouched.
+        """
+        import torch
+
+        device = torch.device(self._device)
+        engine = self.engine(model)
+        if not hasattr(engine, "run_device"):
+            out = engine.run({k: v.detach().cpu().numpy() for k, v in inputs.items()})
+            return {k: torch.from_numpy(np.require(v, requirements="W")).to(device) for k, v in out.items()}
+        moved = {}
+        for tensor in engine.spec.inputs:
+            value = inputs.get(tensor.name)
+            if value is not None:
+                moved[tensor.name] = value.to(device, getattr(torch, tensor.dtype) if value.is_floating_point()
+                                              else value.dtype)
+        engine.spec.validate_inputs({k: _probe(v) for k, v in moved.items()})  # shapes and dtypes, no copy
+        out = engine.run_device(moved)
+        return {k: v.float() if v.dtype == torch.float16 else v for k, v in out.items()}
+
     def close(self) -> None:
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
+
+
+def _probe(tensor: Any) -> np.ndarray:
+    """A zero-strided numpy stand-in of a torch tensor's shape and dtype, for spec validation."""
+    dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(tensor.shape), (0,) * tensor.dim())
 
 
 class TritonRunner(Runner):

@@ -270,3 +270,24 @@ def test_aoti_build_is_cached_and_runs_a_method(aoti_engines: Manifest, example_
     db = psnr(run(backend="aoti"), run())
     print(f"\nSDEdit with the AOTInductor text encoder vs all-ONNX Runtime: PSNR {db:.1f} dB")
     assert db >= 60.0
+
+
+def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
+    """The device-loop building block, on the CPU: the same values as the numpy path, as torch tensors."""
+    import torch
+
+    inputs = sample_inputs(aoti_engines.components["text_encoder"].spec, {BATCH: 2})
+    with InProcessRunner(aoti_engines.root, backend="aoti") as runner:
+        expected = runner.run("text_encoder", **inputs)["text_embeddings"]
+        got = runner.run_tensors("text_encoder", input_ids=torch.from_numpy(inputs["input_ids"]))["text_embeddings"]
+        unet_inputs = sample_inputs(aoti_engines.components["unet"].spec, {BATCH: 2, "height": 8, "width": 6})
+        via_ort = runner.run_tensors("unet", **{k: torch.from_numpy(v) for k, v in unet_inputs.items()})
+        with pytest.raises(InvalidInputError, match="text_encoder.input_ids"):
+            runner.run_tensors("text_encoder", input_ids=torch.zeros((2, 5), dtype=torch.int32))
+    assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), expected)
+    np.testing.assert_array_equal(via_ort["noise_pred"].numpy(), runner_numpy_unet(aoti_engines, unet_inputs))
+
+
+def runner_numpy_unet(manifest: Manifest, inputs) -> np.ndarray:
+    with InProcessRunner(manifest.root) as runner:
+        return runner.run("unet", **inputs)["noise_pred"]
