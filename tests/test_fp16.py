@@ -133,3 +133,17 @@ def test_manifests_without_opt_sizes_or_precision_still_load(sd16_engines: Manif
     for name, entry in old.components.items():
         assert entry.precision is None and not entry.spec.opt
         assert entry.spec.inputs == sd16_engines.components[name].spec.inputs
+
+
+def test_fp16_engines_served_by_python_models_match_in_process(sd16_engines: Manifest, tmp_path: Path,
+                                                                example_image):
+    """Through a real tritonserver the python models host the fp16 engines behind float32 configs."""
+    from conftest import served_and_local
+    from ti2i.triton_models.server import TritonServer
+
+    repository = write_repository(sd16_engines, tmp_path / "repository")
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        served, local = served_and_local(
+            server, "grpc", sd16_engines.root,
+            lambda runner: sdedit(runner, example_image, "a painting", steps=4, seed=2, progress=False).array)
+    assert np.abs(served - local).max() <= 1e-6

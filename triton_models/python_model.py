@@ -55,7 +55,7 @@ class TritonPythonModel:
         self.spec = self.engine.spec.interface()  # float32 on the wire; the engine casts for fp16 graphs
         self.batched = int(config.get("max_batch_size", 0)) > 0
         # next to an fp16 network (native repositories) a tensor is declared fp16: cast to what is declared
-        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config.get("output", [])}
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
