@@ -97,8 +97,8 @@ class InProcessRunner(Runner):
                 moved[tensor.name] = value.to(device, getattr(torch, tensor.dtype) if value.is_floating_point()
                                               else value.dtype)
         engine.spec.validate_inputs({k: _probe(v) for k, v in moved.items()})  # shapes and dtypes, no copy
-        out = engine.run_device(moved)
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in out.items()}
+        out = engine.run_device(moved)  # may be views of the engine's buffers: copied before the next call
+        return {k: v.float() if v.dtype == torch.float16 else v.clone() for k, v in out.items()}
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -83,7 +83,8 @@ class TrtEngine(Engine):
         return buf[:numel].view(shape)
 
     def run_device(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Run on torch CUDA tensors (the loop-on-device path); returns views of the engine's buffers."""
+        """Run on torch CUDA tensors (the loop-on-device path); returns views of the engine's buffers,
+        valid until the next call."""
         torch = self._torch
         for tensor in self.spec.inputs:
             value = inputs[tensor.name]
@@ -97,6 +98,7 @@ class TrtEngine(Engine):
             view = self._buffer(tensor.name, shape)
             self.context.set_tensor_address(tensor.name, view.data_ptr())
             outputs[tensor.name] = view
+        self.stream.wait_stream(torch.cuda.current_stream())  # the input copies above come first
         with torch.cuda.stream(self.stream):
             if self.cuda_graph and self._graph is not None:
                 self._graph.replay()
