@@ -70,7 +70,9 @@ def _export(wrapper: torch.nn.Module, spec: ComponentSpec, prof: profiles.Profil
     sample = sample_inputs(spec, opt)
     args = tuple(torch.from_numpy(sample[t.name]).to(device) for t in spec.inputs)
     if dynamic:
-        dims = {dim: torch.export.Dim(dim.replace("-", "_"), min=max(low, 2) if low < 2 else low, max=high)
+        # torch.export specialises sizes 0 and 1, so a range starting at 1 is declared from 2 (the
+        # compiled package still runs size 1: checked by the tests at batch 1)
+        dims = {dim: torch.export.Dim(dim.replace("-", "_"), min=max(low, 2), max=high)
                 for dim, (low, _, high) in profiles.dim_ranges(spec, _limits_of(spec, prof)).items() if low < high}
         shapes = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in dims}
                   for t in spec.inputs}

@@ -15,6 +15,7 @@ from ti2i.client.sdedit import sdedit
 from ti2i.client.svd import svd
 from ti2i.export.components import COMPONENTS
 from ti2i.export.exporter import export_model
+from ti2i.export.fp16 import ALWAYS_FLOAT_INPUTS
 from ti2i.triton_models.repository import parse_config, write_repository
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -63,6 +64,13 @@ def test_graph_types_are_the_spec_dtypes(engines_name, request):
             assert "float16" in floats.values()
             weights = [i.data_type for i in graph.graph.initializer if i.data_type in ONNX_TYPES]
             assert onnx.TensorProto.FLOAT16 in weights and onnx.TensorProto.FLOAT not in weights, name
+            # float32 inside only where the module computes in fp32 on purpose: the timestep embedding
+            inferred = onnx.shape_inference.infer_shapes(graph)
+            float_by_spec = {n.input[i] for n in inferred.graph.node for i in ALWAYS_FLOAT_INPUTS.get(n.op_type, ())
+                             if i < len(n.input)}  # Resize scales are float32 by the ONNX spec
+            fp32_values = [v.name for v in inferred.graph.value_info
+                           if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and v.name not in float_by_spec]
+            assert bool(fp32_values) == any(t.dtype == "float32" for t in entry.spec.inputs), (name, fp32_values)
 
 
 def test_fp16_engines_take_and_return_float32(sd16_engines: Manifest, sd_engines: Manifest):

@@ -291,3 +291,16 @@ def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
 def runner_numpy_unet(manifest: Manifest, inputs) -> np.ndarray:
     with InProcessRunner(manifest.root) as runner:
         return runner.run("unet", **inputs)["noise_pred"]
+
+
+def test_cli_repository_backends(sd16_engines: Manifest, tmp_path: Path, capsys):
+    from ti2i.client.cli import main
+
+    assert main(["repository", "--engines", str(sd16_engines.root), "--backend", "onnxruntime",
+                 "--out", str(tmp_path / "ort")]) == 0
+    assert parse_config(tmp_path / "ort" / "unet" / "config.pbtxt").platform == "onnxruntime_onnx"
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(sd16_engines.root), "--backend", "tensorrt",
+                 "--out", str(tmp_path / "trt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no TensorRT plans" in err[0]
