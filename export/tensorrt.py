@@ -20,6 +20,11 @@ from ti2i.manifest import ONNX, Manifest
 BACKEND = "tensorrt"
 OPTIMIZATION_LEVEL = 3
 TIMING_CACHE = "timing.cache"
+# A plan's execution context holds activation memory for its profile's maximum: the declared ranges (images
+# up to 2048², 16 at a time) would ask for far more than a GPU has. Plans default to NVIDIA demo-like
+# ranges (1024² images, batch 8 = 4 requests × a CFG pair, 25 frames: SVD-XT); `--limit` overrides.
+DEFAULT_LIMITS = {"batch": 8, "image_height": 1024, "image_width": 1024, "height": 128, "width": 128,
+                  "frames": 25}
 
 
 def build_plans(manifest: Manifest, names: list[str] | None = None, limits: Mapping[str, int] | None = None,
@@ -31,7 +36,7 @@ def build_plans(manifest: Manifest, names: list[str] | None = None, limits: Mapp
     for name in names or [n for n, e in manifest.components.items() if e.backend == ONNX]:
         entry = manifest.components[name]
         onnx_path = manifest.path_of(name)
-        prof = profiles.profile(entry.spec, limits)
+        prof = profiles.profile(entry.spec, _limits_for(entry.spec, limits))
         facts = builds.plan_facts(builds.file_fingerprint(onnx_path), trt.__version__, gpu, capability, prof)
         key = builds.build_key(facts)
         if index.fresh(name, key) is not None:
@@ -43,6 +48,12 @@ def build_plans(manifest: Manifest, names: list[str] | None = None, limits: Mapp
         index.record(name, key, file, facts, precision=entry.precision or "fp32")
         log(f"{name}: wrote {file}")
     return index
+
+
+def _limits_for(spec, limits: Mapping[str, int] | None) -> dict[str, int]:
+    """The build's caps: the defaults, then the user's, each only where the spec's range allows it."""
+    wanted = {**DEFAULT_LIMITS, **(limits or {})}
+    return {dim: max(size, spec.dims[dim][0]) for dim, size in wanted.items() if dim in spec.dims}
 
 
 def _build(trt, onnx_path: Path, prof: profiles.Profile, out: Path, cache_path: Path) -> None:

@@ -304,3 +304,16 @@ def test_cli_repository_backends(sd16_engines: Manifest, tmp_path: Path, capsys)
                  "--out", str(tmp_path / "trt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no TensorRT plans" in err[0]
+
+
+def test_plans_default_to_ranges_a_gpu_can_hold(sd_engines: Manifest, svd_engines: Manifest):
+    from ti2i.export.tensorrt import _limits_for
+
+    unet = sd_engines.components["unet"].spec
+    prof = profiles.profile(unet, _limits_for(unet, None))
+    assert prof["sample"][2][0] == 8 and prof["sample"][2][2:] == (128, 128)
+    assert prof["sample"][1] == (2, 4, unet.opt["height"], unet.opt["width"])  # opt untouched
+    prof = profiles.profile(unet, _limits_for(unet, {BATCH: 2}))
+    assert prof["sample"][2][0] == 2
+    svd = svd_engines.components["unet_svd"].spec
+    assert profiles.profile(svd, _limits_for(svd, None))["sample"][2][1] == 25  # SVD-XT's frames
