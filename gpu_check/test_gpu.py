@@ -63,7 +63,6 @@ def test_aoti_fp16_on_cuda_matches_fp32_torch(aoti_fp16, module32):
 
 def test_a_loop_on_the_device_never_leaves_it(aoti_fp16):
     """run_device takes and returns CUDA tensors: a denoising loop of them stays on the GPU."""
-    spec = aoti_fp16.spec
     latents = torch.randn((1, 4, 64, 64), generator=torch.Generator("cpu").manual_seed(0)).cuda()
     context = torch.randn((2, 77, 64), device="cuda", dtype=torch.float16)
     for t in (900.0, 500.0, 100.0):
@@ -74,7 +73,6 @@ def test_a_loop_on_the_device_never_leaves_it(aoti_fp16):
         uncond, cond = out.float().chunk(2)
         latents = latents - 0.1 * (uncond + 7.5 * (cond - uncond))
     assert latents.is_cuda and torch.isfinite(latents).all()
-    del spec
 
 
 @pytest.mark.skipif(not have("tensorrt"), reason="TensorRT is not installed (pip install 'ti2i[tensorrt]')")

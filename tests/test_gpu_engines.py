@@ -4,7 +4,6 @@ and AOTInductor packages built and run on the CPU against ONNX Runtime."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
