@@ -168,3 +168,19 @@ def test_sdedit_with_an_aoti_cuda_unet(tiny_engines):
     db = _psnr(_sdedit(fp16.root, backend="aoti", device="cuda"), _sdedit(fp32.root))
     print(f"\nSDEdit tiny with the fp16 AOTInductor CUDA UNet vs fp32 ORT: {db:.1f} dB")
     assert db >= 35.0
+
+
+@PIPELINE
+def test_run_tensors_keeps_the_unet_on_the_device(tiny_engines):
+    from ti2i.client.runners import InProcessRunner
+    from ti2i.export.build import build
+
+    _, fp16 = tiny_engines
+    build(fp16.root, "aoti", components="unet", device="cuda", log=lambda _: None)
+    spec = fp16.components["unet"].spec.interface()
+    inputs = sample_inputs(spec, {BATCH: 2, **{d: s for d, s in spec.opt.items() if d != BATCH}})
+    with InProcessRunner(fp16.root, backend="aoti", device="cuda") as runner:
+        out = runner.run_tensors("unet", **{k: torch.from_numpy(v).cuda() for k, v in inputs.items()})["noise_pred"]
+        host = runner.run("unet", **inputs)["noise_pred"]
+    assert out.is_cuda and out.dtype == torch.float32
+    np.testing.assert_allclose(out.cpu().numpy(), host, rtol=0, atol=1e-3)
