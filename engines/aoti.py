@@ -20,9 +20,12 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.spec import ComponentSpec
 
 
+LATENT_DIMS = ("height", "width")
+
+
 class AotiEngine(Engine):
     def __init__(self, package: str | Path, spec: ComponentSpec, profile: profiles.Profile, dynamic: bool,
-                 device: str = "cpu"):
+                 device: str = "cpu", multiple: int | None = None):
         super().__init__(spec)
         import torch
 
@@ -33,6 +36,7 @@ class AotiEngine(Engine):
         self.device = device
         self.dynamic = dynamic
         self.static_shapes = None if dynamic else {name: shapes[1] for name, shapes in profile.items()}
+        self.multiple = multiple if dynamic and multiple and multiple > 1 else None  # latent height/width
         self._runner = torch._inductor.aoti_load_package(str(path))
 
     def run_device(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,6 +46,13 @@ class AotiEngine(Engine):
                 if tuple(inputs[name].shape) != shape:
                     raise InvalidInputError(f"{self.spec.name}.{name}: this AOTInductor package was compiled for "
                                             f"shape {list(shape)} only, got {list(inputs[name].shape)}")
+        if self.multiple is not None:
+            for tensor in self.spec.inputs:
+                for axis, dim in enumerate(tensor.shape):
+                    size = inputs[tensor.name].shape[axis]
+                    if dim in LATENT_DIMS and size % self.multiple:
+                        raise InvalidInputError(f"{self.spec.name}.{tensor.name}: this AOTInductor package takes "
+                                                f"{dim} in multiples of {self.multiple}, got {size}")
         with self._torch.inference_mode():
             out = self._runner(*(inputs[t.name] for t in self.spec.inputs))
         out = out if isinstance(out, (list, tuple)) else (out,)

@@ -55,4 +55,4 @@ def _load_compiled(manifest: Manifest, name: str, backend: str, device: str) -> 
 
     entry = index.entries[name]
     return AotiEngine(index.path(name), spec, index.profile(name), bool(entry.get("dynamic")),
-                      device=entry.get("device", device))
+                      device=entry.get("device", device), multiple=entry.get("multiple"))

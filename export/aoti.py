@@ -2,18 +2,22 @@
 
 Each component's torch module is loaded again from the model folder the manifest names, in the
 graph's precision, traced with `torch.export` (the declared dims dynamic; where export cannot keep
-them, e.g. a UNet whose skip connections constrain height and width, at the opt shapes) and
-compiled with `torch._inductor.aoti_compile_and_package` for the device. Packages are cached
+them, e.g. a UNet whose skip connections constrain height and width, in multiples, else at the opt
+shapes) and
+compiled with `torch._inductor.aoti_compile_and_package` for the device. A UNet exports with its
+latent height and width in multiples of 8 (64 px: 512², 576×1024, ...), the other dims fully dynamic. Packages are cached
 under a key of the weights, torch version, device, precision and profile, like TensorRT plans.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from ti2i.engines import builds, profiles
+from ti2i.engines.aoti import LATENT_DIMS
 from ti2i.export.components import COMPONENTS, TORCH_DTYPES, ModelSource
 from ti2i.manifest import ONNX, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
@@ -53,36 +57,56 @@ def build_packages(manifest: Manifest, names: list[str] | None = None, device: s
         module = component.load(source_of(entry.source or ""), component.subfolder, TORCH_DTYPES[precision])
         wrapper = component.wrap(module).eval().to(device)
         log(f"{name}: compiling with AOTInductor for {device} ({precision}) ...")
-        program, kept_dynamic = _export(wrapper, entry.spec, prof, device, dynamic)
+        program, multiple = _export(wrapper, entry.spec, prof, device, dynamic)
         file = builds.file_name(name, key, ".pt2")
         index.root.mkdir(parents=True, exist_ok=True)
         torch._inductor.aoti_compile_and_package(program, package_path=str(index.root / file))
-        index.record(name, key, file, facts, dynamic=kept_dynamic, device=device, precision=precision)
-        log(f"{name}: wrote {file} ({'dynamic' if kept_dynamic else 'static'} shapes)")
+        index.record(name, key, file, facts, dynamic=multiple is not None, multiple=multiple, device=device,
+                     precision=precision)
+        shapes = {None: "static shapes", 1: "dynamic shapes"}.get(multiple, f"latent sizes in multiples of {multiple}")
+        log(f"{name}: wrote {file} ({shapes})")
     return index
 
 
+LATENT_MULTIPLE = 8  # latent sizes a UNet package accepts when fully dynamic ones cannot be kept (64 px)
+
+
 def _export(wrapper: torch.nn.Module, spec: ComponentSpec, prof: profiles.Profile, device: str,
-            dynamic: bool) -> tuple[torch.export.ExportedProgram, bool]:
-    """The exported program at the opt shapes, with the declared dims dynamic when export keeps them."""
-    ranges = profiles.dim_ranges(spec, None)
+            dynamic: bool) -> tuple[torch.export.ExportedProgram, int | None]:
+    """The exported program and the latent multiple it keeps dynamic (1: every declared size, 8: latent
+    height/width in multiples of 8, as a UNet's skip connections need under torch.export; None: static at
+    the opt shapes)."""
+    ranges = profiles.dim_ranges(spec, _limits_of(spec, prof))
     opt = {dim: r[1] for dim, r in ranges.items()}
-    sample = sample_inputs(spec, opt)
-    args = tuple(torch.from_numpy(sample[t.name]).to(device) for t in spec.inputs)
-    if dynamic:
-        # torch.export specialises sizes 0 and 1, so a range starting at 1 is declared from 2 (the
-        # compiled package still runs size 1: checked by the tests at batch 1)
-        dims = {dim: torch.export.Dim(dim.replace("-", "_"), min=max(low, 2), max=high)
-                for dim, (low, _, high) in profiles.dim_ranges(spec, _limits_of(spec, prof)).items() if low < high}
+    attempts = (1, LATENT_MULTIPLE) if dynamic else ()
+    for multiple in attempts:
+        sizes = dict(opt)
+        dims: dict[str, Any] = {}
+        for dim, (low, _, high) in ranges.items():
+            if low == high:
+                continue
+            if multiple > 1 and dim in LATENT_DIMS:
+                # torch.export specialises sizes 0 and 1: the traced size is at least twice the multiple
+                sizes[dim] = max(2 * multiple, opt[dim] - opt[dim] % multiple)
+                dims[dim] = multiple * torch.export.Dim(f"{dim}_{multiple}", min=max(1, -(-low // multiple)),
+                                                         max=high // multiple)
+            else:  # a range starting at 1 is declared from 2; the package still runs size 1 (tested)
+                dims[dim] = torch.export.Dim(dim, min=max(low, 2), max=high)
         shapes = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in dims}
                   for t in spec.inputs}
+        args = _args(spec, sizes, device)
         try:
             with torch.inference_mode():
-                return torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False), True
-        except Exception:  # constraints export cannot keep (divisibility of height/width, ...): static below
-            pass
+                return torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False), multiple
+        except Exception:  # constraints export cannot keep: the next attempt
+            continue
     with torch.inference_mode():
-        return torch.export.export(wrapper, args, strict=False), False
+        return torch.export.export(wrapper, _args(spec, opt, device), strict=False), None
+
+
+def _args(spec: ComponentSpec, sizes: Mapping[str, int], device: str) -> tuple[torch.Tensor, ...]:
+    sample = sample_inputs(spec, sizes)
+    return tuple(torch.from_numpy(sample[t.name]).to(device) for t in spec.inputs)
 
 
 def _limits_of(spec: ComponentSpec, prof: profiles.Profile) -> dict[str, int]:

@@ -47,10 +47,10 @@ def aoti_fp16(module32, tmp_path_factory):
     module = TinyDenoiser().eval()
     module.load_state_dict(module32.state_dict())
     module = module.half().cuda()
-    program, dynamic = _export(module, spec, prof, "cuda", dynamic=True)
+    program, multiple = _export(module, spec, prof, "cuda", dynamic=True)
     path = tmp_path_factory.mktemp("aoti") / "unet.pt2"
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    return AotiEngine(path, spec, prof, dynamic, device="cuda")
+    return AotiEngine(path, spec, prof, multiple is not None, device="cuda", multiple=multiple)
 
 
 def test_aoti_fp16_on_cuda_matches_fp32_torch(aoti_fp16, module32):
@@ -134,7 +134,7 @@ def _sdedit(root, **options) -> np.ndarray:
     from ti2i.client.runners import InProcessRunner
     from ti2i.client.sdedit import sdedit
 
-    # 64²: the tiny model's default size, the shape a static AOTInductor UNet is compiled for
+    # 64² (latent 8²): an AOTInductor UNet takes latent sizes in multiples of 8
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     with InProcessRunner(root, **options) as runner:
         return sdedit(runner, image, "a painting", steps=8, seed=3, progress=False).array
