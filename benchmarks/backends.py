@@ -390,4 +390,5 @@ register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_s
 
 DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm")
 
-from ti2i.benchmarks import gpu_backends  # noqa: E402,F401  (registers ort-fp16, aoti, tensorrt, triton-tensorrt, diffusers-fp16)
+# registers ort-fp16, aoti, tensorrt, triton-tensorrt and diffusers-fp16
+from ti2i.benchmarks import gpu_backends  # noqa: E402,F401

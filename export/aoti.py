@@ -1,12 +1,12 @@
 """`ti2i build --backend aoti`: AOTInductor packages of the exported components.
 
 Each component's torch module is loaded again from the model folder the manifest names, in the
-graph's precision, traced with `torch.export` (the declared dims dynamic; where export cannot keep
-them, e.g. a UNet whose skip connections constrain height and width, in multiples, else at the opt
-shapes) and
-compiled with `torch._inductor.aoti_compile_and_package` for the device. A UNet exports with its
-latent height and width in multiples of 8 (64 px: 512², 576×1024, ...), the other dims fully dynamic. Packages are cached
-under a key of the weights, torch version, device, precision and profile, like TensorRT plans.
+graph's precision, traced with `torch.export` with the declared dims dynamic and compiled with
+`torch._inductor.aoti_compile_and_package` for the device. Where export cannot keep a dim fully
+dynamic (a UNet's skip connections constrain height and width), the latent height and width are
+kept in multiples of 8 (64 px: 512², 576×1024, ...); what cannot be kept at all is compiled at the
+opt shapes. Packages are cached under a key of the weights, torch version, device, precision and
+profile, like TensorRT plans.
 """
 
 from __future__ import annotations
