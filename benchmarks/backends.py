@@ -390,3 +390,6 @@ register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_s
                  description="as triton-grpc, tensors through Triton system shared memory")
 
 DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm")
+
+# registers ort-fp16, aoti, tensorrt, triton-tensorrt and diffusers-fp16
+from ti2i.benchmarks import gpu_backends  # noqa: E402,F401

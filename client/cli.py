@@ -87,8 +87,16 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ti2i.export.exporter import export_model
 
-    manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter)
+    manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter,
+                            precision=args.precision)
     print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ti2i.export.build import build
+
+    build(args.engines, args.backend, components=args.components, limits=args.limit, device=args.device)
     return 0
 
 
@@ -133,6 +141,18 @@ def _write_families(args: argparse.Namespace, out: Path | None):
 
 
 def cmd_repository(args: argparse.Namespace) -> int:
+    if args.backend != "python":
+        from ti2i.families import parse_engine_dirs
+        from ti2i.manifest import Manifest
+        from ti2i.triton_models.native import write_native_repository
+
+        dirs = parse_engine_dirs(args.engines)
+        if list(dirs) != [None]:
+            raise InvalidInputError(f"--backend {args.backend} writes one engine directory's models: give one "
+                                    f"--engines DIR")
+        manifest = Manifest.load(dirs[None])
+        print(f"wrote {write_native_repository(manifest, args.out, args.backend, _repository_options(args), models=_models(args, manifest))}")
+        return 0
     print(f"wrote {_write_families(args, Path(args.out))}")
     return 0
 
@@ -286,7 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default=None, help="model kind (detected from the folder when left out)")
     p.add_argument("--motion-adapter", default=None,
                    help="AnimateDiff motion adapter (hub id or folder): also export the Video LDM temporal UNet")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="graph precision (fp16: components known to overflow stay fp32; each is validated "
+                        "against the fp32 module)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build", help="compile an engine directory's ONNX graphs: TensorRT plans or AOTInductor "
+                                     "packages, cached beside them")
+    p.add_argument("--engines", required=True, help="engine directory written by `ti2i export`")
+    p.add_argument("--backend", required=True, choices=("tensorrt", "aoti"))
+    p.add_argument("--components", default=None, help="comma-separated components (default: every ONNX one)")
+    p.add_argument("--limit", default=None, help="cap declared dims for the build, e.g. batch=4,height=128 "
+                                                 "(a plan's memory grows with its profile's max)")
+    p.add_argument("--device", default=None, help="aoti: cpu or cuda (default: cuda when torch sees a GPU)")
+    p.set_defaults(func=cmd_build)
 
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
                                   ("serve", cmd_serve, "serve an engine directory with the bundled Triton")):
@@ -296,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(their models named NAME.MODEL)")
         if name == "repository":
             p.add_argument("--out", required=True)
+            p.add_argument("--backend", choices=("python", "tensorrt", "onnxruntime"), default="python",
+                           help="python: python-backend models hosting the engines (CPU or GPU); tensorrt: "
+                                "tensorrt_plan models (plans from `ti2i build`); onnxruntime: onnxruntime_onnx "
+                                "models on the CUDA provider; both native ones on GPU instances")
         else:
             p.add_argument("--repository", default=None, help="where to write the repository "
                                                               "(default: ENGINES/model_repository)")

@@ -122,8 +122,9 @@ class InProcessRunner(Runner):
             engine_dir = engine_dir[None]
         self.manifest = Manifest.load(engine_dir)
         self.pipeline = self.manifest.pipeline
+        self._device = engine_options.get("device", "cpu")
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
-        specs = {name: entry.spec for name, entry in self.manifest.components.items()}
+        specs = {name: entry.spec.interface() for name, entry in self.manifest.components.items()}
         self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
         self.families = {None: Family(None, self.pipeline, frozenset([*self.manifest.components, *self._ensembles]))}
         if family is not None:
@@ -158,12 +159,43 @@ class InProcessRunner(Runner):
         wanted = outputs or [k for k in result if k not in inputs]
         return {k: result[k] for k in wanted}
 
+    def run_tensors(self, model: str, /, **inputs: Any) -> dict[str, Any]:
+        """One component on torch tensors, returned on the engines' device (the ``device`` engine option).
+
+        Engines that live on a device (AOTInductor on CUDA, TensorRT) take and return device tensors
+        without a host round trip; the others (ONNX Runtime, processing steps) go through numpy. This
+        is the building block of loops kept on the device: the seeded generator stays on the CPU and
+        its noise is moved once. The methods call `run` (numpy), so their parity is untouched.
+        """
+        import torch
+
+        device = torch.device(self._device)
+        engine = self.engine(model)
+        if not hasattr(engine, "run_device"):
+            out = engine.run({k: v.detach().cpu().numpy() for k, v in inputs.items()})
+            return {k: torch.from_numpy(np.require(v, requirements="W")).to(device) for k, v in out.items()}
+        moved = {}
+        for tensor in engine.spec.inputs:
+            value = inputs.get(tensor.name)
+            if value is not None:
+                moved[tensor.name] = value.to(device, getattr(torch, tensor.dtype) if value.is_floating_point()
+                                              else value.dtype)
+        engine.spec.validate_inputs({k: _probe(v) for k, v in moved.items()})  # shapes and dtypes, no copy
+        out = engine.run_device(moved)  # may be views of the engine's buffers: copied before the next call
+        return {k: v.float() if v.dtype == torch.float16 else v.clone() for k, v in out.items()}
+
     def close(self) -> None:
         for child in self._children.values():
             child.close()
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
+
+
+def _probe(tensor: Any) -> np.ndarray:
+    """A zero-strided numpy stand-in of a torch tensor's shape and dtype, for spec validation."""
+    dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(tensor.shape), (0,) * tensor.dim())
 
 
 class TritonRunner(Runner):
@@ -293,6 +325,8 @@ class TritonRunner(Runner):
             if name not in declared:
                 raise InvalidInputError(f"{model}: unknown input {name!r} (expects {sorted(declared)})")
             value = np.asarray(value)
+            if declared[name].get("data_type") == "TYPE_FP16" and value.dtype == np.float32:
+                value = value.astype(np.float16)  # a native fp16 network: the runner casts at the boundary
             if batched and value.ndim == 1 and _dims(declared[name]) == [1]:
                 value = value.reshape(-1, 1)  # a per-sample scalar travels as [B, 1]
             infer_input = self._module.InferInput(name, list(value.shape), _wire_dtype(value))
@@ -339,7 +373,7 @@ class TritonRunner(Runner):
                 seen[name] = (tuple(value.shape), value.dtype)
             if batched and _is_batched_scalar(declared_outputs[name]):
                 value = value.reshape(-1)
-            out[name] = value
+            out[name] = value.astype(np.float32) if value.dtype == np.float16 else value
         if self._shm is not None and seen:
             self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ti2i.budget import MemoryModel, check_budget
-from ti2i.spec import ComponentSpec
+from ti2i.spec import ComponentSpec, as_float32
 
 
 class Engine(ABC):
@@ -31,18 +31,21 @@ class Engine(ABC):
     def name(self) -> str:
         return self.spec.name
 
-    def check(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
-        """Validate inputs against the spec and the memory budget; return the bound symbolic dims."""
-        bound = self.spec.validate_inputs(inputs)
+    def check(self, inputs: Mapping[str, np.ndarray], spec: ComponentSpec | None = None) -> dict[str, int]:
+        """Validate inputs against the spec (or `spec`, e.g. the float32 interface of an fp16 graph) and the
+        memory budget; return the bound symbolic dims."""
+        bound = (spec or self.spec).validate_inputs(inputs)
         if self.memory is not None and self.budget is not None:
             check_budget(self.name, self.memory, bound, self.budget)
         return bound
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Callers exchange float32 whatever the graph holds: float16 graphs are cast at this boundary."""
+        inputs = self.spec.cast_inputs(inputs)
         self.check(inputs)
         outputs = self._run(inputs)
         self.spec.validate_outputs(outputs)
-        return outputs
+        return as_float32(outputs)
 
     @abstractmethod
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

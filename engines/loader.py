@@ -11,15 +11,25 @@ from ti2i.errors import ModelNotFoundError
 from ti2i.manifest import ONNX, PROCESSING, Manifest
 
 
-def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
-                threads: int | None = None, budget: int | None = None) -> Engine:
-    """The component's engine, refusing requests over `budget` bytes (default: this machine's budget).
+ONNXRUNTIME = "onnxruntime"
+BACKENDS = (ONNXRUNTIME, "tensorrt", "aoti")
 
-    A manifest written before memory calibration gets its engines calibrated here, at load (seconds).
+
+def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
+                threads: int | None = None, budget: int | None = None, backend: str = ONNXRUNTIME,
+                device: str = "cpu") -> Engine:
+    """The engine of `name`: ONNX Runtime, or the TensorRT plan / AOTInductor package `ti2i build` wrote
+    (components without a build of that backend run on ONNX Runtime). ONNX Runtime engines refuse requests
+    over `budget` bytes (default: this machine's budget); a manifest written before memory calibration gets
+    its engines calibrated here, at load (seconds).
     """
     if name not in manifest.components:
         raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
     entry = manifest.components[name]
+    if entry.backend == ONNX and backend != ONNXRUNTIME:
+        compiled = _load_compiled(manifest, name, backend, device)
+        if compiled is not None:
+            return compiled
     if entry.backend == ONNX:
         from ti2i.engines.calibrate import calibrate
         from ti2i.engines.ort import OrtEngine
@@ -41,3 +51,23 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
 
 def load_engines(manifest: Manifest, names: Iterable[str] | None = None, **kwargs) -> dict[str, Engine]:
     return {name: load_engine(manifest, name, **kwargs) for name in (names or manifest.components)}
+
+
+def _load_compiled(manifest: Manifest, name: str, backend: str, device: str) -> Engine | None:
+    from ti2i.engines.builds import BuildIndex
+
+    if backend not in BACKENDS:
+        raise ModelNotFoundError(f"unknown engine backend {backend!r} (known: {', '.join(BACKENDS)})")
+    index = BuildIndex.load(manifest.root, backend)
+    if name not in index.entries:
+        return None
+    spec = manifest.components[name].spec
+    if backend == "tensorrt":
+        from ti2i.engines.tensorrt import TrtEngine
+
+        return TrtEngine(index.path(name), spec, index.profile(name))
+    from ti2i.engines.aoti import AotiEngine
+
+    entry = index.entries[name]
+    return AotiEngine(index.path(name), spec, index.profile(name), bool(entry.get("dynamic")),
+                      device=entry.get("device", device), multiple=entry.get("multiple"))

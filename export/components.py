@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,30 +39,72 @@ class ModelSource:
 class Component:
     name: str
     subfolder: str
-    load: Callable[[ModelSource, str], torch.nn.Module]
+    load: Callable[..., torch.nn.Module]  # (source, subfolder, dtype=torch.float32) -> module
     wrap: Callable[[torch.nn.Module], torch.nn.Module]
     spec: Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]
     # Symbolic sizes to trace with (the first) and to validate at (all): one of them is deliberately
     # not a multiple of the UNet's downsampling factor, so odd sizes stay exact in the exported graph.
     sample_sizes: tuple[Mapping[str, int], ...]
     tolerance: float = 1e-4
+    # The batch it usually runs at (the CFG pair for a denoiser): the size compiled engines tune for.
+    opt_batch: int = 1
+    # fp16 export: whether the graph may be fp16 at all, and its tolerance against the fp32 torch module.
+    fp16: bool = True
+    fp16_tolerance: float = 2e-2
+    # Inputs that stay float32 in an fp16 graph (as NVIDIA's demo keeps the timestep).
+    fp32_inputs: frozenset[str] = frozenset({"timestep"})
+
+    def precision(self, requested: str) -> str:
+        """The precision this component is exported in when `requested` is asked for."""
+        return requested if self.fp16 else "fp32"
+
+    def declared_spec(self, module: torch.nn.Module, pipeline: Mapping[str, Any], precision: str = "fp32"
+                      ) -> ComponentSpec:
+        """The spec with its opt sizes and, for fp16, its float tensors' dtype: one place for both."""
+        spec = self.spec(module, pipeline)
+        spec = replace(spec, opt=_opt_sizes(spec, pipeline, self.opt_batch))
+        if self.precision(precision) == "fp16":
+            spec = spec.with_float_dtype("float16", keep=self.fp32_inputs)
+        return spec
 
 
-def _load(cls_path: str) -> Callable[[ModelSource, str], torch.nn.Module]:
-    def load(source: ModelSource, subfolder: str) -> torch.nn.Module:
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def _default_size(pipeline: Mapping[str, Any]) -> tuple[int, int, int | None]:
+    """(height, width, frames) the model generates by default: its UNet's sample size (SVD: 576×1024, 14/25)."""
+    unets = pipeline.get("unets", {})
+    facts = unets.get("unet_svd") or next(iter(unets.values()), {})
+    side = int(facts.get("default_size", 512))
+    frames = facts.get("num_frames") or facts.get("max_frames")
+    return int(facts.get("default_height", side)), int(facts.get("default_width", side)), frames
+
+
+def _opt_sizes(spec: ComponentSpec, pipeline: Mapping[str, Any], batch: int) -> dict[str, int]:
+    height, width, frames = _default_size(pipeline)
+    scale = int(pipeline.get("vae_scale_factor", 8))
+    wanted = {BATCH: batch, "image_height": height, "image_width": width, "height": height // scale,
+              "width": width // scale, "frames": frames or 1}
+    if "unet_motion" in spec.name:
+        wanted["frames"] = 16  # AnimateDiff's usual clip length
+    return {dim: min(max(wanted[dim], low), high) for dim, (low, high) in spec.dims.items() if dim in wanted}
+
+
+def _load(cls_path: str) -> Callable[..., torch.nn.Module]:
+    def load(source: ModelSource, subfolder: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         module_name, cls_name = cls_path.rsplit(".", 1)
         cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-        return cls.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
+        return cls.from_pretrained(source.model, subfolder=subfolder, torch_dtype=dtype,
                                    low_cpu_mem_usage=False).eval()
 
     return load
 
 
-def _load_auto(source: ModelSource, subfolder: str) -> torch.nn.Module:
+def _load_auto(source: ModelSource, subfolder: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A diffusers model of whatever class its config names (AutoencoderKL or the SVD temporal VAE, ...)."""
     from diffusers import AutoModel
 
-    return AutoModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
+    return AutoModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=dtype,
                                      low_cpu_mem_usage=False).eval()
 
 
@@ -285,15 +327,14 @@ class _AlphaMerged(torch.nn.Module):
         return alpha * hidden_states + (1 - alpha) * out
 
 
-def _load_motion_unet(source: ModelSource, subfolder: str) -> torch.nn.Module:
+def _load_motion_unet(source: ModelSource, subfolder: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     if source.motion_adapter is None:
         raise InvalidInputError("unet_motion needs a motion adapter (--motion-adapter)")
-    unet = UNet2DConditionModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=torch.float32,
+    unet = UNet2DConditionModel.from_pretrained(source.model, subfolder=subfolder, torch_dtype=dtype,
                                                 low_cpu_mem_usage=False)
-    adapter = MotionAdapter.from_pretrained(source.motion_adapter, torch_dtype=torch.float32,
-                                            low_cpu_mem_usage=False)
+    adapter = MotionAdapter.from_pretrained(source.motion_adapter, torch_dtype=dtype, low_cpu_mem_usage=False)
     return UNetMotionModel.from_unet2d(unet, adapter).eval()
 
 
@@ -352,19 +393,24 @@ COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
         Component("text_encoder", "text_encoder", _load("transformers.CLIPTextModel"), _TextEncoder,
-                  _text_encoder_spec, _TEXT_SIZES),
+                  _text_encoder_spec, _TEXT_SIZES, opt_batch=2),
         Component("vae_encoder", "vae", _load_auto, _VaeEncoder, _vae_encoder_spec, _IMAGE_SIZES),
         Component("vae_decoder", "vae", _load_auto, _VaeDecoder, _vae_decoder_spec, _IMAGE_SIZES),
-        Component("unet", "unet", _load_auto, _UNet, _unet_spec_named("unet"), _IMAGE_SIZES),
-        Component("unet_pix2pix", "unet", _load_auto, _UNet, _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES),
+        Component("unet", "unet", _load_auto, _UNet, _unet_spec_named("unet"), _IMAGE_SIZES, opt_batch=2),
+        # three guidance branches: [uncond, image-only, text+image]
+        Component("unet_pix2pix", "unet", _load_auto, _UNet, _unet_spec_named("unet_pix2pix"), _IMAGE_SIZES,
+                  opt_batch=3),
         # inpainting: 9 input channels = noise latent ‖ mask ‖ masked-image latent
-        Component("unet_inpaint", "unet", _load_auto, _UNet, _unet_spec_named("unet_inpaint"), _IMAGE_SIZES),
+        Component("unet_inpaint", "unet", _load_auto, _UNet, _unet_spec_named("unet_inpaint"), _IMAGE_SIZES,
+                  opt_batch=2),
         Component("image_encoder", "image_encoder", _load("transformers.CLIPVisionModelWithProjection"),
                   _ImageEncoder, _image_encoder_spec, _TEXT_SIZES),
-        Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES),
+        Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES, opt_batch=2),
+        # fp32 even in an fp16 export, as NVIDIA's demo keeps SVD's temporal VAE decoder
         Component("vae_decoder_temporal", "vae", _load_auto, _TemporalVaeDecoder, _vae_decoder_temporal_spec,
-                  _VIDEO_SIZES),
-        Component("unet_motion", "unet", _load_motion_unet, _UNetMotion, _unet_motion_spec, _MOTION_SIZES),
+                  _VIDEO_SIZES, fp16=False),
+        Component("unet_motion", "unet", _load_motion_unet, _UNetMotion, _unet_motion_spec, _MOTION_SIZES,
+                  opt_batch=2),
     )
 }
 

@@ -25,7 +25,14 @@ from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
-from ti2i.export.components import COMPONENTS, KIND_BY_UNET_CHANNELS, KIND_COMPONENTS, Component, ModelSource
+from ti2i.export.components import (
+    COMPONENTS,
+    KIND_BY_UNET_CHANNELS,
+    KIND_COMPONENTS,
+    TORCH_DTYPES,
+    Component,
+    ModelSource,
+)
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
 
@@ -118,9 +125,19 @@ def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
         raise ModelNotFoundError(f"cannot read {where} of model {model!r}: {err}") from None
 
 
+PRECISIONS = tuple(TORCH_DTYPES)
+
+
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
-                 log: Callable[[str], None] = print, motion_adapter: str | None = None) -> Manifest:
-    """Export `model` (with `motion_adapter`: its Video LDM temporal UNet too) into `out_dir`."""
+                 log: Callable[[str], None] = print, motion_adapter: str | None = None,
+                 precision: str = "fp32") -> Manifest:
+    """Export `model` (with `motion_adapter`: its Video LDM temporal UNet too) into `out_dir`.
+
+    With ``precision="fp16"`` every component whose declaration allows it is loaded in fp16 and
+    exported so, then validated against the fp32 module within its fp16 tolerance.
+    """
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     _quiet_libraries()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,20 +155,29 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     facts, tokenizer = pipeline_facts(source, kind)
     if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
         manifest = Manifest.load(out)
+        if manifest.precision != precision:
+            raise InvalidInputError(f"{out} holds {manifest.precision} engines; export {precision} engines into "
+                                    f"another directory")
         _merge_facts(manifest, facts, model)
     else:
-        manifest = Manifest(out, "fp32", facts, tool_versions=_tool_versions())
+        manifest = Manifest(out, precision, facts, tool_versions=_tool_versions())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out / facts["tokenizer"]))
     manifest.sources[kind] = model if motion_adapter is None else f"{model} + {motion_adapter}"
 
-    modules: dict[tuple[str, Any], torch.nn.Module] = {}  # the VAE serves two components: load it once
+    modules: dict[tuple[str, Any, str], torch.nn.Module] = {}  # the VAE serves two components: load it once
+
+    def module(component: Component, dtype: str) -> torch.nn.Module:
+        key = (component.subfolder, component.load, dtype)
+        if key not in modules:
+            modules[key] = component.load(source, component.subfolder, TORCH_DTYPES[dtype])
+        return modules[key]
+
     for name in KIND_COMPONENTS[kind]:
         component = COMPONENTS[name]
-        key = (component.subfolder, component.load)
-        if key not in modules:
-            modules[key] = component.load(source, component.subfolder)
-        _export_component(manifest, component, modules[key], manifest.sources[kind], log)
+        graph = component.precision(precision)
+        exported = module(component, graph) if graph != "fp32" else None
+        _export_component(manifest, component, module(component, "fp32"), manifest.sources[kind], log, exported)
 
     for step in STEPS.values():
         if step.applies(manifest.pipeline):
@@ -161,8 +187,10 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
 
 
 def _export_component(manifest: Manifest, component: Component, module: torch.nn.Module, origin: str,
-                      log: Callable[[str], None]) -> None:
-    """Export and validate one component, or keep the engine already there if its weights are the same."""
+                      log: Callable[[str], None], exported: torch.nn.Module | None = None) -> None:
+    """Export and validate one component, or keep the engine already there if its weights are the same.
+
+    `module` is the fp32 reference; `exported`, when given, the same weights in the graph's precision."""
     weights = fingerprint(module)
     existing = manifest.components.get(component.name)
     if existing is not None:
@@ -171,18 +199,22 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
                                     f"{existing.source}); export {origin} into another directory")
         log(f"{component.name}: same weights as the engine already in {manifest.root}, kept")
         return
-    spec = component.spec(module, manifest.pipeline)
+    precision = component.precision(manifest.precision)
+    spec = component.declared_spec(module, manifest.pipeline, precision)
     wrapper = component.wrap(module).eval()
+    graph = component.wrap(exported).eval() if exported is not None else wrapper
     file = f"{component.name}.onnx"
-    export_onnx(wrapper, spec, component.sample_sizes[0], manifest.root / file)
-    validation = validate(wrapper, spec, manifest.root / file, component)
-    log(f"{component.name}: exported {file}, max relative error {validation['max_rel_error']:.2e} "
-        f"(tolerance {component.tolerance:.0e})")
+    export_onnx(graph, spec, component.sample_sizes[0], manifest.root / file)
+    tolerance = component.fp16_tolerance if precision == "fp16" else component.tolerance
+    validation = validate(wrapper, spec, manifest.root / file, component, tolerance)
+    log(f"{component.name}: exported {file} ({precision}), max relative error {validation['max_rel_error']:.2e} "
+        f"against torch fp32 (tolerance {tolerance:.0e})")
     memory = calibrate(manifest.root / file, spec)
     tokens, growth = memory.points[-1]
     at = f" at {int(tokens)} tokens ({'×'.join(memory.token_dims)})" if memory.token_dims else ""
     log(f"{component.name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
-    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory)
+    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory,
+                                                         precision)
 
 
 def _quiet_libraries() -> None:
@@ -217,7 +249,21 @@ def export_onnx(wrapper: torch.nn.Module, spec: ComponentSpec, sizes: Mapping[st
                 do_constant_folding=True,
                 dynamo=False,
             )
+        fp32_inputs = {t.name for t in spec.inputs if t.dtype == "float32"}
+        if any(t.dtype == "float16" for t in spec.outputs):
+            _unify_fp16(raw, fp32_inputs)
         _finalise_onnx(Path(tmp), raw, path)
+
+
+def _unify_fp16(raw: Path, fp32_inputs: set[str]) -> None:
+    import onnx
+
+    from ti2i.export.fp16 import unify_fp16
+
+    model = onnx.load(str(raw))  # with any external weights: saved embedded again (fp16 halves them)
+    for traced in list(raw.parent.iterdir()):
+        traced.unlink()
+    onnx.save_model(unify_fp16(model, fp32_inputs), str(raw))
 
 
 def _finalise_onnx(tmp: Path, raw: Path, path: Path) -> None:
@@ -234,18 +280,24 @@ def _finalise_onnx(tmp: Path, raw: Path, path: Path) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, component: Component) -> dict[str, Any]:
-    """Relative error (max |onnx − torch| / max |torch|) of each output at every declared sample size."""
+def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, component: Component,
+             tolerance: float | None = None) -> dict[str, Any]:
+    """Relative error (max |onnx − torch| / max |torch|) of each output at every declared sample size.
+
+    `wrapper` is the fp32 module whatever the graph's precision: an fp16 graph is measured against fp32."""
+    tolerance = component.tolerance if tolerance is None else tolerance
     engine = OrtEngine(path, spec)
     try:
-        per_size = _validation_errors(wrapper, spec, engine, component)
+        per_size = _validation_errors(wrapper, spec.interface(), engine, component)
     finally:
         engine.close()
     worst = max(max(entry["rel_error"].values()) for entry in per_size)
-    if not worst <= component.tolerance:
+    if not worst <= tolerance:
         raise ExportValidationError(f"{spec.name}: ONNX output differs from torch by relative error {worst:.3e} "
-                                    f"> tolerance {component.tolerance:.0e} ({per_size})")
-    return {"max_rel_error": worst, "tolerance": component.tolerance, "per_size": per_size}
+                                    f"> tolerance {tolerance:.0e} ({per_size})")
+    precision = "fp16" if any(t.dtype == "float16" for t in (*spec.inputs, *spec.outputs)) else "fp32"
+    return {"max_rel_error": worst, "tolerance": tolerance, "per_size": per_size, "precision": precision,
+            "reference": "torch fp32"}
 
 
 def _validation_errors(wrapper: torch.nn.Module, spec: ComponentSpec, engine: OrtEngine,

@@ -109,3 +109,22 @@ def svd_server(svd_engines, tmp_path_factory):
     repository = write_repository(svd_engines, root / "repository")
     with TritonServer(repository, log_path=root / "server.log") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def sd16_engines(sd_model, tmp_path_factory) -> Manifest:
+    """The tiny SD model exported in fp16 (its own directory: precision is per directory)."""
+    return export_model(str(sd_model), tmp_path_factory.mktemp("engines") / "sd16", log=lambda _: None,
+                        precision="fp16")
+
+
+@pytest.fixture(scope="session")
+def svd16_engines(svd_model, tmp_path_factory) -> Manifest:
+    return export_model(str(svd_model), tmp_path_factory.mktemp("engines") / "svd16", log=lambda _: None,
+                        precision="fp16")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of two [0, 1] float images or videos."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)

@@ -127,7 +127,7 @@ def test_manifest_records_validation_within_tolerance(sd_engines: Manifest):
 
 def test_manifest_specs_are_the_declarations(sd_engines: Manifest, modules):
     for name in ONNX_COMPONENTS:
-        declared = COMPONENTS[name].spec(modules[name], sd_engines.pipeline)
+        declared = COMPONENTS[name].declared_spec(modules[name], sd_engines.pipeline)
         assert sd_engines.components[name].spec == declared, name
         assert declared.name == name
     assert sd_engines.components["unet"].spec.input("sample").shape[1] == 4

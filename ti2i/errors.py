@@ -31,3 +31,7 @@ class ComponentOutputError(Ti2iError, RuntimeError):
 
 class ExportValidationError(Ti2iError, RuntimeError):
     """An exported component disagrees with its torch module beyond its tolerance."""
+
+
+class BackendUnavailableError(Ti2iError, RuntimeError):
+    """A requested engine backend cannot run here (its library or the GPU it needs is missing)."""

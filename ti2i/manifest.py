@@ -35,10 +35,12 @@ class ComponentEntry:
     source: str | None = None  # the model folder or hub id it was exported from
     fingerprint: str | None = None  # sha256 of its weights
     memory: MemoryModel | None = None  # peak memory against request size, measured at export
+    precision: str | None = None  # "fp32" or "fp16": the graph's float type (None: fp32, older manifests)
 
     def to_json(self) -> dict[str, Any]:
         data = {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
-                "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint}
+                "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint,
+                **({"precision": self.precision} if self.precision else {})}
         if self.memory is not None:
             data["memory"] = self.memory.to_json()
         return data
@@ -47,7 +49,8 @@ class ComponentEntry:
     def from_json(cls, data: dict[str, Any]) -> ComponentEntry:
         memory = data.get("memory")  # manifests written before memory calibration have none
         return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"),
-                   data.get("source"), data.get("fingerprint"), None if memory is None else MemoryModel.from_json(memory))
+                   data.get("source"), data.get("fingerprint"), None if memory is None else MemoryModel.from_json(memory),
+                   data.get("precision"))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from it. It is plain data (JSON round-trip) so that none of those layers needs t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from ti2i.errors import ComponentOutputError, InvalidInputError
 
 Dim = int | str
 BATCH = "batch"
+FLOAT_DTYPES = ("float32", "float16")
 
 # numpy dtype name -> Triton data type (model config enum suffix and the wire name).
 TRITON_DTYPES: dict[str, str] = {
@@ -80,6 +81,9 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     dims: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     batched: bool = True
+    # The size each symbolic dim usually takes (the model's default resolution, the CFG batch): the size
+    # compiled engines tune for (TensorRT's profile "opt"). Optional: a dim without one tunes for its minimum.
+    opt: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def max_batch(self) -> int:
@@ -98,6 +102,7 @@ class ComponentSpec:
             "outputs": [t.to_json() for t in self.outputs],
             "dims": {k: list(v) for k, v in self.dims.items()},
             "batched": self.batched,
+            **({"opt": dict(self.opt)} if self.opt else {}),
         }
 
     @classmethod
@@ -108,7 +113,29 @@ class ComponentSpec:
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             dims={k: (int(v[0]), int(v[1])) for k, v in data["dims"].items()},
             batched=bool(data.get("batched", True)),
+            opt={k: int(v) for k, v in data.get("opt", {}).items()},
         )
+
+    def with_float_dtype(self, dtype: str, keep: frozenset[str] = frozenset()) -> ComponentSpec:
+        """The same interface with every floating tensor (but those named in `keep`) of `dtype`."""
+        def cast(tensor: TensorSpec) -> TensorSpec:
+            floating = tensor.dtype in FLOAT_DTYPES and tensor.name not in keep
+            return replace(tensor, dtype=dtype) if floating else tensor
+
+        return replace(self, inputs=tuple(map(cast, self.inputs)), outputs=tuple(map(cast, self.outputs)))
+
+    def interface(self) -> ComponentSpec:
+        """What callers exchange with this component: float32 wherever the graph holds float16."""
+        return self.with_float_dtype("float32")
+
+    def cast_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """float32 arrays cast to the float16 the spec declares (the engine boundary); nothing else changes."""
+        out = dict(inputs)
+        for tensor in self.inputs:
+            value = out.get(tensor.name)
+            if tensor.dtype == "float16" and isinstance(value, np.ndarray) and value.dtype == np.float32:
+                out[tensor.name] = value.astype(np.float16)
+        return out
 
     def validate_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
         """Check names, dtypes, ranks and dimension ranges; return the bound symbolic dims.
@@ -138,6 +165,12 @@ class ComponentSpec:
             if tensor.floating and tensor.name in outputs:
                 _check_finite(f"{self.name} produced non-finite values in {tensor.name}", outputs[tensor.name],
                               ComponentOutputError)
+
+
+def as_float32(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """float16 arrays widened to float32: what callers of an fp16 graph get back."""
+    return {k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float16 else v
+            for k, v in outputs.items()}
 
 
 def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: dict[str, int]) -> None:

@@ -19,7 +19,7 @@ from ti2i.budget import chunk_sizes
 from ti2i.engines.loader import load_engine
 from ti2i.errors import InvalidInputError, Ti2iError
 from ti2i.manifest import Manifest
-from ti2i.spec import ComponentSpec
+from ti2i.spec import ComponentSpec, as_float32
 
 
 def merge_requests(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -56,8 +56,10 @@ class TritonPythonModel:
         budget = int(params["memory_budget"]) if params.get("memory_budget") else None
         self.engine = load_engine(Manifest.load(params["engine_dir"]), params["component"], threads=threads,
                                   budget=budget)
-        self.spec = self.engine.spec
+        self.spec = self.engine.spec.interface()  # float32 on the wire; the engine casts for fp16 graphs
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        # next to an fp16 network (native repositories) a tensor is declared fp16: cast to what is declared
+        self.out_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config.get("output", [])}
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
@@ -65,9 +67,9 @@ class TritonPythonModel:
         bounds: dict[Any, dict[str, int]] = {}
         for i, request in enumerate(requests):
             try:
-                inputs = {t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name))
-                          for t in self.spec.inputs}
-                bound = self.engine.check(inputs)
+                inputs = as_float32({t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name))
+                                     for t in self.spec.inputs})
+                bound = self.engine.check(inputs, self.spec)
             except Ti2iError as err:
                 responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)
                 continue
@@ -118,7 +120,8 @@ class TritonPythonModel:
                 responses[i] = self._error(err, self.pb.TritonError.INTERNAL)
             return
         for (i, _), outputs in zip(members, results):
-            tensors = [self.pb.Tensor(name, np.ascontiguousarray(value)) for name, value in outputs.items()]
+            tensors = [self.pb.Tensor(name, np.ascontiguousarray(value, dtype=self.out_dtypes.get(name)))
+                       for name, value in outputs.items()]
             responses[i] = self.pb.InferenceResponse(output_tensors=tensors)
 
     def _input(self, request: Any, name: str) -> np.ndarray:

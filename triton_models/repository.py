@@ -153,7 +153,8 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=not replace)
     budget = instance_budget(manifest, names, options)
-    specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget) for name in names}
+    # python models exchange float32 (the engines cast for fp16 graphs); the batch range fits the budget
+    specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget).interface() for name in names}
     for name, spec in specs.items():
         _write_model(out / served_name(family, name), component_config(spec, manifest, options, budget, family),
                      with_code=True)

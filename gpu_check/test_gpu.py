@@ -1,0 +1,187 @@
+"""Checks that need a CUDA GPU: AOTInductor packages on CUDA (fp16 and fp32), loops on the device,
+TensorRT plans (where TensorRT is installed) and, where diffusers and ONNX Runtime are installed (the
+container), the tiny pipelines end to end on fp16 TensorRT and AOTInductor engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_check.blocks import TinyDenoiser, denoiser_spec
+from gpu_check.conftest import have
+from ti2i.engines import profiles
+from ti2i.spec import BATCH, sample_inputs
+
+pytestmark = pytest.mark.gpu
+FP16_TOLERANCE = 2e-2  # the components' fp16 tolerance (export/components.py)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def module32():
+    torch.manual_seed(0)
+    return TinyDenoiser().eval()
+
+
+def _inputs(spec, batch=2, seed=0):
+    return sample_inputs(spec.interface(), {BATCH: batch, "height": 64, "width": 64}, seed=seed)
+
+
+def _reference(module32, inputs) -> np.ndarray:
+    with torch.inference_mode():
+        return module32(*(torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
+                        ).numpy()
+
+
+@pytest.fixture(scope="module")
+def aoti_fp16(module32, tmp_path_factory):
+    from ti2i.engines.aoti import AotiEngine
+    from ti2i.export.aoti import _export
+
+    spec = denoiser_spec("float16")
+    prof = profiles.profile(spec)
+    module = TinyDenoiser().eval()
+    module.load_state_dict(module32.state_dict())
+    module = module.half().cuda()
+    program, multiple = _export(module, spec, prof, "cuda", dynamic=True)
+    path = tmp_path_factory.mktemp("aoti") / "unet.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return AotiEngine(path, spec, prof, multiple is not None, device="cuda", multiple=multiple)
+
+
+def test_aoti_fp16_on_cuda_matches_fp32_torch(aoti_fp16, module32):
+    for batch in (1, 2, 3):
+        inputs = _inputs(aoti_fp16.spec, batch, seed=batch)
+        got = aoti_fp16.run(inputs)["noise_pred"]
+        assert got.dtype == np.float32 and got.shape == (batch, 4, 64, 64)
+        assert _rel(got, _reference(module32, inputs)) <= FP16_TOLERANCE
+
+
+def test_a_loop_on_the_device_never_leaves_it(aoti_fp16):
+    """run_device takes and returns CUDA tensors: a denoising loop of them stays on the GPU."""
+    latents = torch.randn((1, 4, 64, 64), generator=torch.Generator("cpu").manual_seed(0)).cuda()
+    context = torch.randn((2, 77, 64), device="cuda", dtype=torch.float16)
+    for t in (900.0, 500.0, 100.0):
+        sample = torch.cat([latents] * 2).half()
+        out = aoti_fp16.run_device({"sample": sample, "timestep": torch.full((2,), t, device="cuda"),
+                                    "encoder_hidden_states": context})["noise_pred"]
+        assert out.is_cuda
+        uncond, cond = out.float().chunk(2)
+        latents = latents - 0.1 * (uncond + 7.5 * (cond - uncond))
+    assert latents.is_cuda and torch.isfinite(latents).all()
+
+
+@pytest.mark.skipif(not have("tensorrt"), reason="TensorRT is not installed (pip install 'ti2i[tensorrt]')")
+def test_tensorrt_plan_runs_behind_the_engine_interface(module32, tmp_path):
+    from ti2i.engines.tensorrt import TrtEngine
+    from ti2i.export.tensorrt import TIMING_CACHE, _build, require_tensorrt
+
+    trt = require_tensorrt()
+    spec = denoiser_spec("float16")
+    module = TinyDenoiser().eval()
+    module.load_state_dict(module32.state_dict())
+    module = module.half()
+    onnx_path = tmp_path / "unet.onnx"
+    sample = _inputs(spec)
+    args = (torch.from_numpy(sample["sample"]).half(), torch.from_numpy(sample["timestep"]),
+            torch.from_numpy(sample["encoder_hidden_states"]).half())
+    torch.onnx.export(module.cuda(), tuple(a.cuda() for a in args), str(onnx_path),
+                      input_names=["sample", "timestep", "encoder_hidden_states"], output_names=["noise_pred"],
+                      dynamic_axes={"sample": {0: "batch"}, "timestep": {0: "batch"},
+                                    "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    prof = profiles.profile(spec)
+    _build(trt, onnx_path, prof, tmp_path / "unet.plan", tmp_path / TIMING_CACHE)
+    assert (tmp_path / TIMING_CACHE).stat().st_size > 0
+    engine = TrtEngine(tmp_path / "unet.plan", spec, prof)
+    for batch in (1, 2):
+        inputs = _inputs(spec, batch, seed=batch)
+        assert _rel(engine.run(inputs)["noise_pred"], _reference(module32, inputs)) <= FP16_TOLERANCE
+    static = denoiser_spec("float16")
+    static_prof = {k: (v[1], v[1], v[1]) for k, v in prof.items()}
+    _build(trt, onnx_path, static_prof, tmp_path / "static.plan", tmp_path / TIMING_CACHE)
+    graph_engine = TrtEngine(tmp_path / "static.plan", static, static_prof)
+    assert graph_engine.cuda_graph
+    inputs = _inputs(spec, 2, seed=5)
+    first, again = graph_engine.run(inputs)["noise_pred"], graph_engine.run(inputs)["noise_pred"]  # capture, replay
+    np.testing.assert_array_equal(first, again)
+    assert _rel(first, _reference(module32, inputs)) <= FP16_TOLERANCE
+
+
+PIPELINE = pytest.mark.skipif(not (have("diffusers") and have("onnxruntime")),
+                              reason="the tiny pipelines need diffusers and onnxruntime (the container has them)")
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory):
+    from ti2i.export.exporter import export_model
+    from ti2i.export.tiny import write_tiny_model
+
+    root = tmp_path_factory.mktemp("pipeline")
+    model = write_tiny_model("sd", root / "sd")
+    fp32 = export_model(str(model), root / "e32", log=lambda _: None)
+    fp16 = export_model(str(model), root / "e16", log=lambda _: None, precision="fp16")
+    return fp32, fp16
+
+
+def _sdedit(root, **options) -> np.ndarray:
+    from PIL import Image
+
+    from ti2i.client.runners import InProcessRunner
+    from ti2i.client.sdedit import sdedit
+
+    # 64² (latent 8²): an AOTInductor UNet takes latent sizes in multiples of 8
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with InProcessRunner(root, **options) as runner:
+        return sdedit(runner, image, "a painting", steps=8, seed=3, progress=False).array
+
+
+def _psnr(a, b) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+@PIPELINE
+@pytest.mark.skipif(not have("tensorrt"), reason="TensorRT is not installed (pip install 'ti2i[tensorrt]')")
+def test_sdedit_on_fp16_tensorrt_plans(tiny_engines):
+    from ti2i.export.build import build
+
+    fp32, fp16 = tiny_engines
+    build(fp16.root, "tensorrt", log=lambda _: None)
+    lines = []
+    build(fp16.root, "tensorrt", log=lines.append)
+    assert all(line.endswith("plan up to date") for line in lines)
+    db = _psnr(_sdedit(fp16.root, backend="tensorrt"), _sdedit(fp32.root))
+    print(f"\nSDEdit tiny on fp16 TensorRT plans vs fp32 ORT: {db:.1f} dB")
+    assert db >= 35.0
+
+
+@PIPELINE
+def test_sdedit_with_an_aoti_cuda_unet(tiny_engines):
+    from ti2i.export.build import build
+
+    fp32, fp16 = tiny_engines
+    build(fp16.root, "aoti", components="unet", device="cuda", log=lambda _: None)
+    db = _psnr(_sdedit(fp16.root, backend="aoti", device="cuda"), _sdedit(fp32.root))
+    print(f"\nSDEdit tiny with the fp16 AOTInductor CUDA UNet vs fp32 ORT: {db:.1f} dB")
+    assert db >= 35.0
+
+
+@PIPELINE
+def test_run_tensors_keeps_the_unet_on_the_device(tiny_engines):
+    from ti2i.client.runners import InProcessRunner
+    from ti2i.export.build import build
+
+    _, fp16 = tiny_engines
+    build(fp16.root, "aoti", components="unet", device="cuda", log=lambda _: None)
+    spec = fp16.components["unet"].spec.interface()
+    inputs = sample_inputs(spec, {BATCH: 2, **{d: s for d, s in spec.opt.items() if d != BATCH}})
+    with InProcessRunner(fp16.root, backend="aoti", device="cuda") as runner:
+        out = runner.run_tensors("unet", **{k: torch.from_numpy(v).cuda() for k, v in inputs.items()})["noise_pred"]
+        host = runner.run("unet", **inputs)["noise_pred"]
+    assert out.is_cuda and out.dtype == torch.float32
+    np.testing.assert_allclose(out.cpu().numpy(), host, rtol=0, atol=1e-3)

@@ -1,0 +1,318 @@
+"""The GPU engine path, everything of it that runs without a GPU: shape profiles from the declarations,
+plan cache keys, native Triton configs and their consistency rules, the TensorRT error without TensorRT,
+and AOTInductor packages built and run on the CPU against ONNX Runtime."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import psnr
+from google.protobuf import text_format
+from ti2i.client.runners import InProcessRunner
+from ti2i.client.sdedit import sdedit
+from ti2i.engines import builds, profiles
+from ti2i.engines.aoti import AotiEngine
+from ti2i.engines.loader import load_engine
+from ti2i.engines.ort import OrtEngine
+from ti2i.export.build import build
+from ti2i.export.components import COMPONENTS
+from ti2i.triton_models.native import NativeOptions, native_config, write_native_repository
+from ti2i.triton_models.repository import RepositoryOptions, parse_config
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ti2i.errors import BackendUnavailableError, InvalidInputError, ModelNotFoundError
+from ti2i.manifest import Manifest
+from ti2i.spec import BATCH, sample_inputs
+
+HAS_TENSORRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
+
+
+# --- shape profiles ------------------------------------------------------------------------------------
+
+def test_opt_sizes_are_declared_beside_each_component(sd_engines: Manifest, svd_engines: Manifest):
+    """opt = the model's default resolution and the usual batch (the CFG pair for denoisers)."""
+    pipeline = sd_engines.pipeline
+    side = pipeline["unets"]["unet"]["default_size"]
+    scale = pipeline["vae_scale_factor"]
+    unet = sd_engines.components["unet"].spec
+    assert unet.opt == {BATCH: 2, "height": side // scale, "width": side // scale}
+    assert sd_engines.components["unet_pix2pix"].spec.opt[BATCH] == 3  # three guidance branches
+    assert sd_engines.components["vae_decoder"].spec.opt == {BATCH: 1, "image_height": side, "image_width": side,
+                                                             "height": side // scale, "width": side // scale}
+    assert sd_engines.components["text_encoder"].spec.opt == {BATCH: 2}
+    svd = svd_engines.pipeline["unets"]["unet_svd"]
+    assert svd_engines.components["unet_svd"].spec.opt == {
+        BATCH: 2, "frames": svd["num_frames"], "height": 576 // scale, "width": 1024 // scale}
+    for manifest in (sd_engines, svd_engines):
+        for entry in manifest.components.values():
+            for dim, size in entry.spec.opt.items():
+                low, high = entry.spec.dims[dim]
+                assert low <= size <= high, (entry.spec.name, dim)
+
+
+def test_profile_min_opt_max_come_from_the_declaration(sd_engines: Manifest):
+    spec = sd_engines.components["unet"].spec
+    prof = profiles.profile(spec)
+    (b0, b2), (h0, h2), (w0, w2) = spec.dims[BATCH], spec.dims["height"], spec.dims["width"]
+    channels = spec.input("sample").shape[1]
+    seq, width = spec.input("encoder_hidden_states").shape[1:]
+    assert prof["sample"] == ((b0, channels, h0, w0), (2, channels, spec.opt["height"], spec.opt["width"]),
+                              (b2, channels, h2, w2))
+    assert prof["timestep"] == ((b0,), (2,), (b2,))
+    assert prof["encoder_hidden_states"][1] == (2, seq, width)
+    assert profiles.max_batch(spec, prof) == spec.max_batch
+    assert not profiles.is_static(prof)
+
+
+def test_limits_cap_the_maximum_and_keep_opt_inside(sd_engines: Manifest):
+    spec = sd_engines.components["unet"].spec
+    prof = profiles.profile(spec, {BATCH: 4, "height": 3})
+    low, opt, high = prof["sample"]
+    assert high[0] == 4 and high[2] == 3 and opt[2] == 3  # opt clamped into the capped range
+    assert profiles.max_batch(spec, prof) == 4
+    with pytest.raises(InvalidInputError, match="below the declared minimum"):
+        profiles.profile(spec, {BATCH: 0})
+    assert profiles.parse_limits("batch=4, height=64") == {BATCH: 4, "height": 64}
+    with pytest.raises(InvalidInputError, match="DIM=SIZE"):
+        profiles.parse_limits("batch:4")
+
+
+def test_a_spec_whose_range_is_one_size_has_a_static_profile(sd_engines: Manifest):
+    spec = sd_engines.components["unet"].spec
+    static = replace(spec, dims={BATCH: (2, 2), "height": (8, 8), "width": (8, 8)})
+    prof = profiles.profile(static)
+    assert profiles.is_static(prof)
+    assert profiles.from_json(profiles.to_json(prof)) == prof
+
+
+# --- plan cache keys -------------------------------------------------------------------------------------
+
+def _facts(**changes):
+    prof = {"sample": ((1, 4, 8, 8), (2, 4, 64, 64), (4, 4, 128, 128))}
+    base = dict(onnx_sha256="a" * 64, tensorrt_version="10.5.0", gpu_name="NVIDIA H100 80GB HBM3",
+                compute_capability="9.0", profile=prof)
+    return builds.plan_facts(**{**base, **changes})
+
+
+def test_plan_key_changes_with_every_fact_it_depends_on():
+    key = builds.build_key(_facts())
+    assert key == builds.build_key(_facts())  # deterministic
+    changed = [
+        _facts(onnx_sha256="b" * 64), _facts(tensorrt_version="10.6.0"), _facts(gpu_name="NVIDIA A100-SXM4-80GB"),
+        _facts(compute_capability="8.0"),
+        _facts(profile={"sample": ((1, 4, 8, 8), (2, 4, 72, 72), (4, 4, 128, 128))}),
+    ]
+    keys = {builds.build_key(f) for f in changed}
+    assert key not in keys and len(keys) == len(changed)
+
+
+def test_a_stale_build_is_never_returned_and_its_file_goes(tmp_path: Path):
+    index = builds.BuildIndex.load(tmp_path, "tensorrt")
+    old_key, new_key = builds.build_key(_facts()), builds.build_key(_facts(tensorrt_version="10.6.0"))
+    old_file = builds.file_name("unet", old_key, ".plan")
+    index.root.mkdir(parents=True)
+    (index.root / old_file).write_bytes(b"plan")
+    index.record("unet", old_key, old_file, _facts())
+    reloaded = builds.BuildIndex.load(tmp_path, "tensorrt")
+    assert reloaded.fresh("unet", old_key) == index.root / old_file
+    assert reloaded.fresh("unet", new_key) is None  # another TensorRT: rebuild
+    assert reloaded.profile("unet")["sample"][1] == (2, 4, 64, 64)
+    new_file = builds.file_name("unet", new_key, ".plan")
+    (index.root / new_file).write_bytes(b"new plan")
+    reloaded.record("unet", new_key, new_file, _facts(tensorrt_version="10.6.0"))
+    assert not (index.root / old_file).exists()
+    (index.root / new_file).unlink()
+    assert reloaded.fresh("unet", new_key) is None  # recorded but missing: rebuilt too
+
+
+def test_onnx_fingerprint_follows_the_graph_and_its_weights(tmp_path: Path):
+    graph = tmp_path / "unet.onnx"
+    graph.write_bytes(b"graph")
+    first = builds.file_fingerprint(graph)
+    graph.with_name("unet.onnx.data").write_bytes(b"weights")
+    assert builds.file_fingerprint(graph) != first
+
+
+# --- TensorRT without TensorRT ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_build_tensorrt_without_tensorrt_is_one_line(sd16_engines: Manifest):
+    done = subprocess.run([sys.executable, "-m", "ti2i.client.cli", "build", "--backend", "tensorrt", "--engines",
+                           str(sd16_engines.root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ti2i")]
+    assert lines == [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "ti2i[tensorrt]" in lines[0]
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
+        build(sd16_engines.root, "tensorrt")
+    assert not (sd16_engines.root / "tensorrt").exists()
+
+
+# --- native Triton configs ------------------------------------------------------------------------------------
+
+def _roundtrip(config: mc.ModelConfig, tmp_path: Path) -> mc.ModelConfig:
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text_format.MessageToString(config))
+    return parse_config(path)
+
+
+@pytest.mark.parametrize("limits", [{}, {BATCH: 4}])
+def test_tensorrt_plan_config_keeps_max_batch_within_the_profile(sd16_engines: Manifest, tmp_path: Path, limits):
+    spec = sd16_engines.components["unet"].spec
+    prof = profiles.profile(spec, limits)
+    config = _roundtrip(native_config(spec, "tensorrt", sd16_engines, RepositoryOptions(), NativeOptions(), prof),
+                        tmp_path)
+    assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+    assert 0 < config.max_batch_size <= profiles.max_batch(spec, prof)
+    assert config.max_batch_size == min(spec.max_batch, limits.get(BATCH, spec.max_batch))
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert config.HasField("dynamic_batching")
+    assert not config.optimization.cuda.graphs  # dynamic shapes: no CUDA graphs
+    types = {t.name: mc.DataType.Name(t.data_type) for t in (*config.input, *config.output)}
+    assert types == {"sample": "TYPE_FP16", "timestep": "TYPE_FP32", "encoder_hidden_states": "TYPE_FP16",
+                     "noise_pred": "TYPE_FP16"}
+
+
+def test_cuda_graphs_only_for_static_profiles(sd16_engines: Manifest, tmp_path: Path):
+    spec = replace(sd16_engines.components["unet"].spec, dims={BATCH: (2, 2), "height": (8, 8), "width": (6, 6)})
+    prof = profiles.profile(spec)
+    config = _roundtrip(native_config(spec, "tensorrt", sd16_engines, RepositoryOptions(), NativeOptions(), prof),
+                        tmp_path)
+    assert config.optimization.cuda.graphs and config.max_batch_size == 2
+    (graph,) = config.optimization.cuda.graph_spec
+    assert graph.batch_size == 2
+    assert list(graph.input["sample"].dim) == [4, 8, 6] and list(graph.input["timestep"].dim) == [1]
+    off = native_config(spec, "tensorrt", sd16_engines, RepositoryOptions(), NativeOptions(cuda_graphs=False), prof)
+    assert not off.optimization.cuda.graphs
+
+
+def test_onnxruntime_repository_wires_native_networks_to_python_steps(sd16_engines: Manifest, tmp_path: Path):
+    repo = write_native_repository(sd16_engines, tmp_path / "repository", "onnxruntime",
+                                   native=NativeOptions(tensorrt_accelerator=True))
+    configs = {p.name: parse_config(p / "config.pbtxt") for p in repo.iterdir()}
+    for name in ("text_encoder", "vae_encoder", "vae_decoder", "unet"):
+        config = configs[name]
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == sd16_engines.components[
+            name].spec.max_batch
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert [a.name for a in accelerators] == ["tensorrt"]
+        model = repo / name / "1" / "model.onnx"
+        assert model.resolve() == sd16_engines.path_of(name).resolve() and not (repo / name / "1" / "model.py").exists()
+    for name in ("tokenize", "image_preprocess", "image_postprocess"):
+        assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
+    # every ensemble step's tensors have one data type on both sides
+    for name, config in configs.items():
+        if config.platform != "ensemble":
+            continue
+        ensemble_types = {t.name: t.data_type for t in (*config.input, *config.output)}
+        for step in config.ensemble_scheduling.step:
+            composing = configs[step.model_name]
+            step_types = {t.name: t.data_type for t in (*composing.input, *composing.output)}
+            for inner, outer in (*step.input_map.items(), *step.output_map.items()):
+                if outer in ensemble_types:
+                    assert step_types[inner] == ensemble_types[outer], (name, inner)
+        producers = {}
+        for step in config.ensemble_scheduling.step:
+            composing = configs[step.model_name]
+            types = {t.name: t.data_type for t in (*composing.input, *composing.output)}
+            for inner, outer in step.output_map.items():
+                producers[outer] = types[inner]
+            for inner, outer in step.input_map.items():
+                if outer in producers:
+                    assert producers[outer] == types[inner], (name, step.model_name, inner)
+    assert mc.DataType.Name(configs["image_postprocess"].input[0].data_type) == "TYPE_FP16"
+
+
+def test_tensorrt_repository_needs_built_plans(sd16_engines: Manifest, tmp_path: Path):
+    with pytest.raises(ModelNotFoundError, match="ti2i build --backend tensorrt"):
+        write_native_repository(sd16_engines, tmp_path / "repository", "tensorrt")
+
+
+# --- AOTInductor on the CPU -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aoti_engines(sd_engines: Manifest, tmp_path_factory) -> Manifest:
+    """A copy of the SD engines with the text encoder compiled by AOTInductor for the CPU (the one
+    component small enough to compile within a test's time on two shared cores)."""
+    root = tmp_path_factory.mktemp("aoti") / "engines"
+    shutil.copytree(sd_engines.root, root)
+    build(root, "aoti", components="text_encoder", device="cpu", log=lambda _: None)
+    return Manifest.load(root)
+
+
+def test_aoti_engine_matches_onnx_runtime_within_tolerance(aoti_engines: Manifest):
+    engine = load_engine(aoti_engines, "text_encoder", backend="aoti")
+    reference = OrtEngine(aoti_engines.path_of("text_encoder"), aoti_engines.components["text_encoder"].spec)
+    assert isinstance(engine, AotiEngine) and engine.dynamic
+    tolerance = COMPONENTS["text_encoder"].tolerance
+    for batch in (1, 2, 3):  # the declared batch dim stays dynamic
+        inputs = sample_inputs(engine.spec, {BATCH: batch}, seed=batch)
+        got, expected = engine.run(inputs)["text_embeddings"], reference.run(inputs)["text_embeddings"]
+        assert got.shape == expected.shape == (batch, 77, engine.spec.output("text_embeddings").shape[2])
+        assert float(np.abs(got - expected).max() / np.abs(expected).max()) <= tolerance
+
+
+def test_aoti_build_is_cached_and_runs_a_method(aoti_engines: Manifest, example_image):
+    lines = []
+    build(aoti_engines.root, "aoti", components="text_encoder", device="cpu", log=lines.append)
+    assert lines == ["text_encoder: AOTInductor package up to date"]
+    def run(**options):
+        with InProcessRunner(aoti_engines.root, **options) as runner:
+            return sdedit(runner, example_image, "a painting", steps=4, seed=1, progress=False).array
+    db = psnr(run(backend="aoti"), run())
+    print(f"\nSDEdit with the AOTInductor text encoder vs all-ONNX Runtime: PSNR {db:.1f} dB")
+    assert db >= 60.0
+
+
+def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
+    """The device-loop building block, on the CPU: the same values as the numpy path, as torch tensors."""
+    import torch
+
+    inputs = sample_inputs(aoti_engines.components["text_encoder"].spec, {BATCH: 2})
+    with InProcessRunner(aoti_engines.root, backend="aoti") as runner:
+        expected = runner.run("text_encoder", **inputs)["text_embeddings"]
+        got = runner.run_tensors("text_encoder", input_ids=torch.from_numpy(inputs["input_ids"]))["text_embeddings"]
+        unet_inputs = sample_inputs(aoti_engines.components["unet"].spec, {BATCH: 2, "height": 8, "width": 6})
+        via_ort = runner.run_tensors("unet", **{k: torch.from_numpy(v) for k, v in unet_inputs.items()})
+        with pytest.raises(InvalidInputError, match="text_encoder.input_ids"):
+            runner.run_tensors("text_encoder", input_ids=torch.zeros((2, 5), dtype=torch.int32))
+    assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), expected)
+    np.testing.assert_array_equal(via_ort["noise_pred"].numpy(), runner_numpy_unet(aoti_engines, unet_inputs))
+
+
+def runner_numpy_unet(manifest: Manifest, inputs) -> np.ndarray:
+    with InProcessRunner(manifest.root) as runner:
+        return runner.run("unet", **inputs)["noise_pred"]
+
+
+def test_cli_repository_backends(sd16_engines: Manifest, tmp_path: Path, capsys):
+    from ti2i.client.cli import main
+
+    assert main(["repository", "--engines", str(sd16_engines.root), "--backend", "onnxruntime",
+                 "--out", str(tmp_path / "ort")]) == 0
+    assert parse_config(tmp_path / "ort" / "unet" / "config.pbtxt").platform == "onnxruntime_onnx"
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(sd16_engines.root), "--backend", "tensorrt",
+                 "--out", str(tmp_path / "trt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no TensorRT plans" in err[0]
+
+
+def test_plans_default_to_ranges_a_gpu_can_hold(sd_engines: Manifest, svd_engines: Manifest):
+    from ti2i.export.tensorrt import _limits_for
+
+    unet = sd_engines.components["unet"].spec
+    prof = profiles.profile(unet, _limits_for(unet, None))
+    assert prof["sample"][2][0] == 8 and prof["sample"][2][2:] == (128, 128)
+    assert prof["sample"][1] == (2, 4, unet.opt["height"], unet.opt["width"])  # opt untouched
+    prof = profiles.profile(unet, _limits_for(unet, {BATCH: 2}))
+    assert prof["sample"][2][0] == 2
+    svd = svd_engines.components["unet_svd"].spec
+    assert profiles.profile(svd, _limits_for(svd, None))["sample"][2][1] == 25  # SVD-XT's frames
