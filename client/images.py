@@ -129,3 +129,13 @@ def prepare_mask(mask: Image.Image, height: int, width: int, multiple: int) -> n
 def to_pil(image: np.ndarray) -> Image.Image:
     """uint8 [H, W, 3] -> PIL image."""
     return Image.fromarray(image)
+
+
+def centered_ellipse_mask(size: tuple[int, int]) -> Image.Image:
+    """An inpainting mask: a white (repaint) ellipse in the middle of black (keep), the example's mask."""
+    from PIL import ImageDraw
+
+    width, height = size
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
+    return mask

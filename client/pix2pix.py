@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 
 UNET = "unet_pix2pix"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,7 @@ from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
-
-
-
-class Runner(ABC):
-    pipeline: dict[str, Any]
-
-    @abstractmethod
-    def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run `model` on named inputs; return the named outputs (all of them unless `outputs` says)."""
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+from ti2i.runner import Runner  # noqa: F401  (re-exported: the interface lives below client/ and triton_models/)
 
 
 class InProcessRunner(Runner):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 
 
