@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, prepare_mask, requested_size, to_pil
@@ -41,7 +40,7 @@ def inpaint(
     width: int | None = None,
     eta: float = 0.0,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     pipeline = runner.pipeline
@@ -99,7 +98,7 @@ def inpaint(
 
     # 7. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in tqdm(timesteps, desc="inpaint", disable=not progress):
+    for t in shared.progress_steps(timesteps, "inpaint", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance,
                                                   do_cfg, extra_channels=conditions)

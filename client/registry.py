@@ -76,6 +76,7 @@ class Method:
     size_default: str = "the input image's"
     out_help: str = ""
     reference: Reference | None = None
+    latent_layout: str = "BCHW"  # the UNet sample's layout (previews take its first frame's 4 latent channels)
 
     def func(self) -> Callable[..., Any]:
         module, name = self.function.split(":")
@@ -195,7 +196,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          Param("max_guidance", float, 3.0, "guidance of the last frame"),
          Param("decode_chunk_size", int, None, "frames decoded at once (default: all)", low=1, high=64), _seed(),
          *_size("576×1024, the reference's")),
-        size_default="576×1024, the reference's", out_help=_VIDEO_OUT,
+        size_default="576×1024, the reference's", out_help=_VIDEO_OUT, latent_layout="BFCHW",
         reference=Reference("StableVideoDiffusionPipeline",
                             {"num_frames": "frames", "num_inference_steps": "steps", "fps": "fps",
                              "motion_bucket_id": "motion_bucket_id", "noise_aug_strength": "noise_aug",
@@ -215,7 +216,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                                           "modules were trained with", choices=("model", "linear-ddim")),
          Param("fps", float, 8.0, "frames per second of the written video", low=0.0, low_open=True), _seed(),
          *_size(_IMAGE_SIZE)),
-        out_help=_VIDEO_OUT),
+        out_help=_VIDEO_OUT, latent_layout="BCFHW"),
 )}
 
 

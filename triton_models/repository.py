@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -81,8 +82,10 @@ def _parameters(config: mc.ModelConfig, **values: str) -> None:
 
 
 def write_repository(manifest: Manifest, out_dir: str | Path, options: RepositoryOptions = RepositoryOptions(),
-                     models: Iterable[str] | None = None) -> Path:
-    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow."""
+                     models: Iterable[str] | None = None, methods: Iterable[str] = (),
+                     method_options: Any = None) -> Path:
+    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow;
+    `methods` adds those methods' models (triton_models/method_repository.py)."""
     out = Path(out_dir).resolve()
     if manifest.root == out or manifest.root.is_relative_to(out):
         raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
@@ -100,6 +103,10 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _write_model(out / name, component_config(spec, manifest, options), with_code=True)
     for ensemble in available_ensembles(specs):
         _write_model(out / ensemble.name, ensemble_config(ensemble, specs, manifest), with_code=False)
+    if methods:
+        from ti2i.triton_models.method_repository import MethodOptions, write_method_models
+
+        write_method_models(out, manifest, methods, method_options or MethodOptions())
     return out
 
 
