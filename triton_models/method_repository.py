@@ -34,6 +34,12 @@ class MethodOptions:
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
 
+    def __post_init__(self) -> None:
+        for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):
+            if getattr(self, name) < low:
+                raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
+                                        f"got {getattr(self, name)}")
+
 
 def servable_methods(components: Iterable[str]) -> list[str]:
     """The methods whose every model is among `components`."""

@@ -21,7 +21,7 @@ from ti2i.client.registry import get_method
 from ti2i.errors import ServerUnavailableError, Ti2iError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.bls import BLSRunner
-from ti2i.triton_models.method_io import OUTPUTS, preview, read_request, result_outputs
+from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
 
 
 class Cancelled(Exception):
@@ -36,7 +36,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.method = get_method(params["method"])
-        self.method.func()  # import the loop (torch, diffusers) now, not on the first request
+        # The loop (torch, diffusers) is imported by the first request, not here: a server with every method
+        # model starts in seconds (8 processes importing torch at once took minutes on 2 cores).
         self.runner = BLSRunner(Manifest.load(params["engine_dir"]), pb_utils)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
@@ -87,7 +88,7 @@ class TritonPythonModel:
 
         try:
             result, fmt = self._call(request, on_step)
-            # generate_stream names no outputs: then the result travels as base64 text (JSON-safe)
+            # generate_stream asks for every output: then the result travels as base64 text only (JSON-safe)
             final = self._result(result, fmt, self._wanted(request, ("encoded_base64",)))
         except Cancelled:
             sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -99,8 +100,11 @@ class TritonPythonModel:
     # --- responses ---------------------------------------------------------------------------------------
 
     def _wanted(self, request: Any, default: tuple[str, ...]) -> list[str]:
-        names = [n for n in request.requested_output_names() if n in OUTPUTS]
-        return names or list(default)
+        """The result outputs the request names; `default` when it names none, or all of them (as
+        `generate_stream` does: it cannot name any), so an SSE event stays JSON text."""
+        requested = set(request.requested_output_names())
+        names = [n for n in OUTPUTS if n in requested]
+        return list(default) if not names or (self.decoupled and requested >= {*OUTPUTS, *STREAM_OUTPUTS}) else names
 
     def _preview_every(self, request: Any) -> int:
         tensor = self.pb.get_input_tensor_by_name(request, "preview_every")

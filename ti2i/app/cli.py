@@ -52,12 +52,24 @@ def _models(args: argparse.Namespace, manifest) -> list[str] | None:
     return names
 
 
+def _method_models(args: argparse.Namespace, manifest) -> dict:
+    """The method models to write next to the components: the --methods (default: every one the engines serve)."""
+    from ti2i.triton_models.method_repository import MethodOptions, servable_methods
+
+    if args.no_method_models:
+        return {}
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else servable_methods(manifest.components)
+    return {"methods": methods, "method_options": MethodOptions(active=args.method_instances,
+                                                                max_queue=args.method_queue)}
+
+
 def cmd_repository(args: argparse.Namespace) -> int:
     from ti2i.manifest import Manifest
     from ti2i.triton_models.repository import write_repository
 
     manifest = Manifest.load(args.engines)
-    out = write_repository(manifest, args.out, _repository_options(args), models=_models(args, manifest))
+    out = write_repository(manifest, args.out, _repository_options(args), models=_models(args, manifest),
+                           **_method_models(args, manifest))
     print(f"wrote {out}")
     return 0
 
@@ -69,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     manifest = Manifest.load(args.engines)
     repository = write_repository(manifest, args.repository or manifest.root / "model_repository",
-                                  _repository_options(args), models=_models(args, manifest))
+                                  _repository_options(args), models=_models(args, manifest),
+                                  **_method_models(args, manifest))
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     return serve_forever(TritonServer(repository, ports=ports, log_path=args.log))
 
@@ -118,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request may wait for others to batch with (default 0: batch what queued)")
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--method-instances", type=int, default=1,
+                       help="requests each method model runs at once (one process each; default 1)")
+        p.add_argument("--method-queue", type=int, default=8,
+                       help="requests a method model queues beyond those; more are rejected (default 8)")
+        p.add_argument("--no-method-models", action="store_true",
+                       help="only the components and ensembles (clients run the loops)")
         p.set_defaults(func=func)
 
     for method in METHODS.values():  # one subcommand per method record
