@@ -165,13 +165,13 @@ def _unet_count(server) -> int:
     return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
 
 
-def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server, example_image):
-    values = _inputs("sdedit", example_image)
-    values.update(steps=200, strength=1.0)  # long enough to cancel
-    tensors = request_tensors(METHODS["sdedit"], **values)
-    before = _unet_count(method_server)
+def _stream(server, values: dict, outputs: list[str]) -> tuple[grpcclient.InferenceServerClient, queue.Queue]:
+    """A started gRPC stream to sdedit_stream; its responses arrive in the queue as (result, error)."""
+    tensors = request_tensors(METHODS["sdedit"], **{k: v for k, v in values.items() if k != "preview_every"})
+    if "preview_every" in values:
+        tensors["preview_every"] = np.array([values["preview_every"]], dtype=np.int64)
     responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(method_server.grpc_url)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     inputs = []
     for name, value in tensors.items():
@@ -179,7 +179,36 @@ def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server,
                                             {"f": "FP64", "i": "INT64"}[value.dtype.kind])
         infer_input.set_data_from_numpy(value)
         inputs.append(infer_input)
-    client.async_stream_infer("sdedit_stream", inputs, outputs=[grpcclient.InferRequestedOutput("step")])
+    client.async_stream_infer("sdedit_stream", inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                              enable_empty_final_response=True)
+    return client, responses
+
+
+def test_stream_sends_latent_previews_every_k_steps(method_server, example_image):
+    values = {**_inputs("sdedit", example_image), "steps": 8, "strength": 1.0, "preview_every": 2}
+    client, responses = _stream(method_server, values, ["step", "preview", "pixels"])
+    previews, final = {}, None
+    try:
+        while final is None:
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            if result.as_numpy("preview") is not None:
+                previews[int(result.as_numpy("step")[0])] = result.as_numpy("preview")
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                final = result.as_numpy("pixels")
+    finally:
+        client.stop_stream()
+        client.close()
+    assert sorted(previews) and all(step % 2 == 0 and step > 0 for step in previews), sorted(previews)
+    assert all(p.dtype == np.uint8 and p.shape == (6, 8, 3) for p in previews.values())  # the 48×64 latent grid
+    assert final.shape == (48, 64, 3)
+
+
+def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server, example_image):
+    values = _inputs("sdedit", example_image)
+    values.update(steps=200, strength=1.0)  # long enough to cancel
+    before = _unet_count(method_server)
+    client, responses = _stream(method_server, values, ["step"])
     for _ in range(4):  # a few steps run
         result, error = responses.get(timeout=120)
         assert error is None, error

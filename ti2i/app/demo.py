@@ -15,6 +15,7 @@ from PIL import Image
 
 from ti2i.client.images import centered_ellipse_mask
 from ti2i.client.registry import METHODS
+from ti2i.client.remote import run_remote
 from ti2i.client.results import ImageResult, VideoResult
 from ti2i.client.runners import TritonRunner
 from ti2i.client.video import write_video
@@ -78,7 +79,9 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
     for name, engines, methods in (("SD 1.x methods", sd_engines, _sd_methods(image)),
                                    ("Stable Video Diffusion", svd_engines, _svd_methods(image))):
         print(f"== Triton model repository and server for {name}")
-        repository = write_repository(engines, engines.root.parent / f"repository-{engines.root.name}")
+        remote = "sdedit" if "sdedit" in methods else None  # one edit also as one request to its method model
+        repository = write_repository(engines, engines.root.parent / f"repository-{engines.root.name}",
+                                      methods=[remote] if remote else ())
         start = time.perf_counter()
         with TritonServer(repository, log_path=work / f"tritonserver-{engines.root.name}.log") as server:
             print(f"ready in {time.perf_counter() - start:.1f} s: grpc {server.grpc_url}, http {server.http_url}")
@@ -90,6 +93,11 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
                     save(result, out / target)
                     print(result.timings.report())
                     print(f"wrote {out / target}")
+            if remote:
+                print(f"== {remote} as one request to the served `{remote}` method model (progress streamed)")
+                result = run_remote(f"grpc://{server.grpc_url}", METHODS[remote], **methods[remote])
+                save(result, out / f"{remote}-remote.png")
+                print(f"wrote {out / f'{remote}-remote.png'} ({result.timings.summary()['remote']['total_s']:.2f} s)")
         print("== server stopped")
     return 0
 
