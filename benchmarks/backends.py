@@ -170,6 +170,10 @@ class RunnerBackend(Backend):
         elapsed = time.perf_counter() - start
         return RunRecord(elapsed, {k: list(v) for k, v in timings.samples.items()}, array)
 
+    def new_client(self) -> _LoopClient:
+        """A fresh runner running whole requests (one per client thread of the concurrency sweep)."""
+        return _LoopClient(self.ctx, self.make_runner())
+
     def unet_call(self, inputs: Mapping[str, np.ndarray]) -> float:
         """Seconds of one UNet call with exactly these inputs."""
         start = time.perf_counter()
@@ -181,6 +185,65 @@ class RunnerBackend(Backend):
 
     def close(self) -> None:
         self.runner.close()
+
+
+class _LoopClient:
+    """One client of the concurrency sweep: our loop over its own runner (configs fetched up front)."""
+
+    def __init__(self, ctx: BenchContext, runner: Runner):
+        self.ctx, self.runner = ctx, runner
+        for model in METHODS[ctx.method].models:
+            if hasattr(runner, "model_config"):
+                runner.model_config(model)
+
+    def __call__(self, image: Image.Image, seed: int) -> None:
+        run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class MethodBackend(Backend):
+    """One request per edit to the served method model: the loop runs inside the server (BLS to the
+    components, whose dynamic batchers merge the UNet calls of concurrent requests)."""
+
+    kind = "served"
+
+    def __init__(self, name: str, ctx: BenchContext, url: str):
+        super().__init__(name, ctx)
+        self.url = url
+
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        from ti2i.client.remote import run_remote
+
+        self.ctx.status(f"{self.name} · {self.ctx.method} request")
+        start = time.perf_counter()
+        result = run_remote(self.url, METHODS[self.ctx.method], progress=False, stream=False,
+                            **method_kwargs(self.ctx.method, image, self.ctx.request, seed))
+        elapsed = time.perf_counter() - start
+        return RunRecord(elapsed, {k: list(v) for k, v in result.timings.samples.items()}, result.array)
+
+    def new_client(self) -> MethodBackend:
+        return self
+
+    def __call__(self, image: Image.Image, seed: int) -> None:
+        self.run(image, seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.url, "design": "BLS: the method function in the method model, "
+                                                               "component calls batched by Triton"}
+
+
+def _method(protocol: str) -> Callable[[str, BenchContext], Backend]:
+    def factory(name: str, ctx: BenchContext) -> Backend:
+        if ctx.server is None:
+            raise RuntimeError("no Triton server is running")
+        if not (ctx.server.model_repository / ctx.method).is_dir():
+            raise RuntimeError(f"the server has no {ctx.method} method model")
+        url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
+        return MethodBackend(name, ctx, url)
+
+    return factory
 
 
 def _ort(name: str, ctx: BenchContext) -> Backend:
@@ -363,7 +426,12 @@ register_backend("triton-grpc", _triton("grpc"), needs_server=True,
                  description="our method loop, every model call to Triton over gRPC")
 register_backend("triton-http", _triton("http"), needs_server=True,
                  description="our method loop, every model call to Triton over HTTP")
+register_backend("triton-method", _method("grpc"), needs_server=True,
+                 description="one gRPC request per edit to the served method model (the loop runs in the server)")
+register_backend("triton-method-http", _method("http"), needs_server=True,
+                 description="as triton-method, over HTTP")
 register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_server=True,
                  description="as triton-grpc, tensors through Triton system shared memory")
 
-DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm")
+DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm",
+                    "triton-method")
