@@ -33,6 +33,9 @@ class MethodOptions:
     active: int = 1  # requests one method model runs at once: its instances (each a process with its own loop)
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
+    # Import the loop (torch, diffusers) when the instance loads, so "ready" means ready to serve; False defers it
+    # to an instance's first request (a faster start where few instances are used, as in tests).
+    preload: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):
@@ -81,6 +84,7 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     policy.default_timeout_microseconds = options.queue_timeout_us
     policy.allow_timeout_override = True
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
+              "preload": "1" if options.preload else "0",
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline)}
     for key, value in values.items():
         config.parameters[key].string_value = value

@@ -36,8 +36,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.method = get_method(params["method"])
-        # The loop (torch, diffusers) is imported by the first request, not here: a server with every method
-        # model starts in seconds (8 processes importing torch at once took minutes on 2 cores).
+        if params.get("preload", "1") == "1":  # else the first request imports the loop (torch, diffusers)
+            self.method.func()
         self.runner = BLSRunner(Manifest.load(params["engine_dir"]), pb_utils)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
