@@ -325,8 +325,9 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
         if method_active:
             from ti2i.triton_models.method_repository import MethodOptions
 
-            methods = {"methods": [method], "method_options": MethodOptions(active=method_active[0],
-                                                                            max_queue=method_active[0])}
+            # as many active requests as the sweep's clients, each instance warm before the clock starts
+            options_ = MethodOptions(active=method_active[0], max_queue=method_active[0], preload=True)
+            methods = {"methods": [method], "method_options": options_}
         repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
                                 **methods)
         progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")

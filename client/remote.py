@@ -139,8 +139,8 @@ def _streamed(address: str, method: Method, tensors: dict[str, np.ndarray],
     bar = None
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer(method.name + STREAM_SUFFIX, _infer_inputs(module, tensors),
-                                  outputs=[module.InferRequestedOutput(n) for n in ("pixels", "stage", "step", "steps")],
+        wanted = [module.InferRequestedOutput(n) for n in ("pixels", "stage", "step", "steps")]
+        client.async_stream_infer(method.name + STREAM_SUFFIX, _infer_inputs(module, tensors), outputs=wanted,
                                   enable_empty_final_response=True)
         deadline = time.monotonic() + timeout_s
         pixels = None

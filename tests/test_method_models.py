@@ -54,7 +54,7 @@ def method_server(engines, tmp_path_factory):
     """Every method the SD engine directory serves, two active requests each, a queue of one."""
     root = tmp_path_factory.mktemp("methods")
     repository = write_repository(engines, root / "repository", methods=servable_methods(engines.components),
-                                  method_options=MethodOptions(active=2, max_queue=1, preload=False))
+                                  method_options=MethodOptions(active=2, max_queue=1))
     with TritonServer(repository, log_path=root / "server.log") as server:
         yield server
 
@@ -62,8 +62,7 @@ def method_server(engines, tmp_path_factory):
 @pytest.fixture(scope="module")
 def svd_method_server(svd_engines, tmp_path_factory):
     root = tmp_path_factory.mktemp("methods-svd")
-    repository = write_repository(svd_engines, root / "repository", methods=["svd"],
-                                  method_options=MethodOptions(preload=False))
+    repository = write_repository(svd_engines, root / "repository", methods=["svd"])
     with TritonServer(repository, log_path=root / "server.log") as server:
         yield server
 

@@ -33,9 +33,10 @@ class MethodOptions:
     active: int = 1  # requests one method model runs at once: its instances (each a process with its own loop)
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
-    # Import the loop (torch, diffusers) when the instance loads, so "ready" means ready to serve; False defers it
-    # to an instance's first request (a faster start where few instances are used, as in tests).
-    preload: bool = True
+    # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
+    # instance's first request (seconds), so a server with every method model starts fast: preloading the 8 method
+    # processes of one SD engine directory took `ti2i serve` from ~25 s to 75-100 s to ready on 2 loaded cores.
+    preload: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):

@@ -36,7 +36,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.method = get_method(params["method"])
-        if params.get("preload", "1") == "1":  # else the first request imports the loop (torch, diffusers)
+        if params.get("preload") == "1":  # else the first request imports the loop (torch, diffusers)
             self.method.func()
         self.runner = BLSRunner(Manifest.load(params["engine_dir"]), pb_utils)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)

@@ -60,7 +60,8 @@ def _method_models(args: argparse.Namespace, manifest) -> dict:
         return {}
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else servable_methods(manifest.components)
     return {"methods": methods, "method_options": MethodOptions(active=args.method_instances,
-                                                                max_queue=args.method_queue)}
+                                                                max_queue=args.method_queue,
+                                                                preload=args.preload_methods)}
 
 
 def cmd_repository(args: argparse.Namespace) -> int:
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests each method model runs at once (one process each; default 1)")
         p.add_argument("--method-queue", type=int, default=8,
                        help="requests a method model queues beyond those; more are rejected (default 8)")
+        p.add_argument("--preload-methods", action="store_true",
+                       help="method models import their loop (torch) when they load, not at their first request")
         p.add_argument("--no-method-models", action="store_true",
                        help="only the components and ensembles (clients run the loops)")
         p.set_defaults(func=func)
