@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from ti2i.benchmarks.presets import Request
-from ti2i.client.runners import Runner
+from ti2i.client.registry import METHODS
+from ti2i.runner import Runner
 
 PROMPT = "a watercolor painting of rolling hills"
 SOURCE_PROMPT = "a photo of rolling hills"  # CycleDiffusion's description of the input
@@ -100,36 +101,30 @@ def register_backend(name: str, factory: Callable[[str, BenchContext], Backend],
 
 # --- our method loops over a runner ------------------------------------------------------------------
 
+def method_kwargs(method: str, image: Image.Image, req: Request, seed: int) -> dict[str, Any]:
+    """The inputs and parameters of `method`'s benchmark request, by our parameter names (its record's)."""
+    from ti2i.client.images import centered_ellipse_mask
+
+    record = METHODS[method]
+    values: dict[str, Any] = {
+        "image": image, "mask": centered_ellipse_mask(image.size), "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT or None, "source_prompt": SOURCE_PROMPT, "strength": req.strength,
+        "steps": req.steps, "guidance": req.guidance, "image_guidance": IMAGE_GUIDANCE,
+        "source_guidance": SOURCE_GUIDANCE, "eta": ETA, "min_guidance": MIN_GUIDANCE, "max_guidance": req.guidance,
+        "frames": req.frames or None, "decode_chunk_size": req.decode_chunk_size or None, "seed": seed,
+        "height": req.height, "width": req.width,
+    }
+    names = {*record.images, *(p.name for p in record.params)}
+    return {k: v for k, v in values.items() if k in names}
+
+
 def run_method(method: str, runner: Runner, image: Image.Image, req: Request, seed: int) -> tuple[Any, np.ndarray]:
     """Our implementation of `method` on `runner`: (the Timings it recorded, its float output)."""
-    if method == "sdedit":
-        from ti2i.client.sdedit import sdedit
-
-        result = sdedit(runner, image, PROMPT, negative_prompt=NEGATIVE_PROMPT or None, strength=req.strength,
-                        steps=req.steps, guidance=req.guidance, seed=seed, progress=False)
-    elif method == "pix2pix":
-        from ti2i.client.pix2pix import pix2pix
-
-        result = pix2pix(runner, image, PROMPT, steps=req.steps, guidance=req.guidance,
-                         image_guidance=IMAGE_GUIDANCE, seed=seed, progress=False)
-    elif method == "cyclediffusion":
-        from ti2i.client.cyclediffusion import cyclediffusion
-
-        result = cyclediffusion(runner, image, PROMPT, SOURCE_PROMPT, strength=req.strength, steps=req.steps,
-                                guidance=req.guidance, source_guidance=SOURCE_GUIDANCE, eta=ETA, seed=seed,
-                                progress=False)
-    elif method == "svd":
-        from ti2i.client.svd import svd
-
-        result = svd(runner, image, frames=req.frames, steps=req.steps, min_guidance=MIN_GUIDANCE,
-                     max_guidance=req.guidance, decode_chunk_size=req.decode_chunk_size or None, seed=seed,
-                     height=req.height, width=req.width, progress=False)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    result = METHODS[method](runner, **method_kwargs(method, image, req, seed))
     return result.timings, result.array
 
 
-UNET_OF = {"sdedit": "unet", "cyclediffusion": "unet", "pix2pix": "unet_pix2pix", "svd": "unet_svd"}
+UNET_OF = {name: record.unet for name, record in METHODS.items()}
 
 
 class _ReportingRunner(Runner):
@@ -175,6 +170,10 @@ class RunnerBackend(Backend):
         elapsed = time.perf_counter() - start
         return RunRecord(elapsed, {k: list(v) for k, v in timings.samples.items()}, array)
 
+    def new_client(self) -> _LoopClient:
+        """A fresh runner running whole requests (one per client thread of the concurrency sweep)."""
+        return _LoopClient(self.ctx, self.make_runner())
+
     def unet_call(self, inputs: Mapping[str, np.ndarray]) -> float:
         """Seconds of one UNet call with exactly these inputs."""
         start = time.perf_counter()
@@ -186,6 +185,65 @@ class RunnerBackend(Backend):
 
     def close(self) -> None:
         self.runner.close()
+
+
+class _LoopClient:
+    """One client of the concurrency sweep: our loop over its own runner (configs fetched up front)."""
+
+    def __init__(self, ctx: BenchContext, runner: Runner):
+        self.ctx, self.runner = ctx, runner
+        for model in METHODS[ctx.method].models:
+            if hasattr(runner, "model_config"):
+                runner.model_config(model)
+
+    def __call__(self, image: Image.Image, seed: int) -> None:
+        run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class MethodBackend(Backend):
+    """One request per edit to the served method model: the loop runs inside the server (BLS to the
+    components, whose dynamic batchers merge the UNet calls of concurrent requests)."""
+
+    kind = "served"
+
+    def __init__(self, name: str, ctx: BenchContext, url: str):
+        super().__init__(name, ctx)
+        self.url = url
+
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        from ti2i.client.remote import run_remote
+
+        self.ctx.status(f"{self.name} · {self.ctx.method} request")
+        start = time.perf_counter()
+        result = run_remote(self.url, METHODS[self.ctx.method], progress=False, stream=False,
+                            **method_kwargs(self.ctx.method, image, self.ctx.request, seed))
+        elapsed = time.perf_counter() - start
+        return RunRecord(elapsed, {k: list(v) for k, v in result.timings.samples.items()}, result.array)
+
+    def new_client(self) -> MethodBackend:
+        return self
+
+    def __call__(self, image: Image.Image, seed: int) -> None:
+        self.run(image, seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "url": self.url, "design": "BLS: the method function in the method model, "
+                                                               "component calls batched by Triton"}
+
+
+def _method(protocol: str) -> Callable[[str, BenchContext], Backend]:
+    def factory(name: str, ctx: BenchContext) -> Backend:
+        if ctx.server is None:
+            raise RuntimeError("no Triton server is running")
+        if not (ctx.server.model_repository / ctx.method).is_dir():
+            raise RuntimeError(f"the server has no {ctx.method} method model")
+        url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
+        return MethodBackend(name, ctx, url)
+
+    return factory
 
 
 def _ort(name: str, ctx: BenchContext) -> Backend:
@@ -212,15 +270,6 @@ def _triton(protocol: str, shared_memory: bool = False) -> Callable[[str, BenchC
 
 
 # --- the diffusers reference pipelines ---------------------------------------------------------------
-
-# method -> (pipeline class, the pipeline's own prompt-encoding method and image-encoding method)
-_PIPELINES = {
-    "sdedit": ("StableDiffusionImg2ImgPipeline", "encode_prompt", None),
-    "pix2pix": ("StableDiffusionInstructPix2PixPipeline", "_encode_prompt", None),
-    "cyclediffusion": ("CycleDiffusionPipeline", "encode_prompt", None),
-    "svd": ("StableVideoDiffusionPipeline", None, "_encode_image"),
-}
-
 
 class _Clock:
     """Wall-clock seconds; synchronised with the GPU on CUDA so a stage's kernels are inside its time."""
@@ -273,14 +322,17 @@ class _Reference:
         import diffusers
         import torch
 
-        cls_name, prompt_fn, clip_fn = _PIPELINES[ctx.method]
-        cls = getattr(diffusers, cls_name)
+        ref = METHODS[ctx.method].reference
+        if ref is None:
+            raise RuntimeError(f"{ctx.method} has no diffusers reference pipeline")
+        prompt_fn, clip_fn = ref.prompt_fn, ref.clip_fn
+        cls = getattr(diffusers, ref.pipeline)
         kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
-        if ctx.method != "svd":
+        if ref.prompt_fn is not None:  # the text-conditioned pipelines carry a safety checker slot
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(str(ctx.model_dir), **kwargs)
-        if ctx.method == "cyclediffusion":
-            pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        if ref.scheduler is not None:
+            pipe.scheduler = getattr(diffusers, ref.scheduler).from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(ctx.device)
         self.pipe = pipe
@@ -311,31 +363,20 @@ class _Reference:
     def __call__(self, image: Image.Image, seed: int, label: str) -> RunRecord:
         import torch
 
-        req, method, pipe = self.ctx.request, self.ctx.method, self.pipe
+        method, pipe = self.ctx.method, self.pipe
+        ref = METHODS[method].reference
+        ours = method_kwargs(method, image, self.ctx.request, seed)
+        call = {name: ours[name] for name in ("prompt", "negative_prompt", "image") if name in ours}
+        if "mask" in ours:
+            call["mask_image"] = ours["mask"]
+        call.update({key: ours[name] for key, name in ref.kwargs.items() if ours.get(name) is not None})
         generator = torch.Generator("cpu").manual_seed(seed)
         samples: dict[str, list[float]] = {}
         self.timers.samples, self.timers.label = samples, label
         try:
             start = self.timers.clock.now()
             with torch.inference_mode():
-                if method == "sdedit":
-                    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT or None, image=image,
-                               strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
-                               generator=generator, output_type="np").images[0]
-                elif method == "pix2pix":
-                    out = pipe(prompt=PROMPT, image=image, num_inference_steps=req.steps,
-                               guidance_scale=req.guidance, image_guidance_scale=IMAGE_GUIDANCE,
-                               generator=generator, output_type="np").images[0]
-                elif method == "cyclediffusion":
-                    out = pipe(prompt=PROMPT, source_prompt=SOURCE_PROMPT, image=image, strength=req.strength,
-                               num_inference_steps=req.steps, guidance_scale=req.guidance,
-                               source_guidance_scale=SOURCE_GUIDANCE, eta=ETA, generator=generator,
-                               output_type="np").images[0]
-                else:
-                    out = pipe(image, height=req.height, width=req.width, num_frames=req.frames,
-                               num_inference_steps=req.steps, min_guidance_scale=MIN_GUIDANCE,
-                               max_guidance_scale=req.guidance, decode_chunk_size=req.decode_chunk_size or req.frames,
-                               generator=generator, output_type="np").frames[0]
+                out = getattr(pipe(**call, generator=generator, output_type="np"), ref.output)[0]
             elapsed = self.timers.clock.now() - start
         finally:
             self.timers.samples = None
@@ -386,10 +427,15 @@ register_backend("triton-grpc", _triton("grpc"), needs_server=True,
                  description="our method loop, every model call to Triton over gRPC")
 register_backend("triton-http", _triton("http"), needs_server=True,
                  description="our method loop, every model call to Triton over HTTP")
+register_backend("triton-method", _method("grpc"), needs_server=True,
+                 description="one gRPC request per edit to the served method model (the loop runs in the server)")
+register_backend("triton-method-http", _method("http"), needs_server=True,
+                 description="as triton-method, over HTTP")
 register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_server=True,
                  description="as triton-grpc, tensors through Triton system shared memory")
 
-DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm")
+DEFAULT_BACKENDS = ("diffusers", "diffusers-compile", "ort", "triton-grpc", "triton-http", "triton-grpc-shm",
+                    "triton-method")
 
 # registers ort-fp16, aoti, tensorrt, triton-tensorrt and diffusers-fp16
 from ti2i.benchmarks import gpu_backends  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""`ti2i bench`: the command-line face of the harness (registered by ti2i.client.cli)."""
+"""`ti2i bench`: the command-line face of the harness (registered by ti2i.app.cli)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ def _ints(text: str) -> list[int]:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from ti2i.benchmarks.backends import BACKENDS, DEFAULT_BACKENDS
     from ti2i.benchmarks.presets import PRESETS
+    from ti2i.client.registry import METHODS
 
     p = sub.add_parser("bench", help="latency/throughput benchmark of every backend side by side",
                        description="Measure our engines in-process and served by Triton against the diffusers "
                                    "reference, interleaved in one run; write results.json/.md/.png.")
-    p.add_argument("--method", default="sdedit", help="sdedit, pix2pix, cyclediffusion, svd, a comma list, or all")
+    p.add_argument("--method", default="sdedit", help=f"{', '.join(METHODS)}, a comma list, or all")
     p.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--model", default=None, help="a real diffusers model folder instead of the preset's models")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),

@@ -271,7 +271,9 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     need_server = bool(levels) or any(BACKENDS[b].needs_server for b in backends)
     ctx = BenchContext(method, request, engines, models, device=device, status=progress.status)
     options = _repository_options(config)
-    with _server(engines, method, results.out, need_server, options, progress) as server:
+    method_levels = [max(levels or [1])] if any(b.startswith("triton-method") for b in
+                                                    [*backends, config.concurrency_backend]) else []
+    with _server(engines, method, results.out, need_server, options, progress, method_levels) as server:
         if server is not None:
             ctx.server = server
             entry["server"] = _server_info(server, options)
@@ -305,7 +307,10 @@ def _repository_options(config: BenchConfig) -> Any:
 
 
 @contextlib.contextmanager
-def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress) -> Iterator[Any]:
+def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
+            method_active: Sequence[int] = ()) -> Iterator[Any]:
+    """The server of one method's components; with `method_active`, also its method model with that many
+    active requests (the concurrency sweep's largest level)."""
     if not needed:
         yield None
         return
@@ -316,7 +321,15 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
 
     manifest = Manifest.load(engines)
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
-        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
+        methods = {}
+        if method_active:
+            from ti2i.triton_models.method_repository import MethodOptions
+
+            # as many active requests as the sweep's clients, each instance warm before the clock starts
+            options_ = MethodOptions(active=method_active[0], max_queue=method_active[0], preload=True)
+            methods = {"methods": [method], "method_options": options_}
+        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
+                                **methods)
         progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")
         start = time.perf_counter()
         with TritonServer(repo, log_path=out / f"server-{method}.log", startup_timeout_s=900) as server:
@@ -538,8 +551,6 @@ def _unet_inputs(backend: RunnerBackend, method: str) -> dict[str, np.ndarray] |
 
 def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[int], ctx: BenchContext,
                  image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress) -> None:
-    from ti2i.benchmarks.backends import run_method
-
     name = config.concurrency_backend
     info = BACKENDS[name]
     if not info.needs_server:
@@ -550,24 +561,19 @@ def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[
     except Exception as err:
         entry["concurrency"] = {"backend": name, "skipped": f"{type(err).__name__}: {_first_line(err)}"}
         return
-    if not isinstance(backend, RunnerBackend):
-        entry["concurrency"] = {"backend": name, "skipped": "not a runner backend"}
+    if not hasattr(backend, "new_client"):
+        entry["concurrency"] = {"backend": name, "skipped": "the backend cannot make concurrent clients"}
         backend.close()
         return
     backend.close()
     per_client = config.concurrency_requests or preset.concurrency_requests
     sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "levels": []}
     entry["concurrency"] = sweep
-    from ti2i.client.methods import METHOD_MODELS
 
     for n in levels:
         progress.phase = f"{method} · concurrency {n}"
-        runners = [backend.make_runner() for _ in range(n)]
+        runners = [backend.new_client() for _ in range(n)]  # each ready (configs fetched) before the clock starts
         try:
-            for runner in runners:  # configs fetched before the clock starts
-                for model in METHOD_MODELS[method]:
-                    if hasattr(runner, "model_config"):
-                        runner.model_config(model)
             before = _server_stats(ctx.server)
             spans: list[tuple[float, float]] = []
             errors: list[str] = []
@@ -580,7 +586,7 @@ def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[
                 for _ in range(per_client):
                     start = time.perf_counter()
                     try:
-                        run_method(method, runner, image, ctx.request, SEED)
+                        runner(image, SEED)
                     except Exception as err:  # recorded; the other clients go on
                         with lock:
                             errors.append(f"{type(err).__name__}: {_first_line(err)}")

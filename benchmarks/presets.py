@@ -25,10 +25,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ti2i.client.registry import METHODS as METHOD_RECORDS
 from ti2i.errors import InvalidInputError
 
 CACHE_ENV = "TI2I_BENCH_CACHE"
-METHOD_KINDS = {"sdedit": "sd", "cyclediffusion": "sd", "pix2pix": "pix2pix", "svd": "svd"}
+METHOD_KINDS = {name: record.kind for name, record in METHOD_RECORDS.items()}  # from the method records
 METHODS = tuple(METHOD_KINDS)
 # Bump when a preset's builder changes: the cache key includes it, so stale folders are not reused.
 BUILD_VERSION = 1
@@ -205,8 +206,12 @@ def _svd_small(out: Path) -> None:
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         "tiny", "the `ti2i tiny` random-weight models (every layer type, tiny widths), 64×64",
-        {"sd": _tiny("sd"), "pix2pix": _tiny("pix2pix"), "svd": _tiny("svd")},
-        {"sdedit": Request(64, 64, 10, strength=0.8),
+        {kind: _tiny(kind) for kind in ("sd", "pix2pix", "inpaint", "videoldm", "svd")},
+        {"txt2img": Request(64, 64, 10),
+         "sdedit": Request(64, 64, 10, strength=0.8),
+         "inpaint": Request(64, 64, 10, strength=1.0),
+         "ddib": Request(64, 64, 10, strength=0.8, guidance=1.0),
+         "videoldm": Request(64, 64, 10, strength=0.8, frames=4),
          "cyclediffusion": Request(64, 64, 10, strength=0.8),
          "pix2pix": Request(64, 64, 8),
          "svd": Request(64, 64, 4, guidance=3.0, frames=8)},
@@ -214,7 +219,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         "sd15-256", "SD 1.5 UNet/VAE/CLIP ViT-L text encoder at their real sizes (random weights), 256×256",
         {"sd": _sd15(4), "pix2pix": _sd15(8)},
-        {"sdedit": Request(256, 256, 10, strength=0.5),
+        {"txt2img": Request(256, 256, 10),
+         "sdedit": Request(256, 256, 10, strength=0.5),
+         "ddib": Request(256, 256, 10, strength=0.5, guidance=1.0),
          "cyclediffusion": Request(256, 256, 10, strength=0.5),
          "pix2pix": Request(256, 256, 5)},
         repeats=3, warmup=1, concurrency_requests=1),
@@ -284,7 +291,11 @@ def engine_dir(preset: Preset, kinds: list[str], cache: Path, log: Callable[[str
             continue
         model = model_dir(preset, kind, cache, log)
         log(f"[export] {preset.name}: exporting {kind} engines to {out} (once; cached)")
-        export_model(str(model), out, log=lambda line: log(f"[export]   {line}"))
+        if kind == "videoldm":  # an SD folder and a motion adapter (as `ti2i tiny --kind videoldm` writes)
+            export_model(str(model / "sd"), out, log=lambda line: log(f"[export]   {line}"),
+                         motion_adapter=str(model / "motion_adapter"))
+        else:
+            export_model(str(model), out, log=lambda line: log(f"[export]   {line}"))
     return Path(Manifest.load(out).root)
 
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
 
@@ -74,7 +73,7 @@ def cyclediffusion(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("cyclediffusion")
@@ -116,7 +115,7 @@ def cyclediffusion(
     source_latents = latents
 
     # 6. Denoising loop
-    for t in tqdm(timesteps, desc="cyclediffusion", disable=not progress):
+    for t in shared.progress_steps(timesteps, "cyclediffusion", progress):
         src_in = scheduler.scale_model_input(source_latents, t)
         tgt_in = scheduler.scale_model_input(latents, t)
         unet_in = torch.cat([src_in, tgt_in, src_in, tgt_in]) if do_cfg else torch.cat([src_in, tgt_in])

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
 
@@ -54,7 +53,7 @@ def ddib(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("ddib")
@@ -88,14 +87,14 @@ def ddib(
     latents = pipeline["vae_scaling_factor"] * mean
 
     # 6. DDIM inversion under the source prompt
-    for t in tqdm(invert_timesteps, desc="ddib invert", disable=not progress):
+    for t in shared.progress_steps(invert_timesteps, "ddib invert", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, inverter, latents, t, source_embeds,
                                                   source_guidance, source_cfg)
         latents = inverter.step(noise_pred, t, latents, return_dict=False)[0]
 
     # 7. Deterministic DDIM decoding under the target prompt
-    for t in tqdm(decode_timesteps, desc="ddib decode", disable=not progress):
+    for t in shared.progress_steps(decode_timesteps, "ddib decode", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, decoder, latents, t, target_embeds, guidance,
                                                   target_cfg)

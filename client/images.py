@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def _check_size(width: int, height: int, limit: int, what: str = "image") -> Non
                                 f"{limit} pixels (set {MAX_PIXELS_ENV} or max_pixels to change it)")
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int | None = None, what: str = "image",
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = None, what: str = "image",
                convert_rgb: bool = True) -> Image.Image:
-    """An RGB PIL image from a path or an image; RGBA, grayscale and palette images are converted.
+    """An RGB PIL image from a path, a file's bytes or an image; RGBA, grayscale and palette images are converted.
 
     A file's size is checked from its header, before its pixels are decoded. `what` names the input in
     error messages; with ``convert_rgb=False`` the image keeps its mode (an inpainting mask is resized
@@ -50,26 +51,34 @@ def load_image(source: str | Path | Image.Image, max_pixels: int | None = None, 
     if isinstance(source, Image.Image):
         image = source
         _check_size(*image.size, limit, what)
+    elif isinstance(source, bytes):
+        image = _decode(io.BytesIO(source), f"{what} ({len(source)} bytes)", limit, what)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise InvalidInputError(f"{what} file {path} does not exist")
-        try:
-            with Image.open(path) as opened:
-                _check_size(*opened.size, limit, what)
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            if isinstance(err, InvalidInputError):
-                raise
-            raise InvalidInputError(f"{what} {path} is not a readable image: {err}") from None
+        image = _decode(path, f"{what} {path}", limit, what)
     else:
-        raise InvalidInputError(f"{what} must be an image file path or a PIL image, got {type(source).__name__}")
+        raise InvalidInputError(f"{what} must be an image file path, its bytes or a PIL image, "
+                                f"got {type(source).__name__}")
     if not convert_rgb:
         return image
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
     return image
+
+
+def _decode(file: Path | io.BytesIO, label: str, limit: int, what: str) -> Image.Image:
+    """Open, check the size from the header, then decode."""
+    try:
+        with Image.open(file) as opened:
+            _check_size(*opened.size, limit, what)
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, InvalidInputError):
+            raise
+        raise InvalidInputError(f"{label} is not a readable image: {err}") from None
 
 
 def snap_size(image: Image.Image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
@@ -129,3 +138,13 @@ def prepare_mask(mask: Image.Image, height: int, width: int, multiple: int) -> n
 def to_pil(image: np.ndarray) -> Image.Image:
     """uint8 [H, W, 3] -> PIL image."""
     return Image.fromarray(image)
+
+
+def centered_ellipse_mask(size: tuple[int, int]) -> Image.Image:
+    """An inpainting mask: a white (repaint) ellipse in the middle of black (keep), the example's mask."""
+    from PIL import ImageDraw
+
+    width, height = size
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=255)
+    return mask

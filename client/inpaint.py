@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, prepare_mask, requested_size, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
 
@@ -41,7 +40,7 @@ def inpaint(
     width: int | None = None,
     eta: float = 0.0,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("inpaint")
@@ -100,7 +99,7 @@ def inpaint(
 
     # 7. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in tqdm(timesteps, desc="inpaint", disable=not progress):
+    for t in shared.progress_steps(timesteps, "inpaint", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance,
                                                   do_cfg, extra_channels=conditions)

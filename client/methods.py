@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ti2i.client.registry import METHODS
 from ti2i.engines.ensembles import ENSEMBLES
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
 
-_IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
-
-METHOD_MODELS: dict[str, tuple[str, ...]] = {
-    "txt2img": ("encode_prompt", "decode_image", "unet"),
-    "sdedit": (*_IMAGE_EDIT, "unet"),
-    "cyclediffusion": (*_IMAGE_EDIT, "unet"),
-    "ddib": (*_IMAGE_EDIT, "unet"),
-    # the masked image is edited in pixels, then encoded: the ensemble's two steps are called one by one
-    "inpaint": ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"),
-    "pix2pix": (*_IMAGE_EDIT, "unet_pix2pix"),
-    "videoldm": (*_IMAGE_EDIT, "unet_motion"),
-    "svd": ("image_encoder", "image_preprocess", "vae_encoder", "unet_svd", "vae_decoder_temporal",
-            "image_postprocess"),
-}
+# read from the method records (client/registry.py): one declaration per method
+METHOD_MODELS: dict[str, tuple[str, ...]] = {name: method.models for name, method in METHODS.items()}
 
 
 def components_for(methods: Iterable[str]) -> list[str]:

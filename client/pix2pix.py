@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 
 UNET = "unet_pix2pix"
@@ -34,7 +33,7 @@ def pix2pix(
     width: int | None = None,
     eta: float = 0.0,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("pix2pix")
@@ -72,7 +71,7 @@ def pix2pix(
 
     # 6. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in tqdm(timesteps, desc="pix2pix", disable=not progress):
+    for t in shared.progress_steps(timesteps, "pix2pix", progress):
         model_input = torch.cat([latents] * 3) if do_cfg else latents
         model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=1)
         with timings.stage("unet"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from http.client import HTTPException
 from pathlib import Path
@@ -22,17 +21,18 @@ from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
 from ti2i.families import Family, choose_family, families_from_configs, served_name, split_served_name
 from ti2i.manifest import Manifest
+from ti2i.runner import Runner  # re-exported: the interface lives below client/ and triton_models/
 
 
-class Runner(ABC):
+class FamilyRoutingRunner(Runner):
+    """A client-side runner that may reach several model families: it routes a method to the family that
+    serves it (`for_method`), or to the one named with `family=`.
+    """
+
     # The model families it reaches (ti2i.families), and the one chosen with family= (None: found per method).
     families: dict[str | None, Family] = {}
     family: str | None = None
     _pipeline: dict[str, Any] | None = None
-
-    @abstractmethod
-    def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run `model` on named inputs; return the named outputs (all of them unless `outputs` says)."""
 
     @property
     def pipeline(self) -> dict[str, Any]:
@@ -62,17 +62,8 @@ class Runner(ABC):
     def _bound(self, family: Family) -> Runner:
         return self if family.name is None else FamilyRunner(self, family)
 
-    def close(self) -> None:
-        pass
 
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class FamilyRunner(Runner):
+class FamilyRunner(FamilyRoutingRunner):
     """One family of a runner that reaches several: plain model names in, the family's served names out."""
 
     def __init__(self, base: Runner, family: Family):
@@ -95,7 +86,7 @@ class FamilyRunner(Runner):
         return getattr(self.base, name)
 
 
-class InProcessRunner(Runner):
+class InProcessRunner(FamilyRoutingRunner):
     """Engines loaded from an engine directory on first use, in this process.
 
     `engine_dir` may map family names to engine directories (`ti2i.families`): each family then gets its
@@ -198,7 +189,7 @@ def _probe(tensor: Any) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(tensor.shape), (0,) * tensor.dim())
 
 
-class TritonRunner(Runner):
+class TritonRunner(FamilyRoutingRunner):
     """Calls models on a Triton server: ``grpc://host:port`` or ``http://host:port``.
 
     With ``shared_memory=True`` numeric tensors travel through Triton *system* shared memory instead

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, to_pil
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.results import ImageResult
 from ti2i.client.timing import Timings
 
@@ -28,7 +27,7 @@ def sdedit(
     width: int | None = None,
     eta: float = 0.0,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("sdedit")
@@ -62,7 +61,7 @@ def sdedit(
 
     # 6. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in tqdm(timesteps, desc="sdedit", disable=not progress):
+    for t in shared.progress_steps(timesteps, "sdedit", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, "unet", scheduler, latents, t, prompt_embeds, guidance,
                                                   do_cfg)

@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.errors import InvalidInputError, ModelNotFoundError
+
+T = TypeVar("T")
+# A method's `progress`: True shows a progress bar, False nothing; a callable is told (loop, steps done, steps)
+# before the first step and after each, so a server can report progress and stop a cancelled loop (by raising).
+Progress = Union[bool, Callable[[str, int, int], None]]
+
+
+def progress_steps(items: Iterable[T], desc: str, progress: Progress) -> Iterator[T]:
+    """A loop's items, with the progress `progress` asks for."""
+    if not callable(progress):
+        yield from tqdm(items, desc=desc, disable=not progress)
+        return
+    items = list(items)
+    progress(desc, 0, len(items))
+    for i, item in enumerate(items):
+        yield item
+        progress(desc, i + 1, len(items))
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

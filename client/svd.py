@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image
 from ti2i.client.results import VideoResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
 
@@ -65,7 +64,7 @@ def svd(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> VideoResult:
     timings = Timings()
     runner = runner.for_method("svd")
@@ -117,7 +116,7 @@ def svd(
 
     # 7. Denoising loop, guidance rising linearly from the first frame to the last
     guidance = torch.linspace(min_guidance, max_guidance, frames)[None, :, None, None, None]
-    for t in tqdm(scheduler.timesteps, desc="svd", disable=not progress):
+    for t in shared.progress_steps(scheduler.timesteps, "svd", progress):
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=2)
         with timings.stage("unet"):
@@ -129,7 +128,7 @@ def svd(
     # 8. Decode in chunks of frames
     flat = latents.flatten(0, 1) * (1 / pipeline["vae_scaling_factor"])
     video, video_float = [], []
-    for start in tqdm(range(0, frames, decode_chunk_size), desc="decode", disable=not progress):
+    for start in shared.progress_steps(range(0, frames, decode_chunk_size), "decode", progress):
         with timings.stage("decode_chunk"):
             chunk = runner.run("vae_decoder_temporal", latent=flat[start:start + decode_chunk_size].numpy())
             out = runner.run("image_postprocess", images=chunk["images"])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 
 UNET = "unet"
@@ -25,7 +24,7 @@ def txt2img(
     width: int | None = None,
     eta: float = 0.0,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
     runner = runner.for_method("txt2img")
@@ -54,7 +53,7 @@ def txt2img(
 
     # 5. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in tqdm(scheduler.timesteps, desc="txt2img", disable=not progress):
+    for t in shared.progress_steps(scheduler.timesteps, "txt2img", progress):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image
 from ti2i.client.results import VideoResult
-from ti2i.client.runners import Runner
+from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
 
@@ -57,7 +56,7 @@ def videoldm(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
-    progress: bool = True,
+    progress: shared.Progress = True,
 ) -> VideoResult:
     timings = Timings()
     runner = runner.for_method("videoldm")
@@ -100,7 +99,7 @@ def videoldm(
     # 5. Denoising loop: all frames jointly; frame 0 optionally kept on the input's trajectory
     extra = shared.step_kwargs(sched, generator, eta)
     alphas = torch.full((2 if do_cfg else 1,), float(alpha))
-    for i, t in enumerate(tqdm(timesteps, desc="videoldm", disable=not progress)):
+    for i, t in enumerate(shared.progress_steps(timesteps, "videoldm", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, sched, latents, t, prompt_embeds, guidance, do_cfg,
                                                   alpha=alphas)
@@ -112,7 +111,7 @@ def videoldm(
     # 6. Decode frame by frame, in chunks
     flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [F, C, h, w]
     video, video_float = [], []
-    for start in tqdm(range(0, frames, VAE_CHUNK), desc="decode", disable=not progress):
+    for start in shared.progress_steps(range(0, frames, VAE_CHUNK), "decode", progress):
         with timings.stage("decode_image"):
             images, arrays = shared.decode_latents(runner, flat[start:start + VAE_CHUNK],
                                                    pipeline["vae_scaling_factor"])

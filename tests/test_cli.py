@@ -101,7 +101,14 @@ def test_repository_writes_configs(cli_engines, tmp_path, capsys):
                  "--max-queue-delay-us", "500"]) == 0
     assert f"wrote {repo.resolve()}" in capsys.readouterr().out
     configs = {p.parent.name: parse_config(p) for p in repo.glob("*/config.pbtxt")}
-    assert set(configs) == COMPONENTS | ENSEMBLES
+    methods = {"txt2img", "sdedit", "cyclediffusion", "ddib"}  # those a plain SD engine directory serves
+    assert set(configs) == COMPONENTS | ENSEMBLES | methods | {f"{m}_stream" for m in methods}
+    sdedit = configs["sdedit"]
+    assert [i.name for i in sdedit.input] == ["image", "prompt", "negative_prompt", "strength", "steps", "guidance",
+                                              "seed", "height", "width", "format"]
+    assert all(i.optional for i in sdedit.input) and sdedit.dynamic_batching.default_queue_policy.max_queue_size == 8
+    assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
+    assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled
     for name in COMPONENTS:
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
         assert configs[name].instance_group[0].count == 2

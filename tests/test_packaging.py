@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_TOP_LEVEL = {"client", "export", "engines", "triton_models", "benchmarks", "tests"}
 REQUIRED = ("ti2i/__init__.py", "ti2i/errors.py", "ti2i/spec.py", "ti2i/manifest.py", "ti2i/export/__init__.py",
-            "ti2i/export/exporter.py", "ti2i/engines/__init__.py", "ti2i/client/cli.py",
+            "ti2i/export/exporter.py", "ti2i/engines/__init__.py", "ti2i/app/cli.py", "ti2i/runner.py",
             "ti2i/triton_models/model.py", "ti2i/triton_models/repository.py")
 
 pytestmark = pytest.mark.timeout(180)
@@ -82,7 +82,7 @@ def test_top_level_and_entry_point(wheel: Path, names: list[str]):
     parser = configparser.ConfigParser()
     parser.optionxform = str  # keep the command's case
     parser.read_string(entry_points)
-    assert dict(parser["console_scripts"]) == {"ti2i": "ti2i.client.cli:main"}
+    assert dict(parser["console_scripts"]) == {"ti2i": "ti2i.app.cli:main"}
     assert "Name: ti2i" in metadata.splitlines()
 
 

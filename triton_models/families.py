@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from ti2i.budget import machine_budget
@@ -19,15 +20,19 @@ from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable,
 
 def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: str | Path,
                             options: RepositoryOptions = RepositoryOptions(),
-                            models: Mapping[str | None, Sequence[str] | None] | None = None) -> Path:
-    """Write (replacing) one repository serving every family; `models` limits a family to some components."""
+                            models: Mapping[str | None, Sequence[str] | None] | None = None,
+                            methods: Mapping[str | None, Sequence[str]] | None = None, method_options: Any = None) -> Path:
+    """Write (replacing) one repository serving every family; `models` limits a family to some components;
+    `methods` names the method models each family serves (triton_models/method_repository.py)."""
     if not manifests:
         raise InvalidInputError("no engine directory to serve")
     models = models or {}
+    methods = methods or {}
     if None in manifests:
         if len(manifests) > 1:
             raise InvalidInputError("an unnamed family cannot be served beside others: name every family")
-        return write_repository(manifests[None], out_dir, options, models=models.get(None))
+        return write_repository(manifests[None], out_dir, options, models=models.get(None),
+                                methods=methods.get(None, ()), method_options=method_options)
     out = Path(out_dir).resolve()
     for manifest in manifests.values():
         if manifest.root == out or manifest.root.is_relative_to(out):
@@ -45,6 +50,7 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
     for family, manifest in manifests.items():
         share = total * max(1, engines[family]) // max(1, sum(engines.values()))
         write_repository(manifest, out, dataclasses.replace(options, memory_budget=share),
-                         models=models.get(family), family=family, replace=False)
+                         models=models.get(family), family=family, replace=False, methods=methods.get(family, ()),
+                         method_options=method_options)
     return out
 

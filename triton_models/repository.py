@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -135,8 +136,10 @@ def _parameters(config: mc.ModelConfig, **values: str) -> None:
 
 
 def write_repository(manifest: Manifest, out_dir: str | Path, options: RepositoryOptions = RepositoryOptions(),
-                     models: Iterable[str] | None = None, family: str | None = None, replace: bool = True) -> Path:
-    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow.
+                     models: Iterable[str] | None = None, family: str | None = None, replace: bool = True,
+                     methods: Iterable[str] = (), method_options: Any = None) -> Path:
+    """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow;
+    `methods` adds those methods' models (triton_models/method_repository.py).
 
     With `family`, every model is served as ``<family>.<name>``; `replace=False` adds to an existing repository
     (several families side by side, see `ti2i.triton_models.families`)."""
@@ -161,6 +164,10 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
     for ensemble in available_ensembles(specs):
         _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),
                      with_code=False)
+    if methods:
+        from ti2i.triton_models.method_repository import MethodOptions, write_method_models
+
+        write_method_models(out, manifest, methods, method_options or MethodOptions(), family=family)
     return out
 
 

@@ -1,0 +1,228 @@
+"""One record per method: what the CLI, the demo, the benchmark and the served method models read.
+
+A record names the method's function (imported only when called, so reading the records stays
+cheap), its parameters (the function's keywords, which are also the CLI's flags with ``-`` for ``_``
+and the served method model's input tensors), the image inputs it takes, the models it calls, its
+output kind and its diffusers reference. Validation stays in the method function: the CLI, the
+server and the benchmark all reach it through the same call. Adding a method is its loop file plus
+one record here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword of a method: CLI flag ``--name-with-dashes``, served input tensor ``name``."""
+
+    name: str
+    kind: type  # float, int, str or bool
+    default: Any = None  # None: the function decides (left out of the call)
+    help: str = ""
+    required: bool = False
+    low: float | None = None  # the range the method function enforces, for help and docs
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.low is None and self.high is None:
+            return ""
+        low = "-∞" if self.low is None else f"{self.low:g}"
+        high = "∞" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{low}, {high}]"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The diffusers pipeline a method reproduces, for the benchmark's reference backends.
+
+    `kwargs` maps pipeline keywords to our parameter names; `prompt_fn`/`clip_fn` are the pipeline's
+    own prompt- and CLIP-encoding methods (timed as stages); `scheduler` replaces the folder's."""
+
+    pipeline: str
+    kwargs: Mapping[str, str]
+    prompt_fn: str | None = "encode_prompt"
+    clip_fn: str | None = None
+    scheduler: str | None = None
+    output: str = "images"  # the pipeline output's field: "images" or "frames"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    function: str  # "module:function"
+    help: str
+    output: str  # "image" or "video"
+    unet: str  # the UNet its loop calls (the benchmark times single calls of it)
+    models: tuple[str, ...]  # the served models it calls
+    kind: str  # the model kind (benchmark presets): sd, pix2pix, inpaint, svd, videoldm
+    params: tuple[Param, ...]
+    images: tuple[str, ...] = ("image",)  # image inputs, in call order
+    image_help: Mapping[str, str] = field(default_factory=dict)
+    size_default: str = "the input image's"
+    out_help: str = ""
+    reference: Reference | None = None
+    latent_layout: str = "BCHW"  # the UNet sample's layout (previews take its first frame's 4 latent channels)
+
+    def func(self) -> Callable[..., Any]:
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def __call__(self, runner: Any, progress: Any = False, **kwargs: Any) -> Any:
+        """Run the method: images and parameters by name; parameters left out (or None) take the defaults."""
+        call = {k: v for k, v in kwargs.items() if v is not None}
+        return self.func()(runner, **call, progress=progress)
+
+
+def _seed() -> Param:
+    return Param("seed", int, 0, "random seed (the reference pipeline's generator seed)")
+
+
+def _size(default: str) -> tuple[Param, Param]:
+    return (Param("height", int, None, f"output height (snapped to a multiple of 8; default: {default})", low=1),
+            Param("width", int, None, f"output width (snapped to a multiple of 8; default: {default})", low=1))
+
+
+def _steps(default: int) -> Param:
+    return Param("steps", int, default, "denoising steps", low=1)
+
+
+def _strength(default: float, text: str = "how much of the schedule runs (noise added to the input)") -> Param:
+    return Param("strength", float, default, text, low=0.0, high=1.0, low_open=True)
+
+
+def _guidance(default: float, text: str = "classifier-free guidance scale (≤ 1: no guidance)") -> Param:
+    return Param("guidance", float, default, text)
+
+
+PROMPT = Param("prompt", str, None, "describes the output", required=True)
+NEGATIVE = Param("negative_prompt", str, None, "what to steer away from (the unconditional prompt)")
+SOURCE = Param("source_prompt", str, None, "describes the input image", required=True)
+
+_IMAGE_SIZE = "the input image's"
+_MODEL_SIZE = "the model's, 512 for SD 1.5"
+_VIDEO_OUT = "output video: OUT.mp4 (H.264), OUT.gif, or a folder for PNG frames"
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method(
+        "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
+        ("encode_prompt", "decode_image", "unet"), "sd",
+        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE)),
+        images=(), size_default=_MODEL_SIZE,
+        reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
+                                                         "guidance_scale": "guidance", "height": "height",
+                                                         "width": "width"})),
+    Method(
+        "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
+        (*_IMAGE_EDIT, "unet"), "sd",
+        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE)),
+        reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
+                                                                "num_inference_steps": "steps",
+                                                                "guidance_scale": "guidance"})),
+    Method(
+        "inpaint", "ti2i.client.inpaint:inpaint",
+        "inpainting with a 9-channel inpainting UNet (mask white = repaint)", "image", "unet_inpaint",
+        # the masked image is edited in pixels, then encoded: the ensemble's two steps are called one by one
+        ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
+        (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
+         _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
+         *_size(_MODEL_SIZE + "; image and mask are resized to it")),
+        images=("image", "mask"), image_help={"mask": "mask image file: white repaints, black keeps"},
+        size_default=_MODEL_SIZE + "; image and mask are resized to it",
+        reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
+                                                                "num_inference_steps": "steps",
+                                                                "guidance_scale": "guidance", "height": "height",
+                                                                "width": "width"})),
+    Method(
+        "pix2pix", "ti2i.client.pix2pix:pix2pix", "InstructPix2Pix editing by instruction", "image", "unet_pix2pix",
+        (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
+        (Param("prompt", str, None, "the edit instruction (may be empty)", required=True), NEGATIVE, _steps(100),
+         _guidance(7.5, "text guidance s_T"), Param("image_guidance", float, 1.5, "image guidance s_I"), _seed(),
+         *_size(_IMAGE_SIZE)),
+        reference=Reference("StableDiffusionInstructPix2PixPipeline",
+                            {"num_inference_steps": "steps", "guidance_scale": "guidance",
+                             "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt")),
+    Method(
+        "cyclediffusion", "ti2i.client.cyclediffusion:cyclediffusion",
+        "CycleDiffusion editing from a source to a target prompt", "image", "unet", (*_IMAGE_EDIT, "unet"), "sd",
+        (SOURCE, Param("prompt", str, None, "describes the edited image", required=True), _strength(0.8),
+         _steps(50), _guidance(7.5), Param("source_guidance", float, 1.0, "guidance of the source chain"),
+         Param("eta", float, 0.1, "DDIM eta, > 0", low=0.0, low_open=True), _seed(), *_size(_IMAGE_SIZE)),
+        reference=Reference("CycleDiffusionPipeline", {"source_prompt": "source_prompt", "strength": "strength",
+                                                        "num_inference_steps": "steps", "guidance_scale": "guidance",
+                                                        "source_guidance_scale": "source_guidance", "eta": "eta"},
+                            scheduler="DDIMScheduler")),
+    Method(
+        "ddib", "ti2i.client.ddib:ddib",
+        "DDIB: deterministic DDIM inversion under the source prompt, decoding under the target prompt", "image",
+        "unet", (*_IMAGE_EDIT, "unet"), "sd",
+        (SOURCE, Param("prompt", str, None, "describes the edited image", required=True),
+         _strength(1.0, "how far up to invert (1: all the way)"), _steps(50),
+         _guidance(1.0, "guidance of the decoding (target prompt)"),
+         Param("source_guidance", float, 1.0, "guidance of the inversion (source prompt)"),
+         *_size(_IMAGE_SIZE))),  # deterministic: no seed; diffusers has no DDIB pipeline
+    Method(
+        "svd", "ti2i.client.svd:svd", "Stable Video Diffusion image-to-video", "video", "unet_svd",
+        ("image_encoder", "image_preprocess", "vae_encoder", "unet_svd", "vae_decoder_temporal", "image_postprocess"),
+        "svd",
+        (Param("frames", int, None, "frame count (default: the model's, 14 or 25)", low=1, high=64), _steps(25),
+         Param("fps", int, 7, "frames per second (also a micro-condition)", low=1, high=60),
+         Param("motion_bucket_id", int, 127, "how much motion (a micro-condition)", low=0, high=1023),
+         Param("noise_aug", float, 0.02, "noise added to the conditioning image", low=0.0, high=1.0),
+         Param("min_guidance", float, 1.0, "guidance of the first frame"),
+         Param("max_guidance", float, 3.0, "guidance of the last frame"),
+         Param("decode_chunk_size", int, None, "frames decoded at once (default: all)", low=1, high=64), _seed(),
+         *_size("576×1024, the reference's")),
+        size_default="576×1024, the reference's", out_help=_VIDEO_OUT, latent_layout="BFCHW",
+        reference=Reference("StableVideoDiffusionPipeline",
+                            {"num_frames": "frames", "num_inference_steps": "steps", "fps": "fps",
+                             "motion_bucket_id": "motion_bucket_id", "noise_aug_strength": "noise_aug",
+                             "min_guidance_scale": "min_guidance", "max_guidance_scale": "max_guidance",
+                             "decode_chunk_size": "decode_chunk_size", "height": "height", "width": "width"},
+                            prompt_fn=None, clip_fn="_encode_image", output="frames")),
+    Method(
+        "videoldm", "ti2i.client.videoldm:videoldm",
+        "Video LDM image-to-video (SD 1.x + motion modules, merged with alpha)", "video", "unet_motion",
+        (*_IMAGE_EDIT, "unet_motion"), "videoldm",
+        (PROMPT, NEGATIVE, Param("frames", int, 16, "frame count", low=2), _strength(0.8), _steps(50),
+         _guidance(7.5),
+         Param("alpha", float, 0.0, "temporal merge: 1 = the image model per frame, 0 = the motion modules as "
+                                    "trained", low=0.0, high=1.0),
+         Param("anchor_first_frame", bool, True, "keep frame 0 on the input image's trajectory (default: on)"),
+         Param("scheduler", str, "model", "the model folder's scheduler, or the linear-beta DDIM the motion "
+                                          "modules were trained with", choices=("model", "linear-ddim")),
+         Param("fps", float, 8.0, "frames per second of the written video", low=0.0, low_open=True), _seed(),
+         *_size(_IMAGE_SIZE)),
+        out_help=_VIDEO_OUT, latent_layout="BCFHW"),
+)}
+
+
+def get_method(name: str) -> Method:
+    from ti2i.errors import InvalidInputError
+
+    if name not in METHODS:
+        raise InvalidInputError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    return METHODS[name]

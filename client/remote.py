@@ -1,0 +1,181 @@
+"""One request per edit: run a method inside the server (its method model) instead of driving the loop.
+
+Over gRPC the request goes to the streaming twin `METHOD_stream` and its progress responses drive a
+progress bar; over HTTP (or with ``stream=False``) it is one plain infer call to `METHOD`. The result
+comes back as the same `ImageResult`/`VideoResult` the in-process call returns, built from the
+`pixels` output (uint8; the float array is those pixels / 255).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ti2i.client.registry import Method
+from ti2i.client.results import ImageResult, VideoResult
+from ti2i.client.runners import _parse_url, _translate
+from ti2i.client.timing import Timings
+from ti2i.errors import InvalidInputError, ServerUnavailableError
+from ti2i.families import served_name
+
+_WIRE = {float: ("FP64", np.float64), int: ("INT64", np.int64), bool: ("BOOL", np.bool_)}
+STREAM_SUFFIX = "_stream"
+
+
+def file_bytes(source: str | Path | bytes | Image.Image, name: str) -> bytes:
+    """An image input as a file's bytes: a file as it is, a PIL image as PNG (lossless)."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, Image.Image):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInputError(f"{name} file {path} does not exist")
+        return path.read_bytes()
+    raise InvalidInputError(f"{name} must be an image file path, its bytes or a PIL image, got {type(source).__name__}")
+
+
+def request_tensors(method: Method, **values: Any) -> dict[str, np.ndarray]:
+    """The method model's input tensors for these inputs and parameters (None: left out, the server's default)."""
+    tensors: dict[str, np.ndarray] = {}
+    for name in method.images:
+        if values.get(name) is None:
+            raise InvalidInputError(f"{method.name} needs --{name}")
+        tensors[name] = np.array([file_bytes(values[name], name)], dtype=object)
+    for param in method.params:
+        value = values.get(param.name)
+        if value is None:
+            continue
+        if param.kind is str:
+            tensors[param.name] = np.array([str(value).encode("utf-8")], dtype=object)
+        else:
+            tensors[param.name] = np.array([value], dtype=_WIRE[param.kind][1])
+    if values.get("format") is not None:
+        tensors["format"] = np.array([str(values["format"]).encode()], dtype=object)
+    unknown = set(values) - set(method.images) - {p.name for p in method.params} - {"format"}
+    if unknown:
+        raise InvalidInputError(f"{method.name} has no input {sorted(unknown)}")
+    return tensors
+
+
+def _infer_inputs(module: Any, tensors: dict[str, np.ndarray]) -> list[Any]:
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, value in tensors.items():
+        wire = "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype)
+        infer_input = module.InferInput(name, list(value.shape), wire)
+        infer_input.set_data_from_numpy(value)
+        inputs.append(infer_input)
+    return inputs
+
+
+def run_remote(url: str, method: Method, progress: bool | Callable[[str, int, int], None] = True,
+               stream: bool | None = None, timeout_s: float = 3600.0, family: str | None = None,
+               **values: Any) -> ImageResult | VideoResult:
+    """Run `method` in the server at `url` (one request); streamed progress over gRPC unless `stream=False`.
+    `family`: the model family whose method model to call (``<family>.<method>``, see `ti2i.families`)."""
+    protocol, address = _parse_url(url)
+    stream = protocol == "grpc" if stream is None else stream
+    if stream and protocol != "grpc":
+        raise InvalidInputError("streamed progress needs a grpc:// server URL (over HTTP use generate_stream)")
+    tensors = request_tensors(method, **values)
+    timings = Timings()
+    with timings.stage("remote"):
+        if stream:
+            pixels = _streamed(address, method, served_name(family, method.name), tensors, progress, timeout_s)
+        else:
+            pixels = _plain(protocol, address, method, served_name(family, method.name), tensors, timeout_s)
+    if method.output == "video":
+        fps = values.get("fps") if values.get("fps") is not None else method.param("fps").default
+        return VideoResult(pixels, pixels.astype(np.float32) / 255.0, fps, timings)
+    return ImageResult(Image.fromarray(pixels), pixels.astype(np.float32) / 255.0, timings)
+
+
+def _client(protocol: str, address: str, timeout_s: float) -> tuple[Any, Any]:
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+
+        client = module.InferenceServerClient(address)
+    else:
+        import tritonclient.http as module
+
+        client = module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
+    return module, client
+
+
+def _plain(protocol: str, address: str, method: Method, model: str, tensors: dict[str, np.ndarray],
+           timeout_s: float) -> np.ndarray:
+    from tritonclient.utils import InferenceServerException
+
+    module, client = _client(protocol, address, timeout_s)
+    try:
+        kwargs = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+        result = client.infer(model, _infer_inputs(module, tensors),
+                              outputs=[module.InferRequestedOutput("pixels")], **kwargs)
+        return np.array(result.as_numpy("pixels"), copy=True)
+    except InferenceServerException as err:
+        raise _translate(err, method.name) from None
+    except (ConnectionError, OSError) as err:
+        raise ServerUnavailableError(f"{method.name}: the server at {address} is unreachable: {err}") from None
+    finally:
+        client.close()
+
+
+def _streamed(address: str, method: Method, model: str, tensors: dict[str, np.ndarray],
+              progress: bool | Callable[[str, int, int], None], timeout_s: float) -> np.ndarray:
+    import tritonclient.grpc as module
+    from tqdm.auto import tqdm
+
+    responses: queue.Queue = queue.Queue()
+    client = module.InferenceServerClient(address)
+    bar = None
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        wanted = [module.InferRequestedOutput(n) for n in ("pixels", "stage", "step", "steps")]
+        client.async_stream_infer(model + STREAM_SUFFIX, _infer_inputs(module, tensors), outputs=wanted,
+                                  enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout_s
+        pixels = None
+        while True:
+            try:
+                result, error = responses.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise ServerUnavailableError(f"{method.name}: no response within {timeout_s} s") from None
+            if error is not None:
+                raise _translate(error, method.name)
+            stage = result.as_numpy("stage")
+            if stage is not None:
+                name, step, steps = stage[0].decode(), int(result.as_numpy("step")[0]), int(result.as_numpy("steps")[0])
+                if callable(progress):
+                    progress(name, step, steps)
+                elif progress:
+                    if bar is None or bar.desc != name:
+                        if bar is not None:
+                            bar.close()
+                        bar = tqdm(total=steps, desc=name)
+                    bar.n = step
+                    bar.refresh()
+            if result.as_numpy("pixels") is not None:
+                pixels = np.array(result.as_numpy("pixels"), copy=True)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        if pixels is None:
+            raise ServerUnavailableError(f"{method.name}: the stream ended without a result")
+        return pixels
+    finally:
+        if bar is not None:
+            bar.close()
+        client.stop_stream()
+        client.close()

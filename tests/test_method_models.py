@@ -1,0 +1,290 @@
+"""Whole methods served by Triton: one request per edit, the same result as the client-driven loop.
+
+A real tritonserver serves every method model next to the components. Each method's served result
+(gRPC: the streaming twin, HTTP: the plain model) equals the in-process result for the same inputs
+and seed; curl gets a PNG and a server-sent event stream; a cancelled stream stops its loop; bad
+requests get one clear error and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from conftest import EXAMPLE, server_url
+from PIL import Image
+from ti2i.client.images import centered_ellipse_mask
+from ti2i.client.registry import METHODS
+from ti2i.client.remote import request_tensors, run_remote
+from ti2i.client.runners import InProcessRunner
+from ti2i.errors import InvalidInputError, ServerUnavailableError
+from ti2i.triton_models.method_repository import MethodOptions, servable_methods
+from ti2i.triton_models.repository import write_repository
+from ti2i.triton_models.server import TritonServer
+
+pytestmark = pytest.mark.timeout(600)
+
+SMALL = dict(height=32, width=32)
+# each method's request: tiny sizes and few steps keep the suite fast
+REQUESTS = {
+    "txt2img": dict(prompt="hills at dusk", steps=3, seed=3, **SMALL),
+    "sdedit": dict(prompt="a watercolor of a house", steps=4, strength=0.5, seed=11),
+    "inpaint": dict(prompt="a full moon", steps=3, seed=2, **SMALL),
+    "pix2pix": dict(prompt="make it snowy", steps=3, seed=4),
+    "cyclediffusion": dict(prompt="a painting of a house", source_prompt="a photo of a house", steps=4, strength=0.5,
+                           seed=5),
+    "ddib": dict(prompt="a painting of a house", source_prompt="a photo of a house", steps=4, strength=0.5),
+    "svd": dict(frames=2, steps=2, seed=1, **SMALL),
+    "videoldm": dict(prompt="clouds drifting", frames=2, steps=3, strength=0.5, seed=6, **SMALL),
+}
+
+
+@pytest.fixture(scope="module")
+def method_server(engines, tmp_path_factory):
+    """Every method the SD engine directory serves, two active requests each, a queue of one."""
+    root = tmp_path_factory.mktemp("methods")
+    repository = write_repository(engines, root / "repository", methods=servable_methods(engines.components),
+                                  method_options=MethodOptions(active=2, max_queue=1))
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def svd_method_server(svd_engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods-svd")
+    repository = write_repository(svd_engines, root / "repository", methods=["svd"])
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
+
+
+def _inputs(method: str, image: Image.Image) -> dict:
+    values = dict(REQUESTS[method])
+    if "image" in METHODS[method].images:
+        values["image"] = image
+    if "mask" in METHODS[method].images:
+        values["mask"] = centered_ellipse_mask(image.size)
+    return values
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.frames if hasattr(result, "frames") else result.image)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_served_method_equals_the_client_side_loop(method, protocol, request, example_image):
+    svd = method == "svd"
+    server = request.getfixturevalue("svd_method_server" if svd else "method_server")
+    engine_dir = request.getfixturevalue("svd_engines" if svd else "engines").root
+    values = _inputs(method, example_image)
+    # plain infer over both protocols (the streaming twin is compared with it below): one loop process per method
+    served = run_remote(server_url(server, protocol), METHODS[method], progress=False, stream=False, **values)
+    with InProcessRunner(engine_dir) as runner:
+        local = METHODS[method](runner, **values)
+    assert _pixels(served).shape == _pixels(local).shape
+    np.testing.assert_array_equal(_pixels(served), _pixels(local))  # bit-identical images
+    assert np.abs(served.array - np.round(local.array * 255) / 255).max() <= 1e-6
+
+
+def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):
+    values = _inputs("sdedit", example_image)
+    streamed = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False, **values)
+    buffer = io.BytesIO()
+    example_image.save(buffer, format="PNG")
+    values["image"] = base64.b64encode(buffer.getvalue())  # JSON clients send the file's base64 text
+    plain = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)
+    np.testing.assert_array_equal(_pixels(plain), _pixels(streamed))
+
+
+def _json_body(values: dict) -> dict:
+    tensors = request_tensors(METHODS["sdedit"], **values)
+    inputs = []
+    for name, value in tensors.items():
+        if value.dtype == object:
+            data = [v.decode() if name != "image" else base64.b64encode(v).decode() for v in value]
+            inputs.append({"name": name, "shape": [1], "datatype": "BYTES", "data": data})
+        else:
+            datatype = {"f": "FP64", "i": "INT64", "b": "BOOL"}[value.dtype.kind]
+            inputs.append({"name": name, "shape": [1], "datatype": datatype, "data": value.tolist()})
+    return {"inputs": inputs, "outputs": [{"name": "encoded_base64"}]}
+
+
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(CURL is None, reason="no curl binary on this machine")
+def test_curl_posts_an_image_and_gets_a_png(method_server, engines, example_image, tmp_path):
+    values = _inputs("sdedit", example_image)
+    body = tmp_path / "request.json"
+    body.write_text(json.dumps(_json_body(values)))
+    proc = subprocess.run([CURL, "-sS", "--fail-with-body", "-X", "POST", "-H", "Content-Type: application/json",
+                           "--data-binary", f"@{body}", f"http://{method_server.http_url}/v2/models/sdedit/infer"],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    answer = json.loads(proc.stdout)
+    (output,) = answer["outputs"]
+    png = base64.b64decode(output["data"][0])
+    assert png.startswith(b"\x89PNG")
+    with InProcessRunner(engines.root) as runner:
+        local = METHODS["sdedit"](runner, **values)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(local.image))
+
+
+@pytest.mark.skipif(CURL is None, reason="no curl binary on this machine")
+def test_curl_generate_stream_shows_progress_before_the_result(method_server, example_image, tmp_path):
+    buffer = io.BytesIO()
+    example_image.save(buffer, format="PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "prompt": "a watercolor of a house",
+            "steps": 4, "strength": 0.5, "seed": 11}
+    proc = subprocess.run([CURL, "-sS", "-N", "--fail-with-body", "-X", "POST", "-d", json.dumps(body),
+                           f"http://{method_server.http_url}/v2/models/sdedit_stream/generate_stream"],
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = [json.loads(line[len("data:"):]) for line in proc.stdout.decode().splitlines()
+              if line.startswith("data:")]
+    progress = [e for e in events if "step" in e]
+    assert progress and progress[0]["step"] == 0 and progress[-1]["step"] == progress[-1]["steps"] >= 2
+    assert all(e["elapsed"] >= 0 for e in progress)
+    assert "encoded_base64" in events[-1] and all("encoded_base64" not in e for e in events[:-1])
+    assert base64.b64decode(events[-1]["encoded_base64"]).startswith(b"\x89PNG")
+
+
+def _unet_count(server) -> int:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics("unet", as_json=True)["model_stats"]
+    return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
+
+
+def _stream(server, values: dict, outputs: list[str]) -> tuple[grpcclient.InferenceServerClient, queue.Queue]:
+    """A started gRPC stream to sdedit_stream; its responses arrive in the queue as (result, error)."""
+    tensors = request_tensors(METHODS["sdedit"], **{k: v for k, v in values.items() if k != "preview_every"})
+    if "preview_every" in values:
+        tensors["preview_every"] = np.array([values["preview_every"]], dtype=np.int64)
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = []
+    for name, value in tensors.items():
+        infer_input = grpcclient.InferInput(name, [1], "BYTES" if value.dtype == object else
+                                            {"f": "FP64", "i": "INT64"}[value.dtype.kind])
+        infer_input.set_data_from_numpy(value)
+        inputs.append(infer_input)
+    client.async_stream_infer("sdedit_stream", inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+                              enable_empty_final_response=True)
+    return client, responses
+
+
+def test_stream_sends_latent_previews_every_k_steps(method_server, example_image):
+    values = {**_inputs("sdedit", example_image), "steps": 8, "strength": 1.0, "preview_every": 2}
+    client, responses = _stream(method_server, values, ["step", "preview", "pixels"])
+    previews, final = {}, None
+    try:
+        while final is None:
+            result, error = responses.get(timeout=120)
+            assert error is None, error
+            if result.as_numpy("preview") is not None:
+                previews[int(result.as_numpy("step")[0])] = result.as_numpy("preview")
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                final = result.as_numpy("pixels")
+    finally:
+        client.stop_stream()
+        client.close()
+    assert sorted(previews) and all(step % 2 == 0 and step > 0 for step in previews), sorted(previews)
+    assert all(p.dtype == np.uint8 and p.shape == (6, 8, 3) for p in previews.values())  # the 48×64 latent grid
+    assert final.shape == (48, 64, 3)
+
+
+def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server, example_image):
+    values = _inputs("sdedit", example_image)
+    values.update(steps=200, strength=1.0)  # long enough to cancel
+    before = _unet_count(method_server)
+    client, responses = _stream(method_server, values, ["step"])
+    for _ in range(4):  # a few steps run
+        result, error = responses.get(timeout=120)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 60
+    counts = []
+    while time.monotonic() < deadline:  # the UNet count settles well short of 200 steps
+        counts.append(_unet_count(method_server))
+        if len(counts) >= 3 and counts[-1] == counts[-3]:
+            break
+        time.sleep(0.5)
+    assert counts[-1] - before < 100, counts
+    again = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False,
+                       **_inputs("sdedit", example_image))
+    assert _pixels(again).shape == (48, 64, 3)
+
+
+BAD = [
+    ("undecodable image", dict(image=b"\x89PNG\r\n\x1a\nnot really a png"), "not a readable image"),
+    ("base64 of no image", dict(image=base64.b64encode(b"hello")), "neither an image file"),
+    ("missing prompt", dict(prompt=None), "missing input 'prompt'"),
+    ("strength out of range", dict(strength=1.5), "strength must be in (0.0, 1.0]"),
+    ("steps zero", dict(steps=0), "steps must be an integer"),
+    ("unknown format", dict(format="bmp"), "format 'bmp' is not one of png"),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case,change,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_one_clear_error_and_the_server_stays_ready(case, change, expected, protocol,
+                                                                   method_server, example_image):
+    values = {**_inputs("sdedit", example_image), **change}
+    values = {k: v for k, v in values.items() if v is not None}
+    with pytest.raises(InvalidInputError) as info:
+        run_remote(server_url(method_server, protocol), METHODS["sdedit"], progress=False, stream=False, **values)
+    assert expected in str(info.value)
+    with httpclient.InferenceServerClient(method_server.http_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("sdedit")
+
+
+def test_over_the_active_limit_with_a_full_queue_is_rejected(method_server, example_image):
+    """Two active, one queued: of five long requests at once some are rejected with UNAVAILABLE; then all is well."""
+    values = {**_inputs("sdedit", example_image), "steps": 40, "strength": 1.0}
+    outcomes: list = []
+
+    def call() -> None:
+        try:
+            run_remote(server_url(method_server, "http"), METHODS["sdedit"], progress=False, **values)
+            outcomes.append("ok")
+        except ServerUnavailableError as err:
+            outcomes.append(str(err))
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    rejected = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) == 5 and rejected and all("queue" in o for o in rejected), outcomes
+    assert outcomes.count("ok") >= 2
+    again = run_remote(server_url(method_server, "http"), METHODS["sdedit"], progress=False,
+                       **_inputs("sdedit", example_image))
+    assert _pixels(again).shape == (48, 64, 3)
+
+
+def test_cli_remote_shows_progress_and_writes_the_image(method_server, tmp_path, capsys):
+    from ti2i.app.cli import main
+
+    out = tmp_path / "remote.png"
+    argv = ["sdedit", "--server", server_url(method_server, "grpc"), "--remote", "--image", str(EXAMPLE),
+            "--prompt", "a watercolor of a house", "--steps", "4", "--strength", "0.5", "--height", "48",
+            "--width", "64", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "sdedit" in captured.err and f"wrote {out}" in captured.out  # the progress bar, then the file
+    assert Image.open(out).size == (64, 48)
+    assert main([*argv[:-2], "--out", str(tmp_path / "x.png"), "--steps", "0"]) == 2
+    assert "steps must be an integer" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""Method models in the repository: `txt2img`, `sdedit`, ... and their streaming twins `METHOD_stream`.
+
+Rendered from the method records: one optional input per parameter, named as the method's keyword
+(the CLI flag with ``_`` for ``-``), the image inputs and `format` as BYTES; outputs `encoded`,
+`encoded_base64`, `pixels`. The twin is decoupled (progress responses, then the result); a decoupled
+model cannot answer a plain HTTP infer, hence two models. Each instance runs one request at a
+time; the bounded queue rejects what exceeds it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ti2i.client.methods import components_for
+from ti2i.client.registry import METHODS, Method
+from ti2i.errors import InvalidInputError
+from ti2i.families import FAMILY_PARAMETER, served_name
+from ti2i.manifest import PIPELINE_PARAMETER, Manifest
+
+METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
+STREAM_SUFFIX = "_stream"
+_DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_STRING"}
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    active: int = 1  # requests one method model runs at once: its instances (each a process with its own loop)
+    max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
+    queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
+    # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
+    # instance's first request (seconds), so a server with every method model starts fast: preloading the 8 method
+    # processes of one SD engine directory took `ti2i serve` from ~25 s to 75-100 s to ready on 2 loaded cores.
+    preload: bool = False
+
+    def __post_init__(self) -> None:
+        for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):
+            if getattr(self, name) < low:
+                raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
+                                        f"got {getattr(self, name)}")
+
+
+def servable_methods(components: Iterable[str]) -> list[str]:
+    """The methods whose every model is among `components`."""
+    have = set(components)
+    return [name for name in METHODS if set(components_for([name])) <= have]
+
+
+def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False):
+    tensor = cls(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
+    if optional:
+        tensor.optional = True
+    return tensor
+
+
+def method_config(method: Method, manifest: Manifest, options: MethodOptions, stream: bool = False,
+                  family: str | None = None) -> mc.ModelConfig:
+    """`family`: served as ``<family>.<method>`` beside that family's components, which its loop calls."""
+    name = method.name + (STREAM_SUFFIX if stream else "")
+    config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
+    # every input optional: the model names what is missing, and parameters left out take the record's defaults
+    for name in method.images:
+        config.input.append(_tensor(mc.ModelInput, name, "TYPE_STRING", [1], optional=True))
+    for param in method.params:
+        config.input.append(_tensor(mc.ModelInput, param.name, _DTYPES[param.kind], [1], optional=True))
+    config.input.append(_tensor(mc.ModelInput, "format", "TYPE_STRING", [1], optional=True))
+    pixel_dims = [-1, -1, 3] if method.output == "image" else [-1, -1, -1, 3]
+    config.output.extend([_tensor(mc.ModelOutput, "encoded", "TYPE_STRING", [1]),
+                          _tensor(mc.ModelOutput, "encoded_base64", "TYPE_STRING", [1]),
+                          _tensor(mc.ModelOutput, "pixels", "TYPE_UINT8", pixel_dims)])
+    if stream:
+        config.input.append(_tensor(mc.ModelInput, "preview_every", "TYPE_INT64", [1], optional=True))
+        config.output.extend([_tensor(mc.ModelOutput, "stage", "TYPE_STRING", [1]),
+                              _tensor(mc.ModelOutput, "step", "TYPE_INT64", [1]),
+                              _tensor(mc.ModelOutput, "steps", "TYPE_INT64", [1]),
+                              _tensor(mc.ModelOutput, "elapsed", "TYPE_FP64", [1]),
+                              _tensor(mc.ModelOutput, "preview", "TYPE_UINT8", [-1, -1, 3])])
+        config.model_transaction_policy.decoupled = True
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.active)
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.max_queue_size = options.max_queue
+    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.allow_timeout_override = True
+    values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
+              "preload": "1" if options.preload else "0",
+              PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
+    for key, value in values.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
+                        options: MethodOptions = MethodOptions(), family: str | None = None) -> list[str]:
+    """Write each method's model and streaming twin into the repository `out` (its components already there)."""
+    written = []
+    served = {p.name for p in Path(out).iterdir() if (p / "config.pbtxt").is_file()}
+    for name in methods:
+        if name not in METHODS:
+            raise InvalidInputError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+        missing = [c for c in components_for([name]) if served_name(family, c) not in served]
+        if missing:
+            raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
+        for stream in (False, True):
+            config = method_config(METHODS[name], manifest, options, stream, family)
+            model_dir = Path(out) / config.name
+            (model_dir / "1").mkdir(parents=True)
+            (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
+            shutil.copyfile(METHOD_MODEL_FILE, model_dir / "1" / "model.py")
+            written.append(config.name)
+    return written

@@ -1,0 +1,128 @@
+"""The python-backend model behind every served method (`sdedit`, `sdedit_stream`, ...).
+
+One request runs the method's own function (the client's loop, not a copy) over a `BLSRunner`, whose
+calls go to the component models of the same server. The plain model answers with the result; the
+`_stream` twin (decoupled) sends a progress response before the first step and after each
+(`stage`, `step` of `steps`, `elapsed` seconds), a latent preview every `preview_every` steps when
+asked, then the result. A cancelled request (a gRPC stream the client cancelled or left) stops
+within one step. Each instance runs one request at a time: the instance count is the number of
+active requests, the model's bounded queue holds the rest (full: rejected with UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from ti2i.client.registry import get_method
+from ti2i.errors import ServerUnavailableError, Ti2iError
+from ti2i.families import FAMILY_PARAMETER
+from ti2i.manifest import Manifest
+from ti2i.triton_models.bls import BLSRunner
+from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
+
+
+class Cancelled(Exception):
+    """The client cancelled the request (or went away): the loop stops here."""
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.method = get_method(params["method"])
+        if params.get("preload") == "1":  # else the first request imports the loop (torch, diffusers)
+            self.method.func()
+        self.runner = BLSRunner(Manifest.load(params["engine_dir"]), pb_utils, family=params.get(FAMILY_PARAMETER))
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
+        return [self._respond(request) for request in requests]
+
+    # --- one request -----------------------------------------------------------------------------------
+
+    def _call(self, request: Any, on_step: Any) -> tuple[Any, str]:
+        def get(name: str) -> np.ndarray | None:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        call, fmt = read_request(self.method, get)
+        self.runner.last_sample = None
+        return self.method(self.runner, progress=on_step, **call), fmt
+
+    def _respond(self, request: Any) -> Any:
+        def on_step(stage: str, step: int, steps: int) -> None:
+            if request.is_cancelled():
+                raise Cancelled(f"{self.method.name}: cancelled at {stage} step {step} of {steps}")
+
+        try:
+            result, fmt = self._call(request, on_step)
+            return self._result(result, fmt, self._wanted(request, OUTPUTS))
+        except Exception as err:  # one request's failure never reaches the others or the server
+            return self._error(err)
+
+    def _stream(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        start = time.perf_counter()
+        every = self._preview_every(request)
+
+        def on_step(stage: str, step: int, steps: int) -> None:
+            if request.is_cancelled():
+                raise Cancelled(f"{self.method.name}: cancelled at {stage} step {step} of {steps}")
+            tensors = {"stage": np.array([stage.encode()], dtype=object), "step": np.array([step], dtype=np.int64),
+                       "steps": np.array([steps], dtype=np.int64),
+                       "elapsed": np.array([time.perf_counter() - start], dtype=np.float64)}
+            sample = self.runner.last_sample
+            if every and step and step % every == 0 and sample is not None:
+                tensors["preview"] = preview(sample, self.method.latent_layout)
+            sender.send(self._response(tensors))
+
+        try:
+            result, fmt = self._call(request, on_step)
+            # generate_stream asks for every output: then the result travels as base64 text only (JSON-safe)
+            final = self._result(result, fmt, self._wanted(request, ("encoded_base64",)))
+        except Cancelled:
+            sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        except Exception as err:
+            final = self._error(err)
+        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    # --- responses ---------------------------------------------------------------------------------------
+
+    def _wanted(self, request: Any, default: tuple[str, ...]) -> list[str]:
+        """The result outputs the request names; `default` when it names none, or all of them (as
+        `generate_stream` does: it cannot name any), so an SSE event stays JSON text."""
+        requested = set(request.requested_output_names())
+        names = [n for n in OUTPUTS if n in requested]
+        return list(default) if not names or (self.decoupled and requested >= {*OUTPUTS, *STREAM_OUTPUTS}) else names
+
+    def _preview_every(self, request: Any) -> int:
+        tensor = self.pb.get_input_tensor_by_name(request, "preview_every")
+        return max(int(tensor.as_numpy().reshape(-1)[0]), 0) if tensor is not None else 0
+
+    def _result(self, result: Any, fmt: str, wanted: list[str]) -> Any:
+        return self._response(result_outputs(result, fmt, wanted))
+
+    def _response(self, tensors: dict[str, np.ndarray]) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in tensors.items()])
+
+    def _error(self, err: Exception) -> Any:
+        errors = self.pb.TritonError
+        if isinstance(err, ServerUnavailableError):
+            code = errors.UNAVAILABLE
+        elif isinstance(err, Cancelled):
+            code = errors.CANCELLED
+        else:
+            code = errors.INVALID_ARG if isinstance(err, Ti2iError) else errors.INTERNAL
+        return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(err).__name__}: {err}", code))
