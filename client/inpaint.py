@@ -18,9 +18,9 @@ from PIL import Image
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image, prepare_mask, requested_size, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
+from ti2i.runner import Runner
 
 UNET = "unet_inpaint"
 UNET_CHANNELS = 9  # noise latent (4) + mask (1) + masked-image latent (4)

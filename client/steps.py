@@ -16,8 +16,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from ti2i.runner import Runner
 from ti2i.errors import InvalidInputError, ModelNotFoundError
+from ti2i.runner import Runner
 
 T = TypeVar("T")
 # A method's `progress`: True shows a progress bar, False nothing; a callable is told (loop, steps done, steps)

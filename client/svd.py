@@ -17,9 +17,9 @@ from PIL import Image
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image
 from ti2i.client.results import VideoResult
-from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
+from ti2i.runner import Runner
 
 UNET = "unet_svd"
 MAX_FRAMES = 64  # the exported UNet's and temporal decoder's frame range

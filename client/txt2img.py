@@ -7,8 +7,8 @@ import torch
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
 from ti2i.client.results import ImageResult
-from ti2i.runner import Runner
 from ti2i.client.timing import Timings
+from ti2i.runner import Runner
 
 UNET = "unet"
 

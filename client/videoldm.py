@@ -19,9 +19,9 @@ from PIL import Image
 from ti2i.client import steps as shared
 from ti2i.client.images import load_image, prepare_image
 from ti2i.client.results import VideoResult
-from ti2i.runner import Runner
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError
+from ti2i.runner import Runner
 
 UNET = "unet_motion"
 VAE_CHUNK = 16  # frames per VAE call, as the reference's decode_chunk_size
