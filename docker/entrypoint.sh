@@ -12,4 +12,13 @@ if [ "$BACKEND" = "tensorrt" ]; then
   ti2i build --backend tensorrt --engines "$ENGINES" ${TI2I_BUILD_LIMITS:+--limit "$TI2I_BUILD_LIMITS"}
 fi
 ti2i repository --engines "$ENGINES" --backend "$BACKEND" --out "$REPOSITORY"
-exec tritonserver --model-repository "$REPOSITORY" --model-control-mode=none "$@"
+# Restricted APIs (shared memory, repository, logging, trace, statistics) need the key: $TI2I_API_KEY, else a
+# random one printed here. The published HTTP port is served by ti2i's HTTP guard (body limit; the
+# form-encoded bodies that crash this Triton's HTTP frontend are defused), Triton's own on loopback.
+KEY=${TI2I_API_KEY:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')}
+[ -n "$TI2I_API_KEY" ] || echo "ti2i: restricted-API key (header ti2i-api-key): $KEY"
+RESTRICTED=shared-memory,model-repository,logging,trace,statistics
+python3 -m ti2i.triton_models.http_guard --listen 0.0.0.0:8000 --upstream 127.0.0.1:8010 &
+exec tritonserver --model-repository "$REPOSITORY" --model-control-mode=none --strict-readiness=true \
+  --http-address=127.0.0.1 --http-port=8010 \
+  --http-restricted-api="$RESTRICTED:ti2i-api-key=$KEY" --grpc-restricted-protocol="$RESTRICTED:ti2i-api-key=$KEY" "$@"
