@@ -26,10 +26,11 @@ from typing import Any
 
 from PIL import Image
 
+from ti2i.benchmarks.harness import EXAMPLE
 from ti2i.benchmarks.machine import describe_machine, label, load_average
 from ti2i.client.cyclediffusion import cyclediffusion
 from ti2i.client.ddib import ddib
-from ti2i.client.demo import DEMO_IMAGE, demo_mask
+from ti2i.client.images import centered_ellipse_mask
 from ti2i.client.inpaint import inpaint
 from ti2i.client.pix2pix import pix2pix
 from ti2i.client.runners import Runner, TritonRunner
@@ -49,7 +50,7 @@ STEPS = 10
 def requests(image: Image.Image) -> dict[str, Callable[[Runner], Any]]:
     """One request per method at SIZE×SIZE and STEPS steps (videos: 4 frames)."""
     size = dict(height=SIZE, width=SIZE, progress=False)
-    mask = demo_mask(image.size)
+    mask = centered_ellipse_mask(image.size)
     return {
         "txt2img": lambda r: txt2img(r, "hills at sunset", steps=STEPS, **size),
         "sdedit": lambda r: sdedit(r, image, "hills at sunset", steps=STEPS, **size),
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     manifests = {name: Manifest.load(path) for name, path in parse_engine_dirs(args.engines).items()}
-    image = Image.open(DEMO_IMAGE).convert("RGB").resize((SIZE, SIZE))
+    image = Image.open(EXAMPLE).convert("RGB").resize((SIZE, SIZE))
     runs = requests(image)
     methods = list(runs) if args.methods == "all" else args.methods.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]

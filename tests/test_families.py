@@ -17,7 +17,7 @@ from ti2i.client.txt2img import txt2img
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, parse_engine_dirs, split_served_name
 from ti2i.triton_models.families import write_family_repository
-from ti2i.triton_models.repository import parse_config, write_repository
+from ti2i.triton_models.repository import RepositoryOptions, parse_config, write_repository
 from ti2i.triton_models.server import TritonServer
 
 SD_METHODS = ["sdedit", "txt2img"]  # enough of the SD family to show both families side by side
@@ -51,8 +51,9 @@ def test_named_families_prefix_every_model_and_ensemble_step(engines, svd_engine
 
 
 def test_one_unnamed_family_keeps_todays_repository_exactly(engines, tmp_path):
-    before = write_repository(engines, tmp_path / "plain")
-    after = write_family_repository(parse_dirs_to_manifests([str(engines.root)]), tmp_path / "family")
+    options = RepositoryOptions(memory_budget=8 * 2**30)  # else each reads the memory available at that moment
+    before = write_repository(engines, tmp_path / "plain", options)
+    after = write_family_repository(parse_dirs_to_manifests([str(engines.root)]), tmp_path / "family", options)
     assert sorted(p.name for p in before.iterdir()) == sorted(p.name for p in after.iterdir())
     for model in before.iterdir():
         assert filecmp.cmp(model / "config.pbtxt", after / model.name / "config.pbtxt", shallow=False)
@@ -113,8 +114,9 @@ def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_en
                  "--methods", "sdedit,svd", "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {n for n in names if n.startswith("sd.")} == {"sd." + m for m in components_for(["sdedit"])} | {
-        "sd.encode_prompt", "sd.encode_image", "sd.decode_image"}
-    assert {n for n in names if n.startswith("svd.")} >= {"svd.unet_svd", "svd.image_encoder"}
+        "sd.encode_prompt", "sd.encode_image", "sd.decode_image", "sd.sdedit", "sd.sdedit_stream"}
+    assert {n for n in names if n.startswith("svd.")} >= {"svd.unet_svd", "svd.image_encoder", "svd.svd",
+                                                          "svd.svd_stream"}
     assert "sd.unet_pix2pix" not in names and "svd.unet" not in names
     capsys.readouterr()
     assert main(["repository", "--engines", str(engines.root), "--engines", str(svd_engines.root),

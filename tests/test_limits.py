@@ -231,7 +231,7 @@ def test_unbatched_models_wait_in_a_bounded_queue_too(svd_engines, tmp_path):
 def stats(server: TritonServer, model: str) -> dict:
     client = httpclient.InferenceServerClient(server.http_url)
     try:
-        return client.get_inference_statistics(model)["model_stats"][0]
+        return client.get_inference_statistics(model, headers=server.api_headers)["model_stats"][0]
     finally:
         client.close()
 

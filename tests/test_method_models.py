@@ -161,7 +161,7 @@ def test_curl_generate_stream_shows_progress_before_the_result(method_server, ex
 
 def _unet_count(server) -> int:
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics("unet", as_json=True)["model_stats"]
+        stats = client.get_inference_statistics("unet", headers=server.api_headers, as_json=True)["model_stats"]
     return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
 
 
