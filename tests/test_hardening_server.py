@@ -275,3 +275,42 @@ def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, prot
     assert client.returncode == 2, (out, err)
     assert len(lines) == 1, err
     assert "the Triton server at" in lines[0] and "stopp" in lines[0], lines[0]
+
+
+ABORTING_ONCE_MODEL = '''\
+import os
+import sys
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+STARTS = Path(__file__).resolve().parents[3] / "starts"  # beside the repository
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        starts = int(STARTS.read_text()) + 1 if STARTS.exists() else 1
+        STARTS.write_text(str(starts))
+        if starts == 1:  # what the python backend prints when its shared-memory mutex throws while stubs start
+            print("terminate called after throwing an instance of 'boost::interprocess::lock_exception'",
+                  file=sys.stderr, flush=True)
+            os.abort()
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(
+            "y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)]) for r in requests]
+'''
+
+
+def test_start_survives_the_python_backends_intermittent_abort(tmp_path, capsys):
+    """Reproduced: a test server with ~30 python-backend stubs, started while a soak kept both cores busy,
+    aborted before becoming ready (`terminate called after throwing an instance of
+    'boost::interprocess::lock_exception'`, exit -6) and every test using it errored. The abort is Triton's
+    (intermittent, python backend); a fresh start succeeds, so `start()` tries again, saying why."""
+    repo = _echo_repo(tmp_path / "repo")
+    (repo / "echo" / "1" / "model.py").write_text(ABORTING_ONCE_MODEL)
+    with TritonServer(repo, log_path=tmp_path / "server.log", startup_timeout_s=60) as server:
+        assert (tmp_path / "starts").read_text() == "2"  # the first start really aborted
+        assert np.array_equal(_echo(server.http_url), np.array([[2.0, 4.0, 6.0]], np.float32))
+    err = capsys.readouterr().err
+    assert "boost::interprocess::lock_exception" in err and "attempt 2 of 3" in err

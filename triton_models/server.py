@@ -73,7 +73,8 @@ HOST = "127.0.0.1"
 _LOG_TAIL_BYTES = 3000
 # Error lines every CPU-only start logs; left out of error summaries.
 _HARMLESS = ("CudaDriverHelper has not been initialized", "CUDA driver version is insufficient")
-_PORT_RETRIES = 3  # restarts with fresh ports when auto-picked ports were taken meanwhile
+_PORT_RETRIES = 3  # starts: again with fresh ports when auto-picked ones were taken meanwhile, or after the
+# python backend's intermittent abort while its stubs start (`_startup_abort_in_log`)
 # The APIs only holders of the server's key may call (Triton's restricted-API groups): registering
 # system shared memory lets a client map any region the server can open, the repository API loads
 # and unloads models, logging/trace settings change what the server writes, statistics are not
@@ -564,7 +565,7 @@ class TritonServer:
             if not self.model_repository.is_dir():
                 raise ModelNotFoundError(f"model repository {self.model_repository} is not a folder")
             backend_dir = Path(self._backend_dir) if self._backend_dir else prepare_backend_dir()
-            attempts = 1 if self._fixed_ports is not None else _PORT_RETRIES
+            attempts = _PORT_RETRIES
             for attempt in range(1, attempts + 1):
                 ports = self._fixed_ports or _pick_ports()
                 if self.http_guard:
@@ -587,7 +588,13 @@ class TritonServer:
                 except _StartupAborted:
                     raise
                 except ServerUnavailableError:
-                    if attempt < attempts and self._port_clash_in_log():
+                    clash = self._fixed_ports is None and self._port_clash_in_log()
+                    aborted = self._startup_abort_in_log()
+                    if attempt < attempts and (clash or aborted):
+                        if aborted:
+                            print(f"ti2i: tritonserver aborted while loading its models ({aborted}, an intermittent "
+                                  f"python-backend failure); starting it again (attempt {attempt + 1} of {attempts})",
+                                  file=sys.stderr, flush=True)
                         continue
                     raise
             raise AssertionError("unreachable")  # pragma: no cover
@@ -669,6 +676,13 @@ class TritonServer:
             self.protect_shm_regions()
             if self.http_guard and not self.guard_alive():
                 self._start_guard()
+
+    def _startup_abort_in_log(self) -> str | None:
+        """The python backend's intermittent abort while stubs start (Triton's python backend raises
+        ``boost::interprocess::lock_exception`` from its shared-memory mutexes under load, seen here when
+        dozens of stubs start at once on 2 busy cores; a fresh start succeeds): worth one more start."""
+        tail = self.log_tail()
+        return "boost::interprocess::lock_exception" if "boost::interprocess::lock_exception" in tail else None
 
     def _port_clash_in_log(self) -> bool:
         tail = self.log_tail().lower()
