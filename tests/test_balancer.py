@@ -94,7 +94,10 @@ def test_load_spreads_over_both_replicas(replicas, expected):
     assert done == list(range(CALLS))
     counts = [_served_count(s) - b for s, b in zip(replicas, before)]  # the servers' own statistics
     assert sum(counts) == CALLS + INPUTS
-    assert min(counts) >= CALLS // 4, counts
+    # Least outstanding requests sends more to the faster replica: with a soak on the same 2 cores the split was
+    # 9/45, so no proportion is asserted. Both must serve concurrent calls beyond their share of the
+    # sequential ones (ties rotate, so those alternate: INPUTS // 2 each).
+    assert min(counts) > INPUTS // 2, counts
 
 
 def test_killing_a_replica_mid_run_loses_no_request_and_is_reported_once(doomed_replicas, expected, caplog):
