@@ -45,9 +45,10 @@ def replica_urls(url: str | Sequence[str]) -> list[str]:
 def is_whole_method(model: str) -> bool:
     """A model that runs a whole method server-side: not idempotent from the client's point of view."""
     from ti2i.client.methods import METHOD_MODELS
+    from ti2i.client.registry import STREAM_SUFFIX
 
     plain = split_served_name(model)[1]
-    return plain in METHOD_MODELS or plain.endswith("_stream")
+    return plain in METHOD_MODELS or plain.endswith(STREAM_SUFFIX)
 
 
 def is_transport_failure(err: BaseException) -> bool:

@@ -15,6 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# A method model's streaming (decoupled) twin is served as METHOD + STREAM_SUFFIX.
+STREAM_SUFFIX = "_stream"
+
 _IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
 
 

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ti2i.client.registry import Method
+from ti2i.client.registry import STREAM_SUFFIX, Method
 from ti2i.client.results import ImageResult, VideoResult
+from ti2i.client.runners import _client as client_for
 from ti2i.client.runners import _parse_url, _translate
 from ti2i.client.timing import Timings
 from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.families import served_name
 
 _WIRE = {float: ("FP64", np.float64), int: ("INT64", np.int64), bool: ("BOOL", np.bool_)}
-STREAM_SUFFIX = "_stream"
 
 
 def file_bytes(source: str | Path | bytes | Image.Image, name: str) -> bytes:
@@ -106,13 +106,9 @@ def run_remote(url: str, method: Method, progress: bool | Callable[[str, int, in
 def _client(protocol: str, address: str, timeout_s: float) -> tuple[Any, Any]:
     if protocol == "grpc":
         import tritonclient.grpc as module
-
-        client = module.InferenceServerClient(address)
     else:
         import tritonclient.http as module
-
-        client = module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
-    return module, client
+    return module, client_for(module, address, timeout_s)
 
 
 def _plain(protocol: str, address: str, method: Method, model: str, tensors: dict[str, np.ndarray],

@@ -26,11 +26,10 @@ import yaml
 
 from ti2i.errors import InvalidInputError
 from ti2i.families import check_family_name
+from ti2i.triton_models.server import API_KEY_ENV, API_KEY_HEADER  # the key `ti2i serve` expects, named once
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 QUEUE_METRIC = "ti2i_queue_time_per_request_us"  # the custom metric the adapter rule serves to the HPA
-API_KEY_ENV = "TI2I_API_KEY"
-API_KEY_HEADER = "ti2i-api-key"
 # Triton APIs only an operator needs take the key. Inference, health, metadata, model configs and the repository
 # index stay open: clients read the last two to find the model families (and with --model-control-mode=none the
 # repository API cannot load or unload anything). Shared memory only works on the server's own machine.

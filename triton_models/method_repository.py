@@ -19,13 +19,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.client.methods import components_for
-from ti2i.client.registry import METHODS, Method
+from ti2i.client.registry import METHODS, STREAM_SUFFIX, Method
 from ti2i.errors import InvalidInputError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 
 METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
-STREAM_SUFFIX = "_stream"
 _DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_STRING"}
 
 
