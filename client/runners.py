@@ -22,6 +22,7 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailable
 from ti2i.families import Family, choose_family, families_from_configs, served_name, split_served_name
 from ti2i.manifest import Manifest
 from ti2i.runner import Runner  # re-exported: the interface lives below client/ and triton_models/
+from ti2i.spec import ComponentSpec
 
 
 class FamilyRoutingRunner(Runner):
@@ -123,6 +124,14 @@ class InProcessRunner(FamilyRoutingRunner):
 
     def _bound(self, family: Family) -> Runner:
         return self._children[family.name] if family.name is not None else self
+
+    def spec_of(self, model: str) -> ComponentSpec:
+        """The declaration of a component or ensemble this runner runs (one family's runner only)."""
+        if model in self._ensembles:
+            return self._ensembles[model][0]
+        if model in self.manifest.components:
+            return self.manifest.components[model].spec
+        raise ModelNotFoundError(f"no model {model!r} in {self.manifest.root}")
 
     def engine(self, name: str) -> Engine:
         if name not in self._engines:

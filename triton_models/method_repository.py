@@ -3,8 +3,9 @@
 Rendered from the method records: one optional input per parameter, named as the method's keyword
 (the CLI flag with ``_`` for ``-``), the image inputs and `format` as BYTES; outputs `encoded`,
 `encoded_base64`, `pixels`. The twin is decoupled (progress responses, then the result); a decoupled
-model cannot answer a plain HTTP infer, hence two models. Each instance runs one request at a
-time; the bounded queue rejects what exceeds it.
+model cannot answer a plain HTTP infer, hence two models. A model runs `active` requests at once (one
+process of as many loops when hosted, as many processes with bls); the bounded queue rejects what
+exceeds it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ti2i.client.registry import METHODS, STREAM_SUFFIX, Method
 from ti2i.errors import InvalidInputError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
+from ti2i.triton_models.method_server import BLS, DESIGNS, HOSTED
 
 METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
 _DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_STRING"}
@@ -30,7 +32,10 @@ _DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_
 
 @dataclass(frozen=True)
 class MethodOptions:
-    active: int = 1  # requests one method model runs at once: its instances (each a process with its own loop)
+    # hosted: the engines in the method model's process, the active requests' loops batched step by step
+    # (engines/step_scheduler.py); bls: the loop calls the component models (method_server.py)
+    design: str = HOSTED
+    active: int = 1  # requests one method model runs at once (hosted: threads of one process; bls: instances)
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
     # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
@@ -38,7 +43,11 @@ class MethodOptions:
     # processes of one SD engine directory took `ti2i serve` from ~25 s to 75-100 s to ready on 2 loaded cores.
     preload: bool = False
 
+    max_wait_ms: float = 10.0  # hosted: how long a tick waits for a busy loop's next call before running without it
+
     def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
         for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
@@ -59,8 +68,9 @@ def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False)
 
 
 def method_config(method: Method, manifest: Manifest, options: MethodOptions, stream: bool = False,
-                  family: str | None = None) -> mc.ModelConfig:
-    """`family`: served as ``<family>.<method>`` beside that family's components, which its loop calls."""
+                  family: str | None = None, budget: int | None = None) -> mc.ModelConfig:
+    """`family`: served as ``<family>.<method>`` beside that family's components (which a bls loop calls);
+    `budget`: the bytes each engine a hosted model holds may use (None: the stub's machine budget)."""
     name = method.name + (STREAM_SUFFIX if stream else "")
     config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
     # every input optional: the model names what is missing, and parameters left out take the record's defaults
@@ -81,23 +91,37 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
                               _tensor(mc.ModelOutput, "elapsed", "TYPE_FP64", [1]),
                               _tensor(mc.ModelOutput, "preview", "TYPE_UINT8", [-1, -1, 3])])
         config.model_transaction_policy.decoupled = True
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.active)
+    # hosted: one process runs `active` loops side by side (the engines once); bls: one process per active request
+    instances = 1 if options.design == HOSTED else options.active
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     policy = config.dynamic_batching.default_queue_policy
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.max_queue_size = options.max_queue
     policy.default_timeout_microseconds = options.queue_timeout_us
     policy.allow_timeout_override = True
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
-              "preload": "1" if options.preload else "0",
+              "preload": "1" if options.preload else "0", "design": options.design, "active": str(options.active),
+              "max_wait_ms": f"{options.max_wait_ms:g}", **({"memory_budget": str(budget)} if budget else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
     for key, value in values.items():
         config.parameters[key].string_value = value
     return config
 
 
+def hosted_engines(manifest: Manifest, methods: Iterable[str], options: MethodOptions) -> int:
+    """Engines the hosted method models may hold (each model and its twin its own copy of what it calls):
+    they share the memory budget with the component models' instances."""
+    if options.design != HOSTED:
+        return 0
+    return 2 * sum(manifest.components[c].file is not None for name in methods for c in components_for([name])
+                   if c in manifest.components)
+
+
 def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
-                        options: MethodOptions = MethodOptions(), family: str | None = None) -> list[str]:
-    """Write each method's model and streaming twin into the repository `out` (its components already there)."""
+                        options: MethodOptions = MethodOptions(), family: str | None = None,
+                        budget: int | None = None) -> list[str]:
+    """Write each method's model and streaming twin into the repository `out` (its components already there);
+    `budget`: bytes per engine of a hosted model."""
     written = []
     served = {p.name for p in Path(out).iterdir() if (p / "config.pbtxt").is_file()}
     for name in methods:
@@ -107,7 +131,7 @@ def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
         if missing:
             raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
         for stream in (False, True):
-            config = method_config(METHODS[name], manifest, options, stream, family)
+            config = method_config(METHODS[name], manifest, options, stream, family, budget)
             model_dir = Path(out) / config.name
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -1,17 +1,28 @@
 """The python-backend model behind every served method (`sdedit`, `sdedit_stream`, ...).
 
-One request runs the method's own function (the client's loop, not a copy) over a `BLSRunner`, whose
-calls go to the component models of the same server. The plain model answers with the result; the
-`_stream` twin (decoupled) sends a progress response before the first step and after each
-(`stage`, `step` of `steps`, `elapsed` seconds), a latent preview every `preview_every` steps when
-asked, then the result. A cancelled request (a gRPC stream the client cancelled or left) stops
-within one step. Each instance runs one request at a time: the instance count is the number of
-active requests, the model's bounded queue holds the rest (full: rejected with UNAVAILABLE).
+One request runs the method's own function (the client's loop, not a copy) over a runner of one of
+two designs (the `design` parameter):
+- ``hosted``: the engines live in this model's process and the loops of all its active requests run
+  side by side, one thread each, over a `StepScheduler`, which gathers their pending calls each tick
+  and runs them as one batch (continuous batching: each request at its own step). `execute` hands a
+  request to its thread and returns; the response goes out through the request's response sender.
+  The model admits `active` requests at once; while they run, `execute` waits, so the rest stay in
+  Triton's bounded queue (full: rejected with UNAVAILABLE).
+- ``bls``: a `BLSRunner`, whose calls go to the component models of the same server (their dynamic
+  batchers merge the UNet calls of concurrent requests). Each instance runs one request at a time:
+  the instance count is the number of active requests.
+
+The plain model answers with the result; the `_stream` twin (decoupled) sends a progress response
+before the first step and after each (`stage`, `step` of `steps`, `elapsed` seconds), a latent
+preview every `preview_every` steps when asked, then the result. A cancelled request (a gRPC stream
+the client cancelled or left) stops within one step, and the model logs where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from typing import Any
 
@@ -21,8 +32,10 @@ from ti2i.client.registry import get_method
 from ti2i.errors import ServerUnavailableError, Ti2iError
 from ti2i.families import FAMILY_PARAMETER
 from ti2i.manifest import Manifest
-from ti2i.triton_models.bls import BLSRunner
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
+
+HOSTED, BLS = "hosted", "bls"
+DESIGNS = (HOSTED, BLS)
 
 
 class Cancelled(Exception):
@@ -39,15 +52,52 @@ class TritonPythonModel:
         self.method = get_method(params["method"])
         if params.get("preload") == "1":  # else the first request imports the loop (torch, diffusers)
             self.method.func()
-        self.runner = BLSRunner(Manifest.load(params["engine_dir"]), pb_utils, family=params.get(FAMILY_PARAMETER))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.design = params.get("design", BLS)
+        manifest = Manifest.load(params["engine_dir"])
+        if self.design == HOSTED:
+            from ti2i.client.runners import InProcessRunner
+            from ti2i.engines.step_scheduler import StepScheduler
+
+            budget = int(params["memory_budget"]) if params.get("memory_budget") else None
+            engines = InProcessRunner(manifest.root, budget=budget)
+            if params.get("preload") == "1":
+                for name in self.method.models:
+                    if name in manifest.components:
+                        engines.engine(name)
+            self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
+            self.slots = threading.BoundedSemaphore(int(params.get("active", "1")))
+            self.threads: set[threading.Thread] = set()
+        else:
+            from ti2i.triton_models.bls import BLSRunner
+
+            self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.design == HOSTED:
+            for request in requests:
+                self.slots.acquire()  # at the active limit: wait here, and the queue holds the rest
+                thread = threading.Thread(target=self._hosted, args=(request,), daemon=True,
+                                          name=f"{self.method.name}-request")
+                self.threads.add(thread)
+                thread.start()
+            return None
         if self.decoupled:
             for request in requests:
                 self._stream(request)
             return None
         return [self._respond(request) for request in requests]
+
+    def _hosted(self, request: Any) -> None:
+        try:
+            if self.decoupled:
+                self._stream(request)
+            else:
+                request.get_response_sender().send(self._respond(request),
+                                                   flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.threads.discard(threading.current_thread())
+            self.slots.release()
 
     # --- one request -----------------------------------------------------------------------------------
 
@@ -57,13 +107,20 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         call, fmt = read_request(self.method, get)
-        self.runner.last_sample = None
-        return self.method(self.runner, progress=on_step, **call), fmt
+        loop = self.runner.request() if self.design == HOSTED else contextlib.nullcontext()
+        with loop:
+            self.runner.last_sample = None
+            return self.method(self.runner, progress=on_step, **call), fmt
+
+    def _check_cancelled(self, request: Any, stage: str, step: int, steps: int) -> None:
+        if request.is_cancelled():
+            message = f"{self.method.name}: cancelled at {stage} step {step} of {steps}"
+            self.pb.Logger.log_info(message)
+            raise Cancelled(message)
 
     def _respond(self, request: Any) -> Any:
         def on_step(stage: str, step: int, steps: int) -> None:
-            if request.is_cancelled():
-                raise Cancelled(f"{self.method.name}: cancelled at {stage} step {step} of {steps}")
+            self._check_cancelled(request, stage, step, steps)
 
         try:
             result, fmt = self._call(request, on_step)
@@ -77,8 +134,7 @@ class TritonPythonModel:
         every = self._preview_every(request)
 
         def on_step(stage: str, step: int, steps: int) -> None:
-            if request.is_cancelled():
-                raise Cancelled(f"{self.method.name}: cancelled at {stage} step {step} of {steps}")
+            self._check_cancelled(request, stage, step, steps)
             tensors = {"stage": np.array([stage.encode()], dtype=object), "step": np.array([step], dtype=np.int64),
                        "steps": np.array([steps], dtype=np.int64),
                        "elapsed": np.array([time.perf_counter() - start], dtype=np.float64)}
@@ -126,3 +182,9 @@ class TritonPythonModel:
         else:
             code = errors.INVALID_ARG if isinstance(err, Ti2iError) else errors.INTERNAL
         return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(err).__name__}: {err}", code))
+
+    def finalize(self) -> None:
+        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
+            thread.join(timeout=60)
+        if self.design == HOSTED:
+            self.runner.engines.close()

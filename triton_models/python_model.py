@@ -10,31 +10,15 @@ once per chunk and splits the outputs back. Runs inside Triton's stub process, w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ti2i.budget import chunk_sizes
+from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
 from ti2i.engines.loader import load_engine
 from ti2i.errors import InvalidInputError, Ti2iError
 from ti2i.manifest import Manifest
 from ti2i.spec import ComponentSpec, as_float32
-
-
-def merge_requests(batches: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-
-
-def split_outputs(outputs: Mapping[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
-    bounds = np.cumsum(sizes)[:-1]
-    parts = {name: np.split(value, bounds) for name, value in outputs.items()}
-    return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
-
-
-def shape_key(inputs: Mapping[str, np.ndarray]) -> tuple:
-    """Requests batch together when everything but the batch dimension agrees."""
-    return tuple(sorted((name, value.shape[1:], value.dtype.str) for name, value in inputs.items()))
 
 
 def as_spec_rank(spec: ComponentSpec, name: str, value: np.ndarray) -> np.ndarray:
@@ -84,12 +68,9 @@ class TritonPythonModel:
     def _chunks(self, members: list[tuple[int, dict[str, np.ndarray]]],
                 bound: dict[str, int]) -> list[list[tuple[int, dict[str, np.ndarray]]]]:
         """Consecutive members in groups whose merged batch fits the memory budget."""
-        memory, budget = self.engine.memory, self.engine.budget
-        if len(members) == 1 or memory is None or budget is None:
-            return [members]
-        sizes = [len(next(iter(inputs.values()))) for _, inputs in members]
+        sizes = [batch_size(inputs) for _, inputs in members]
         chunks, start = [], 0
-        for count in chunk_sizes(memory, bound, sizes, budget):
+        for count in budget_chunks(self.engine, bound, sizes):
             chunks.append(members[start:start + count])
             start += count
         if len(chunks) > 1:
@@ -105,7 +86,7 @@ class TritonPythonModel:
             else:
                 batches = [inputs for _, inputs in members]
                 merged = self.engine.run(merge_requests(batches))
-                results = split_outputs(merged, [len(next(iter(b.values()))) for b in batches])
+                results = split_outputs(merged, [batch_size(b) for b in batches])
         except Ti2iError as err:
             if len(members) > 1:  # find the bad request(s): each member alone
                 for member in members:

@@ -13,6 +13,7 @@ from pathlib import Path
 from ti2i.app.methods import add_method_parser
 from ti2i.client.registry import METHODS
 from ti2i.errors import InvalidInputError, Ti2iError
+from ti2i.triton_models.method_server import DESIGNS, HOSTED
 
 EXIT_USAGE = 2
 
@@ -73,7 +74,7 @@ def _method_models(args: argparse.Namespace, manifests: dict) -> dict:
     wanted = [m.strip() for m in args.methods.split(",")] if args.methods else None
     methods = {family: [m for m in servable_methods(manifest.components) if wanted is None or m in wanted]
                for family, manifest in manifests.items()}
-    return {"methods": methods, "method_options": MethodOptions(active=args.method_instances,
+    return {"methods": methods, "method_options": MethodOptions(design=args.method_design, active=args.method_instances,
                                                                 max_queue=args.method_queue,
                                                                 preload=args.preload_methods)}
 
@@ -212,8 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "60%% of the memory available); requests that would exceed an instance's share are refused")
         p.add_argument("--instances", type=int, default=1)
         p.add_argument("--threads", type=int, default=0)
+        p.add_argument("--method-design", choices=DESIGNS, default=HOSTED,
+                       help="hosted (default): each method model holds the engines it calls and batches the steps "
+                            "of its active requests; bls: it calls the component models (less memory)")
         p.add_argument("--method-instances", type=int, default=1,
-                       help="requests each method model runs at once (one process each; default 1)")
+                       help="requests each method model runs at once (hosted: loops of one process; bls: one "
+                            "process each; default 1)")
         p.add_argument("--method-queue", type=int, default=8,
                        help="requests a method model queues beyond those; more are rejected (default 8)")
         p.add_argument("--preload-methods", action="store_true",

@@ -1,0 +1,178 @@
+"""The step scheduler: continuous batching of diffusion loops that run side by side in one process.
+
+Each active request runs its method's own function (the client's loop) in its own thread, over this
+runner. A call does not run at once: it waits until every active request has a call pending (each
+loop has reached its next component call: the next UNet step, or its prompt encoding, or its
+decoding), or until the oldest pending call has waited `max_wait_s`. Then one thread runs the tick:
+the pending calls of each batched model whose inputs agree beyond the batch dimension are
+concatenated and run as one engine call (in chunks that fit the engine's memory budget), and the
+outputs are split back. Requests join and leave between ticks, each at its own step (the UNet takes a
+per-sample timestep), so a new request never waits for the others' loops to finish.
+
+A merged call that fails on one request's input is run again call by call, so only that request gets
+the error. Results equal the unbatched loop's up to the engine's batch-size rounding (≤ 1e-6 here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
+from ti2i.errors import Ti2iError
+from ti2i.runner import Runner
+
+
+@dataclass
+class _Call:
+    model: str
+    outputs: tuple[str, ...] | None
+    inputs: dict[str, np.ndarray]
+    since: float = field(default_factory=time.monotonic)
+    result: dict[str, np.ndarray] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class StepScheduler(Runner):
+    """A runner shared by the loops of concurrent requests; see the module docstring.
+
+    `engines` is an in-process runner of one model family (`InProcessRunner`): its `run`, `spec_of` and
+    `engine`. Loops run inside `with scheduler.request():`; a call made outside one runs at the next tick
+    without waiting for anyone.
+    """
+
+    def __init__(self, engines: Any, max_wait_s: float = 0.01):
+        self.engines = engines
+        self.pipeline = engines.pipeline
+        self.max_wait_s = max_wait_s
+        self._cond = threading.Condition()
+        self._active = 0
+        self._pending: list[_Call] = []
+        self._ticking = False
+        self._local = threading.local()
+        # (model, samples in the call) -> engine calls: what the batching achieved
+        self.executions: Counter[tuple[str, int]] = Counter()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[StepScheduler]:
+        """The calling thread runs one request's loop: the ticks wait for its calls."""
+        with self._cond:
+            self._active += 1
+        self._local.last_sample = None
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()  # the others may all be waiting now
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def last_sample(self) -> np.ndarray | None:
+        """The latest UNet input of this thread's request, for previews."""
+        return getattr(self._local, "last_sample", None)
+
+    @last_sample.setter
+    def last_sample(self, value: np.ndarray | None) -> None:
+        self._local.last_sample = value
+
+    def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if "sample" in inputs:
+            self._local.last_sample = np.asarray(inputs["sample"])
+        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs))
+        with self._cond:
+            self._pending.append(call)
+            self._cond.notify_all()
+            while not call.done:
+                wait = self._tick_wait()
+                if wait is None:
+                    self._tick()
+                else:
+                    self._cond.wait(wait)
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None
+        return call.result
+
+    def _tick_wait(self) -> float | None:
+        """None when a tick is due now (the lock held); else how long to wait before looking again."""
+        if self._ticking or not self._pending:
+            return self.max_wait_s
+        if len(self._pending) >= self._active:
+            return None
+        waited = time.monotonic() - self._pending[0].since
+        return None if waited >= self.max_wait_s else self.max_wait_s - waited
+
+    def _tick(self) -> None:
+        """Run every pending call (the lock held on entry and exit, released while the engines run)."""
+        calls, self._pending, self._ticking = self._pending, [], True
+        self._cond.release()
+        try:
+            for group in self._groups(calls):
+                self._run_group(group)
+        finally:
+            self._cond.acquire()
+            self._ticking = False
+            self._cond.notify_all()
+
+    def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
+        """Calls that may run as one: the same batched model, outputs and shapes beyond the batch dimension."""
+        groups: dict[Any, list[_Call]] = {}
+        for i, call in enumerate(calls):
+            try:
+                batched = self.engines.spec_of(call.model).batched
+            except Ti2iError:
+                batched = False  # the call itself reports the unknown model
+            key = (call.model, call.outputs, shape_key(call.inputs)) if batched else i
+            groups.setdefault(key, []).append(call)
+        return list(groups.values())
+
+    def _run_group(self, calls: list[_Call]) -> None:
+        sizes = [batch_size(c.inputs) for c in calls]
+        engine = self._engine(calls[0].model)
+        bound: dict[str, int] = {}
+        if engine is not None and len(calls) > 1:
+            try:
+                bound = engine.check(calls[0].inputs)
+            except Ti2iError:
+                bound = {}
+        start = 0
+        for count in budget_chunks(engine, bound, sizes) if bound else [len(calls)]:
+            self._run_chunk(calls[start:start + count])
+            start += count
+
+    def _engine(self, model: str) -> Any:
+        try:
+            return self.engines.engine(model) if model in self.engines.manifest.components else None
+        except Ti2iError:
+            return None
+
+    def _run_chunk(self, calls: list[_Call]) -> None:
+        first = calls[0]
+        try:
+            if len(calls) == 1:
+                results = [self.engines.run(first.model, first.outputs, **first.inputs)]
+            else:
+                merged = self.engines.run(first.model, first.outputs, **merge_requests([c.inputs for c in calls]))
+                results = split_outputs(merged, [batch_size(c.inputs) for c in calls])
+        except Exception as err:
+            if len(calls) > 1:  # find the call that failed: each on its own
+                for call in calls:
+                    self._run_chunk([call])
+                return
+            first.error, first.done = err, True
+            return
+        self.executions[(first.model, sum(batch_size(c.inputs) for c in calls))] += 1
+        for call, result in zip(calls, results):
+            call.result, call.done = result, True
