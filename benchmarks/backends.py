@@ -28,6 +28,7 @@ from PIL import Image
 from ti2i.benchmarks.presets import Request
 from ti2i.client.registry import METHODS
 from ti2i.runner import Runner
+from ti2i.triton_models.method_server import BLS, HOSTED
 
 PROMPT = "a watercolor painting of rolling hills"
 SOURCE_PROMPT = "a photo of rolling hills"  # CycleDiffusion's description of the input
@@ -88,15 +89,16 @@ class BackendInfo:
     factory: Callable[[str, BenchContext], Backend]
     needs_server: bool = False
     description: str = ""
+    method_design: str | None = None  # a method model's design the server must serve (triton_models/method_server.py)
 
 
 BACKENDS: dict[str, BackendInfo] = {}
 
 
 def register_backend(name: str, factory: Callable[[str, BenchContext], Backend], *, needs_server: bool = False,
-                     description: str = "") -> None:
+                     description: str = "", method_design: str | None = None) -> None:
     """Make `name` measurable by `ti2i bench --backends`: `factory(name, ctx)` builds the backend."""
-    BACKENDS[name] = BackendInfo(name, factory, needs_server, description)
+    BACKENDS[name] = BackendInfo(name, factory, needs_server, description, method_design)
 
 
 # --- our method loops over a runner ------------------------------------------------------------------
@@ -204,21 +206,22 @@ class _LoopClient:
 
 
 class MethodBackend(Backend):
-    """One request per edit to the served method model: the loop runs inside the server (BLS to the
-    components, whose dynamic batchers merge the UNet calls of concurrent requests)."""
+    """One request per edit to the served method model: the loop runs inside the server, in the model's
+    design (hosted: its engines in the method model, concurrent loops batched step by step; bls: calls to
+    the component models, whose dynamic batchers merge the UNet calls of concurrent requests)."""
 
     kind = "served"
 
-    def __init__(self, name: str, ctx: BenchContext, url: str):
+    def __init__(self, name: str, ctx: BenchContext, url: str, design: str):
         super().__init__(name, ctx)
-        self.url = url
+        self.url, self.design, self.model = url, design, ctx.method + method_suffix(design)
 
     def run(self, image: Image.Image, seed: int) -> RunRecord:
         from ti2i.client.remote import run_remote
 
         self.ctx.status(f"{self.name} · {self.ctx.method} request")
         start = time.perf_counter()
-        result = run_remote(self.url, METHODS[self.ctx.method], progress=False, stream=False,
+        result = run_remote(self.url, METHODS[self.ctx.method], progress=False, stream=False, model=self.model,
                             **method_kwargs(self.ctx.method, image, self.ctx.request, seed))
         elapsed = time.perf_counter() - start
         return RunRecord(elapsed, {k: list(v) for k, v in result.timings.samples.items()}, result.array)
@@ -230,18 +233,25 @@ class MethodBackend(Backend):
         self.run(image, seed)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.url, "design": "BLS: the method function in the method model, "
-                                                               "component calls batched by Triton"}
+        return {"kind": self.kind, "url": self.url, "design": self.design, "model": self.model}
 
 
-def _method(protocol: str) -> Callable[[str, BenchContext], Backend]:
+def method_suffix(design: str) -> str:
+    """The bench serves the default design's method model as `METHOD`, another's as `METHOD-DESIGN`."""
+    from ti2i.triton_models.method_repository import MethodOptions
+
+    return "" if design == MethodOptions().design else f"-{design}"
+
+
+def _method(protocol: str, design: str) -> Callable[[str, BenchContext], Backend]:
     def factory(name: str, ctx: BenchContext) -> Backend:
         if ctx.server is None:
             raise RuntimeError("no Triton server is running")
-        if not (ctx.server.model_repository / ctx.method).is_dir():
-            raise RuntimeError(f"the server has no {ctx.method} method model")
+        model = ctx.method + method_suffix(design)
+        if not (ctx.server.model_repository / model).is_dir():
+            raise RuntimeError(f"the server has no {model} method model")
         url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
-        return MethodBackend(name, ctx, url)
+        return MethodBackend(name, ctx, url, design)
 
     return factory
 
@@ -427,10 +437,14 @@ register_backend("triton-grpc", _triton("grpc"), needs_server=True,
                  description="our method loop, every model call to Triton over gRPC")
 register_backend("triton-http", _triton("http"), needs_server=True,
                  description="our method loop, every model call to Triton over HTTP")
-register_backend("triton-method", _method("grpc"), needs_server=True,
-                 description="one gRPC request per edit to the served method model (the loop runs in the server)")
-register_backend("triton-method-http", _method("http"), needs_server=True,
+register_backend("triton-method", _method("grpc", HOSTED), needs_server=True, method_design=HOSTED,
+                 description="one gRPC request per edit to the served method model, hosted design (its engines "
+                             "in the method model, the loops of concurrent requests batched step by step)")
+register_backend("triton-method-http", _method("http", HOSTED), needs_server=True, method_design=HOSTED,
                  description="as triton-method, over HTTP")
+register_backend("triton-method-bls", _method("grpc", BLS), needs_server=True, method_design=BLS,
+                 description="as triton-method, BLS design (the loop in the method model calls the component "
+                             "models, whose dynamic batchers merge concurrent requests' UNet calls)")
 register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_server=True,
                  description="as triton-grpc, tensors through Triton system shared memory")
 

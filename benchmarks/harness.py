@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from ti2i.benchmarks import machine, report
-from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend
+from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend, method_suffix
 from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
     model_preset
 from ti2i.benchmarks.stats import median, ratio, summarize
@@ -177,8 +177,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     methods = resolve_methods(config.methods, preset)
     backends = resolve_backends(config.backends or list(BACKENDS))
     levels = sorted({int(n) for n in config.concurrency if int(n) > 0})
-    if config.concurrency and levels and config.concurrency_backend not in BACKENDS:
-        raise InvalidInputError(f"unknown concurrency backend {config.concurrency_backend!r}")
+    unknown = [b for b in concurrency_backends(config) if b not in BACKENDS]
+    if config.concurrency and levels and unknown:
+        raise InvalidInputError(f"unknown concurrency backend {', '.join(unknown)}")
     cache = Path(config.cache or default_cache_dir()).expanduser()
     progress = Progress(config.quiet)
     _quiet_libraries()
@@ -271,9 +272,10 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     need_server = bool(levels) or any(BACKENDS[b].needs_server for b in backends)
     ctx = BenchContext(method, request, engines, models, device=device, status=progress.status)
     options = _repository_options(config)
-    method_levels = [max(levels or [1])] if any(b.startswith("triton-method") for b in
-                                                    [*backends, config.concurrency_backend]) else []
-    with _server(engines, method, results.out, need_server, options, progress, method_levels) as server:
+    served = {*backends, *(concurrency_backends(config) if levels else [])}
+    designs = sorted({BACKENDS[b].method_design for b in served if BACKENDS[b].method_design})
+    with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
+                 designs) as server:
         if server is not None:
             ctx.server = server
             entry["server"] = _server_info(server, options)
@@ -286,7 +288,8 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
             _unet_calls(live, method, config.unet_calls or (30 if preset.name == "tiny" else 3), entry, progress)
             results.save()
             if levels and server is not None:
-                _concurrency(method, preset, config, levels, ctx, image, entry, results, progress)
+                for name in concurrency_backends(config):  # one sweep after the other, on the same server
+                    _concurrency(method, preset, config, levels, ctx, image, entry, results, progress, name)
         finally:
             if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
                 with contextlib.suppress(Exception):
@@ -308,28 +311,26 @@ def _repository_options(config: BenchConfig) -> Any:
 
 @contextlib.contextmanager
 def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
-            method_active: Sequence[int] = ()) -> Iterator[Any]:
-    """The server of one method's components; with `method_active`, also its method model with that many
-    active requests (the concurrency sweep's largest level)."""
+            method_active: int = 1, designs: Sequence[str] = ()) -> Iterator[Any]:
+    """The server of one method's components; with `designs`, also its method model in each of those designs
+    (`ti2i.triton_models.method_server`), with as many active requests as the sweep's largest level: the
+    default design as `METHOD`, another as `METHOD-DESIGN`."""
     if not needed:
         yield None
         return
     from ti2i.client.methods import components_for
     from ti2i.manifest import Manifest
+    from ti2i.triton_models.method_repository import MethodOptions, write_method_models
     from ti2i.triton_models.repository import write_repository
     from ti2i.triton_models.server import TritonServer
 
     manifest = Manifest.load(engines)
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
-        methods = {}
-        if method_active:
-            from ti2i.triton_models.method_repository import MethodOptions
-
-            # as many active requests as the sweep's clients, each instance warm before the clock starts
-            options_ = MethodOptions(active=method_active[0], max_queue=method_active[0], preload=True)
-            methods = {"methods": [method], "method_options": options_}
-        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
-                                **methods)
+        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
+        for design in designs:  # each instance warm before the clock starts
+            write_method_models(repo, manifest, [method], MethodOptions(design=design, active=method_active,
+                                                                        max_queue=method_active, preload=True),
+                                suffix=method_suffix(design))
         progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")
         start = time.perf_counter()
         with TritonServer(repo, log_path=out / f"server-{method}.log", startup_timeout_s=900) as server:
@@ -549,26 +550,30 @@ def _unet_inputs(backend: RunnerBackend, method: str) -> dict[str, np.ndarray] |
     return backend.runner.first_inputs.get(UNET_OF[method])
 
 
+def concurrency_backends(config: BenchConfig) -> list[str]:
+    """The backends the concurrency sweep runs, in order (`--concurrency-backend a,b`)."""
+    return [b.strip() for b in config.concurrency_backend.split(",") if b.strip()]
+
+
 def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[int], ctx: BenchContext,
-                 image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress) -> None:
-    name = config.concurrency_backend
+                 image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress, name: str) -> None:
     info = BACKENDS[name]
     if not info.needs_server:
-        entry["concurrency"] = {"backend": name, "skipped": "the concurrency sweep needs a served backend"}
+        _record_sweep(entry, {"backend": name, "skipped": "the concurrency sweep needs a served backend"})
         return
     try:
         backend = info.factory(name, ctx)
     except Exception as err:
-        entry["concurrency"] = {"backend": name, "skipped": f"{type(err).__name__}: {_first_line(err)}"}
+        _record_sweep(entry, {"backend": name, "skipped": f"{type(err).__name__}: {_first_line(err)}"})
         return
     if not hasattr(backend, "new_client"):
-        entry["concurrency"] = {"backend": name, "skipped": "the backend cannot make concurrent clients"}
+        _record_sweep(entry, {"backend": name, "skipped": "the backend cannot make concurrent clients"})
         backend.close()
         return
     backend.close()
     per_client = config.concurrency_requests or preset.concurrency_requests
     sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "levels": []}
-    entry["concurrency"] = sweep
+    _record_sweep(entry, sweep)
 
     for n in levels:
         progress.phase = f"{method} · concurrency {n}"
@@ -632,6 +637,12 @@ def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[
         best = max(range(len(gains)), key=lambda i: gains[i])
         sweep["best_gain"] = gains[best]
         sweep["best_clients"] = sweep["levels"][best]["clients"]
+
+
+def _record_sweep(entry: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """The first sweep is `concurrency` (as before); every sweep is also in `concurrency_sweeps`."""
+    entry.setdefault("concurrency", sweep)
+    entry.setdefault("concurrency_sweeps", []).append(sweep)
 
 
 def _server_stats(server: Any) -> dict[str, Any]:

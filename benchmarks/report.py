@@ -96,31 +96,34 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
         lines += ["Serving overhead per UNet call (served − in-process, ms): " + "; ".join(
             f"{name} {_fmt_ms(o.get('from_unet_calls'))} (single calls), {_fmt_ms(o.get('from_requests'))} "
             f"(steps in requests)" for name, o in overhead.items()), ""]
-    sweep = entry.get("concurrency")
-    if sweep and sweep.get("levels"):
-        unet = entry.get("unet_calls", {}).get("model") or ("unet_svd" if method == "svd" else
-                                                            "unet_pix2pix" if method == "pix2pix" else "unet")
-        lines += [f"Concurrency sweep over `{sweep['backend']}` ({sweep['requests_per_client']} requests per client):",
-                  "",
-                  f"| clients | requests/s | gain | latency p50 s | p90 s | p99 s | {unet} requests/execution | "
-                  f"{unet} samples/execution | {unet} queue ms/request | {unet} compute ms/request | "
-                  f"executed batch sizes |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for level in sweep["levels"]:
-            lat = level.get("latency_s", {})
-            server = level.get("server", {}).get(unet, {})
-            lines.append(
-                f"| {level['clients']} | {_num(level.get('throughput_rps'), 3)} | {_x(level.get('throughput_gain'))} | "
-                f"{_s(lat.get('median'))} | {_s(lat.get('p90'))} | {_s(lat.get('p99'))} | "
-                f"{_num(server.get('avg_requests_per_execution'), 2)} | {_num(server.get('avg_batch_samples'), 2)} | "
-                f"{_num(server.get('queue_ms_per_request'), 2)} | {_num(server.get('compute_infer_ms_per_request'), 2)} | "
-                f"{server.get('executed_batch_sizes', {})} |")
-        if sweep.get("best_gain"):
-            lines += ["", f"Best throughput gain from concurrency: {sweep['best_gain']:.2f}× "
-                          f"at {sweep['best_clients']} clients."]
-        lines.append("")
-    elif sweep and sweep.get("skipped"):
-        lines += [f"Concurrency sweep skipped: {sweep['skipped']}", ""]
+    for sweep in entry.get("concurrency_sweeps") or [entry.get("concurrency")]:
+        if sweep and sweep.get("levels"):
+            unet = entry.get("unet_calls", {}).get("model") or ("unet_svd" if method == "svd" else
+                                                                "unet_pix2pix" if method == "pix2pix" else "unet")
+            lines += [f"Concurrency sweep over `{sweep['backend']}` "
+                      f"({sweep['requests_per_client']} requests per client):",
+                      "",
+                      f"| clients | requests/s | gain | latency p50 s | p90 s | p99 s | {unet} requests/execution | "
+                      f"{unet} samples/execution | {unet} queue ms/request | {unet} compute ms/request | "
+                      f"executed batch sizes |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for level in sweep["levels"]:
+                lat = level.get("latency_s", {})
+                server = level.get("server", {}).get(unet, {})
+                lines.append(
+                    f"| {level['clients']} | {_num(level.get('throughput_rps'), 3)} | "
+                    f"{_x(level.get('throughput_gain'))} | "
+                    f"{_s(lat.get('median'))} | {_s(lat.get('p90'))} | {_s(lat.get('p99'))} | "
+                    f"{_num(server.get('avg_requests_per_execution'), 2)} | "
+                    f"{_num(server.get('avg_batch_samples'), 2)} | {_num(server.get('queue_ms_per_request'), 2)} | "
+                    f"{_num(server.get('compute_infer_ms_per_request'), 2)} | "
+                    f"{server.get('executed_batch_sizes', {})} |")
+            if sweep.get("best_gain"):
+                lines += ["", f"Best throughput gain from concurrency: {sweep['best_gain']:.2f}× "
+                              f"at {sweep['best_clients']} clients."]
+            lines.append("")
+        elif sweep and sweep.get("skipped"):
+            lines += [f"Concurrency sweep skipped: {sweep['skipped']}", ""]
     return lines
 
 

@@ -83,20 +83,22 @@ def _infer_inputs(module: Any, tensors: dict[str, np.ndarray]) -> list[Any]:
 
 def run_remote(url: str, method: Method, progress: bool | Callable[[str, int, int], None] = True,
                stream: bool | None = None, timeout_s: float = 3600.0, family: str | None = None,
-               **values: Any) -> ImageResult | VideoResult:
+               model: str | None = None, **values: Any) -> ImageResult | VideoResult:
     """Run `method` in the server at `url` (one request); streamed progress over gRPC unless `stream=False`.
-    `family`: the model family whose method model to call (``<family>.<method>``, see `ti2i.families`)."""
+    `family`: the model family whose method model to call (``<family>.<method>``, see `ti2i.families`);
+    `model`: the method model's served name instead (its twin is `model` + ``_stream``)."""
     protocol, address = _parse_url(url)
     stream = protocol == "grpc" if stream is None else stream
     if stream and protocol != "grpc":
         raise InvalidInputError("streamed progress needs a grpc:// server URL (over HTTP use generate_stream)")
     tensors = request_tensors(method, **values)
+    model = model or served_name(family, method.name)
     timings = Timings()
     with timings.stage("remote"):
         if stream:
-            pixels = _streamed(address, method, served_name(family, method.name), tensors, progress, timeout_s)
+            pixels = _streamed(address, method, model, tensors, progress, timeout_s)
         else:
-            pixels = _plain(protocol, address, method, served_name(family, method.name), tensors, timeout_s)
+            pixels = _plain(protocol, address, method, model, tensors, timeout_s)
     if method.output == "video":
         fps = values.get("fps") if values.get("fps") is not None else method.param("fps").default
         return VideoResult(pixels, pixels.astype(np.float32) / 255.0, fps, timings)

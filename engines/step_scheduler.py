@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
-from ti2i.errors import Ti2iError
+from ti2i.errors import InvalidInputError, Ti2iError
 from ti2i.runner import Runner
 
 
@@ -50,6 +50,8 @@ class StepScheduler(Runner):
     """
 
     def __init__(self, engines: Any, max_wait_s: float = 0.01):
+        if not max_wait_s >= 0:
+            raise InvalidInputError(f"max_wait_s must be a number ≥ 0, got {max_wait_s}")
         self.engines = engines
         self.pipeline = engines.pipeline
         self.max_wait_s = max_wait_s

@@ -1,6 +1,8 @@
 """Whole methods served by Triton: one request per edit, the same result as the client-driven loop.
 
-A real tritonserver serves every method model next to the components. Each method's served result
+A real tritonserver serves every method model next to the components, in the default (hosted) design:
+the engines in the method model, concurrent loops batched by the step scheduler; a second server
+serves the BLS design. Each method's served result
 (gRPC: the streaming twin, HTTP: the plain model) equals the in-process result for the same inputs
 and seed; curl gets a PNG and a server-sent event stream; a cancelled stream stops its loop; bad
 requests get one clear error and the server keeps serving.
@@ -12,6 +14,7 @@ import base64
 import io
 import json
 import queue
+import re
 import shutil
 import subprocess
 import threading
@@ -60,6 +63,16 @@ def method_server(engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bls_method_server(engines, tmp_path_factory):
+    """The other design: the same method models calling the component models by BLS."""
+    root = tmp_path_factory.mktemp("methods-bls")
+    repository = write_repository(engines, root / "repository", methods=servable_methods(engines.components),
+                                  method_options=MethodOptions(design="bls", active=2, max_queue=1))
+    with TritonServer(repository, log_path=root / "server.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def svd_method_server(svd_engines, tmp_path_factory):
     root = tmp_path_factory.mktemp("methods-svd")
     repository = write_repository(svd_engines, root / "repository", methods=["svd"])
@@ -94,6 +107,17 @@ def test_served_method_equals_the_client_side_loop(method, protocol, request, ex
     assert _pixels(served).shape == _pixels(local).shape
     np.testing.assert_array_equal(_pixels(served), _pixels(local))  # bit-identical images
     assert np.abs(served.array - np.round(local.array * 255) / 255).max() <= 1e-6
+
+
+def test_bls_design_gives_each_method_the_client_side_result(bls_method_server, engines, example_image):
+    """Every method of the SD engines through the BLS design (gRPC stream, HTTP plain): the client's pixels."""
+    for method in servable_methods(engines.components):
+        values = _inputs(method, example_image)
+        with InProcessRunner(engines.root) as runner:
+            local = METHODS[method](runner, **values)
+        for protocol in ("grpc", "http"):
+            served = run_remote(server_url(bls_method_server, protocol), METHODS[method], progress=False, **values)
+            np.testing.assert_array_equal(_pixels(served), _pixels(local), err_msg=f"{method} over {protocol}")
 
 
 def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):
@@ -204,27 +228,47 @@ def test_stream_sends_latent_previews_every_k_steps(method_server, example_image
     assert final.shape == (48, 64, 3)
 
 
-def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server, example_image):
+def _cancel_after_a_few_steps(server, example_image) -> None:
     values = _inputs("sdedit", example_image)
     values.update(steps=200, strength=1.0)  # long enough to cancel
-    before = _unet_count(method_server)
-    client, responses = _stream(method_server, values, ["step"])
+    client, responses = _stream(server, values, ["step"])
     for _ in range(4):  # a few steps run
         result, error = responses.get(timeout=120)
         assert error is None, error
     client.stop_stream(cancel_requests=True)
     client.close()
-    deadline = time.monotonic() + 60
-    counts = []
-    while time.monotonic() < deadline:  # the UNet count settles well short of 200 steps
-        counts.append(_unet_count(method_server))
+
+
+def _stopped_at(server, deadline_s: float = 60) -> int:
+    """The step at which the model says the cancelled loop stopped (its own log line)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = re.findall(r"sdedit_stream: cancelled at \w+ step (\d+) of \d+", server.log_path.read_text())
+        if found:
+            return int(found[-1])
+        time.sleep(0.2)
+    raise AssertionError("the model never reported the cancelled loop")
+
+
+def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server, example_image):
+    _cancel_after_a_few_steps(method_server, example_image)
+    assert _stopped_at(method_server) < 100  # of 201
+    again = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False,
+                       **_inputs("sdedit", example_image))
+    assert _pixels(again).shape == (48, 64, 3)
+
+
+def test_bls_cancelled_stream_stops_the_loop(bls_method_server, example_image):
+    before = _unet_count(bls_method_server)
+    _cancel_after_a_few_steps(bls_method_server, example_image)
+    assert _stopped_at(bls_method_server) < 100
+    deadline, counts = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # Triton's own count of UNet executions settles well short of 201 steps
+        counts.append(_unet_count(bls_method_server))
         if len(counts) >= 3 and counts[-1] == counts[-3]:
             break
         time.sleep(0.5)
     assert counts[-1] - before < 100, counts
-    again = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False,
-                       **_inputs("sdedit", example_image))
-    assert _pixels(again).shape == (48, 64, 3)
 
 
 BAD = [

@@ -68,10 +68,11 @@ def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False)
 
 
 def method_config(method: Method, manifest: Manifest, options: MethodOptions, stream: bool = False,
-                  family: str | None = None, budget: int | None = None) -> mc.ModelConfig:
+                  family: str | None = None, budget: int | None = None, suffix: str = "") -> mc.ModelConfig:
     """`family`: served as ``<family>.<method>`` beside that family's components (which a bls loop calls);
-    `budget`: the bytes each engine a hosted model holds may use (None: the stub's machine budget)."""
-    name = method.name + (STREAM_SUFFIX if stream else "")
+    `budget`: the bytes each engine a hosted model holds may use (None: the stub's machine budget);
+    `suffix`: served as METHOD + suffix (and its twin + _stream), e.g. a second design beside the first."""
+    name = method.name + suffix + (STREAM_SUFFIX if stream else "")
     config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
     # every input optional: the model names what is missing, and parameters left out take the record's defaults
     for name in method.images:
@@ -119,7 +120,7 @@ def hosted_engines(manifest: Manifest, methods: Iterable[str], options: MethodOp
 
 def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
                         options: MethodOptions = MethodOptions(), family: str | None = None,
-                        budget: int | None = None) -> list[str]:
+                        budget: int | None = None, suffix: str = "") -> list[str]:
     """Write each method's model and streaming twin into the repository `out` (its components already there);
     `budget`: bytes per engine of a hosted model."""
     written = []
@@ -131,7 +132,7 @@ def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
         if missing:
             raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
         for stream in (False, True):
-            config = method_config(METHODS[name], manifest, options, stream, family, budget)
+            config = method_config(METHODS[name], manifest, options, stream, family, budget, suffix)
             model_dir = Path(out) / config.name
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))

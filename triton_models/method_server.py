@@ -50,6 +50,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.method = get_method(params["method"])
+        self.name = args.get("model_name", self.method.name)
         if params.get("preload") == "1":  # else the first request imports the loop (torch, diffusers)
             self.method.func()
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
@@ -112,9 +113,9 @@ class TritonPythonModel:
             self.runner.last_sample = None
             return self.method(self.runner, progress=on_step, **call), fmt
 
-    def _check_cancelled(self, request: Any, stage: str, step: int, steps: int) -> None:
-        if request.is_cancelled():
-            message = f"{self.method.name}: cancelled at {stage} step {step} of {steps}"
+    def _check_cancelled(self, request: Any, stage: str, step: int, steps: int, sender: Any = None) -> None:
+        if request.is_cancelled() or (sender is not None and sender.is_cancelled()):
+            message = f"{self.name}: cancelled at {stage} step {step} of {steps}"
             self.pb.Logger.log_info(message)
             raise Cancelled(message)
 
@@ -134,7 +135,7 @@ class TritonPythonModel:
         every = self._preview_every(request)
 
         def on_step(stage: str, step: int, steps: int) -> None:
-            self._check_cancelled(request, stage, step, steps)
+            self._check_cancelled(request, stage, step, steps, sender)
             tensors = {"stage": np.array([stage.encode()], dtype=object), "step": np.array([step], dtype=np.int64),
                        "steps": np.array([steps], dtype=np.int64),
                        "elapsed": np.array([time.perf_counter() - start], dtype=np.float64)}
