@@ -109,15 +109,6 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     return config
 
 
-def hosted_engines(manifest: Manifest, methods: Iterable[str], options: MethodOptions) -> int:
-    """Engines the hosted method models may hold (each model and its twin its own copy of what it calls):
-    they share the memory budget with the component models' instances."""
-    if options.design != HOSTED:
-        return 0
-    return 2 * sum(manifest.components[c].file is not None for name in methods for c in components_for([name])
-                   if c in manifest.components)
-
-
 def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
                         options: MethodOptions = MethodOptions(), family: str | None = None,
                         budget: int | None = None, suffix: str = "") -> list[str]:

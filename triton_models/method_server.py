@@ -61,14 +61,18 @@ class TritonPythonModel:
             from ti2i.engines.step_scheduler import StepScheduler
 
             budget = int(params["memory_budget"]) if params.get("memory_budget") else None
-            engines = InProcessRunner(manifest.root, budget=budget)
-            if params.get("preload") == "1":
-                for name in self.method.models:
-                    if name in manifest.components:
-                        engines.engine(name)
+            self.manifest = manifest
+            engines = InProcessRunner(manifest.root, budget=budget, shared=True)
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
             self.slots = threading.BoundedSemaphore(int(params.get("active", "1")))
             self.threads: set[threading.Thread] = set()
+            self.loaded: set[str] = set()
+            self.load_lock = threading.Lock()
+            if params.get("preload") == "1":
+                try:
+                    self._load_engines()
+                except ServerUnavailableError as err:  # the model still loads; its requests say why they wait
+                    pb_utils.Logger.log_warn(str(err))
         else:
             from ti2i.triton_models.bls import BLSRunner
 
@@ -100,6 +104,27 @@ class TritonPythonModel:
             self.threads.discard(threading.current_thread())
             self.slots.release()
 
+    def _load_engines(self) -> None:
+        """Load the engines this method calls, once: each copy of a model's weights only if the machine has
+        the memory for it now; else the request is refused (UNAVAILABLE) and the server keeps what it has."""
+        from ti2i.budget import MARGIN, available_memory, format_bytes
+        from ti2i.client.methods import components_for
+
+        with self.load_lock:
+            for name in components_for([self.method.name]):
+                entry = self.manifest.components.get(name)
+                if entry is None or name in self.loaded:
+                    continue
+                need = int(MARGIN * entry.memory.base) if entry.memory is not None else 0
+                free = available_memory()
+                if need > free:
+                    raise ServerUnavailableError(
+                        f"{self.name}: loading {name} needs about {format_bytes(need)} and the machine has "
+                        f"{format_bytes(free)} available; serve fewer methods (--methods), or the BLS design "
+                        f"(--method-design bls), whose method models share the component models")
+                self.runner.engines.engine(name)
+                self.loaded.add(name)
+
     # --- one request -----------------------------------------------------------------------------------
 
     def _call(self, request: Any, on_step: Any) -> tuple[Any, str]:
@@ -108,6 +133,8 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         call, fmt = read_request(self.method, get)
+        if self.design == HOSTED:
+            self._load_engines()
         loop = self.runner.request() if self.design == HOSTED else contextlib.nullcontext()
         with loop:
             self.runner.last_sample = None

@@ -87,16 +87,17 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     return config
 
 
-def instance_budget(manifest: Manifest, names: Iterable[str], options: RepositoryOptions, others: int = 0) -> int:
+def instance_budget(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> int:
     """Each instance's share of the budget: the instances of every engine-backed component share it evenly.
 
     The pre/post-processing steps (numpy on a request's own arrays, no weights) are held to the same share
     without taking one: counting them would shrink the UNet's share by almost half for steps that need little.
-    `others`: further engines that share it (those the hosted method models hold).
+    A hosted method model's engines get the same share per request; whether the machine can hold another
+    copy of their weights is checked when they load (`method_server`).
     """
     total = options.memory_budget if options.memory_budget is not None else machine_budget()
     measured = [n for n in names if manifest.components[n].file is not None]
-    return total // max(1, len(measured) * options.instances + others)
+    return total // max(1, len(measured) * options.instances)
 
 
 def budgeted_spec(spec: ComponentSpec, manifest: Manifest, budget: int) -> ComponentSpec:
@@ -156,8 +157,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=not replace)
-    methods, method_options = list(methods), method_options or _method_options()
-    budget = instance_budget(manifest, names, options, others=_hosted_engines(manifest, methods, method_options))
+    budget = instance_budget(manifest, names, options)
     # python models exchange float32 (the engines cast for fp16 graphs); the batch range fits the budget
     specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget).interface() for name in names}
     for name, spec in specs.items():
@@ -167,24 +167,10 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),
                      with_code=False)
     if methods:
-        from ti2i.triton_models.method_repository import write_method_models
+        from ti2i.triton_models.method_repository import MethodOptions, write_method_models
 
-        write_method_models(out, manifest, methods, method_options, family=family, budget=budget)
+        write_method_models(out, manifest, methods, method_options or MethodOptions(), family=family, budget=budget)
     return out
-
-
-def _method_options() -> Any:
-    from ti2i.triton_models.method_repository import MethodOptions
-
-    return MethodOptions()
-
-
-def _hosted_engines(manifest: Manifest, methods: Iterable[str], method_options: Any) -> int:
-    if not methods:
-        return 0
-    from ti2i.triton_models.method_repository import hosted_engines
-
-    return hosted_engines(manifest, methods, method_options)
 
 
 def _check_replaceable(out: Path) -> None:
