@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ti2i-installed
 
-.PHONY: demo test install clean gpu-check gpu-deps
+.PHONY: demo test install clean gpu-check gpu-deps gpu-deps-diffusers
 
 install: $(STAMP)
 
@@ -36,3 +36,12 @@ gpu-check:
 gpu-deps:
 	$(BIN)/python -m pip install --quiet --target .gpu_deps pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
 		packaging==26.4 Pygments==2.21.0
+
+# diffusers and what it imports that a torch-only machine lacks, for the method-loop check (gpu_check/EXPECTED.md):
+# pure Python but for safetensors (an abi3 wheel: any CPython >= 3.8 on linux x86_64) and PyYAML (its C
+# extension is optional); about 42 MB unpacked without .pyc. Pillow must be on that machine already.
+gpu-deps-diffusers:
+	$(BIN)/python -m pip install --quiet --no-deps --no-compile --target .gpu_deps diffusers==0.42.1 \
+		huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 anyio==4.16.0 h11==0.16.0 idna==3.20 \
+		truststore==0.10.5 tqdm==4.70.1 PyYAML==6.0.4 importlib_metadata==10.2.0 zipp==4.1.2 click==8.5.1 \
+		requests==2.34.2 urllib3==2.8.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 safetensors==0.8.0

@@ -135,4 +135,4 @@ def cyclediffusion(
     # 7. Decode
     with timings.stage("decode_image"):
         images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
-    return ImageResult(to_pil(images[0]), arrays[0], timings, latents)
+    return ImageResult(to_pil(images[0]), arrays[0], timings, latents.cpu())

@@ -76,7 +76,7 @@ def inpaint(
     mask_condition = torch.from_numpy(prepare_mask(mask_pil, height, width, factor))
     with timings.stage("encode_image"):
         init_image = shared.preprocess_image(runner, pixels)
-        masked_image = init_image * (mask_condition < 0.5)
+        masked_image = init_image * (mask_condition.to(init_image.device) < 0.5)
         # one encoder call: the masked image, and the image itself when its latent starts the chain
         batch = masked_image if is_strength_max else torch.cat([masked_image, init_image])
         mean, logvar = shared.encode_pixels(runner, batch)
@@ -93,6 +93,7 @@ def inpaint(
     # 6. Mask and masked-image latents: the mask resized to the latent grid; [uncond, cond] copies with guidance
     masked_image_latents = scaling * shared.sample_posterior(mean[:1], logvar[:1], generator)
     mask_latents = torch.nn.functional.interpolate(mask_condition, size=(height // factor, width // factor))
+    mask_latents = mask_latents.to(runner.device)  # resized on the host, as the reference does
     conditions = torch.cat([mask_latents, masked_image_latents], dim=1)
     if do_cfg:
         conditions = torch.cat([conditions] * 2)
@@ -108,4 +109,4 @@ def inpaint(
     # 8. Decode
     with timings.stage("decode_image"):
         images, arrays = shared.decode_latents(runner, latents, scaling)
-    return ImageResult(to_pil(images[0]), arrays[0], timings, latents)
+    return ImageResult(to_pil(images[0]), arrays[0], timings, latents.cpu())

@@ -3,6 +3,8 @@
 The methods only ever talk to a runner. `InProcessRunner` calls the engines of an engine directory
 directly (ensembles as the same chain of calls the server makes); `TritonRunner` sends the same
 calls to a Triton server over gRPC or HTTP. Both expose the pipeline facts from the manifest.
+The methods' loops call `run_tensors` (torch tensors on the runner's device): `InProcessRunner` keeps
+them on its engines' device, the Triton runners send them as numpy (`ti2i.runner`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
 from ti2i.families import Family, choose_family, families_from_configs, served_name, split_served_name
 from ti2i.manifest import Manifest
-from ti2i.runner import Runner  # re-exported: the interface lives below client/ and triton_models/
+from ti2i.runner import Runner, to_numpy, to_torch  # Runner re-exported: the interface lives below client/
+# and triton_models/
 from ti2i.spec import ComponentSpec
 
 
@@ -75,6 +78,16 @@ class FamilyRunner(FamilyRoutingRunner):
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.base.run(self._family.served(model), outputs, **inputs)
 
+    @property
+    def device(self) -> Any:
+        return self.base.device
+
+    def run_tensors(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
+        return self.base.run_tensors(self._family.served(model), outputs, **inputs)
+
+    def run_to_host(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
+        return self.base.run_to_host(self._family.served(model), outputs, **inputs)
+
     def for_method(self, method: str) -> Runner:
         return self.base.for_method(method)
 
@@ -99,6 +112,7 @@ class InProcessRunner(FamilyRoutingRunner):
         from ti2i.engines.loader import load_engine
 
         self.family = family
+        self._device = engine_options.get("device", "cpu")
         self._children: dict[str, InProcessRunner] = {}
         self._engines: dict[str, Engine] = {}
         if isinstance(engine_dir, Mapping):
@@ -114,7 +128,6 @@ class InProcessRunner(FamilyRoutingRunner):
             engine_dir = engine_dir[None]
         self.manifest = Manifest.load(engine_dir)
         self.pipeline = self.manifest.pipeline
-        self._device = engine_options.get("device", "cpu")
         self._load = lambda name: load_engine(self.manifest, name, **engine_options)
         specs = {name: entry.spec.interface() for name, entry in self.manifest.components.items()}
         self._ensembles = {e.name: (e.spec(specs), e.wiring(specs)) for e in available_ensembles(specs)}
@@ -159,28 +172,70 @@ class InProcessRunner(FamilyRoutingRunner):
         wanted = outputs or [k for k in result if k not in inputs]
         return {k: result[k] for k in wanted}
 
-    def run_tensors(self, model: str, /, **inputs: Any) -> dict[str, Any]:
-        """One component on torch tensors, returned on the engines' device (the ``device`` engine option).
-
-        Engines that live on a device (AOTInductor on CUDA, TensorRT) take and return device tensors
-        without a host round trip; the others (ONNX Runtime, processing steps) go through numpy. This
-        is the building block of loops kept on the device: the seeded generator stays on the CPU and
-        its noise is moved once. The methods call `run` (numpy), so their parity is untouched.
-        """
+    @property
+    def device(self) -> Any:
+        """The engines' device (the ``device`` engine option): where `run_tensors` returns its tensors."""
         import torch
 
-        device = torch.device(self._device)
+        return torch.device(self._device)
+
+    def run_tensors(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
+        """A component or an ensemble on torch tensors, returned on the engines' device.
+
+        Engines that live on a device (AOTInductor packages, TensorRT plans) take and return device
+        tensors without a host round trip; the others (ONNX Runtime, the processing steps) get the
+        tensors as numpy on the host, exactly as `run` would, and their results are moved to the device
+        once. An ensemble chains its steps so: on a GPU, `encode_prompt` tokenizes on the host and
+        encodes on the device. The seeded generator of the methods stays on the CPU and its draws are
+        moved once (as diffusers' `randn_tensor` does).
+        """
+        result = self._run_chain(model, inputs, outputs)
+        device = self.device
+        return {k: v.to(device) if hasattr(v, "to") else to_torch(v, device) for k, v in result.items()}
+
+    def run_to_host(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
+        """As `run_tensors`, the outputs as numpy on the host: a decode's images come back once."""
+        return {k: to_numpy(v) for k, v in self._run_chain(model, inputs, outputs).items()}
+
+    def _run_chain(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None) -> dict[str, Any]:
+        """Each output where the step that made it left it: a torch tensor on the device, or numpy."""
+        if self._children:
+            family, plain = split_served_name(model)
+            if family not in self._children:
+                raise ModelNotFoundError(f"no model {model!r}: families are {sorted(self._children)}; "
+                                         f"models are named <family>.<model>")
+            return self._children[family]._run_chain(plain, inputs, outputs)
+        if model in self._ensembles:
+            spec, wiring = self._ensembles[model]
+            spec.validate_inputs({k: _probe(v) if hasattr(v, "dim") else v for k, v in inputs.items()})
+            tensors: dict[str, Any] = dict(inputs)
+            for step, step_inputs, _ in wiring:
+                tensors.update(self._run_step(step, {k: tensors[k] for k in step_inputs}))
+            result = tensors
+        elif model in self.manifest.components:
+            result = self._run_step(model, inputs)
+        else:
+            raise ModelNotFoundError(f"no model {model!r} in {self.manifest.root}")
+        wanted = outputs or [k for k in result if k not in inputs]
+        return {k: result[k] for k in wanted}
+
+    def _run_step(self, model: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """One component: on its device where its engine has one (torch tensors out), else through numpy."""
+        import torch
+
         engine = self.engine(model)
         if not hasattr(engine, "run_device"):
-            out = engine.run({k: v.detach().cpu().numpy() for k, v in inputs.items()})
-            return {k: torch.from_numpy(np.require(v, requirements="W")).to(device) for k, v in out.items()}
+            return engine.run({k: to_numpy(v) for k, v in inputs.items()})
+        device = torch.device(getattr(engine, "device", None) or self._device)
         moved = {}
         for tensor in engine.spec.inputs:
             value = inputs.get(tensor.name)
             if value is not None:
+                if not hasattr(value, "to"):
+                    value = torch.from_numpy(np.ascontiguousarray(value))
                 moved[tensor.name] = value.to(device, getattr(torch, tensor.dtype) if value.is_floating_point()
                                               else value.dtype)
-        engine.spec.validate_inputs({k: _probe(v) for k, v in moved.items()})  # shapes and dtypes, no copy
+        engine.check({k: _probe(v) for k, v in moved.items()})  # shapes, dtypes and the budget, no copy
         out = engine.run_device(moved)  # may be views of the engine's buffers: copied before the next call
         return {k: v.float() if v.dtype == torch.float16 else v.clone() for k, v in out.items()}
 

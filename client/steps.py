@@ -42,10 +42,14 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements="W"))
 
 
+# The component calls below go through `runner.run_tensors`: torch tensors in and out on `runner.device`, so
+# that a runner whose engines live on a GPU keeps a whole loop there; a numpy runner (Triton, ONNX Runtime on
+# the CPU) sees exactly the arrays it always did.
+
 def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
     """Text embeddings [N, S, D] of the prompts, one request for all of them."""
     text = np.array([p.encode("utf-8") for p in prompts], dtype=object)
-    return as_tensor(runner.run("encode_prompt", text=text)["text_embeddings"])
+    return runner.run_tensors("encode_prompt", text=text)["text_embeddings"]
 
 
 def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool) -> torch.Tensor:
@@ -57,19 +61,19 @@ def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, 
 
 def encode_image(runner: Runner, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, log-variance) of a uint8 [B, H, W, 3] image."""
-    out = runner.run("encode_image", image=image)
-    return as_tensor(out["latent_mean"]), as_tensor(out["latent_logvar"])
+    out = runner.run_tensors("encode_image", image=image)
+    return out["latent_mean"], out["latent_logvar"]
 
 
 def preprocess_image(runner: Runner, image: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1], for methods that edit pixels before encoding."""
-    return as_tensor(runner.run("image_preprocess", image=image)["images"])
+    return runner.run_tensors("image_preprocess", image=image)["images"]
 
 
 def encode_pixels(runner: Runner, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, log-variance) of float [B, 3, H, W] images in [-1, 1]."""
-    out = runner.run("vae_encoder", images=images.contiguous().numpy())
-    return as_tensor(out["latent_mean"]), as_tensor(out["latent_logvar"])
+    out = runner.run_tensors("vae_encoder", images=images.contiguous())
+    return out["latent_mean"], out["latent_logvar"]
 
 
 def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -78,13 +82,20 @@ def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn from the generator as diffusers' `randn_tensor`."""
-    return randn_tensor(x.shape, generator=generator, dtype=x.dtype)
+    """Standard normal noise of x's shape on x's device, drawn from the generator as diffusers' `randn_tensor`
+    (a CPU generator draws on the CPU, then the noise moves to the device once)."""
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`, drawn as diffusers' `randn_tensor` (see `noise_like`)."""
+    return randn_tensor(tuple(shape), generator=generator, device=torch.device(device), dtype=dtype)
 
 
 def decode_latents(runner: Runner, latents: torch.Tensor, scaling_factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Latents -> (uint8 [B, H, W, 3], float [B, H, W, 3] in [0, 1])."""
-    out = runner.run("decode_image", latent=(latents / scaling_factor).numpy())
+    """Latents -> (uint8 [B, H, W, 3], float [B, H, W, 3] in [0, 1]), on the host: a method's result."""
+    out = runner.run_to_host("decode_image", latent=latents / scaling_factor)
     return out["image"], out["image_float"]
 
 
@@ -101,11 +112,11 @@ def classifier_free_guidance(noise_pred: torch.Tensor, scale: float) -> torch.Te
 def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor | float,
              encoder_hidden_states: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
     """One UNet call; the timestep is sent per sample so the server can batch requests at different steps."""
-    timestep = np.full((sample.shape[0],), float(t), dtype=np.float32)
-    extra = {name: value.contiguous().numpy() for name, value in conditions.items()}
-    out = runner.run(model, sample=sample.contiguous().numpy(), timestep=timestep,
-                     encoder_hidden_states=encoder_hidden_states.contiguous().numpy(), **extra)
-    return as_tensor(out["noise_pred"])
+    timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
+    out = runner.run_tensors(model, sample=sample.contiguous(), timestep=timestep,
+                             encoder_hidden_states=encoder_hidden_states.contiguous(),
+                             **{name: value.contiguous() for name, value in conditions.items()})
+    return out["noise_pred"]
 
 
 def guided_noise_pred(runner: Runner, model: str, scheduler, latents: torch.Tensor, t: torch.Tensor | float,

@@ -85,7 +85,7 @@ def svd(
     # 2. CLIP embedding of the clean image; zeros as the unconditional branch
     with timings.stage("encode_image_clip"):
         pixel_values = clip_pixels(pil, pipeline["image_processor"], pipeline["image_encoder_size"])
-        embeds = shared.as_tensor(runner.run("image_encoder", pixel_values=pixel_values.numpy())["image_embeds"])
+        embeds = runner.run_tensors("image_encoder", pixel_values=pixel_values)["image_embeds"]
     embeds = embeds[:, None]
     if do_cfg:
         embeds = torch.cat([torch.zeros_like(embeds), embeds])
@@ -102,7 +102,7 @@ def svd(
     image_latents = image_latents[:, None].repeat(1, frames, 1, 1, 1)
 
     # 4. Micro-conditioning: [fps − 1, motion bucket, noise augmentation]
-    added_time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug]], dtype=torch.float32)
+    added_time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug]], dtype=torch.float32).to(runner.device)
     if do_cfg:
         added_time_ids = torch.cat([added_time_ids, added_time_ids])
 
@@ -112,10 +112,10 @@ def svd(
 
     # 6. Latents: noise × the initial sigma, [1, F, C, h, w]
     shape = (1, frames, image_latents.shape[2], image_latents.shape[3], image_latents.shape[4])
-    latents = shared.noise_like(torch.empty(shape), generator) * scheduler.init_noise_sigma
+    latents = shared.randn(shape, generator, runner.device) * scheduler.init_noise_sigma
 
     # 7. Denoising loop, guidance rising linearly from the first frame to the last
-    guidance = torch.linspace(min_guidance, max_guidance, frames)[None, :, None, None, None]
+    guidance = torch.linspace(min_guidance, max_guidance, frames)[None, :, None, None, None].to(runner.device)
     for t in shared.progress_steps(scheduler.timesteps, "svd", progress):
         model_input = torch.cat([latents] * 2) if do_cfg else latents
         model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=2)
@@ -130,8 +130,8 @@ def svd(
     video, video_float = [], []
     for start in shared.progress_steps(range(0, frames, decode_chunk_size), "decode", progress):
         with timings.stage("decode_chunk"):
-            chunk = runner.run("vae_decoder_temporal", latent=flat[start:start + decode_chunk_size].numpy())
-            out = runner.run("image_postprocess", images=chunk["images"])
+            chunk = runner.run_tensors("vae_decoder_temporal", latent=flat[start:start + decode_chunk_size])
+            out = runner.run_to_host("image_postprocess", images=chunk["images"])  # the frames come back once
         video.append(out["image"])
         video_float.append(out["image_float"])
-    return VideoResult(np.concatenate(video), np.concatenate(video_float), fps, timings, latents)
+    return VideoResult(np.concatenate(video), np.concatenate(video_float), fps, timings, latents.cpu())

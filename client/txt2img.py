@@ -49,7 +49,7 @@ def txt2img(
     # 4. Latents: noise × the scheduler's initial sigma
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (1, pipeline["latent_channels"], height // factor, width // factor)
-    latents = shared.noise_like(torch.empty(shape), generator) * scheduler.init_noise_sigma
+    latents = shared.randn(shape, generator, runner.device) * scheduler.init_noise_sigma
 
     # 5. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
@@ -61,4 +61,4 @@ def txt2img(
     # 6. Decode
     with timings.stage("decode_image"):
         images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
-    return ImageResult(to_pil(images[0]), arrays[0], timings, latents)
+    return ImageResult(to_pil(images[0]), arrays[0], timings, latents.cpu())

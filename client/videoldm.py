@@ -98,7 +98,7 @@ def videoldm(
 
     # 5. Denoising loop: all frames jointly; frame 0 optionally kept on the input's trajectory
     extra = shared.step_kwargs(sched, generator, eta)
-    alphas = torch.full((2 if do_cfg else 1,), float(alpha))
+    alphas = torch.full((2 if do_cfg else 1,), float(alpha), device=runner.device)
     for i, t in enumerate(shared.progress_steps(timesteps, "videoldm", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, sched, latents, t, prompt_embeds, guidance, do_cfg,
@@ -117,7 +117,7 @@ def videoldm(
                                                    pipeline["vae_scaling_factor"])
         video.append(images)
         video_float.append(arrays)
-    return VideoResult(np.concatenate(video), np.concatenate(video_float), fps, timings, latents)
+    return VideoResult(np.concatenate(video), np.concatenate(video_float), fps, timings, latents.cpu())
 
 
 def _chunks(frames: int) -> list[int]:

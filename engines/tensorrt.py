@@ -59,6 +59,7 @@ class TrtEngine(Engine):
         if not path.is_file():
             raise ModelNotFoundError(f"{spec.name}: TensorRT plan {path} does not exist (run `ti2i build`)")
         self._torch = torch
+        self.device = "cuda"  # where run_device takes and returns its tensors
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())

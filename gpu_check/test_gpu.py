@@ -4,6 +4,8 @@ container), the tiny pipelines end to end on fp16 TensorRT and AOTInductor engin
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -38,8 +40,8 @@ def _reference(module32, inputs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def aoti_fp16(module32, tmp_path_factory):
-    from ti2i.engines.aoti import AotiEngine
+def aoti_fp16_package(module32, tmp_path_factory):
+    """(package path, spec, latent multiple) of the block stack compiled in fp16 for CUDA."""
     from ti2i.export.aoti import _export
 
     spec = denoiser_spec("float16")
@@ -50,7 +52,15 @@ def aoti_fp16(module32, tmp_path_factory):
     program, multiple = _export(module, spec, prof, "cuda", dynamic=True)
     path = tmp_path_factory.mktemp("aoti") / "unet.pt2"
     torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    return AotiEngine(path, spec, prof, multiple is not None, device="cuda", multiple=multiple)
+    return path, spec, multiple
+
+
+@pytest.fixture(scope="module")
+def aoti_fp16(aoti_fp16_package):
+    from ti2i.engines.aoti import AotiEngine
+
+    path, spec, multiple = aoti_fp16_package
+    return AotiEngine(path, spec, profiles.profile(spec), multiple is not None, device="cuda", multiple=multiple)
 
 
 def test_aoti_fp16_on_cuda_matches_fp32_torch(aoti_fp16, module32):
@@ -73,6 +83,96 @@ def test_a_loop_on_the_device_never_leaves_it(aoti_fp16):
         uncond, cond = out.float().chunk(2)
         latents = latents - 0.1 * (uncond + 7.5 * (cond - uncond))
     assert latents.is_cuda and torch.isfinite(latents).all()
+
+
+DIFFUSERS = pytest.mark.skipif(not have("diffusers"), reason="a method loop needs diffusers (its schedulers): "
+                               "carry it with `make gpu-deps-diffusers` (gpu_check/EXPECTED.md)")
+
+
+@DIFFUSERS
+def test_a_method_loop_on_cuda_makes_no_host_copies(aoti_fp16_package, tmp_path, monkeypatch):
+    """SDEdit over the in-process runner on AOTInductor CUDA engines (gpu_check/standin.py: the block-stack
+    UNet in fp16, stand-in text encoder and VAE): every UNet call takes and returns CUDA tensors on its device
+    path, and while the loop runs no tensor is copied to the host (no .cpu(), .numpy(), .item(), .tolist() of
+    a CUDA tensor; the synchronizing CUDA calls torch's sync debug mode sees are printed). Its result equals
+    the same engines driven step by step through numpy (a host round trip per step): only the scheduler's
+    float rounding on the GPU, and where it flips the fp16 rounding of a UNet input, differs."""
+    import warnings
+
+    from PIL import Image
+
+    from gpu_check.standin import StandInRunner, write_standin_engines
+    from ti2i.client.sdedit import sdedit
+    from ti2i.runner import Runner
+
+    package, spec, multiple = aoti_fp16_package
+    root = write_standin_engines(tmp_path / "engines", package, spec, multiple, device="cuda")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    options = dict(prompt="a painting", steps=10, strength=0.6, seed=4)
+    in_loop, host_copies, unet_calls, steps = [False], [], {"numpy": 0, "device": 0}, [0]
+
+    def watch(name):
+        original = getattr(torch.Tensor, name)
+
+        def watched(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if in_loop[0] and self.is_cuda and not (isinstance(out, torch.Tensor) and out.is_cuda):
+                host_copies.append((name, tuple(self.shape)))
+            return out
+
+        monkeypatch.setattr(torch.Tensor, name, watched)
+
+    for name in ("cpu", "numpy", "item", "tolist", "to"):
+        watch(name)
+
+    def progress(loop: str, done: int, total: int) -> None:
+        in_loop[0] = done < total
+        steps[0] = total
+        torch.cuda.set_sync_debug_mode("warn" if in_loop[0] else "default")
+
+    with StandInRunner(root, backend="aoti", device="cuda") as runner:
+        unet = runner.engine("unet")
+        run, run_device = unet.run, unet.run_device
+
+        def counted_run(inputs):
+            unet_calls["numpy"] += in_loop[0]
+            return run(inputs)
+
+        def counted_run_device(inputs):
+            unet_calls["device"] += in_loop[0]
+            assert all(v.is_cuda for v in inputs.values()), {k: v.device for k, v in inputs.items()}
+            out = run_device(inputs)
+            assert all(v.is_cuda for v in out.values())
+            return out
+
+        unet.run, unet.run_device = counted_run, counted_run_device
+        with warnings.catch_warnings(record=True) as syncs:
+            warnings.simplefilter("always")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = sdedit(runner, image, progress=progress, **options)
+            seconds = time.perf_counter() - start
+        torch.cuda.set_sync_debug_mode("default")
+        assert (unet_calls["device"], unet_calls["numpy"]) == (steps[0], 0), unet_calls
+        assert host_copies == [], f"host copies inside the loop: {host_copies}"
+        assert result.latents.shape == (1, 4, 64, 64) and np.isfinite(result.array).all()
+
+        class HostLoop(Runner):  # the same engines, every tensor through numpy: a round trip per step
+            pipeline = runner.pipeline
+
+            def run(self, model, /, outputs=None, **inputs):
+                return runner.run(model, outputs, **inputs)
+
+        in_loop[0] = False
+        start = time.perf_counter()
+        host = sdedit(HostLoop(), image, progress=False, **options)
+        host_seconds = time.perf_counter() - start
+    synced = [str(w.message).splitlines()[0] for w in syncs if "synchroniz" in str(w.message)]
+    db = _psnr(result.array, host.array)
+    print(f"\nSDEdit stand-in 512², {steps[0]} steps on CUDA: device loop {seconds:.3f} s, host round trips "
+          f"{host_seconds:.3f} s; PSNR device vs host loop {db:.1f} dB; synchronizing CUDA calls in the loop "
+          f"(torch sync debug mode): {len(synced)}{' e.g. ' + synced[0] if synced else ''}")
+    assert db >= 40.0
 
 
 @pytest.mark.skipif(not have("tensorrt"), reason="TensorRT is not installed (pip install 'ti2i[tensorrt]')")
