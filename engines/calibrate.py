@@ -50,6 +50,23 @@ def layout(spec: ComponentSpec) -> dict[str, Any]:
     return {"token_dims": tokens, "item_dims": items, "frames_dim": frames}
 
 
+def fit_memory(growths: list[tuple[float, float]], base: int) -> tuple[int, float, float]:
+    """(base, linear, quadratic) from measured (tokens, growth per item) points and the loaded size.
+
+    Growths below 1% of the loaded size are allocator noise and never decide a budget. A flat run at the
+    small sizes (the same growth whatever the size: a fixed workspace) is an allocation floor, not growth
+    per token: it joins the base, and the curve is fitted to the sizes where growth rises above twice the
+    floor. (Fitted through the floor, a VAE encoder's 12 MiB at 8×8 became 13 GiB at 256².)
+    """
+    fit_points = [p for p in growths if p[1] >= 0.01 * base] or growths
+    floor = min(y for _, y in fit_points)
+    rising = [p for p in fit_points if p[1] >= 2 * floor]
+    if len(rising) >= 2 and len(rising) < len(fit_points):
+        base, fit_points = base + int(floor), rising
+    linear, quadratic = fit_growth(fit_points)
+    return base, linear, quadratic
+
+
 def calibrate(onnx_path: str | Path, spec: ComponentSpec, target_bytes: int | None = None) -> MemoryModel:
     """Run the ladder in child processes and fit the component's memory model."""
     target = target_bytes or int(os.environ.get(TARGET_ENV, TARGET_BYTES))
@@ -57,15 +74,13 @@ def calibrate(onnx_path: str | Path, spec: ComponentSpec, target_bytes: int | No
     job = {"onnx": str(onnx_path), "spec": spec.to_json(), "target": target, **shape}
     ladder = _child({**job, "mode": "ladder"})
     growths = [(float(x), float(y)) for x, y in ladder["points"]]
-    # growths below 1% of the loaded size are allocator noise, and never decide a budget
-    fit_points = [p for p in growths if p[1] >= 0.01 * ladder["base"]] or growths
-    linear, quadratic = fit_growth(fit_points)
+    base, linear, quadratic = fit_memory(growths, int(ladder["base"]))
     power = 1.0
     if shape["frames_dim"] is not None:
         side = ladder["frames_side"]
         frames = _child({**job, "mode": "frames", "side": side})
         power = min(2.0, max(1.0, math.log(max(frames["ratio"], 1.0)) / math.log(4)))
-    return MemoryModel(base=int(ladder["base"]), linear=linear, quadratic=quadratic, frames_ref=FRAMES_REF,
+    return MemoryModel(base=base, linear=linear, quadratic=quadratic, frames_ref=FRAMES_REF,
                        frames_power=power, points=tuple(growths), **shape)
 
 

@@ -397,3 +397,25 @@ def test_a_deadline_passing_in_the_queue_is_one_line(limited_server, engines, pr
     assert isinstance(results[1], ServerUnavailableError), results
     assert_one_line(results[1], "unet")  # what the CLI prints (exit 2); HTTP was a gevent traceback
     serves_a_good_request(limited_server, engines)
+
+
+def test_an_allocation_floor_is_not_fitted_as_growth_per_token():
+    """The sd15-256 VAE encoder's ladder: 12 MiB of growth at every size up to 93², then rising. Fitted through
+    that floor, the 256² request was estimated at 17.8 GiB and refused (measured: 546 MiB); the floor now
+    joins the base and the curve follows the rising sizes, still on or above every measured point."""
+    from ti2i.budget import MemoryModel
+    from ti2i.engines.calibrate import fit_memory
+
+    floor = 12787712.0
+    points = [(float(t), floor) for t in (64, 121, 256, 529, 1089, 2209, 4356, 8649)] + [
+        (17424.0, 26787840.0), (34969.0, 80502784.0), (69696.0, 188268544.0), (139129.0, 402018304.0),
+        (278784.0, 847425536.0)]
+    loaded = 384_000_000
+    base, linear, quadratic = fit_memory(points, loaded)
+    model = MemoryModel(base, linear, quadratic, ("image_height", "image_width"), ("batch",))
+    for tokens, growth in points:
+        side = int(tokens ** 0.5)
+        estimate = model.estimate({"batch": 1, "image_height": side, "image_width": side})
+        assert estimate >= loaded + growth  # never below what was measured
+    at_256 = model.estimate({"batch": 1, "image_height": 264, "image_width": 264})
+    assert at_256 < 1.5 * (loaded + 188268544.0), at_256

@@ -27,6 +27,7 @@ import tritonclient.http as httpclient
 from conftest import EXAMPLE, server_url
 from PIL import Image
 from ti2i.client.images import centered_ellipse_mask
+from ti2i.client.methods import components_for
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import request_tensors, run_remote
 from ti2i.client.runners import InProcessRunner
@@ -292,6 +293,22 @@ def test_bad_input_gets_one_clear_error_and_the_server_stays_ready(case, change,
     assert expected in str(info.value)
     with httpclient.InferenceServerClient(method_server.http_url) as client:
         assert client.is_server_ready() and client.is_model_ready("sdedit")
+
+
+def test_a_hosted_model_without_memory_for_its_engines_says_so_and_serves_on(engines, tmp_path, monkeypatch,
+                                                                            example_image):
+    """A hosted method model loads its own copy of the engines at its first request; where the server may not
+    take that much more memory, the request gets one UNAVAILABLE error naming the engine and the way out."""
+    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
+                                  methods=["sdedit"])
+    monkeypatch.setenv("TI2I_MEMORY_BUDGET", "1M")  # the server's whole budget: less than any engine's weights
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        for protocol in ("http", "grpc"):
+            with pytest.raises(ServerUnavailableError, match=r"loading \w+ needs about .*--method-design bls"):
+                run_remote(server_url(server, protocol), METHODS["sdedit"], progress=False, stream=False,
+                           **_inputs("sdedit", example_image))
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            assert client.is_server_ready() and client.is_model_ready("sdedit")
 
 
 def test_over_the_active_limit_with_a_full_queue_is_rejected(method_server, example_image):

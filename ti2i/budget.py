@@ -68,6 +68,13 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def loadable_memory() -> int:
+    """Bytes one more copy of an engine's weights may take now: what the machine has available, capped by
+    TI2I_MEMORY_BUDGET when that is set (the whole server's budget)."""
+    value = os.environ.get(BUDGET_ENV)
+    return min(available_memory(), parse_bytes(value)) if value else available_memory()
+
+
 def machine_budget() -> int:
     """Bytes every model instance of this process's server (or this in-process runner) may use together."""
     value = os.environ.get(BUDGET_ENV)

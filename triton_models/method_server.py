@@ -107,7 +107,7 @@ class TritonPythonModel:
     def _load_engines(self) -> None:
         """Load the engines this method calls, once: each copy of a model's weights only if the machine has
         the memory for it now; else the request is refused (UNAVAILABLE) and the server keeps what it has."""
-        from ti2i.budget import MARGIN, available_memory, format_bytes
+        from ti2i.budget import MARGIN, format_bytes, loadable_memory
         from ti2i.client.methods import components_for
 
         with self.load_lock:
@@ -116,11 +116,11 @@ class TritonPythonModel:
                 if entry is None or name in self.loaded:
                     continue
                 need = int(MARGIN * entry.memory.base) if entry.memory is not None else 0
-                free = available_memory()
+                free = loadable_memory()
                 if need > free:
                     raise ServerUnavailableError(
-                        f"{self.name}: loading {name} needs about {format_bytes(need)} and the machine has "
-                        f"{format_bytes(free)} available; serve fewer methods (--methods), or the BLS design "
+                        f"{self.name}: loading {name} needs about {format_bytes(need)} and the server may take "
+                        f"{format_bytes(free)} more now; serve fewer methods (--methods), or the BLS design "
                         f"(--method-design bls), whose method models share the component models")
                 self.runner.engines.engine(name)
                 self.loaded.add(name)
