@@ -15,7 +15,8 @@ two designs (the `design` parameter):
 The plain model answers with the result; the `_stream` twin (decoupled) sends a progress response
 before the first step and after each (`stage`, `step` of `steps`, `elapsed` seconds), a latent
 preview every `preview_every` steps when asked, then the result. A cancelled request (a gRPC stream
-the client cancelled or left) stops within one step, and the model logs where it stopped.
+the client cancelled or left) stops at its next step (`CancelWatch` polls every `cancel_poll_ms`, 20),
+and the model logs where it stopped.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ti2i.client.registry import get_method
 from ti2i.errors import ServerUnavailableError, Ti2iError
 from ti2i.families import FAMILY_PARAMETER
 from ti2i.manifest import Manifest
+from ti2i.triton_models.cancel_watch import CancelWatch
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
 
 HOSTED, BLS = "hosted", "bls"
@@ -54,6 +56,7 @@ class TritonPythonModel:
         if params.get("preload") == "1":  # else the first request imports the loop (torch, diffusers)
             self.method.func()
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.cancels = CancelWatch(float(params.get("cancel_poll_ms", "20")) / 1000)
         self.design = params.get("design", BLS)
         manifest = Manifest.load(params["engine_dir"])
         if self.design == HOSTED:
@@ -140,29 +143,34 @@ class TritonPythonModel:
             self.runner.last_sample = None
             return self.method(self.runner, progress=on_step, **call), fmt
 
-    def _check_cancelled(self, request: Any, stage: str, step: int, steps: int, sender: Any = None) -> None:
-        if request.is_cancelled() or (sender is not None and sender.is_cancelled()):
+    def _check_cancelled(self, cancelled: Any, stage: str, step: int, steps: int) -> None:
+        if cancelled.is_set():
             message = f"{self.name}: cancelled at {stage} step {step} of {steps}"
             self.pb.Logger.log_info(message)
             raise Cancelled(message)
 
     def _respond(self, request: Any) -> Any:
+        cancelled = self.cancels.watch(request)
+
         def on_step(stage: str, step: int, steps: int) -> None:
-            self._check_cancelled(request, stage, step, steps)
+            self._check_cancelled(cancelled, stage, step, steps)
 
         try:
             result, fmt = self._call(request, on_step)
             return self._result(result, fmt, self._wanted(request, OUTPUTS))
         except Exception as err:  # one request's failure never reaches the others or the server
             return self._error(err)
+        finally:
+            self.cancels.unwatch(request)
 
     def _stream(self, request: Any) -> None:
         sender = request.get_response_sender()
+        cancelled = self.cancels.watch(request, sender)
         start = time.perf_counter()
         every = self._preview_every(request)
 
         def on_step(stage: str, step: int, steps: int) -> None:
-            self._check_cancelled(request, stage, step, steps, sender)
+            self._check_cancelled(cancelled, stage, step, steps)
             tensors = {"stage": np.array([stage.encode()], dtype=object), "step": np.array([step], dtype=np.int64),
                        "steps": np.array([steps], dtype=np.int64),
                        "elapsed": np.array([time.perf_counter() - start], dtype=np.float64)}
@@ -180,6 +188,8 @@ class TritonPythonModel:
             return
         except Exception as err:
             final = self._error(err)
+        finally:
+            self.cancels.unwatch(request)
         sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     # --- responses ---------------------------------------------------------------------------------------
@@ -212,6 +222,7 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(error=self.pb.TritonError(f"{type(err).__name__}: {err}", code))
 
     def finalize(self) -> None:
+        self.cancels.close()
         for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
             thread.join(timeout=60)
         if self.design == HOSTED:
