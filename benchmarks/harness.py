@@ -23,6 +23,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -41,6 +42,7 @@ from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, R
 from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
     model_preset
 from ti2i.benchmarks.stats import median, ratio, summarize
+from ti2i.client.registry import STREAM_SUFFIX
 from ti2i.errors import InvalidInputError
 
 SCHEMA = "ti2i-bench/1"
@@ -331,6 +333,8 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
             write_method_models(repo, manifest, [method], MethodOptions(design=design, active=method_active,
                                                                         max_queue=method_active, preload=True),
                                 suffix=method_suffix(design))
+            # the bench sends plain requests only: no streaming twin holding another copy of the weights
+            shutil.rmtree(repo / (method + method_suffix(design) + STREAM_SUFFIX))
         progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")
         start = time.perf_counter()
         with TritonServer(repo, log_path=out / f"server-{method}.log", startup_timeout_s=900) as server:
