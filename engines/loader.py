@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from ti2i.budget import io_memory, machine_budget
 from ti2i.engines.base import Engine
@@ -16,17 +16,19 @@ BACKENDS = (ONNXRUNTIME, "tensorrt", "aoti")
 
 
 def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
-                threads: int | None = None, budget: int | None = None, backend: str = ONNXRUNTIME,
+                threads: int | None = None, budget: int | Mapping[str, int] | None = None, backend: str = ONNXRUNTIME,
                 device: str = "cpu", shared: bool = False) -> Engine:
     """The engine of `name`: ONNX Runtime, or the TensorRT plan / AOTInductor package `ti2i build` wrote
     (components without a build of that backend run on ONNX Runtime). ONNX Runtime engines refuse requests
-    over `budget` bytes (default: this machine's budget); a manifest written before memory calibration gets
+    over `budget` bytes (default: this machine's budget; a mapping gives it by component); a manifest written before memory calibration gets
     its engines calibrated here, at load (seconds). `shared`: the engines serve many threads' loops (the step
     scheduler), which ONNX Runtime's spinning threads would starve.
     """
     if name not in manifest.components:
         raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
     entry = manifest.components[name]
+    if isinstance(budget, Mapping):
+        budget = budget.get(name)
     if entry.backend == ONNX and backend != ONNXRUNTIME:
         compiled = _load_compiled(manifest, name, backend, device)
         if compiled is not None:

@@ -15,6 +15,7 @@ few hundred MB to 2 GB (estimates; measured peaks are lower): no test needs more
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -27,10 +28,11 @@ from conftest import server_url
 from ti2i.client.runners import TritonRunner
 from ti2i.engines.loader import load_engine
 from ti2i.manifest import Manifest
-from ti2i.triton_models.repository import RepositoryOptions, parse_config, write_repository
+from ti2i.triton_models.repository import (RepositoryOptions, budgeted_spec, instance_budgets, parse_config,
+                                          write_repository)
 from ti2i.triton_models.server import TritonServer
 
-from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, parse_bytes
+from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, format_bytes, parse_bytes
 from ti2i.errors import ComponentOutputError, InvalidInputError, OverBudgetError, ServerUnavailableError
 from ti2i.spec import sample_inputs
 
@@ -211,12 +213,28 @@ def limited_server(engines, tmp_path_factory, monkeypatch_module):
         yield server
 
 
-def test_config_carries_the_budget_and_a_queue_policy(limited_server):
+def test_config_carries_the_budget_and_a_queue_policy(limited_server, engines):
     config = parse_config(limited_server.repository_dir / "unet" / "config.pbtxt")
-    assert int(config.parameters["memory_budget"].string_value) == parse_bytes(BUDGET) // 2
+    weights = {n: engines.components[n].memory.base for n in ("unet", "vae_decoder")}
+    headroom = (parse_bytes(BUDGET) - sum(weights.values())) // 2
+    assert int(config.parameters["memory_budget"].string_value) == weights["unet"] + headroom
     policy = config.dynamic_batching.default_queue_policy
     assert policy.max_queue_size == 2 and policy.allow_timeout_override
     assert policy.timeout_action == policy.REJECT and policy.default_timeout_microseconds == 30_000_000
+
+
+def test_each_component_keeps_its_weights_and_shares_the_rest(engines):
+    """An even split of the total gave a UNet whose weights are most of its share room for batch 1 only
+    (SD 1.5 at 256²: 3.4 GiB of weights, a 3.45 GiB share), while the VAE's share sat unused."""
+    unet, vae = (engines.components[n].memory for n in ("unet", "vae_decoder"))
+    smallest = {d: low for d, (low, _) in engines.components["unet"].spec.dims.items()}
+    eight = math.ceil(unet.growth({**smallest, "batch": 8})) + 1
+    total = unet.base + vae.base + 2 * eight
+    assert total // 2 < unet.base + eight  # the even split would not fit batch 8
+    options = RepositoryOptions(memory_budget=total, instances=1)
+    budgets = instance_budgets(engines, ["unet", "vae_decoder", "image_postprocess"], options)
+    assert budgets["unet"] - unet.base == budgets["vae_decoder"] - vae.base == budgets["image_postprocess"] == eight
+    assert budgeted_spec(engines.components["unet"].spec, engines, budgets["unet"]).dims["batch"][1] >= 8
 
 
 def test_unbatched_models_wait_in_a_bounded_queue_too(svd_engines, tmp_path):
@@ -250,14 +268,15 @@ def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_served_edge_runs_and_past_it_is_invalid_arg(limited_server, engines, protocol):
     memory = engines.components["unet"].memory
-    budget = parse_bytes(BUDGET) // 2
+    config = parse_config(limited_server.repository_dir / "unet" / "config.pbtxt")
+    budget = int(config.parameters["memory_budget"].string_value)  # its weights and half the rest of 4 GiB
     side = edge_side(memory, budget)
     with TritonRunner(server_url(limited_server, protocol)) as runner:
         assert runner.run("unet", **unet_inputs(engines, side))["noise_pred"].shape == (1, 4, side, side)
         for past in (side + 1, 256):
             with pytest.raises(InvalidInputError) as err:
                 runner.run("unet", **unet_inputs(engines, past))
-            assert_one_line(err.value, "OverBudgetError", "needs about", "budget of 2.0 GiB")
+            assert_one_line(err.value, "OverBudgetError", "needs about", f"budget of {format_bytes(budget)}")
         latent = sample_inputs(engines.components["vae_decoder"].spec, {"batch": 1, "height": 256, "width": 256})
         with pytest.raises(InvalidInputError, match="vae_decoder: a request of batch=1, height=256"):
             runner.run("vae_decoder", **latent)  # the request that grew a stub to 23.9 GB

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +68,11 @@ def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False)
 
 
 def method_config(method: Method, manifest: Manifest, options: MethodOptions, stream: bool = False,
-                  family: str | None = None, budget: int | None = None, suffix: str = "") -> mc.ModelConfig:
+                  family: str | None = None, budgets: Mapping[str, int] | None = None,
+                  suffix: str = "") -> mc.ModelConfig:
     """`family`: served as ``<family>.<method>`` beside that family's components (which a bls loop calls);
-    `budget`: the bytes each engine a hosted model holds may use (None: the stub's machine budget);
+    `budgets`: the bytes each engine a hosted model holds may use, by component (None: the stub's machine
+    budget);
     `suffix`: served as METHOD + suffix (and its twin + _stream), e.g. a second design beside the first."""
     name = method.name + suffix + (STREAM_SUFFIX if stream else "")
     config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
@@ -102,7 +104,8 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     policy.allow_timeout_override = True
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design, "active": str(options.active),
-              "max_wait_ms": f"{options.max_wait_ms:g}", **({"memory_budget": str(budget)} if budget else {}),
+              "max_wait_ms": f"{options.max_wait_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
+                 if budgets else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
     for key, value in values.items():
         config.parameters[key].string_value = value
@@ -111,9 +114,9 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
 
 def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
                         options: MethodOptions = MethodOptions(), family: str | None = None,
-                        budget: int | None = None, suffix: str = "") -> list[str]:
+                        budgets: Mapping[str, int] | None = None, suffix: str = "") -> list[str]:
     """Write each method's model and streaming twin into the repository `out` (its components already there);
-    `budget`: bytes per engine of a hosted model."""
+    `budgets`: bytes per engine of a hosted model, by component."""
     written = []
     served = {p.name for p in Path(out).iterdir() if (p / "config.pbtxt").is_file()}
     for name in methods:
@@ -123,7 +126,7 @@ def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
         if missing:
             raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
         for stream in (False, True):
-            config = method_config(METHODS[name], manifest, options, stream, family, budget, suffix)
+            config = method_config(METHODS[name], manifest, options, stream, family, budgets, suffix)
             model_dir = Path(out) / config.name
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -87,17 +87,29 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     return config
 
 
-def instance_budget(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> int:
-    """Each instance's share of the budget: the instances of every engine-backed component share it evenly.
+def instance_budgets(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> dict[str, int]:
+    """Each instance's budget, by component: its own weights plus an even share of what the weights of every
+    engine-backed instance leave of the total.
 
-    The pre/post-processing steps (numpy on a request's own arrays, no weights) are held to the same share
-    without taking one: counting them would shrink the UNet's share by almost half for steps that need little.
-    A hosted method model's engines get the same share per request; whether the machine can hold another
+    An even split of the whole total would give SD 1.5's UNet (3.4 GiB of weights) the same 3.5 GiB of a
+    14 GiB machine as the 0.4 GiB VAE encoder, leaving it room for batch 1 only, while the VAE's share sat
+    unused. The pre/post-processing steps (numpy on a request's own arrays, no weights) get the headroom
+    share without taking one: counting them would shrink everyone's headroom for steps that need little.
+    Without a memory calibration a component's weights count as 0 (the share is then the even split).
+    A hosted method model's engines get the same budgets per request; whether the machine can hold another
     copy of their weights is checked when they load (`method_server`).
     """
+    names = list(names)
     total = options.memory_budget if options.memory_budget is not None else machine_budget()
     measured = [n for n in names if manifest.components[n].file is not None]
-    return total // max(1, len(measured) * options.instances)
+
+    def weights(name: str) -> int:
+        memory = manifest.components[name].memory
+        return memory.base if memory is not None and name in measured else 0
+
+    held = options.instances * sum(weights(n) for n in measured)
+    headroom = max(0, total - held) // max(1, len(measured) * options.instances)
+    return {name: weights(name) + headroom for name in names}
 
 
 def budgeted_spec(spec: ComponentSpec, manifest: Manifest, budget: int) -> ComponentSpec:
@@ -157,11 +169,12 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=not replace)
-    budget = instance_budget(manifest, names, options)
+    budgets = instance_budgets(manifest, names, options)
     # python models exchange float32 (the engines cast for fp16 graphs); the batch range fits the budget
-    specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budget).interface() for name in names}
+    specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budgets[name]).interface()
+             for name in names}
     for name, spec in specs.items():
-        _write_model(out / served_name(family, name), component_config(spec, manifest, options, budget, family),
+        _write_model(out / served_name(family, name), component_config(spec, manifest, options, budgets[name], family),
                      with_code=True)
     for ensemble in available_ensembles(specs):
         _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),
@@ -169,7 +182,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
     if methods:
         from ti2i.triton_models.method_repository import MethodOptions, write_method_models
 
-        write_method_models(out, manifest, methods, method_options or MethodOptions(), family=family, budget=budget)
+        write_method_models(out, manifest, methods, method_options or MethodOptions(), family=family, budgets=budgets)
     return out
 
 
