@@ -68,7 +68,7 @@ class StepScheduler(Runner):
         """The calling thread runs one request's loop: the ticks wait for its calls."""
         with self._cond:
             self._active += 1
-        self._local.last_sample = None
+        self.last_sample = None  # a thread serves one request after another
         try:
             yield self
         finally:
@@ -143,14 +143,14 @@ class StepScheduler(Runner):
     def _run_group(self, calls: list[_Call]) -> None:
         sizes = [batch_size(c.inputs) for c in calls]
         engine = self._engine(calls[0].model)
-        bound: dict[str, int] = {}
+        chunks = [len(calls)]
         if engine is not None and len(calls) > 1:
-            try:
-                bound = engine.check(calls[0].inputs)
+            try:  # the calls agree beyond the batch dimension: the first's dims bound them all
+                chunks = budget_chunks(engine, engine.check(calls[0].inputs), sizes)
             except Ti2iError:
-                bound = {}
+                pass  # each call reports its own error below
         start = 0
-        for count in budget_chunks(engine, bound, sizes) if bound else [len(calls)]:
+        for count in chunks:
             self._run_chunk(calls[start:start + count])
             start += count
 

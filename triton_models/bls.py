@@ -31,7 +31,6 @@ class BLSRunner(Runner):
         specs = {name: entry.spec.interface() for name, entry in manifest.components.items()}  # float32 wire
         self.specs: dict[str, ComponentSpec] = {**specs, **{e.name: e.spec(specs) for e in available_ensembles(specs)}}
         self.last_sample: np.ndarray | None = None  # the latest UNet input, for previews
-        self.cancelled = lambda: False  # set per request: a cancelled request's calls stop at once
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         spec = self.specs.get(model)

@@ -21,7 +21,6 @@ and the model logs where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -60,6 +59,7 @@ class TritonPythonModel:
         self.design = params.get("design", BLS)
         manifest = Manifest.load(params["engine_dir"])
         if self.design == HOSTED:
+            from ti2i.client.methods import components_for
             from ti2i.client.runners import InProcessRunner
             from ti2i.engines.step_scheduler import StepScheduler
 
@@ -70,6 +70,7 @@ class TritonPythonModel:
             self.slots = threading.BoundedSemaphore(int(params.get("active", "1")))
             self.threads: set[threading.Thread] = set()
             self.loaded: set[str] = set()
+            self.needed = {c for c in components_for([self.method.name]) if c in manifest.components}
             self.load_lock = threading.Lock()
             if params.get("preload") == "1":
                 try:
@@ -111,13 +112,12 @@ class TritonPythonModel:
         """Load the engines this method calls, once: each copy of a model's weights only if the machine has
         the memory for it now; else the request is refused (UNAVAILABLE) and the server keeps what it has."""
         from ti2i.budget import MARGIN, format_bytes, loadable_memory
-        from ti2i.client.methods import components_for
 
+        if self.loaded >= self.needed:
+            return
         with self.load_lock:
-            for name in components_for([self.method.name]):
-                entry = self.manifest.components.get(name)
-                if entry is None or name in self.loaded:
-                    continue
+            for name in sorted(self.needed - self.loaded):
+                entry = self.manifest.components[name]
                 need = int(MARGIN * entry.memory.base) if entry.memory is not None else 0
                 free = loadable_memory()
                 if need > free:
@@ -138,10 +138,10 @@ class TritonPythonModel:
         call, fmt = read_request(self.method, get)
         if self.design == HOSTED:
             self._load_engines()
-        loop = self.runner.request() if self.design == HOSTED else contextlib.nullcontext()
-        with loop:
-            self.runner.last_sample = None
-            return self.method(self.runner, progress=on_step, **call), fmt
+            with self.runner.request():  # resets this thread's last sample
+                return self.method(self.runner, progress=on_step, **call), fmt
+        self.runner.last_sample = None  # one request at a time per BLS instance
+        return self.method(self.runner, progress=on_step, **call), fmt
 
     def _check_cancelled(self, cancelled: Any, stage: str, step: int, steps: int) -> None:
         if cancelled.is_set():
