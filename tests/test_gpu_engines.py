@@ -193,6 +193,40 @@ def test_cuda_graphs_only_for_static_profiles(sd16_engines: Manifest, tmp_path: 
     assert not off.optimization.cuda.graphs
 
 
+def _node(config: mc.ModelConfig, tensor, own: bool) -> tuple[int, list[int], list[int], str]:
+    """An ensemble tensor as Triton's validator sees it: type, dims (an ensemble's own tensors: their reshape) and
+    full dims (the batch dim expanded), and where it was inferred from."""
+    dims = list(tensor.reshape.shape) if own and tensor.HasField("reshape") else list(tensor.dims)
+    return tensor.data_type, dims, ([-1] if config.max_batch_size > 0 else []) + dims, config.name
+
+
+def _same_dims(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b))
+
+
+def check_ensembles(configs: dict[str, mc.ModelConfig]) -> None:
+    """Triton's ensemble rules (core `ValidateEnsembleConfig`): every step's model exists and maps only its own
+    tensors, every input is mapped, no batching composing model batches less than the ensemble, and each
+    ensemble tensor has one data type and agreeing shapes (as given, or with the batch dim expanded) wherever
+    it is used."""
+    for name, config in configs.items():
+        if config.platform != "ensemble":
+            continue
+        seen = {t.name: _node(config, t, own=True) for t in (*config.input, *config.output)}
+        for step in config.ensemble_scheduling.step:
+            composing = configs[step.model_name]
+            assert composing.max_batch_size == 0 or composing.max_batch_size >= config.max_batch_size, (name, step)
+            tensors = {t.name: t for t in (*composing.input, *composing.output)}
+            assert set(step.input_map) == {t.name for t in composing.input}, (name, step.model_name)
+            assert set(step.output_map) <= {t.name for t in composing.output}, (name, step.model_name)
+            for inner, outer in (*step.input_map.items(), *step.output_map.items()):
+                here = _node(composing, tensors[inner], own=False)
+                there = seen.setdefault(outer, here)
+                assert here[0] == there[0], f"{name}.{outer}: type of {here[3]} vs {there[3]}"
+                assert _same_dims(here[1], there[1]) or _same_dims(here[2], there[2]), \
+                    f"{name}.{outer}: dims {here[2]} of {here[3]} vs {there[2]} of {there[3]}"
+
+
 def test_onnxruntime_repository_wires_native_networks_to_python_steps(sd16_engines: Manifest, tmp_path: Path):
     repo = write_native_repository(sd16_engines, tmp_path / "repository", "onnxruntime",
                                    native=NativeOptions(tensorrt_accelerator=True))
@@ -208,26 +242,7 @@ def test_onnxruntime_repository_wires_native_networks_to_python_steps(sd16_engin
         assert model.resolve() == sd16_engines.path_of(name).resolve() and not (repo / name / "1" / "model.py").exists()
     for name in ("tokenize", "image_preprocess", "image_postprocess"):
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
-    # every ensemble step's tensors have one data type on both sides
-    for name, config in configs.items():
-        if config.platform != "ensemble":
-            continue
-        ensemble_types = {t.name: t.data_type for t in (*config.input, *config.output)}
-        for step in config.ensemble_scheduling.step:
-            composing = configs[step.model_name]
-            step_types = {t.name: t.data_type for t in (*composing.input, *composing.output)}
-            for inner, outer in (*step.input_map.items(), *step.output_map.items()):
-                if outer in ensemble_types:
-                    assert step_types[inner] == ensemble_types[outer], (name, inner)
-        producers = {}
-        for step in config.ensemble_scheduling.step:
-            composing = configs[step.model_name]
-            types = {t.name: t.data_type for t in (*composing.input, *composing.output)}
-            for inner, outer in step.output_map.items():
-                producers[outer] = types[inner]
-            for inner, outer in step.input_map.items():
-                if outer in producers:
-                    assert producers[outer] == types[inner], (name, step.model_name, inner)
+    check_ensembles(configs)
     assert mc.DataType.Name(configs["image_postprocess"].input[0].data_type) == "TYPE_FP16"
 
 
@@ -284,6 +299,106 @@ def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
             runner.run_tensors("text_encoder", input_ids=torch.zeros((2, 5), dtype=torch.int32))
     assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), expected)
     np.testing.assert_array_equal(via_ort["noise_pred"].numpy(), runner_numpy_unet(aoti_engines, unet_inputs))
+
+
+def test_aoti_repository_serves_packages_by_position(aoti_engines: Manifest, tmp_path: Path):
+    """torch_aoti models: batch 1 in Triton's sense (max_batch_size 0, full dims), tensors named by their
+    position in the package's call spec, the component's name an ensemble alias with the declared names;
+    components without a package stay python models."""
+    from torch.utils._pytree import treespec_loads
+
+    repo = write_native_repository(aoti_engines, tmp_path / "repository", "aoti")
+    configs = {p.name: parse_config(p / "config.pbtxt") for p in repo.iterdir()}
+    spec = aoti_engines.components["text_encoder"].spec
+    native = configs["text_encoder_aoti"]
+    assert (native.backend, native.platform, native.default_model_filename) == ("pytorch", "torch_aoti", "model.pt2")
+    assert native.max_batch_size == 0 and native.dynamic_batching.max_queue_delay_microseconds == 0
+    assert native.dynamic_batching.default_queue_policy.max_queue_size == RepositoryOptions().max_queue_size
+    assert [g.kind for g in native.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]  # built for the CPU
+    assert [(t.name, list(t.dims)) for t in native.input] == [("INPUT__0", [-1, 77])]
+    assert [t.name for t in native.output] == ["OUTPUT__0"]
+    package = repo / "text_encoder_aoti" / "1" / "model.pt2"
+    index = builds.BuildIndex.load(aoti_engines.root, "aoti")
+    assert package.resolve() == index.path("text_encoder").resolve()
+    # the positions are the package's: as many leaves in its call spec as the declaration has tensors
+    in_spec, out_spec = torch._inductor.aoti_load_package(str(package)).loader.get_call_spec()
+    assert treespec_loads(in_spec).num_leaves == len(spec.inputs) == len(native.input)
+    assert treespec_loads(out_spec).num_leaves == len(spec.outputs) == len(native.output)
+    alias = configs["text_encoder"]
+    assert alias.platform == "ensemble" and alias.max_batch_size == spec.max_batch
+    (step,) = alias.ensemble_scheduling.step
+    assert step.model_name == "text_encoder_aoti" and dict(step.input_map) == {"INPUT__0": "input_ids"}
+    assert not any((repo / "text_encoder" / "1").iterdir())
+    (step, encode) = configs["encode_prompt"].ensemble_scheduling.step
+    assert (step.model_name, encode.model_name) == ("tokenize", "text_encoder_aoti")
+    assert dict(encode.output_map) == {"OUTPUT__0": "text_embeddings"}
+    assert configs["unet"].backend == "python"  # not packaged: ONNX Runtime in a python model
+    check_ensembles(configs)
+
+
+# Triton's pytorch backend (torch_aoti) is not in the CPU build here: a python model with the torch_aoti model's
+# config and the pytorch backend's convention (the package called with the inputs in position order) stands in
+# for it, so that a real tritonserver checks the alias and the positional wiring.
+AOTI_STAND_IN = '''
+import json
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        self.package = torch._inductor.aoti_load_package(f"{args['model_repository']}/{args['model_version']}/model.pt2")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            args = [torch.from_numpy(pb_utils.get_input_tensor_by_name(request, n).as_numpy()) for n in self.inputs]
+            with torch.inference_mode():
+                out = self.package(*args)
+            out = out if isinstance(out, (list, tuple)) else (out,)
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(n, v.numpy()) for n, v in zip(self.outputs, out)]))
+        return responses
+'''
+
+
+def test_a_served_aoti_repository_answers_under_the_declared_names(aoti_unet_engines: Manifest, tmp_path: Path):
+    """The text encoder and the UNet (three inputs: a wrong position fails) served through their aliases, one
+    of them inside `encode_prompt`, batch 2: the in-process AOTInductor engines' values."""
+    from ti2i.client.runners import TritonRunner
+    from ti2i.triton_models.server import TritonServer
+
+    repo = write_native_repository(aoti_unet_engines, tmp_path / "repository", "aoti",
+                                   models=["tokenize", "text_encoder", "unet"])
+    for name in ("text_encoder_aoti", "unet_aoti"):
+        config = parse_config(repo / name / "config.pbtxt")
+        config.ClearField("platform")
+        config.ClearField("default_model_filename")
+        config.backend = "python"
+        (repo / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        (repo / name / "1" / "model.py").write_text(AOTI_STAND_IN)
+    specs = aoti_unet_engines.components
+    ids = sample_inputs(specs["text_encoder"].spec, {BATCH: 2}, seed=3)["input_ids"]
+    unet_inputs = sample_inputs(specs["unet"].spec, {BATCH: 2, "height": 8, "width": 8}, seed=4)
+    prompts = np.array(["a red cube", "two dogs on a beach"], dtype=object)
+
+    def calls(runner):
+        return (runner.run("text_encoder", input_ids=ids)["text_embeddings"],
+                runner.run("encode_prompt", text=prompts)["text_embeddings"],
+                runner.run("unet", **unet_inputs)["noise_pred"])
+
+    with InProcessRunner(aoti_unet_engines.root, backend="aoti") as local:
+        expected = calls(local)
+    with TritonServer(repo, log_path=tmp_path / "server.log") as server, \
+            TritonRunner(f"grpc://{server.grpc_url}") as runner:
+        served = calls(runner)
+    for got, want in zip(served, expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def runner_numpy_unet(manifest: Manifest, inputs) -> np.ndarray:

@@ -69,22 +69,26 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
-    # Every component model gets the dynamic batcher's bounded queue; with max_batch_size 0 (a chunk of video
-    # frames) Triton still runs each request alone, but it waits in the same bounded queue.
-    config.dynamic_batching.SetInParent()
-    if spec.batched:
-        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    policy = config.dynamic_batching.default_queue_policy
-    policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    policy.default_timeout_microseconds = options.queue_timeout_us
-    policy.allow_timeout_override = True
-    policy.max_queue_size = options.max_queue_size
+    bounded_queue(config, options, spec.batched)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     _parameters(config, engine_dir=str(manifest.root), component=spec.name, threads=str(options.threads),
                 **({"memory_budget": str(budget)} if budget is not None else {}),
                 **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
     _family_parameter(config, family)
     return config
+
+
+def bounded_queue(config: mc.ModelConfig, options: RepositoryOptions, batched: bool) -> None:
+    """Every component model gets the dynamic batcher's bounded queue; with max_batch_size 0 (a chunk of video
+    frames, a torch_aoti package) Triton still runs each request alone, but it waits in the same bounded queue."""
+    config.dynamic_batching.SetInParent()
+    if batched:
+        config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = options.max_queue_size
 
 
 def instance_budgets(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> dict[str, int]:

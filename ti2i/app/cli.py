@@ -177,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(their models named NAME.MODEL)")
         if name == "repository":
             p.add_argument("--out", required=True)
-            p.add_argument("--backend", choices=("python", "tensorrt", "onnxruntime"), default="python",
+            p.add_argument("--backend", choices=("python", "tensorrt", "onnxruntime", "aoti"), default="python",
                            help="python: python-backend models hosting the engines (CPU or GPU); tensorrt: "
                                 "tensorrt_plan models (plans from `ti2i build`); onnxruntime: onnxruntime_onnx "
-                                "models on the CUDA provider; both native ones on GPU instances")
+                                "models on the CUDA provider; both native ones on GPU instances; aoti: torch_aoti "
+                                "models (pytorch backend, Triton 26.03+) of the packages `ti2i build --backend aoti` "
+                                "wrote, on their build's device")
         else:
             p.add_argument("--repository", default=None, help="where to write the repository "
                                                               "(default: ENGINES/model_repository)")
