@@ -17,12 +17,11 @@ BACKENDS = (ONNXRUNTIME, "tensorrt", "aoti")
 
 def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
                 threads: int | None = None, budget: int | Mapping[str, int] | None = None, backend: str = ONNXRUNTIME,
-                device: str = "cpu", shared: bool = False) -> Engine:
+                device: str = "cpu") -> Engine:
     """The engine of `name`: ONNX Runtime, or the TensorRT plan / AOTInductor package `ti2i build` wrote
     (components without a build of that backend run on ONNX Runtime). ONNX Runtime engines refuse requests
     over `budget` bytes (default: this machine's budget; a mapping gives it by component); a manifest written before memory calibration gets
-    its engines calibrated here, at load (seconds). `shared`: the engines serve many threads' loops (the step
-    scheduler), which ONNX Runtime's spinning threads would starve.
+    its engines calibrated here, at load (seconds).
     """
     if name not in manifest.components:
         raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
@@ -37,7 +36,7 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
         from ti2i.engines.calibrate import calibrate
         from ti2i.engines.ort import OrtEngine
 
-        engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads, shared=shared)
+        engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
         engine.memory = entry.memory or calibrate(manifest.path_of(name), entry.spec)
         engine.budget = machine_budget() if budget is None else budget
         return engine

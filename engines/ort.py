@@ -19,25 +19,20 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-# Graphs larger than this (weights included) are compute-bound: each operator runs for milliseconds.
-SPIN_MAX_BYTES = 64 * 1024**2
-SPIN_ENV = "TI2I_ORT_SPINNING"  # "1"/"0" forces intra-op thread spinning on/off for every session
+SPIN_ENV = "TI2I_ORT_SPINNING"  # "1" turns intra-op thread spinning on for every session ("0": off, the default)
 
 
-def spinning_default(model_bytes: int, shared: bool = False) -> bool:
-    """Whether idle intra-op threads should spin (busy-wait) for the next operator.
+def spinning_default() -> bool:
+    """Whether idle intra-op threads should spin (busy-wait) for the next operator: off unless TI2I_ORT_SPINNING=1.
 
-    Spinning saves the wake-up latency between operators: it matters for small graphs whose
-    operators take microseconds (a tiny UNet call: 1.3 ms spinning vs 2.2 ms not). For large
-    graphs it only burns the cycles other processes need (the Triton stubs and the client share
-    the cores): on 2 shared cores the SD 1.5 UNet step ran 1.2× faster without it. `shared`: the
-    process runs many loops in threads (a hosted method model), which the spinning threads starve:
-    off for every graph (tiny SDEdit under the step scheduler: 1.8× faster per request without it).
+    Spinning wins only for calls made back to back (a tiny UNet: 3.0-3.3 ms per call spinning, 4.2 ms not, on
+    2 cores). A sampling loop does Python and torch work between its calls, which the spinning threads starve:
+    with a 200² numpy matmul between calls the same UNet took 6.7-8.7 ms spinning and 5.2-5.9 ms not, and a
+    whole tiny SDEdit in-process 0.12-0.15 s spinning against 0.05-0.06 s not (`ti2i bench --preset tiny
+    --backends ort` with TI2I_ORT_SPINNING=1 / 0, four runs). Large graphs gain nothing either (the SD 1.5 UNet
+    step ran 1.2× faster without it), and a hosted method model's loop threads lose most.
     """
-    env = os.environ.get(SPIN_ENV)
-    if env in ("0", "1"):
-        return env == "1"
-    return not shared and model_bytes <= SPIN_MAX_BYTES
+    return os.environ.get(SPIN_ENV) == "1"
 
 
 def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
@@ -51,20 +46,14 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     return options
 
 
-def model_bytes(path: Path) -> int:
-    """The graph's size on disk, external weight files included."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 class OrtEngine(Engine):
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, providers: Sequence[str] | None = None,
-                 threads: int | None = None, spinning: bool | None = None, shared: bool = False):
+                 threads: int | None = None, spinning: bool | None = None):
         super().__init__(spec)
         path = Path(onnx_path)
         if not path.is_file():
             raise ModelNotFoundError(f"{spec.name}: ONNX file {path} does not exist")
-        self.spinning = spinning_default(model_bytes(path), shared) if spinning is None else spinning
+        self.spinning = spinning_default() if spinning is None else spinning
         self.session = ort.InferenceSession(str(path), sess_options=session_options(threads, self.spinning),
                                             providers=list(providers or default_providers()))
         self._output_names = [t.name for t in spec.outputs]

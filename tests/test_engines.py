@@ -151,6 +151,23 @@ def test_unknown_component_is_model_not_found(sd_engines: Manifest):
         load_engine(sd_engines, "no_such_component")
 
 
+def test_onnx_runtime_threads_do_not_spin_unless_asked(sd_engines: Manifest, monkeypatch: pytest.MonkeyPatch):
+    """Spinning intra-op threads starve a loop's own work between calls (2x slower tiny SDEdit): off by default."""
+    def allow_spinning(engine) -> str:
+        try:
+            return engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # no entry: ONNX Runtime's default, spinning
+            return "1"
+
+    monkeypatch.delenv("TI2I_ORT_SPINNING", raising=False)
+    for name in ("unet", "text_encoder"):
+        engine = load_engine(sd_engines, name)
+        assert engine.spinning is False and allow_spinning(engine) == "0"
+    monkeypatch.setenv("TI2I_ORT_SPINNING", "1")
+    engine = load_engine(sd_engines, "unet")
+    assert engine.spinning is True and allow_spinning(engine) == "1"
+
+
 # --- valid calls ------------------------------------------------------------------------------------
 
 def test_every_engine_returns_declared_outputs(sd_engines: Manifest, engine_of):

@@ -65,7 +65,7 @@ class TritonPythonModel:
 
             budgets = json.loads(params["memory_budget"]) if params.get("memory_budget") else None  # by component
             self.manifest = manifest
-            engines = InProcessRunner(manifest.root, budget=budgets, shared=True)
+            engines = InProcessRunner(manifest.root, budget=budgets)
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
             self.slots = threading.BoundedSemaphore(int(params.get("active", "1")))
             self.threads: set[threading.Thread] = set()
