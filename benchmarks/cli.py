@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unet-calls", type=int, default=None, help="single UNet calls per backend for the overhead")
     p.add_argument("--max-queue-delay-us", type=int, default=None,
                    help="dynamic-batching delay of the served models (default: the repository's default)")
+    p.add_argument("--max-queue-size", type=int, default=None,
+                   help="queue bound of the served component models (0: unbounded, no queue policy; default 32)")
     p.add_argument("--cache", default=None, help="where built models and engines are kept "
                                                  "(default: $TI2I_BENCH_CACHE or ~/.cache/ti2i/bench)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -82,6 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=args.steps,
         unet_calls=args.unet_calls,
         max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size,
         quiet=args.quiet,
         argv=["ti2i", *sys.argv[1:]],
     )

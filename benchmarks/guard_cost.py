@@ -28,7 +28,7 @@ input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ -1 ] } ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
 """
-_MODEL = """import triton_python_backend_utils as pb_utils
+ECHO_MODEL = """import triton_python_backend_utils as pb_utils
 
 
 class TritonPythonModel:
@@ -42,7 +42,7 @@ SIZES = {"16 B": 4, "128 KiB": 32 * 1024, "4 MiB": 1024 * 1024}
 def write_echo_repository(root: Path) -> Path:
     (root / "echo" / "1").mkdir(parents=True)
     (root / "echo" / "config.pbtxt").write_text(_CONFIG)
-    (root / "echo" / "1" / "model.py").write_text(_MODEL)
+    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
     return root
 
 

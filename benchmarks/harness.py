@@ -69,6 +69,7 @@ class BenchConfig:
     concurrency_requests: int | None = None  # whole requests per client at each level
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
+    max_queue_size: int | None = None  # the component models' queue bound (0: no queue policy; default: the repository's)
     quiet: bool = False
     argv: Sequence[str] = field(default_factory=list)
 
@@ -306,9 +307,8 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
 def _repository_options(config: BenchConfig) -> Any:
     from ti2i.triton_models.repository import RepositoryOptions
 
-    if config.max_queue_delay_us is None:
-        return RepositoryOptions()
-    return RepositoryOptions(max_queue_delay_us=config.max_queue_delay_us)
+    given = {"max_queue_delay_us": config.max_queue_delay_us, "max_queue_size": config.max_queue_size}
+    return RepositoryOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 @contextlib.contextmanager

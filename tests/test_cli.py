@@ -117,6 +117,23 @@ def test_repository_writes_configs(cli_engines, tmp_path, capsys):
         assert configs[name].platform == "ensemble"
 
 
+def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_engines, tmp_path, capsys):
+    """0 = unbounded: no queue policy at all (any policy puts Triton's batcher on its lost-wake-up path);
+    method models keep theirs (--method-queue); a negative size is a usage error."""
+    repo = tmp_path / "repo"
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--max-queue-size", "0",
+                 "--methods", "sdedit"]) == 0
+    configs = {p.parent.name: parse_config(p) for p in repo.glob("*/config.pbtxt")}
+    for name in COMPONENTS & set(configs):
+        assert configs[name].HasField("dynamic_batching"), name
+        assert not configs[name].dynamic_batching.HasField("default_queue_policy"), name
+    assert configs["sdedit"].dynamic_batching.default_queue_policy.max_queue_size == 8
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"),
+                 "--max-queue-size", "-1"]) == 2
+    assert "--max-queue-size must be >= 0" in capsys.readouterr().err
+
+
 def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 120) -> None:
     url = f"http://127.0.0.1:{port}/v2/health/ready"
     deadline = time.monotonic() + timeout_s

@@ -121,6 +121,31 @@ def test_bls_design_gives_each_method_the_client_side_result(bls_method_server, 
             np.testing.assert_array_equal(_pixels(served), _pixels(local), err_msg=f"{method} over {protocol}")
 
 
+def _compute(server, model: str) -> tuple[int, int]:
+    """(executions, nanoseconds inside `execute`) of `model` so far."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(model, headers=server.api_headers, as_json=True)["model_stats"]
+    compute = [s["inference_stats"]["compute_infer"] for s in stats]
+    return sum(int(c.get("count", 0)) for c in compute), sum(int(c.get("ns", 0)) for c in compute)
+
+
+@pytest.mark.parametrize("design", ["hosted", "bls"])
+def test_execute_hands_the_request_to_a_thread_and_returns(design, request, example_image):
+    """In both designs the instance is back with Triton's scheduler long before the response leaves: an
+    instance still inside `execute` when the next request arrives can leave that request to Triton 2.51's
+    lost wake-up, 500 ms (`ti2i.benchmarks.queue_stall`)."""
+    server = request.getfixturevalue("method_server" if design == "hosted" else "bls_method_server")
+    values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
+    run_remote(server_url(server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)  # warm
+    count, ns = _compute(server, "sdedit")
+    start = time.perf_counter()
+    result = run_remote(server_url(server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)
+    wall = time.perf_counter() - start
+    count2, ns2 = _compute(server, "sdedit")
+    assert _pixels(result).shape == (48, 64, 3) and count2 - count == 1
+    assert (ns2 - ns) / 1e9 < 0.2 * wall, f"execute held the instance {(ns2 - ns) / 1e9:.3f} s of {wall:.3f} s"
+
+
 def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):
     values = _inputs("sdedit", example_image)
     streamed = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False, **values)

@@ -12,6 +12,11 @@ two designs (the `design` parameter):
   batchers merge the UNet calls of concurrent requests). Each instance runs one request at a time:
   the instance count is the number of active requests.
 
+Either way `execute` hands each request to a thread of its own and returns at once, so the instance is
+back with Triton's scheduler before the response leaves. An instance still inside `execute` when the next
+request arrives can make Triton 2.51's dynamic batcher miss its wake-up (with a bounded queue) and hold
+that request for 500 ms (`ti2i.benchmarks.queue_stall`).
+
 The plain model answers with the result; the `_stream` twin (decoupled) sends a progress response
 before the first step and after each (`stage`, `step` of `steps`, `elapsed` seconds), a latent
 preview every `preview_every` steps when asked, then the result. A cancelled request (a gRPC stream
@@ -67,8 +72,6 @@ class TritonPythonModel:
             self.manifest = manifest
             engines = InProcessRunner(manifest.root, budget=budgets)
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
-            self.slots = threading.BoundedSemaphore(int(params.get("active", "1")))
-            self.threads: set[threading.Thread] = set()
             self.loaded: set[str] = set()
             self.needed = {c for c in components_for([self.method.name]) if c in manifest.components}
             self.load_lock = threading.Lock()
@@ -81,23 +84,19 @@ class TritonPythonModel:
             from ti2i.triton_models.bls import BLSRunner
 
             self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
+        # hosted: `active` loops in this process; bls: one loop per instance (the runner keeps one last sample)
+        self.slots = threading.BoundedSemaphore(int(params.get("active", "1")) if self.design == HOSTED else 1)
+        self.threads: set[threading.Thread] = set()
 
-    def execute(self, requests: list[Any]) -> list[Any] | None:
-        if self.design == HOSTED:
-            for request in requests:
-                self.slots.acquire()  # at the active limit: wait here, and the queue holds the rest
-                thread = threading.Thread(target=self._hosted, args=(request,), daemon=True,
-                                          name=f"{self.method.name}-request")
-                self.threads.add(thread)
-                thread.start()
-            return None
-        if self.decoupled:
-            for request in requests:
-                self._stream(request)
-            return None
-        return [self._respond(request) for request in requests]
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self.slots.acquire()  # at the active limit: wait here, and the queue holds the rest
+            thread = threading.Thread(target=self._answer, args=(request,), daemon=True,
+                                      name=f"{self.method.name}-request")
+            self.threads.add(thread)
+            thread.start()
 
-    def _hosted(self, request: Any) -> None:
+    def _answer(self, request: Any) -> None:
         try:
             if self.decoupled:
                 self._stream(request)

@@ -43,7 +43,10 @@ class RepositoryOptions:
     # the measured service time: the SD 1.5 UNet serves one request (batch 2, 256²) in 0.93 s on 2 cores (README
     # figures), so 32 queued requests take ≈30 s to drain, about the default timeout; a request that cannot
     # start within 30 s is better told at once (an unbounded queue kept 32 clients waiting 34 s median, 52 s
-    # p99, and ran requests whose clients had given up).
+    # p99, and ran requests whose clients had given up). 0: unbounded, no queue policy at all, which is also
+    # what keeps Triton 2.51's dynamic batcher clear of a lost wake-up: with any queue policy it waits for a free
+    # instance on a condition the finishing instance may signal too early, and a request then sits 500 ms
+    # (`ti2i.benchmarks.queue_stall`: 33 of 4000 sequential requests with one core busy; none without a policy).
     max_queue_size: int = 32
     queue_timeout_us: int = 30_000_000
 
@@ -80,10 +83,13 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
 
 def bounded_queue(config: mc.ModelConfig, options: RepositoryOptions, batched: bool) -> None:
     """Every component model gets the dynamic batcher's bounded queue; with max_batch_size 0 (a chunk of video
-    frames, a torch_aoti package) Triton still runs each request alone, but it waits in the same bounded queue."""
+    frames, a torch_aoti package) Triton still runs each request alone, but it waits in the same bounded queue.
+    `max_queue_size` 0: the dynamic batcher without a queue policy (unbounded, no timeout)."""
     config.dynamic_batching.SetInParent()
     if batched:
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    if options.max_queue_size == 0:
+        return
     policy = config.dynamic_batching.default_queue_policy
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = options.queue_timeout_us

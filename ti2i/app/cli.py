@@ -45,6 +45,8 @@ def _repository_options(args: argparse.Namespace):
     from ti2i.budget import parse_bytes
     from ti2i.triton_models.repository import RepositoryOptions
 
+    if args.max_queue_size < 0:
+        raise InvalidInputError(f"--max-queue-size must be >= 0 (0: unbounded), got {args.max_queue_size}")
     return RepositoryOptions(max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
                              threads=args.threads, max_queue_size=args.max_queue_size,
                              queue_timeout_us=int(args.queue_timeout_s * 1e6),
@@ -206,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-queue-delay-us", type=int, default=0,
                        help="how long a request may wait for others to batch with (default 0: batch what queued)")
         p.add_argument("--max-queue-size", type=int, default=32,
-                       help="requests that may wait per model; one more is refused with UNAVAILABLE (default 32)")
+                       help="requests that may wait per component model; one more is refused with UNAVAILABLE "
+                            "(default 32; 0: unbounded, no queue policy, which also spares requests the 500 ms stall "
+                            "Triton's batcher can give a model with a queue policy)")
         p.add_argument("--queue-timeout-s", type=float, default=30.0,
                        help="a request that waited this long without starting is refused (default 30; a request's "
                             "own shorter timeout wins)")
