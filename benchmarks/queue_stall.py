@@ -10,7 +10,8 @@ previous one, the batcher waits for a free instance on a condition variable that
 before it is counted as free again (core `DynamicBatchScheduler::WaitForPayloadSlotAvailable` waits with
 `WaitingConsumerCount() > 0` as its predicate; `Payload::Execute` notifies first). The signal is lost and
 the request sits out the batcher's default wait, 500 ms. Without a policy the batcher prefetches and the
-predicate is its own payload queue's size, which the finishing instance does not race.
+predicate is its own payload queue's size, which the finishing instance does not race; with a second
+instance the batcher finds the other one waiting.
 """
 
 from __future__ import annotations
@@ -35,22 +36,28 @@ from ti2i.triton_models.repository import RepositoryOptions, bounded_queue
 from ti2i.triton_models.server import TritonServer
 
 STALL_S = 0.25  # a request this slow stalled: the echo answers in about a millisecond
-QUEUES = {"bounded": RepositoryOptions(), "unbounded": RepositoryOptions(max_queue_size=0)}
+QUEUES = {"bounded": RepositoryOptions(), "bounded, 2 instances": RepositoryOptions(instances=2),
+          "unbounded": RepositoryOptions(max_queue_size=0)}
 _BURN = "import time\nend = time.time() + float(__import__('sys').argv[1])\nwhile time.time() < end: pass\n"
 
 
 def write_repository(root: Path) -> Path:
     """One echo model per queue kind, batched as a component model is, with that kind's queue."""
-    for name, options in QUEUES.items():
+    for label, options in QUEUES.items():
+        name = _model_name(label)
         config = mc.ModelConfig(name=name, backend="python", max_batch_size=8)
         config.input.add(name="x", data_type=mc.TYPE_FP32, dims=[4])
         config.output.add(name="y", data_type=mc.TYPE_FP32, dims=[4])
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
         bounded_queue(config, options, batched=True)
         (root / name / "1").mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(text_format.MessageToString(config))
         (root / name / "1" / "model.py").write_text(ECHO_MODEL)
     return root
+
+
+def _model_name(label: str) -> str:
+    return label.replace(", ", "_").replace(" ", "_")
 
 
 def _summary(times: list[float]) -> dict[str, float]:
@@ -70,13 +77,13 @@ def measure(requests: int, busy_cores: int) -> dict[str, dict[str, float]]:
         x = grpcclient.InferInput("x", [1, 4], "FP32")
         x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
         for name in QUEUES:  # warm
-            client.infer(name, [x])
+            client.infer(_model_name(name), [x])
         burners = [subprocess.Popen([sys.executable, "-c", _BURN, str(3600)]) for _ in range(busy_cores)]
         try:
             for i in range(requests):
-                for name in (QUEUES if i % 2 else reversed(list(QUEUES))):
+                for name in (list(QUEUES) if i % 2 else reversed(list(QUEUES))):
                     start = time.perf_counter()
-                    out = client.infer(name, [x]).as_numpy("y")
+                    out = client.infer(_model_name(name), [x]).as_numpy("y")
                     times[name].append(time.perf_counter() - start)
                     assert out.shape == (1, 4)
         finally:

@@ -46,7 +46,8 @@ class RepositoryOptions:
     # p99, and ran requests whose clients had given up). 0: unbounded, no queue policy at all, which is also
     # what keeps Triton 2.51's dynamic batcher clear of a lost wake-up: with any queue policy it waits for a free
     # instance on a condition the finishing instance may signal too early, and a request then sits 500 ms
-    # (`ti2i.benchmarks.queue_stall`: 33 of 4000 sequential requests with one core busy; none without a policy).
+    # (`ti2i.benchmarks.queue_stall`: 18 of 3000 sequential requests with one core busy; none without a policy,
+    # none with two instances).
     max_queue_size: int = 32
     queue_timeout_us: int = 30_000_000
 
