@@ -187,3 +187,19 @@ def test_cli_rejects_unknown_names(tmp_path, capsys):
     assert "unknown backend" in capsys.readouterr().err
     assert main(["bench", "--method", "videoldm,nope", "--out", str(tmp_path / "r")]) == 2
     assert main(["bench", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_queue_stall_probe_serves_its_three_queue_kinds(tmp_path):
+    """The probe's models carry the queues they are named for, and a real server answers each (its figures
+    are the probe's to report, not this test's)."""
+    from google.protobuf import text_format
+    from ti2i.benchmarks import queue_stall
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    root = queue_stall.write_repository(tmp_path / "repo")
+    configs = {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in root.glob("*/config.pbtxt")}
+    assert configs["bounded"].dynamic_batching.default_queue_policy.max_queue_size == 32
+    assert configs["bounded_2_instances"].instance_group[0].count == 2
+    assert not configs["unbounded"].dynamic_batching.HasField("default_queue_policy")
+    results = queue_stall.measure(requests=5, busy_cores=0)
+    assert set(results) == set(queue_stall.QUEUES) and all(r["requests"] == 5 for r in results.values())
