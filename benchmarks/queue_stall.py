@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,19 +31,19 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ti2i.benchmarks.guard_cost import ECHO_MODEL
 from ti2i.benchmarks.machine import describe_machine
 from ti2i.benchmarks.machine import label as machine_label
+from ti2i.benchmarks.stats import summarize
 from ti2i.triton_models.repository import RepositoryOptions, bounded_queue
 from ti2i.triton_models.server import TritonServer
 
 STALL_S = 0.25  # a request this slow stalled: the echo answers in about a millisecond
-QUEUES = {"bounded": RepositoryOptions(), "bounded, 2 instances": RepositoryOptions(instances=2),
-          "unbounded": RepositoryOptions(max_queue_size=0)}
+QUEUES = {"bounded": RepositoryOptions(), "bounded_2_instances": RepositoryOptions(instances=2),
+          "unbounded": RepositoryOptions(max_queue_size=0)}  # model name: its repository options
 _BURN = "import time\nend = time.time() + float(__import__('sys').argv[1])\nwhile time.time() < end: pass\n"
 
 
 def write_repository(root: Path) -> Path:
     """One echo model per queue kind, batched as a component model is, with that kind's queue."""
-    for label, options in QUEUES.items():
-        name = _model_name(label)
+    for name, options in QUEUES.items():
         config = mc.ModelConfig(name=name, backend="python", max_batch_size=8)
         config.input.add(name="x", data_type=mc.TYPE_FP32, dims=[4])
         config.output.add(name="y", data_type=mc.TYPE_FP32, dims=[4])
@@ -56,15 +55,10 @@ def write_repository(root: Path) -> Path:
     return root
 
 
-def _model_name(label: str) -> str:
-    return label.replace(", ", "_").replace(" ", "_")
-
-
 def _summary(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    return {"requests": len(times), "total_s": sum(times), "median_ms": statistics.median(times) * 1e3,
-            "p99_ms": ordered[int(0.99 * (len(ordered) - 1))] * 1e3, "max_ms": ordered[-1] * 1e3,
-            "stalls": sum(t >= STALL_S for t in times)}
+    stats = summarize(times)
+    return {"requests": stats["n"], "total_s": sum(times), "median_ms": stats["median"] * 1e3,
+            "p99_ms": stats["p99"] * 1e3, "max_ms": stats["max"] * 1e3, "stalls": sum(t >= STALL_S for t in times)}
 
 
 def measure(requests: int, busy_cores: int) -> dict[str, dict[str, float]]:
@@ -77,13 +71,13 @@ def measure(requests: int, busy_cores: int) -> dict[str, dict[str, float]]:
         x = grpcclient.InferInput("x", [1, 4], "FP32")
         x.set_data_from_numpy(np.arange(4, dtype=np.float32).reshape(1, 4))
         for name in QUEUES:  # warm
-            client.infer(_model_name(name), [x])
+            client.infer(name, [x])
         burners = [subprocess.Popen([sys.executable, "-c", _BURN, str(3600)]) for _ in range(busy_cores)]
         try:
             for i in range(requests):
                 for name in (list(QUEUES) if i % 2 else reversed(list(QUEUES))):
                     start = time.perf_counter()
-                    out = client.infer(_model_name(name), [x]).as_numpy("y")
+                    out = client.infer(name, [x]).as_numpy("y")
                     times[name].append(time.perf_counter() - start)
                     assert out.shape == (1, 4)
         finally:

@@ -25,6 +25,7 @@ from ti2i.errors import InvalidInputError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.triton_models.method_server import BLS, DESIGNS, HOSTED
+from ti2i.triton_models.repository import queue_policy
 
 METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
 _DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_STRING"}
@@ -97,11 +98,7 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     # hosted: one process runs `active` loops side by side (the engines once); bls: one process per active request
     instances = 1 if options.design == HOSTED else options.active
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    policy = config.dynamic_batching.default_queue_policy
-    policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    policy.max_queue_size = options.max_queue
-    policy.default_timeout_microseconds = options.queue_timeout_us
-    policy.allow_timeout_override = True
+    queue_policy(config, options.max_queue, options.queue_timeout_us)
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design, "active": str(options.active),
               "max_wait_ms": f"{options.max_wait_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}

@@ -91,11 +91,17 @@ def bounded_queue(config: mc.ModelConfig, options: RepositoryOptions, batched: b
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
     if options.max_queue_size == 0:
         return
+    queue_policy(config, options.max_queue_size, options.queue_timeout_us)
+
+
+def queue_policy(config: mc.ModelConfig, max_queue_size: int, timeout_us: int) -> None:
+    """Refuse (UNAVAILABLE) a request that finds `max_queue_size` waiting or waited `timeout_us` without
+    starting; a request's own timeout overrides the default. Component and method models share it."""
     policy = config.dynamic_batching.default_queue_policy
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.default_timeout_microseconds = timeout_us
     policy.allow_timeout_override = True
-    policy.max_queue_size = options.max_queue_size
+    policy.max_queue_size = max_queue_size
 
 
 def instance_budgets(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> dict[str, int]:
