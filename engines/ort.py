@@ -35,7 +35,7 @@ def spinning_default() -> bool:
     return os.environ.get(SPIN_ENV) == "1"
 
 
-def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
     """Full graph optimisation; intra-op threads = the cores this process may use unless told."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
