@@ -28,6 +28,7 @@ from PIL import Image
 
 from ti2i.benchmarks.harness import EXAMPLE
 from ti2i.benchmarks.machine import describe_machine, label, load_average
+from ti2i.benchmarks.settle import settled
 from ti2i.client.cyclediffusion import cyclediffusion
 from ti2i.client.ddib import ddib
 from ti2i.client.images import centered_ellipse_mask
@@ -78,13 +79,13 @@ def measure(url: str, metrics_url: str, run: Callable[[Runner], Any], clients: i
     try:
         for runner in runners:
             run(runner)  # warm-up: configs fetched, sessions loaded
-        queue0, success0 = queue_counters(metrics_url)
+        queue0, success0 = settled(lambda: queue_counters(metrics_url))
         load = os.getloadavg()[0]  # the cores are shared: what else ran is part of the figure
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(lambda i: run(runners[i % clients]), range(count)))
         wall = time.perf_counter() - start
-        queue1, success1 = queue_counters(metrics_url)
+        queue1, success1 = settled(lambda: queue_counters(metrics_url))
     finally:
         for runner in runners:
             runner.close()

@@ -41,6 +41,7 @@ from ti2i.benchmarks import machine, report
 from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend, method_suffix
 from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
     model_preset
+from ti2i.benchmarks.settle import settled
 from ti2i.benchmarks.stats import median, ratio, summarize
 from ti2i.client.registry import STREAM_SUFFIX
 from ti2i.errors import InvalidInputError
@@ -583,7 +584,7 @@ def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[
         progress.phase = f"{method} · concurrency {n}"
         runners = [backend.new_client() for _ in range(n)]  # each ready (configs fetched) before the clock starts
         try:
-            before = _server_stats(ctx.server)
+            before = settled(lambda: _server_stats(ctx.server))
             spans: list[tuple[float, float]] = []
             errors: list[str] = []
             lock = threading.Lock()
@@ -611,7 +612,7 @@ def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[
                 progress.status(f"{name} · {n} clients · {done[0]}/{n * per_client} requests done")
                 for t in threads:
                     t.join(timeout=0.5)
-            after = _server_stats(ctx.server)
+            after = settled(lambda: _server_stats(ctx.server))
         finally:
             for runner in runners:
                 with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
 from ti2i.benchmarks.harness import BenchConfig, _stats_delta, run_benchmark
+from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.runners import TritonRunner
 
@@ -123,6 +124,14 @@ def test_stats_delta_counts_batches():
     assert delta["avg_requests_per_execution"] == 2.0 and delta["avg_batch_samples"] == 4.0
     assert delta["executed_batch_sizes"] == {"2": 1, "4": 1, "6": 1}
     assert delta["queue_ms_per_request"] == pytest.approx(1.0)
+
+
+def test_settled_waits_for_counters_recorded_after_the_reply():
+    """A counter that is still catching up (Triton counts after replying) is read once two reads agree."""
+    counts = iter([43, 44, 45, 45, 45])
+    assert settled(lambda: next(counts), wait_s=0.01) == 45
+    rising = iter(range(10**6))
+    assert settled(lambda: next(rising), wait_s=0.01, limit_s=0.05) < 10  # never settles: gives up at the limit
 
 
 def test_shared_memory_runner_matches_plain_grpc(triton_server):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import filecmp
-import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import max_abs
+from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.methods import components_for
 from ti2i.client.runners import InProcessRunner, TritonRunner
@@ -128,18 +128,6 @@ def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_en
     assert "no engine directory (sd) has every component svd needs" in capsys.readouterr().err
 
 
-def settled(read, wait_s: float = 0.2, limit_s: float = 5.0) -> int:
-    """A statistic once it stops changing: Triton records a composing model's success after the ensemble's
-    response can already have reached the client (43 of 45 calls were counted at once, now and then)."""
-    value, deadline = read(), time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(wait_s)
-        value, previous = read(), value
-        if value == previous:
-            break
-    return value
-
-
 def test_capacity_counts_the_autoscalers_signal_from_the_servers_metrics(family_server):
     """benchmarks/capacity.py reads the queue-time signal as the adapter rule does: Δ queue µs / Δ successes."""
     from ti2i.benchmarks.capacity import measure
@@ -151,7 +139,7 @@ def test_capacity_counts_the_autoscalers_signal_from_the_servers_metrics(family_
         return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats)
 
     run = lambda r: txt2img(r, "hills", steps=2, seed=0, height=32, width=32, progress=False)  # noqa: E731
-    before = successes()
+    before = settled(successes)
     level = measure(f"grpc://{family_server.grpc_url}", family_server.metrics_url, run, clients=2, count=3)
     calls = settled(successes) - before
     assert calls % 5 == 0  # 2 warm-up requests + 3 measured, each the same calls

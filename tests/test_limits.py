@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import server_url
+from ti2i.benchmarks.settle import settled
 from ti2i.client.runners import TritonRunner
 from ti2i.engines.loader import load_engine
 from ti2i.manifest import Manifest
@@ -357,16 +358,9 @@ def test_full_queue_is_unavailable_in_one_line(limited_server, engines, busy_s):
     serves_a_good_request(limited_server, engines)
 
 
-def settled_stats(server: TritonServer, model: str) -> dict:
+def settled_stats(server: TritonServer, model: str):
     """Statistics once no earlier request is still being counted (Triton records them after the reply)."""
-    last = stats(server, model)
-    for _ in range(50):
-        time.sleep(0.2)
-        now = stats(server, model)
-        if now["inference_count"] == last["inference_count"] and now["execution_count"] == last["execution_count"]:
-            return now
-        last = now
-    return last
+    return settled(lambda: stats(server, model), limit_s=10.0)
 
 
 def test_request_whose_deadline_passes_in_the_queue_is_not_run(limited_server, engines, busy_s):
