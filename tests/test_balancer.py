@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from ti2i.benchmarks.settle import settled
 from ti2i.client.balancer import BalancedClient
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.errors import InvalidInputError
@@ -69,12 +70,12 @@ def _urls(servers):
 
 
 def _served_count(server) -> int:
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        stats = client.get_inference_statistics("unet", headers=server.api_headers, as_json=True)["model_stats"][0]
-        return int(stats["inference_stats"]["success"].get("count", 0))
-    finally:
-        client.close()
+    """UNet calls the server has counted, once settled: Triton counts a call after its reply."""
+    def read() -> int:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            stats = client.get_inference_statistics("unet", headers=server.api_headers, as_json=True)["model_stats"]
+        return int(stats[0]["inference_stats"]["success"].get("count", 0))
+    return settled(read)
 
 
 def _call(runner, expected, i):

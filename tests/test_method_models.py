@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import EXAMPLE, server_url
 from PIL import Image
+from ti2i.benchmarks.settle import settled
 from ti2i.client.images import centered_ellipse_mask
 from ti2i.client.methods import components_for
 from ti2i.client.registry import METHODS
@@ -122,11 +123,13 @@ def test_bls_design_gives_each_method_the_client_side_result(bls_method_server, 
 
 
 def _compute(server, model: str) -> tuple[int, int]:
-    """(executions, nanoseconds inside `execute`) of `model` so far."""
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics(model, headers=server.api_headers, as_json=True)["model_stats"]
-    compute = [s["inference_stats"]["compute_infer"] for s in stats]
-    return sum(int(c.get("count", 0)) for c in compute), sum(int(c.get("ns", 0)) for c in compute)
+    """(executions, nanoseconds inside `execute`) of `model` so far, once settled (counted after the reply)."""
+    def read() -> tuple[int, int]:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            stats = client.get_inference_statistics(model, headers=server.api_headers, as_json=True)["model_stats"]
+        compute = [s["inference_stats"]["compute_infer"] for s in stats]
+        return sum(int(c.get("count", 0)) for c in compute), sum(int(c.get("ns", 0)) for c in compute)
+    return settled(read)
 
 
 @pytest.mark.parametrize("design", ["hosted", "bls"])
