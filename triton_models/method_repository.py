@@ -45,11 +45,12 @@ class MethodOptions:
     preload: bool = False
 
     max_wait_ms: float = 10.0  # hosted: how long a tick waits for a busy loop's next call before running without it
+    cancel_poll_ms: float = 20.0  # how often the watcher asks Triton whether the active requests were cancelled
 
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
             raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0)):
+        for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0), ("cancel_poll_ms", 1)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
                                         f"got {getattr(self, name)}")
@@ -101,7 +102,7 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     queue_policy(config, options.max_queue, options.queue_timeout_us)
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design, "active": str(options.active),
-              "max_wait_ms": f"{options.max_wait_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
+              "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
                  if budgets else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
     for key, value in values.items():

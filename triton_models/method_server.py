@@ -183,12 +183,11 @@ class TritonPythonModel:
             # generate_stream asks for every output: then the result travels as base64 text only (JSON-safe)
             final = self._result(result, fmt, self._wanted(request, ("encoded_base64",)))
         except Cancelled:
-            sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
+            final = None  # the client has gone: the stream closes without a result
         except Exception as err:
             final = self._error(err)
         finally:
-            self.cancels.unwatch(request)
+            self.cancels.unwatch(request)  # before the final response, which frees the request (cancel_watch.py)
         sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     # --- responses ---------------------------------------------------------------------------------------
