@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
                    help="concurrent client counts for the sweep against the server (e.g. 1,2,4,8; 0 skips it)")
     p.add_argument("--concurrency-backend", default="triton-grpc",
-                   help="served backend(s) the sweep uses, comma-separated: one sweep each, on the same server")
+                   help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: concurrent in-process loops, the machine's own ceiling)")
     p.add_argument("--concurrency-requests", type=int, default=None, help="whole requests per client per level")
     p.add_argument("--out", required=True, help="results folder (results.json, results.md, results.png)")
     p.add_argument("--repeats", type=int, default=None, help="measured requests per backend (default: preset's)")

@@ -562,10 +562,7 @@ def concurrency_backends(config: BenchConfig) -> list[str]:
 
 def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[int], ctx: BenchContext,
                  image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress, name: str) -> None:
-    info = BACKENDS[name]
-    if not info.needs_server:
-        _record_sweep(entry, {"backend": name, "skipped": "the concurrency sweep needs a served backend"})
-        return
+    info = BACKENDS[name]  # an in-process backend (ort) sweeps too: concurrent loops in one process, no server
     try:
         backend = info.factory(name, ctx)
     except Exception as err:

@@ -27,7 +27,7 @@ def bench(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("bench") / "results"
     config = BenchConfig(methods="sdedit", preset="tiny", backends=BACKENDS_UNDER_TEST, concurrency=(1, 2),
                          out=out, cache=cache, repeats=2, warmup=1, steps=2, unet_calls=3,
-                         concurrency_requests=2, quiet=True)
+                         concurrency_requests=2, concurrency_backend="triton-grpc,ort", quiet=True)
     return out, run_benchmark(config)
 
 
@@ -108,6 +108,16 @@ def test_concurrency_sweep_reads_server_statistics(bench):
         assert _positive(unet["compute_infer_ms_per_request"])
         assert sum(unet["executed_batch_sizes"].values()) == unet["executions"]
     assert _positive(sweep["best_gain"])
+
+
+def test_in_process_concurrency_sweep_is_the_machines_ceiling(bench):
+    """`ort` sweeps too: concurrent loops in one process, each on its own runner; the server serves none of it."""
+    _, data = bench
+    sweeps = {s["backend"]: s for s in data["methods"]["sdedit"]["concurrency_sweeps"]}
+    assert list(sweeps) == ["triton-grpc", "ort"] and "skipped" not in sweeps["ort"]
+    for level in sweeps["ort"]["levels"]:
+        assert level["requests"] == 2 * level["clients"] and not level["errors"]
+        assert _positive(level["throughput_rps"]) and level["server"] == {}
 
 
 def test_stats_delta_counts_batches():
