@@ -68,6 +68,7 @@ class BenchConfig:
     unet_calls: int | None = None  # single-UNet-call samples per backend (default: preset-sized)
     concurrency_backend: str = "triton-grpc"
     concurrency_requests: int | None = None  # whole requests per client at each level
+    method_processes: int = 1  # hosted method model: processes its active requests are spread over
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
     max_queue_size: int | None = None  # the component models' queue bound (0: no queue policy; default: the repository's)
@@ -279,10 +280,10 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     served = {*backends, *(concurrency_backends(config) if levels else [])}
     designs = sorted({BACKENDS[b].method_design for b in served if BACKENDS[b].method_design})
     with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
-                 designs) as server:
+                 designs, config.method_processes) as server:
         if server is not None:
             ctx.server = server
-            entry["server"] = _server_info(server, options)
+            entry["server"] = {**_server_info(server, options), "method_processes": config.method_processes}
         live = _setup_backends(backends, ctx, entry, progress)
         try:
             _warm_up(method, live, warmup, image, entry, progress)
@@ -314,7 +315,7 @@ def _repository_options(config: BenchConfig) -> Any:
 
 @contextlib.contextmanager
 def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
-            method_active: int = 1, designs: Sequence[str] = ()) -> Iterator[Any]:
+            method_active: int = 1, designs: Sequence[str] = (), method_processes: int = 1) -> Iterator[Any]:
     """The server of one method's components; with `designs`, also its method model in each of those designs
     (`ti2i.triton_models.method_server`), with as many active requests as the sweep's largest level: the
     default design as `METHOD`, another as `METHOD-DESIGN`."""
@@ -324,6 +325,7 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
     from ti2i.client.methods import components_for
     from ti2i.manifest import Manifest
     from ti2i.triton_models.method_repository import MethodOptions, write_method_models
+    from ti2i.triton_models.method_server import HOSTED
     from ti2i.triton_models.repository import write_repository
     from ti2i.triton_models.server import TritonServer
 
@@ -331,7 +333,9 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
         repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
         for design in designs:  # each instance warm before the clock starts
+            processes = method_processes if design == HOSTED else 1  # hosted: the active loops spread over them
             write_method_models(repo, manifest, [method], MethodOptions(design=design, active=method_active,
+                                                                        processes=processes,
                                                                         max_queue=method_active, preload=True),
                                 suffix=method_suffix(design))
             # the bench sends plain requests only: no streaming twin holding another copy of the weights

@@ -134,6 +134,28 @@ def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_en
     assert "--max-queue-size must be >= 0" in capsys.readouterr().err
 
 
+def test_method_processes_split_the_active_requests_of_a_hosted_model(cli_engines, tmp_path, capsys):
+    """--method-processes P: the hosted model becomes P Triton instances (processes), each running its share of
+    --method-instances loops; a share that does not divide, or processes with bls, is a usage error."""
+    repo = tmp_path / "repo"
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
+                 "--method-instances", "4", "--method-processes", "2"]) == 0
+    sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
+    assert sdedit.instance_group[0].count == 2 and sdedit.parameters["loops"].string_value == "2"
+    bls = tmp_path / "bls"
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(bls), "--methods", "sdedit",
+                 "--method-design", "bls", "--method-instances", "3"]) == 0
+    config = parse_config(bls / "sdedit" / "config.pbtxt")
+    assert config.instance_group[0].count == 3 and config.parameters["loops"].string_value == "1"
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "odd"), "--methods", "sdedit",
+                 "--method-instances", "3", "--method-processes", "2"]) == 2
+    assert "active requests (3) must be a multiple of its processes (2)" in capsys.readouterr().err
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bls2"), "--methods",
+                 "sdedit", "--method-design", "bls", "--method-instances", "2", "--method-processes", "2"]) == 2
+    assert "method processes apply to the hosted design" in capsys.readouterr().err
+
+
 def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 120) -> None:
     url = f"http://127.0.0.1:{port}/v2/health/ready"
     deadline = time.monotonic() + timeout_s

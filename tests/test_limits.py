@@ -33,7 +33,7 @@ from ti2i.triton_models.repository import (RepositoryOptions, budgeted_spec, ins
                                           write_repository)
 from ti2i.triton_models.server import TritonServer
 
-from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, format_bytes, parse_bytes
+from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, format_bytes, loading_one_at_a_time, parse_bytes
 from ti2i.errors import ComponentOutputError, InvalidInputError, OverBudgetError, ServerUnavailableError
 from ti2i.spec import sample_inputs
 
@@ -106,6 +106,36 @@ def test_manifest_without_memory_model_still_loads(engines, tmp_path):
     assert all(e.memory is None for e in old.components.values())
     engine = load_engine(old, "text_encoder", budget=parse_bytes("1G"))
     assert engine.memory is not None and engine.memory.base > 0
+
+
+def test_engine_loads_on_one_machine_take_turns(tmp_path):
+    """Each hosted method model (or process of one) checks MemAvailable, then loads: without turns, two loading
+    at once both see the memory neither has taken. A load waits while another process holds the lock."""
+    lock = tmp_path / "load.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ti2i.budget import loading_one_at_a_time\n"
+        f"with loading_one_at_a_time(Path({str(lock)!r})):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        entered = threading.Event()
+
+        def load() -> None:
+            with loading_one_at_a_time(lock):
+                entered.set()
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        assert not entered.wait(0.5), "a second load ran while another process held the lock"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert entered.wait(30), "the load never got its turn once the other process let go"
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_budget_parsing_and_chunks():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import queue
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +171,49 @@ def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_
         assert server.is_alive(), server.log_tail()
         assert "Signal (11)" not in server.log_tail()
     assert all(_pixels(r).shape == (48, 64, 3) for r in results)
+
+
+def _stub_cpu_s(server, model: str) -> dict[int, float]:
+    """CPU seconds so far of each python-backend process (Triton instance) of `model`, by pid."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        # fields after comm: state ppid ... utime (12th) stime (13th)
+        if len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()) and stat[1] == str(server.pid):
+            found[int(entry.name)] = (int(stat[11]) + int(stat[12])) / ticks
+    return found
+
+
+def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_path):
+    """--method-processes 2 with 4 active: two processes, each with its own engines and two loops; four
+    concurrent requests keep both busy, and each result is the one the request gets in-process."""
+    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
+                                  methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
+                                                                                   preload=True))
+    values = {**_inputs("sdedit", example_image), "steps": 60, "strength": 1.0}
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+        before = _stub_cpu_s(server, "sdedit")
+        assert len(before) == 2, before
+
+        def one(seed: int):
+            return run_remote(url, METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": seed})
+
+        with ThreadPoolExecutor(4) as pool:
+            served = list(pool.map(one, range(4)))
+        after = _stub_cpu_s(server, "sdedit")
+    busy = {pid: after[pid] - before[pid] for pid in before}
+    # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
+    assert all(seconds >= 0.1 for seconds in busy.values()), busy
+    with InProcessRunner(engines.root) as runner:
+        for seed, result in enumerate(served):
+            np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,
+                                                                                          "seed": seed})))
 
 
 def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):

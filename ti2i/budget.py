@@ -19,11 +19,15 @@ start) is split evenly among the model instances that share the machine.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ti2i.errors import InvalidInputError, OverBudgetError
@@ -73,6 +77,22 @@ def loadable_memory() -> int:
     TI2I_MEMORY_BUDGET when that is set (the whole server's budget)."""
     value = os.environ.get(BUDGET_ENV)
     return min(available_memory(), parse_bytes(value)) if value else available_memory()
+
+
+LOAD_LOCK = Path(tempfile.gettempdir()) / f"ti2i-engine-load-{os.getuid()}.lock"
+
+
+@contextlib.contextmanager
+def loading_one_at_a_time(path: Path = LOAD_LOCK) -> Iterator[None]:
+    """Hold the machine's engine-loading lock: processes that check `loadable_memory` and then load (hosted
+    method models, several per server, or several processes of one) would otherwise all see the memory
+    none of them has taken yet, and together load more copies than the machine holds."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def machine_budget() -> int:

@@ -3,8 +3,8 @@
 Rendered from the method records: one optional input per parameter, named as the method's keyword
 (the CLI flag with ``_`` for ``-``), the image inputs and `format` as BYTES; outputs `encoded`,
 `encoded_base64`, `pixels`. The twin is decoupled (progress responses, then the result); a decoupled
-model cannot answer a plain HTTP infer, hence two models. A model runs `active` requests at once (one
-process of as many loops when hosted, as many processes with bls); the bounded queue rejects what
+model cannot answer a plain HTTP infer, hence two models. A model runs `active` requests at once (hosted:
+as many loops spread over `processes` processes; bls: as many processes); the bounded queue rejects what
 exceeds it.
 """
 
@@ -36,7 +36,10 @@ class MethodOptions:
     # hosted: the engines in the method model's process, the active requests' loops batched step by step
     # (engines/step_scheduler.py); bls: the loop calls the component models (method_server.py)
     design: str = HOSTED
-    active: int = 1  # requests one method model runs at once (hosted: threads of one process; bls: instances)
+    active: int = 1  # requests one method model runs at once (hosted: threads of its processes; bls: instances)
+    # hosted: the active requests' loops spread over this many processes (Triton instances), each holding its own
+    # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each
+    processes: int = 1
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
     # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
@@ -50,10 +53,26 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
             raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("max_queue", 0), ("queue_timeout_us", 0), ("cancel_poll_ms", 1)):
+        for name, low in (("active", 1), ("processes", 1), ("max_queue", 0), ("queue_timeout_us", 0),
+                          ("cancel_poll_ms", 1)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
                                         f"got {getattr(self, name)}")
+        if self.processes > 1 and self.design != HOSTED:
+            raise InvalidInputError(f"method processes apply to the hosted design (bls already runs one process per "
+                                    f"active request), got {self.processes} with {self.design}")
+        if self.active % self.processes:
+            raise InvalidInputError(f"method model active requests ({self.active}) must be a multiple of its "
+                                    f"processes ({self.processes}): each process runs as many loops")
+
+    @property
+    def instances(self) -> int:
+        """Triton instances of the method model: hosted, its processes; bls, one per active request."""
+        return self.processes if self.design == HOSTED else self.active
+
+    @property
+    def loops_per_instance(self) -> int:
+        return self.active // self.instances
 
 
 def servable_methods(components: Iterable[str]) -> list[str]:
@@ -96,12 +115,12 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
                               _tensor(mc.ModelOutput, "elapsed", "TYPE_FP64", [1]),
                               _tensor(mc.ModelOutput, "preview", "TYPE_UINT8", [-1, -1, 3])])
         config.model_transaction_policy.decoupled = True
-    # hosted: one process runs `active` loops side by side (the engines once); bls: one process per active request
-    instances = 1 if options.design == HOSTED else options.active
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
+    # hosted: each process runs its share of the `active` loops side by side; bls: one process per active request
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     queue_policy(config, options.max_queue, options.queue_timeout_us)
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
-              "preload": "1" if options.preload else "0", "design": options.design, "active": str(options.active),
+              "preload": "1" if options.preload else "0", "design": options.design,
+              "loops": str(options.loops_per_instance),
               "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
                  if budgets else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}

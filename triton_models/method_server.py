@@ -6,8 +6,8 @@ two designs (the `design` parameter):
   side by side, one thread each, over a `StepScheduler`, which gathers their pending calls each tick
   and runs them as one batch (continuous batching: each request at its own step). `execute` hands a
   request to its thread and returns; the response goes out through the request's response sender.
-  The model admits `active` requests at once; while they run, `execute` waits, so the rest stay in
-  Triton's bounded queue (full: rejected with UNAVAILABLE).
+  Each instance (a process, with its own copy of the engines) admits its `loops` requests at once; while
+  they run, `execute` waits, so the rest stay in Triton's bounded queue (full: rejected with UNAVAILABLE).
 - ``bls``: a `BLSRunner`, whose calls go to the component models of the same server (their dynamic
   batchers merge the UNet calls of concurrent requests). Each instance runs one request at a time:
   the instance count is the number of active requests.
@@ -84,8 +84,8 @@ class TritonPythonModel:
             from ti2i.triton_models.bls import BLSRunner
 
             self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
-        # hosted: `active` loops in this process; bls: one loop per instance (the runner keeps one last sample)
-        self.slots = threading.BoundedSemaphore(int(params.get("active", "1")) if self.design == HOSTED else 1)
+        # hosted: this process's share of the active loops; bls: one loop per instance (the runner keeps one sample)
+        self.slots = threading.BoundedSemaphore(int(params.get("loops", "1")) if self.design == HOSTED else 1)
         self.threads: set[threading.Thread] = set()
 
     def execute(self, requests: list[Any]) -> None:
@@ -110,11 +110,11 @@ class TritonPythonModel:
     def _load_engines(self) -> None:
         """Load the engines this method calls, once: each copy of a model's weights only if the machine has
         the memory for it now; else the request is refused (UNAVAILABLE) and the server keeps what it has."""
-        from ti2i.budget import MARGIN, format_bytes, loadable_memory
+        from ti2i.budget import MARGIN, format_bytes, loadable_memory, loading_one_at_a_time
 
         if self.loaded >= self.needed:
             return
-        with self.load_lock:
+        with self.load_lock, loading_one_at_a_time():  # each check sees the copies other processes loaded
             for name in sorted(self.needed - self.loaded):
                 entry = self.manifest.components[name]
                 need = int(MARGIN * entry.memory.base) if entry.memory is not None else 0

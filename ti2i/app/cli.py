@@ -77,6 +77,7 @@ def _method_models(args: argparse.Namespace, manifests: dict) -> dict:
     methods = {family: [m for m in servable_methods(manifest.components) if wanted is None or m in wanted]
                for family, manifest in manifests.items()}
     return {"methods": methods, "method_options": MethodOptions(design=args.method_design, active=args.method_instances,
+                                                                processes=args.method_processes,
                                                                 max_queue=args.method_queue,
                                                                 preload=args.preload_methods)}
 
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method-instances", type=int, default=1,
                        help="requests each method model runs at once (hosted: loops of one process; bls: one "
                             "process each; default 1)")
+        p.add_argument("--method-processes", type=int, default=1,
+                       help="hosted: spread those requests' loops over this many processes, each with its own copy "
+                            "of the engines (more throughput from concurrent requests, more memory; default 1)")
         p.add_argument("--method-queue", type=int, default=8,
                        help="requests a method model queues beyond those; more are rejected (default 8)")
         p.add_argument("--preload-methods", action="store_true",
