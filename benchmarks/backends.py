@@ -190,13 +190,22 @@ class RunnerBackend(Backend):
 
 
 class _LoopClient:
-    """One client of the concurrency sweep: our loop over its own runner (configs fetched up front)."""
+    """One client of the concurrency sweep: our loop over its own runner, ready before the clock starts
+    (a served runner's configs fetched, an in-process runner's engines loaded: the sweep's first requests
+    once spent up to 2 s loading the ONNX sessions of 8 fresh in-process runners at once)."""
 
     def __init__(self, ctx: BenchContext, runner: Runner):
+        from ti2i.client.methods import components_for
+
         self.ctx, self.runner = ctx, runner
         for model in METHODS[ctx.method].models:
             if hasattr(runner, "model_config"):
                 runner.model_config(model)
+        manifest = getattr(runner, "manifest", None)  # an in-process runner of one engine directory
+        if manifest is not None and hasattr(runner, "engine"):
+            for name in components_for([ctx.method]):
+                if name in manifest.components:
+                    runner.engine(name)
 
     def __call__(self, image: Image.Image, seed: int) -> None:
         run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)

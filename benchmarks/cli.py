@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
                    help="concurrent client counts for the sweep against the server (e.g. 1,2,4,8; 0 skips it)")
     p.add_argument("--concurrency-backend", default="triton-grpc",
-                   help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: concurrent in-process loops, the machine's own ceiling)")
+                   help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: concurrent in-process loops, threads of one process)")
+    p.add_argument("--method-processes", type=int, default=1,
+                   help="triton-method (hosted): processes the method model spreads its active requests over")
     p.add_argument("--concurrency-requests", type=int, default=None, help="whole requests per client per level")
     p.add_argument("--out", required=True, help="results folder (results.json, results.md, results.png)")
     p.add_argument("--repeats", type=int, default=None, help="measured requests per backend (default: preset's)")
@@ -76,6 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency=[c for c in args.concurrency if c > 0],
         concurrency_backend=args.concurrency_backend,
         concurrency_requests=args.concurrency_requests,
+        method_processes=args.method_processes,
         out=Path(args.out),
         model=args.model,
         cache=Path(args.cache) if args.cache else None,
