@@ -207,6 +207,11 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
         with ThreadPoolExecutor(4) as pool:
             served = list(pool.map(one, range(4)))
         after = _stub_cpu_s(server, "sdedit")
+        # the processes split the cores: 2 processes of 2 intra-op threads on 2 cores served less, and slower
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        log = server.log_path.read_text()
+        assert log.count(f"sdedit: one of 2 processes of 2 loops, engines on {threads} intra-op thread(s)") == 2, \
+            server.log_tail()
     busy = {pid: after[pid] - before[pid] for pid in before}
     # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
     assert all(seconds >= 0.1 for seconds in busy.values()), busy

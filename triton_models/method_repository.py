@@ -120,7 +120,7 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     queue_policy(config, options.max_queue, options.queue_timeout_us)
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design,
-              "loops": str(options.loops_per_instance),
+              "loops": str(options.loops_per_instance), "processes": str(options.processes),
               "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
                  if budgets else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
