@@ -142,6 +142,7 @@ def test_method_processes_split_the_active_requests_of_a_hosted_model(cli_engine
                  "--method-instances", "4", "--method-processes", "2"]) == 0
     sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
     assert sdedit.instance_group[0].count == 2 and sdedit.parameters["loops"].string_value == "2"
+    assert sdedit.parameters["threads"].string_value == "0"  # the stub divides its cores among the processes
     bls = tmp_path / "bls"
     assert main(["repository", "--engines", str(cli_engines), "--out", str(bls), "--methods", "sdedit",
                  "--method-design", "bls", "--method-instances", "3"]) == 0

@@ -40,6 +40,9 @@ class MethodOptions:
     # hosted: the active requests' loops spread over this many processes (Triton instances), each holding its own
     # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each
     processes: int = 1
+    # hosted: intra-op threads of each process's engines (0: the cores split among the processes, so that busy
+    # processes do not oversubscribe them; more favours a lone request on a large model over many small ones)
+    threads: int = 0
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
     # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
@@ -53,7 +56,7 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
             raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("processes", 1), ("max_queue", 0), ("queue_timeout_us", 0),
+        for name, low in (("active", 1), ("processes", 1), ("threads", 0), ("max_queue", 0), ("queue_timeout_us", 0),
                           ("cancel_poll_ms", 1)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
@@ -118,11 +121,13 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     # hosted: each process runs its share of the `active` loops side by side; bls: one process per active request
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     queue_policy(config, options.max_queue, options.queue_timeout_us)
+    budget = {c: budgets[c] for c in components_for([method.name]) if c in budgets} if budgets else None
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design,
               "loops": str(options.loops_per_instance), "processes": str(options.processes),
-              "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}", **({"memory_budget": json.dumps({c: budgets[c] for c in components_for([method.name]) if c in budgets})}
-                 if budgets else {}),
+              "threads": str(options.threads),
+              "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}",
+              **({"memory_budget": json.dumps(budget)} if budget is not None else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
     for key, value in values.items():
         config.parameters[key].string_value = value

@@ -74,10 +74,12 @@ class TritonPythonModel:
             # the model's processes split the cores: 2 processes of 2 intra-op threads each on 2 cores ran a tiny
             # SDEdit at 1.14-1.17x in-process, of 1 thread each at 0.97x, and served 8 clients 31 against 34 req/s
             processes = int(params.get("processes", "1"))
-            threads = max(1, len(os.sched_getaffinity(0)) // processes) if processes > 1 else None
+            threads = int(params.get("threads", "0")) or (
+                max(1, len(os.sched_getaffinity(0)) // processes) if processes > 1 else None)
             engines = InProcessRunner(manifest.root, budget=budgets, threads=threads)
+            cores = f"{threads} intra-op thread(s)" if threads else "every core"
             pb_utils.Logger.log_info(f"{self.name}: one of {processes} processes of {params.get('loops', '1')} loops, "
-                                     f"engines on {threads or 'every core'}" + (" intra-op thread(s)" if threads else ""))
+                                     f"engines on {cores}")
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
             self.loaded: set[str] = set()
             self.needed = {c for c in components_for([self.method.name]) if c in manifest.components}
