@@ -135,23 +135,23 @@ def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_en
 
 
 def test_method_processes_split_the_active_requests_of_a_hosted_model(cli_engines, tmp_path, capsys):
-    """--method-processes P: the hosted model becomes P Triton instances (processes), each running its share of
-    --method-instances loops; a share that does not divide, or processes with bls, is a usage error."""
+    """--method-processes P: the hosted model becomes P Triton instances (processes) sharing --method-instances
+    places; more processes than places, or processes with bls, is a usage error."""
     repo = tmp_path / "repo"
     assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
-                 "--method-instances", "4", "--method-processes", "2"]) == 0
+                 "--method-instances", "3", "--method-processes", "2"]) == 0
     sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
-    assert sdedit.instance_group[0].count == 2 and sdedit.parameters["loops"].string_value == "2"
-    assert sdedit.parameters["threads"].string_value == "0"  # the stub divides its cores among the processes
+    assert sdedit.instance_group[0].count == 2
+    assert {k: sdedit.parameters[k].string_value for k in ("active", "processes", "threads")} == \
+        {"active": "3", "processes": "2", "threads": "0"}  # threads 0: the stub divides its cores among the processes
     bls = tmp_path / "bls"
     assert main(["repository", "--engines", str(cli_engines), "--out", str(bls), "--methods", "sdedit",
                  "--method-design", "bls", "--method-instances", "3"]) == 0
-    config = parse_config(bls / "sdedit" / "config.pbtxt")
-    assert config.instance_group[0].count == 3 and config.parameters["loops"].string_value == "1"
+    assert parse_config(bls / "sdedit" / "config.pbtxt").instance_group[0].count == 3
     capsys.readouterr()
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "odd"), "--methods", "sdedit",
-                 "--method-instances", "3", "--method-processes", "2"]) == 2
-    assert "active requests (3) must be a multiple of its processes (2)" in capsys.readouterr().err
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "many"), "--methods", "sdedit",
+                 "--method-instances", "2", "--method-processes", "3"]) == 2
+    assert "processes (3) cannot exceed its active requests (2)" in capsys.readouterr().err
     assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bls2"), "--methods",
                  "sdedit", "--method-design", "bls", "--method-instances", "2", "--method-processes", "2"]) == 2
     assert "method processes apply to the hosted design" in capsys.readouterr().err

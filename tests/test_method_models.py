@@ -190,7 +190,7 @@ def _stub_cpu_s(server, model: str) -> dict[int, float]:
 
 
 def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_path):
-    """--method-processes 2 with 4 active: two processes, each with its own engines and two loops; four
+    """--method-processes 2 with 4 active: two processes, each with its own engines, sharing 4 places; four
     concurrent requests keep both busy, and each result is the one the request gets in-process."""
     repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
                                   methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
@@ -210,7 +210,7 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
         # the processes split the cores: 2 processes of 2 intra-op threads on 2 cores served less, and slower
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
         log = server.log_path.read_text()
-        assert log.count(f"sdedit: one of 2 processes of 2 loops, engines on {threads} intra-op thread(s)") == 2, \
+        assert log.count(f"sdedit: one of 2 processes sharing 4 places, engines on {threads} intra-op thread(s)") == 2, \
             server.log_tail()
     busy = {pid: after[pid] - before[pid] for pid in before}
     # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
@@ -219,6 +219,30 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
         for seed, result in enumerate(served):
             np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,
                                                                                           "seed": seed})))
+
+
+def test_no_request_waits_while_a_place_is_free_in_another_process(engines, example_image, tmp_path):
+    """Original failure: with a limit per process (2 of the 4 places each), Triton handed a third request to a
+    process whose 2 loops were busy while the other process had a free place, and it waited there for a whole
+    request (3 of 10 rounds of 4 concurrent requests). The places are now the model's: in 10 rounds of 4 no
+    request waits; a 5th at once does."""
+    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
+                                  methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
+                                                                                   preload=True))
+    values = {**_inputs("sdedit", example_image), "steps": 30, "strength": 1.0}
+    waits = "sdedit: all 4 places are taken; a request waits"
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+
+        def one(seed: int):
+            return run_remote(url, METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": seed})
+
+        with ThreadPoolExecutor(5) as pool:
+            for _ in range(10):  # each round starts once the last has its answers (and so its places back)
+                assert all(_pixels(r).shape == (48, 64, 3) for r in pool.map(one, range(4)))
+            assert server.log_path.read_text().count(waits) == 0, server.log_tail()
+            assert len(list(pool.map(one, range(5)))) == 5
+        assert server.log_path.read_text().count(waits) >= 1, server.log_tail()
 
 
 def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):

@@ -38,7 +38,8 @@ class MethodOptions:
     design: str = HOSTED
     active: int = 1  # requests one method model runs at once (hosted: threads of its processes; bls: instances)
     # hosted: the active requests' loops spread over this many processes (Triton instances), each holding its own
-    # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each
+    # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each.
+    # The processes share the model's `active` places (places.py), so no request waits while one is free
     processes: int = 1
     # hosted: intra-op threads of each process's engines (0: the cores split among the processes, so that busy
     # processes do not oversubscribe them; more favours a lone request on a large model over many small ones)
@@ -64,18 +65,14 @@ class MethodOptions:
         if self.processes > 1 and self.design != HOSTED:
             raise InvalidInputError(f"method processes apply to the hosted design (bls already runs one process per "
                                     f"active request), got {self.processes} with {self.design}")
-        if self.active % self.processes:
-            raise InvalidInputError(f"method model active requests ({self.active}) must be a multiple of its "
-                                    f"processes ({self.processes}): each process runs as many loops")
+        if self.processes > self.active:
+            raise InvalidInputError(f"method model processes ({self.processes}) cannot exceed its active requests "
+                                    f"({self.active}): a process without a request to run only holds weights")
 
     @property
     def instances(self) -> int:
         """Triton instances of the method model: hosted, its processes; bls, one per active request."""
         return self.processes if self.design == HOSTED else self.active
-
-    @property
-    def loops_per_instance(self) -> int:
-        return self.active // self.instances
 
 
 def servable_methods(components: Iterable[str]) -> list[str]:
@@ -118,13 +115,13 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
                               _tensor(mc.ModelOutput, "elapsed", "TYPE_FP64", [1]),
                               _tensor(mc.ModelOutput, "preview", "TYPE_UINT8", [-1, -1, 3])])
         config.model_transaction_policy.decoupled = True
-    # hosted: each process runs its share of the `active` loops side by side; bls: one process per active request
+    # hosted: its processes run the `active` loops side by side; bls: one process per active request
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
     queue_policy(config, options.max_queue, options.queue_timeout_us)
     budget = {c: budgets[c] for c in components_for([method.name]) if c in budgets} if budgets else None
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design,
-              "loops": str(options.loops_per_instance), "processes": str(options.processes),
+              "active": str(options.active), "processes": str(options.processes),
               "threads": str(options.threads),
               "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}",
               **({"memory_budget": json.dumps(budget)} if budget is not None else {}),

@@ -6,8 +6,9 @@ two designs (the `design` parameter):
   side by side, one thread each, over a `StepScheduler`, which gathers their pending calls each tick
   and runs them as one batch (continuous batching: each request at its own step). `execute` hands a
   request to its thread and returns; the response goes out through the request's response sender.
-  Each instance (a process, with its own copy of the engines) admits its `loops` requests at once; while
-  they run, `execute` waits, so the rest stay in Triton's bounded queue (full: rejected with UNAVAILABLE).
+  The model admits `active` requests at once, over its processes (each with its own copy of the engines;
+  they share the places, `places.py`); while they run, `execute` waits, so the rest stay in Triton's
+  bounded queue (full: rejected with UNAVAILABLE).
 - ``bls``: a `BLSRunner`, whose calls go to the component models of the same server (their dynamic
   batchers merge the UNet calls of concurrent requests). Each instance runs one request at a time:
   the instance count is the number of active requests.
@@ -40,6 +41,7 @@ from ti2i.families import FAMILY_PARAMETER
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
+from ti2i.triton_models.places import ProcessPlaces, SharedPlaces, shared_places_dir
 
 HOSTED, BLS = "hosted", "bls"
 DESIGNS = (HOSTED, BLS)
@@ -78,8 +80,8 @@ class TritonPythonModel:
                 max(1, len(os.sched_getaffinity(0)) // processes) if processes > 1 else None)
             engines = InProcessRunner(manifest.root, budget=budgets, threads=threads)
             cores = f"{threads} intra-op thread(s)" if threads else "every core"
-            pb_utils.Logger.log_info(f"{self.name}: one of {processes} processes of {params.get('loops', '1')} loops, "
-                                     f"engines on {cores}")
+            pb_utils.Logger.log_info(f"{self.name}: one of {processes} processes sharing {params.get('active', '1')} "
+                                     f"places, engines on {cores}")
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
             self.loaded: set[str] = set()
             self.needed = {c for c in components_for([self.method.name]) if c in manifest.components}
@@ -93,28 +95,36 @@ class TritonPythonModel:
             from ti2i.triton_models.bls import BLSRunner
 
             self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
-        # hosted: this process's share of the active loops; bls: one loop per instance (the runner keeps one sample)
-        self.slots = threading.BoundedSemaphore(int(params.get("loops", "1")) if self.design == HOSTED else 1)
+        # hosted: the model's active places, shared by its processes when it has several (places.py); bls: one
+        # loop per instance (the runner keeps one sample)
+        if self.design == HOSTED and int(params.get("processes", "1")) > 1:
+            self.places: Any = SharedPlaces(shared_places_dir(self.name), int(params["active"]))
+        else:
+            self.places = ProcessPlaces(int(params.get("active", "1")) if self.design == HOSTED else 1)
         self.threads: set[threading.Thread] = set()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            self.slots.acquire()  # at the active limit: wait here, and the queue holds the rest
-            thread = threading.Thread(target=self._answer, args=(request,), daemon=True,
+            # every place taken: wait here, and Triton's bounded queue holds the rest
+            place = self.places.acquire(on_wait=self._log_waiting)
+            thread = threading.Thread(target=self._answer, args=(request, place), daemon=True,
                                       name=f"{self.method.name}-request")
             self.threads.add(thread)
             thread.start()
 
-    def _answer(self, request: Any) -> None:
+    def _log_waiting(self) -> None:
+        self.pb.Logger.log_info(f"{self.name}: all {self.places.count} places are taken; a request waits")
+
+    def _answer(self, request: Any, place: Any) -> None:
+        sender = request.get_response_sender()
         try:
-            if self.decoupled:
-                self._stream(request)
-            else:
-                request.get_response_sender().send(self._respond(request),
-                                                   flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            final = self._stream(request, sender) if self.decoupled else self._respond(request)
+        except Exception as err:  # never a request without its final response
+            final = self._error(err)
         finally:
             self.threads.discard(threading.current_thread())
-            self.slots.release()
+            self.places.release(place)  # free before the answer leaves: its client's next request finds it free
+        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _load_engines(self) -> None:
         """Load the engines this method calls, once: each copy of a model's weights only if the machine has
@@ -171,8 +181,8 @@ class TritonPythonModel:
         finally:
             self.cancels.unwatch(request)
 
-    def _stream(self, request: Any) -> None:
-        sender = request.get_response_sender()
+    def _stream(self, request: Any, sender: Any) -> Any:
+        """Send the progress responses; return the final one (None when the client has gone)."""
         cancelled = self.cancels.watch(request, sender)
         start = time.perf_counter()
         every = self._preview_every(request)
@@ -197,7 +207,7 @@ class TritonPythonModel:
             final = self._error(err)
         finally:
             self.cancels.unwatch(request)  # before the final response, which frees the request (cancel_watch.py)
-        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return final
 
     # --- responses ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""The places for active requests of one method model: a request runs once it holds one.
+
+A hosted model of several processes (`--method-processes`) is several Triton instances, and Triton
+hands a request to any instance that is back from `execute`, even one whose loops are all busy. With
+a limit per process (active/P each), a request then waited inside a full process while another had a
+free place: in 3 of 10 trials of 4 concurrent requests at 4 places (2 processes of 2 loops), the 4th
+ran after one of the others had finished. So the places belong to the model, not to a process:
+`SharedPlaces` are `count` lock files in a folder of the model's own, each held (flock) by one
+running request, whichever process runs it; the kernel frees those of a process that dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class ProcessPlaces:
+    """Places within one process (one instance, or the one process of a hosted model)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._free = threading.BoundedSemaphore(count)
+
+    def acquire(self, on_wait: Any = None) -> Any:
+        """Hold a place, waiting for one; `on_wait()` is called once if all are taken."""
+        if not self._free.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait()
+            self._free.acquire()
+        return None
+
+    def release(self, _token: Any) -> None:
+        self._free.release()
+
+
+class SharedPlaces:
+    """Places shared by the processes of one model: `count` lock files in `directory`."""
+
+    def __init__(self, directory: Path, count: int, poll_s: float = 0.002):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.count = count
+        self.poll_s = poll_s
+        self._paths = [directory / f"place-{i}" for i in range(count)]
+
+    def _try(self) -> int | None:
+        for path in self._paths:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                os.close(fd)
+        return None
+
+    def acquire(self, on_wait: Any = None) -> int:
+        """Hold a free place (its file descriptor), waiting for one; `on_wait()` is called once if all are taken."""
+        fd = self._try()
+        if fd is None and on_wait is not None:
+            on_wait()
+        while fd is None:
+            time.sleep(self.poll_s)
+            fd = self._try()
+        return fd
+
+    def release(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def shared_places_dir(model: str) -> Path:
+    """The folder of one served model's places: this user's, this server's (the stub's parent), this model's."""
+    return Path(tempfile.gettempdir()) / f"ti2i-places-{os.getuid()}-{os.getppid()}-{model}"
