@@ -224,7 +224,7 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
 def test_no_request_waits_while_a_place_is_free_in_another_process(engines, example_image, tmp_path):
     """Original failure: with a limit per process (2 of the 4 places each), Triton handed a third request to a
     process whose 2 loops were busy while the other process had a free place, and it waited there for a whole
-    request (3 of 10 rounds of 4 concurrent requests). The places are now the model's: in 10 rounds of 4 no
+    request (1 to 3 of 10 rounds of 4 concurrent requests). The places are now the model's: in 10 rounds of 4 no
     request waits; a 5th at once does."""
     repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
                                   methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,

@@ -65,6 +65,7 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.cancels = CancelWatch(float(params.get("cancel_poll_ms", "20")) / 1000)
         self.design = params.get("design", BLS)
+        processes = int(params.get("processes", "1"))  # hosted: the Triton instances of this model
         manifest = Manifest.load(params["engine_dir"])
         if self.design == HOSTED:
             from ti2i.client.methods import components_for
@@ -75,7 +76,6 @@ class TritonPythonModel:
             self.manifest = manifest
             # the model's processes split the cores: 2 processes of 2 intra-op threads each on 2 cores ran a tiny
             # SDEdit at 1.14-1.17x in-process, of 1 thread each at 0.97x, and served 8 clients 31 against 34 req/s
-            processes = int(params.get("processes", "1"))
             threads = int(params.get("threads", "0")) or (
                 max(1, len(os.sched_getaffinity(0)) // processes) if processes > 1 else None)
             engines = InProcessRunner(manifest.root, budget=budgets, threads=threads)
@@ -97,7 +97,7 @@ class TritonPythonModel:
             self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
         # hosted: the model's active places, shared by its processes when it has several (places.py); bls: one
         # loop per instance (the runner keeps one sample)
-        if self.design == HOSTED and int(params.get("processes", "1")) > 1:
+        if self.design == HOSTED and processes > 1:
             self.places: Any = SharedPlaces(shared_places_dir(self.name), int(params["active"]))
         else:
             self.places = ProcessPlaces(int(params.get("active", "1")) if self.design == HOSTED else 1)

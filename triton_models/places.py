@@ -3,7 +3,7 @@
 A hosted model of several processes (`--method-processes`) is several Triton instances, and Triton
 hands a request to any instance that is back from `execute`, even one whose loops are all busy. With
 a limit per process (active/P each), a request then waited inside a full process while another had a
-free place: in 3 of 10 trials of 4 concurrent requests at 4 places (2 processes of 2 loops), the 4th
+free place: in 1 to 3 of 10 trials of 4 concurrent requests at 4 places (2 processes of 2 loops), the 4th
 ran after one of the others had finished. So the places belong to the model, not to a process:
 `SharedPlaces` are `count` lock files in a folder of the model's own, each held (flock) by one
 running request, whichever process runs it; the kernel frees those of a process that dies.

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hosted (default): each method model holds the engines it calls and batches the steps "
                             "of its active requests; bls: it calls the component models (less memory)")
         p.add_argument("--method-instances", type=int, default=1,
-                       help="requests each method model runs at once (hosted: loops of one process; bls: one "
+                       help="requests each method model runs at once (hosted: loops of its processes; bls: one "
                             "process each; default 1)")
         p.add_argument("--method-processes", type=int, default=1,
                        help="hosted: spread those requests' loops over this many processes, each with its own copy "
