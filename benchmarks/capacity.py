@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image
 
 from ti2i.benchmarks.harness import EXAMPLE
 from ti2i.benchmarks.machine import describe_machine, label, load_average
+from ti2i.benchmarks.server_metrics import read_metrics
 from ti2i.benchmarks.settle import settled
 from ti2i.client.cyclediffusion import cyclediffusion
 from ti2i.client.ddib import ddib
@@ -66,11 +65,9 @@ def requests(image: Image.Image) -> dict[str, Callable[[Runner], Any]]:
 
 def queue_counters(metrics_url: str) -> tuple[float, float]:
     """(Σ nv_inference_queue_duration_us, Σ nv_inference_request_success) over every model of the server."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     sums = {"nv_inference_queue_duration_us": 0.0, "nv_inference_request_success": 0.0}
-    for name, value in re.findall(r"^(nv_inference_queue_duration_us|nv_inference_request_success)\{[^}]*\} (\S+)$",
-                                  text, flags=re.M):
-        sums[name] += float(value)
+    for (name, _), value in read_metrics(metrics_url, sums).items():
+        sums[name] += value
     return sums["nv_inference_queue_duration_us"], sums["nv_inference_request_success"]
 
 

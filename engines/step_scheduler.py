@@ -60,8 +60,8 @@ class StepScheduler(Runner):
         self._pending: list[_Call] = []
         self._ticking = False
         self._local = threading.local()
-        # (model, samples in the call) -> engine calls: what the batching achieved
-        self.executions: Counter[tuple[str, int]] = Counter()
+        # (model, requests' calls merged, samples in them) -> engine calls: what the batching achieved
+        self.executions: Counter[tuple[str, int, int]] = Counter()
 
     @contextlib.contextmanager
     def request(self) -> Iterator[StepScheduler]:
@@ -175,6 +175,6 @@ class StepScheduler(Runner):
                 return
             first.error, first.done = err, True
             return
-        self.executions[(first.model, sum(batch_size(c.inputs) for c in calls))] += 1
+        self.executions[(first.model, len(calls), sum(batch_size(c.inputs) for c in calls))] += 1
         for call, result in zip(calls, results):
             call.result, call.done = result, True

@@ -29,6 +29,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import EXAMPLE, server_url
 from PIL import Image
+from ti2i.benchmarks.server_metrics import by_label, read_metrics
 from ti2i.benchmarks.settle import settled
 from ti2i.client.images import centered_ellipse_mask
 from ti2i.client.methods import components_for
@@ -191,7 +192,8 @@ def _stub_cpu_s(server, model: str) -> dict[int, float]:
 
 def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_path):
     """--method-processes 2 with 4 active: two processes, each with its own engines, sharing 4 places; four
-    concurrent requests keep both busy, and each result is the one the request gets in-process."""
+    concurrent requests keep both busy, their metrics count the requests and the merged steps of each, and
+    each result is the one the request gets in-process."""
     repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
                                   methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
                                                                                    preload=True))
@@ -207,6 +209,7 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
         with ThreadPoolExecutor(4) as pool:
             served = list(pool.map(one, range(4)))
         after = _stub_cpu_s(server, "sdedit")
+        metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)  # sent every 0.5 s
         # the processes split the cores: 2 processes of 2 intra-op threads on 2 cores served less, and slower
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
         log = server.log_path.read_text()
@@ -215,6 +218,20 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
     busy = {pid: after[pid] - before[pid] for pid in before}
     # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
     assert all(seconds >= 0.1 for seconds in busy.values()), busy
+    requests = by_label(metrics, "ti2i_method_requests_total", "instance", model="sdedit")
+    assert set(requests) == {"sdedit_0_0", "sdedit_0_1"} and sum(requests.values()) == 4, metrics
+    assert by_label(metrics, "ti2i_method_running", "instance", model="sdedit") == \
+        {"sdedit_0_0": 0.0, "sdedit_0_1": 0.0}, metrics
+    executions, calls, samples = (by_label(metrics, name, "instance", model="sdedit", component="unet")
+                                  for name in ("ti2i_step_executions_total", "ti2i_step_calls_total",
+                                               "ti2i_step_samples_total"))
+    per_request = sum(calls.values()) / 4  # equal loops: the same UNet calls each ([uncond, cond] in each)
+    assert per_request >= 60, metrics
+    for instance, count in requests.items():
+        assert calls.get(instance, 0) == count * per_request, metrics
+        assert samples.get(instance, 0) == 2 * calls.get(instance, 0), metrics
+    # 4 loops in 2 processes: one holds two or more, and merges their steps
+    assert sum(executions.values()) < sum(calls.values()), metrics
     with InProcessRunner(engines.root) as runner:
         for seed, result in enumerate(served):
             np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,

@@ -42,9 +42,9 @@ def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, exam
     with InProcessRunner(engines.root) as runner:
         alone_scheduler = StepScheduler(runner)  # no request(): each call runs at once, alone
         alone = {seed: sdedit(alone_scheduler, image=example_image, seed=seed, **REQUEST).array for seed in range(8)}
-    calls = alone_scheduler.executions[("unet", 2)]  # each a [uncond, cond] batch
-    assert set(alone_scheduler.executions) >= {("unet", 2)} and not any(
-        samples != 2 for model, samples in alone_scheduler.executions if model == "unet")
+    calls = alone_scheduler.executions[("unet", 1, 2)]  # each one request's [uncond, cond] batch
+    assert set(alone_scheduler.executions) >= {("unet", 1, 2)} and not any(
+        (merged, samples) != (1, 2) for model, merged, samples in alone_scheduler.executions if model == "unet")
     scheduler = StepScheduler(InProcessRunner(engines.root))
 
     def request(seed: int) -> np.ndarray:
@@ -54,9 +54,10 @@ def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, exam
     together = _in_threads(8, request)
     for seed in range(8):
         assert np.abs(together[seed] - alone[seed]).max() <= 1e-6, seed
-    unet = {samples: n for (model, samples), n in scheduler.executions.items() if model == "unet"}
-    assert sum(unet.values()) < calls and max(unet) > 2, unet  # fewer, larger UNet batches
-    assert sum(samples * n for samples, n in unet.items()) == 2 * calls  # and every sample computed once
+    unet = {(merged, samples): n for (model, merged, samples), n in scheduler.executions.items() if model == "unet"}
+    assert sum(unet.values()) < calls and max(s for _, s in unet) > 2, unet  # fewer, larger UNet batches
+    assert all(samples == 2 * merged for merged, samples in unet), unet  # each merged call a request's pair
+    assert sum(merged * n for (merged, _), n in unet.items()) == calls  # and every call run once
     assert scheduler.active == 0
 
 

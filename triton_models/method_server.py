@@ -40,6 +40,7 @@ from ti2i.errors import ServerUnavailableError, Ti2iError
 from ti2i.families import FAMILY_PARAMETER
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
+from ti2i.triton_models.method_metrics import MethodMetrics
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, preview, read_request, result_outputs
 from ti2i.triton_models.places import ProcessPlaces, SharedPlaces, shared_places_dir
 
@@ -83,6 +84,8 @@ class TritonPythonModel:
             pb_utils.Logger.log_info(f"{self.name}: one of {processes} processes sharing {params.get('active', '1')} "
                                      f"places, engines on {cores}")
             self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
+            self.metrics: MethodMetrics | None = MethodMetrics(
+                pb_utils, self.name, args.get("model_instance_name", self.name), self.runner.executions)
             self.loaded: set[str] = set()
             self.needed = {c for c in components_for([self.method.name]) if c in manifest.components}
             self.load_lock = threading.Lock()
@@ -95,6 +98,7 @@ class TritonPythonModel:
             from ti2i.triton_models.bls import BLSRunner
 
             self.runner = BLSRunner(manifest, pb_utils, family=params.get(FAMILY_PARAMETER))
+            self.metrics = None  # the component models' own statistics say what a BLS loop ran
         # hosted: the model's active places, shared by its processes when it has several (places.py); bls: one
         # loop per instance (the runner keeps one sample)
         if self.design == HOSTED and processes > 1:
@@ -117,6 +121,8 @@ class TritonPythonModel:
 
     def _answer(self, request: Any, place: Any) -> None:
         sender = request.get_response_sender()
+        if self.metrics is not None:
+            self.metrics.started()
         try:
             final = self._stream(request, sender) if self.decoupled else self._respond(request)
         except Exception as err:  # never a request without its final response
@@ -124,6 +130,8 @@ class TritonPythonModel:
         finally:
             self.threads.discard(threading.current_thread())
             self.places.release(place)  # free before the answer leaves: its client's next request finds it free
+            if self.metrics is not None:
+                self.metrics.finished()
         sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _load_engines(self) -> None:
@@ -244,3 +252,5 @@ class TritonPythonModel:
             thread.join(timeout=60)
         if self.design == HOSTED:
             self.runner.engines.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()

@@ -7,6 +7,13 @@ free place: in 1 to 3 of 10 trials of 4 concurrent requests at 4 places (2 proce
 ran after one of the others had finished. So the places belong to the model, not to a process:
 `SharedPlaces` are `count` lock files in a folder of the model's own, each held (flock) by one
 running request, whichever process runs it; the kernel frees those of a process that dies.
+
+The processes' loads still drift apart: Triton's choice of instance ignores their loops, and a tick log
+of 8 concurrent tiny SDEdits over 2 processes showed one running 5 to 7 while the other ran 1 (the
+`ti2i_method_requests_total` metric shows the split). Keeping a process to its share by staying inside
+`execute` while it runs active/P requests balanced them, but Triton's batcher then loses the wake-up of a
+request that arrives while every instance is inside `execute` (`ti2i.benchmarks.queue_stall`): in rounds
+of 4 requests at 4 places, 4 of 40 waited 0.5 s in the queue, against none. So `execute` returns at once.
 """
 
 from __future__ import annotations
