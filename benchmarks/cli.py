@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method-processes", type=int, default=1,
                    help="triton-method (hosted): processes the method model spreads its active requests over")
     p.add_argument("--concurrency-requests", type=int, default=None, help="whole requests per client per level")
+    p.add_argument("--concurrency-rounds", type=int, default=1,
+                   help="run the levels this many times, back to back in each round; a level's gain is the median "
+                        "of its rounds' gains (default 1)")
     p.add_argument("--out", required=True, help="results folder (results.json, results.md, results.png)")
     p.add_argument("--repeats", type=int, default=None, help="measured requests per backend (default: preset's)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests per backend (at least 1 runs)")
@@ -71,6 +74,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats is not None and args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}")
+    if args.concurrency_rounds < 1:
+        raise InvalidInputError(f"--concurrency-rounds must be ≥ 1, got {args.concurrency_rounds}")
     config = BenchConfig(
         methods=args.method,
         preset=args.preset,
@@ -78,6 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency=[c for c in args.concurrency if c > 0],
         concurrency_backend=args.concurrency_backend,
         concurrency_requests=args.concurrency_requests,
+        concurrency_rounds=args.concurrency_rounds,
         method_processes=args.method_processes,
         out=Path(args.out),
         model=args.model,

@@ -9,9 +9,10 @@ bundled Triton server when a served backend or the concurrency sweep needs it, t
    round, so machine drift and cache effects hit all backends alike;
 3. time single UNet calls with identical inputs on every runner backend, interleaved: the serving
    overhead of one call is the served time minus the in-process time;
-4. sweep the concurrency levels against the server: N client threads, each with its own runner,
-   issue whole requests at once; throughput, latency percentiles, and from Triton's statistics
-   API each model's queue and compute time and the batch sizes it actually executed.
+4. sweep the concurrency levels against the server (`sweep.py`): N client threads, each with its own
+   runner, issue whole requests at once; throughput, latency percentiles, and from Triton's statistics
+   API each model's queue and compute time and the batch sizes it actually executed (a hosted method
+   model's batching from its metrics), the levels interleaved over `--concurrency-rounds` rounds.
 
 Results are written after every measured request (JSON, then the markdown table; the plot at the
 end), so an interrupted run leaves what it measured so far.
@@ -26,7 +27,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +41,8 @@ from ti2i.benchmarks import machine, report
 from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend, method_suffix
 from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
     model_preset
-from ti2i.benchmarks.settle import settled
 from ti2i.benchmarks.stats import median, ratio, summarize
+from ti2i.benchmarks.sweep import first_line, run_sweep
 from ti2i.client.registry import STREAM_SUFFIX
 from ti2i.errors import InvalidInputError
 
@@ -68,6 +68,7 @@ class BenchConfig:
     unet_calls: int | None = None  # single-UNet-call samples per backend (default: preset-sized)
     concurrency_backend: str = "triton-grpc"
     concurrency_requests: int | None = None  # whole requests per client at each level
+    concurrency_rounds: int = 1  # every level once per round, back to back (benchmarks/sweep.py)
     method_processes: int = 1  # hosted method model: processes its active requests are spread over
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
@@ -294,7 +295,8 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
             results.save()
             if levels and server is not None:
                 for name in concurrency_backends(config):  # one sweep after the other, on the same server
-                    _concurrency(method, preset, config, levels, ctx, image, entry, results, progress, name)
+                    run_sweep(method, name, levels, config.concurrency_requests or preset.concurrency_requests,
+                              config.concurrency_rounds, ctx, image, SEED, entry, results.save, progress)
         finally:
             if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
                 with contextlib.suppress(Exception):
@@ -375,18 +377,13 @@ def _setup_backends(names: list[str], ctx: BenchContext, entry: dict[str, Any],
         except KeyboardInterrupt:
             raise
         except Exception as err:
-            record.update(status="skipped", reason=f"setup failed: {type(err).__name__}: {_first_line(err)}")
+            record.update(status="skipped", reason=f"setup failed: {type(err).__name__}: {first_line(err)}")
             progress.log(f"[{ctx.method}] {name}: skipped ({record['reason']})")
             continue
         record.update(status="ok", setup_s=time.perf_counter() - start, details=backend.describe(),
                       warmup_s=[], repeats=[])
         live[name] = backend
     return live
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def _warm_up(method: str, live: dict[str, Backend], warmup: int, image: Image.Image, entry: dict[str, Any],
@@ -404,7 +401,7 @@ def _warm_up(method: str, live: dict[str, Backend], warmup: int, image: Image.Im
             except KeyboardInterrupt:
                 raise
             except Exception as err:
-                record.update(status="skipped", reason=f"warm-up failed: {type(err).__name__}: {_first_line(err)}")
+                record.update(status="skipped", reason=f"warm-up failed: {type(err).__name__}: {first_line(err)}")
                 progress.log(f"[{method}] {name}: skipped ({record['reason']})")
                 with contextlib.suppress(Exception):
                     live.pop(name).close()
@@ -431,7 +428,7 @@ def _measure(method: str, live: dict[str, Backend], repeats: int, image: Image.I
                 raise
             except Exception as err:
                 record.update(status="error", reason=f"repeat {r + 1} failed: {type(err).__name__}: "
-                                                     f"{_first_line(err)}")
+                                                     f"{first_line(err)}")
                 progress.log(f"[{method}] {name}: dropped ({record['reason']})")
                 with contextlib.suppress(Exception):
                     live.pop(name).close()
@@ -562,140 +559,3 @@ def _unet_inputs(backend: RunnerBackend, method: str) -> dict[str, np.ndarray] |
 def concurrency_backends(config: BenchConfig) -> list[str]:
     """The backends the concurrency sweep runs, in order (`--concurrency-backend a,b`)."""
     return [b.strip() for b in config.concurrency_backend.split(",") if b.strip()]
-
-
-def _concurrency(method: str, preset: Preset, config: BenchConfig, levels: list[int], ctx: BenchContext,
-                 image: Image.Image, entry: dict[str, Any], results: Results, progress: Progress, name: str) -> None:
-    info = BACKENDS[name]  # an in-process backend (ort) sweeps too: concurrent loops in one process, no server
-    try:
-        backend = info.factory(name, ctx)
-    except Exception as err:
-        _record_sweep(entry, {"backend": name, "skipped": f"{type(err).__name__}: {_first_line(err)}"})
-        return
-    if not hasattr(backend, "new_client"):
-        _record_sweep(entry, {"backend": name, "skipped": "the backend cannot make concurrent clients"})
-        backend.close()
-        return
-    backend.close()
-    per_client = config.concurrency_requests or preset.concurrency_requests
-    sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "levels": []}
-    _record_sweep(entry, sweep)
-
-    for n in levels:
-        progress.phase = f"{method} · concurrency {n}"
-        runners = [backend.new_client() for _ in range(n)]  # each ready (configs fetched) before the clock starts
-        try:
-            before = settled(lambda: _server_stats(ctx.server))
-            spans: list[tuple[float, float]] = []
-            errors: list[str] = []
-            lock = threading.Lock()
-            barrier = threading.Barrier(n)
-            done = [0]
-
-            def client(runner) -> None:
-                barrier.wait()
-                for _ in range(per_client):
-                    start = time.perf_counter()
-                    try:
-                        runner(image, SEED)
-                    except Exception as err:  # recorded; the other clients go on
-                        with lock:
-                            errors.append(f"{type(err).__name__}: {_first_line(err)}")
-                        return
-                    with lock:
-                        spans.append((start, time.perf_counter()))
-                        done[0] += 1
-
-            threads = [threading.Thread(target=client, args=(r,), daemon=True) for r in runners]
-            for t in threads:
-                t.start()
-            while any(t.is_alive() for t in threads):
-                progress.status(f"{name} · {n} clients · {done[0]}/{n * per_client} requests done")
-                for t in threads:
-                    t.join(timeout=0.5)
-            after = settled(lambda: _server_stats(ctx.server))
-        finally:
-            for runner in runners:
-                with contextlib.suppress(Exception):
-                    runner.close()
-        latencies = [b - a for a, b in spans]
-        wall = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
-        level = {
-            "clients": n,
-            "requests": len(spans),
-            "errors": errors,
-            "wall_s": wall,
-            "throughput_rps": (len(spans) / wall) if wall else None,
-            "latency_s": summarize(latencies),
-            "latencies_s": latencies,
-            "server": _stats_delta(before, after),
-        }
-        sweep["levels"].append(level)
-        base = sweep["levels"][0].get("throughput_rps")
-        level["throughput_gain"] = ratio(level["throughput_rps"], base)
-        unet = level["server"].get(UNET_OF[method], {})
-        progress.log(f"[{method}] concurrency {n}: {level['throughput_rps'] or 0:.3f} req/s, "
-                     f"p50 {level['latency_s'].get('median', 0):.3f} s, {UNET_OF[method]} avg batch "
-                     f"{unet.get('avg_requests_per_execution', 0) or 0:.2f} requests/execution")
-        results.save()
-    gains = [lv["throughput_gain"] for lv in sweep["levels"] if lv.get("throughput_gain")]
-    if gains:
-        best = max(range(len(gains)), key=lambda i: gains[i])
-        sweep["best_gain"] = gains[best]
-        sweep["best_clients"] = sweep["levels"][best]["clients"]
-
-
-def _record_sweep(entry: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """The first sweep is `concurrency` (as before); every sweep is also in `concurrency_sweeps`."""
-    entry.setdefault("concurrency", sweep)
-    entry.setdefault("concurrency_sweeps", []).append(sweep)
-
-
-def _server_stats(server: Any) -> dict[str, Any]:
-    import tritonclient.grpc as grpcclient
-
-    with contextlib.closing(grpcclient.InferenceServerClient(server.grpc_url)) as client:
-        stats = client.get_inference_statistics(headers=getattr(server, "api_headers", None), as_json=True)
-    return {m["name"]: m for m in stats.get("model_stats", [])}
-
-
-def _ns(stat: dict[str, Any] | None, key: str = "ns") -> int:
-    return int((stat or {}).get(key, 0) or 0)
-
-
-def _stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Per model, what happened between the two snapshots: counts, queue and compute time, executed batch sizes."""
-    out: dict[str, Any] = {}
-    for name, now in after.items():
-        old = before.get(name, {})
-        executions = int(now.get("execution_count", 0) or 0) - int(old.get("execution_count", 0) or 0)
-        inferences = int(now.get("inference_count", 0) or 0) - int(old.get("inference_count", 0) or 0)
-        if executions <= 0 and inferences <= 0:
-            continue
-        s_new, s_old = now.get("inference_stats", {}), old.get("inference_stats", {})
-
-        def delta(key: str, field_: str = "ns") -> int:
-            return _ns(s_new.get(key), field_) - _ns(s_old.get(key), field_)
-
-        requests = delta("success", "count")
-        batches: dict[str, int] = {}
-        old_batches = {int(b["batch_size"]): _ns(b.get("compute_infer"), "count") for b in old.get("batch_stats", [])}
-        for b in now.get("batch_stats", []):
-            size = int(b["batch_size"])
-            count = _ns(b.get("compute_infer"), "count") - old_batches.get(size, 0)
-            if count > 0:
-                batches[str(size)] = count
-        item = {
-            "requests": requests,
-            "executions": executions,
-            "inferences": inferences,
-            "avg_batch_samples": inferences / executions if executions else None,
-            "avg_requests_per_execution": requests / executions if executions else None,
-            "queue_ms_per_request": delta("queue") / requests / 1e6 if requests else None,
-            "compute_input_ms_per_request": delta("compute_input") / requests / 1e6 if requests else None,
-            "compute_infer_ms_per_request": delta("compute_infer") / requests / 1e6 if requests else None,
-            "compute_output_ms_per_request": delta("compute_output") / requests / 1e6 if requests else None,
-            "executed_batch_sizes": batches,
-        }
-        out[name] = item
-    return out

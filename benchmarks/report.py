@@ -100,8 +100,11 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
         if sweep and sweep.get("levels"):
             unet = entry.get("unet_calls", {}).get("model") or ("unet_svd" if method == "svd" else
                                                                 "unet_pix2pix" if method == "pix2pix" else "unet")
+            rounds = len(sweep.get("rounds") or [None])
+            interleaved = (f", {rounds} rounds of the levels back to back: a level's gain is the median of its "
+                           f"rounds' gains (their range in brackets)" if rounds > 1 else "")
             lines += [f"Concurrency sweep over `{sweep['backend']}` "
-                      f"({sweep['requests_per_client']} requests per client):",
+                      f"({sweep['requests_per_client']} requests per client{interleaved}):",
                       "",
                       f"| clients | requests/s | gain | latency p50 s | p90 s | p99 s | {unet} requests/execution | "
                       f"{unet} samples/execution | {unet} queue ms/request | {unet} compute ms/request | "
@@ -112,7 +115,7 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
                 server = level.get("server", {}).get(unet, {})
                 lines.append(
                     f"| {level['clients']} | {_num(level.get('throughput_rps'), 3)} | "
-                    f"{_x(level.get('throughput_gain'))} | "
+                    f"{_gain(level)} | "
                     f"{_s(lat.get('median'))} | {_s(lat.get('p90'))} | {_s(lat.get('p99'))} | "
                     f"{_num(server.get('avg_requests_per_execution'), 2)} | "
                     f"{_num(server.get('avg_batch_samples'), 2)} | {_num(server.get('queue_ms_per_request'), 2)} | "
@@ -125,6 +128,13 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
         elif sweep and sweep.get("skipped"):
             lines += [f"Concurrency sweep skipped: {sweep['skipped']}", ""]
     return lines
+
+
+def _gain(level: dict[str, Any]) -> str:
+    spread = level.get("throughput_gain_range")
+    if (level.get("rounds") or 1) > 1 and spread:
+        return f"{_x(level.get('throughput_gain'))} ({spread[0]:.2f}–{spread[1]:.2f})"
+    return _x(level.get("throughput_gain"))
 
 
 def _fmt_ms(stats: dict[str, Any] | None) -> str:

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
-from ti2i.benchmarks.harness import BenchConfig, _stats_delta, run_benchmark
+from ti2i.benchmarks.harness import BenchConfig, run_benchmark
+from ti2i.benchmarks.sweep import stats_delta
 from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.runners import TritonRunner
@@ -121,6 +122,28 @@ def test_in_process_concurrency_sweep_runs_beside_the_served_ones(bench):
         assert _positive(level["throughput_rps"]) and level["server"] == {}
 
 
+def test_method_model_sweep_in_rounds_reads_the_processes_batching(tmp_path, cache):
+    """`triton-method` over 2 rounds of 1 and 2 clients: each level pools its rounds, its gain is the median of
+    the rounds' own gains, and the UNet batching comes from the method model's step metrics (PNDM: 2 UNet calls
+    a request, each an [uncond, cond] pair)."""
+    data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["ort", "triton-method"],
+                                     concurrency=(1, 2), concurrency_backend="triton-method", concurrency_requests=3,
+                                     concurrency_rounds=2, out=tmp_path / "results", cache=cache, repeats=1, warmup=1,
+                                     steps=2, unet_calls=1, quiet=True))
+    sweep = data["methods"]["sdedit"]["concurrency"]
+    assert sweep["backend"] == "triton-method"
+    assert [[run["clients"] for run in runs] for runs in sweep["rounds"]] == [[1, 2], [1, 2]]
+    for position, level in enumerate(sweep["levels"]):
+        runs = [runs[position] for runs in sweep["rounds"]]
+        assert level["rounds"] == 2 and level["requests"] == sum(r["requests"] for r in runs) == 6 * level["clients"]
+        assert level["throughput_gain"] == pytest.approx(float(np.median([r["throughput_gain"] for r in runs])))
+        unet = level["server"]["unet"]
+        assert unet["source"] == "metrics" and unet["requests"] == 2 * level["requests"], unet
+        assert unet["inferences"] == 2 * unet["requests"] and 1 <= unet["avg_requests_per_execution"] <= 2, unet
+    assert sweep["levels"][0]["throughput_gain"] == 1.0
+    assert "2 rounds" in (tmp_path / "results" / "results.md").read_text()
+
+
 def test_an_in_process_sweep_client_has_its_engines_loaded_before_the_clock_starts(engines):
     """The in-process sweep's first requests once included loading each fresh runner's ONNX sessions (p99 of
     2 s at 8 clients against a median of 0.3 s); a client now loads them when it is made."""
@@ -144,7 +167,7 @@ def test_stats_delta_counts_batches():
                          "batch_stats": [{"batch_size": str(k), "compute_infer": {"count": str(v), "ns": "1"}}
                                          for k, v in batches.items()]}}
 
-    delta = _stats_delta(snapshot(2, 4, 2, 0, {2: 2}), snapshot(5, 16, 8, 6 * 10**6, {2: 3, 4: 1, 6: 1}))["unet"]
+    delta = stats_delta(snapshot(2, 4, 2, 0, {2: 2}), snapshot(5, 16, 8, 6 * 10**6, {2: 3, 4: 1, 6: 1}))["unet"]
     assert delta["executions"] == 3 and delta["requests"] == 6
     assert delta["avg_requests_per_execution"] == 2.0 and delta["avg_batch_samples"] == 4.0
     assert delta["executed_batch_sizes"] == {"2": 1, "4": 1, "6": 1}
