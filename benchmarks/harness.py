@@ -70,6 +70,7 @@ class BenchConfig:
     concurrency_requests: int | None = None  # whole requests per client at each level
     concurrency_rounds: int = 1  # every level once per round, back to back (benchmarks/sweep.py)
     method_processes: int = 1  # hosted method model: processes its active requests are spread over
+    method_lanes: int = 1  # hosted method model: lanes of each process's step scheduler
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
     max_queue_size: int | None = None  # the component models' queue bound (0: no queue policy; default: the repository's)
@@ -280,11 +281,12 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     options = _repository_options(config)
     served = {*backends, *(concurrency_backends(config) if levels else [])}
     designs = sorted({BACKENDS[b].method_design for b in served if BACKENDS[b].method_design})
+    hosted = {"processes": config.method_processes, "lanes": config.method_lanes}
     with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
-                 designs, config.method_processes) as server:
+                 designs, hosted) as server:
         if server is not None:
             ctx.server = server
-            entry["server"] = {**_server_info(server, options), "method_processes": config.method_processes}
+            entry["server"] = {**_server_info(server, options), **{f"method_{k}": v for k, v in hosted.items()}}
         live = _setup_backends(backends, ctx, entry, progress)
         try:
             _warm_up(method, live, warmup, image, entry, progress)
@@ -317,10 +319,11 @@ def _repository_options(config: BenchConfig) -> Any:
 
 @contextlib.contextmanager
 def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
-            method_active: int = 1, designs: Sequence[str] = (), method_processes: int = 1) -> Iterator[Any]:
+            method_active: int = 1, designs: Sequence[str] = (), hosted: dict[str, int] | None = None
+            ) -> Iterator[Any]:
     """The server of one method's components; with `designs`, also its method model in each of those designs
     (`ti2i.triton_models.method_server`), with as many active requests as the sweep's largest level: the
-    default design as `METHOD`, another as `METHOD-DESIGN`."""
+    default design as `METHOD`, another as `METHOD-DESIGN`; `hosted`: the hosted design's processes and lanes."""
     if not needed:
         yield None
         return
@@ -335,10 +338,10 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
         repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
         for design in designs:  # each instance warm before the clock starts
-            processes = method_processes if design == HOSTED else 1  # hosted: the active loops spread over them
+            spread = (hosted or {}) if design == HOSTED else {}  # hosted: the active loops spread over them
             write_method_models(repo, manifest, [method], MethodOptions(design=design, active=method_active,
-                                                                        processes=processes,
-                                                                        max_queue=method_active, preload=True),
+                                                                        **spread, max_queue=method_active,
+                                                                        preload=True),
                                 suffix=method_suffix(design))
             # the bench sends plain requests only: no streaming twin holding another copy of the weights
             shutil.rmtree(repo / (method + method_suffix(design) + STREAM_SUFFIX))

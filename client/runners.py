@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from http.client import HTTPException
 from pathlib import Path
@@ -115,6 +116,7 @@ class InProcessRunner(FamilyRoutingRunner):
         self._device = engine_options.get("device", "cpu")
         self._children: dict[str, InProcessRunner] = {}
         self._engines: dict[str, Engine] = {}
+        self._loading = threading.Lock()
         if isinstance(engine_dir, Mapping):
             if list(engine_dir) != [None]:
                 self._children = {name: InProcessRunner(path, **engine_options) for name, path in engine_dir.items()}
@@ -148,7 +150,9 @@ class InProcessRunner(FamilyRoutingRunner):
 
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
-            self._engines[name] = self._load(name)
+            with self._loading:  # threads that run loops side by side load each engine once
+                if name not in self._engines:
+                    self._engines[name] = self._load(name)
         return self._engines[name]
 
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ are refused after (an error naming the component, never a NaN image).
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -23,9 +24,13 @@ class Engine(ABC):
     # What a request costs and what this engine may spend (the loader sets both; None: unchecked).
     memory: MemoryModel | None = None
     budget: int | None = None
+    # Whether calls from several threads may run at once (an ONNX Runtime session may); the others take turns,
+    # e.g. a fast tokenizer, which one thread's call can find "already borrowed" by another's.
+    concurrent_calls = False
 
     def __init__(self, spec: ComponentSpec):
         self.spec = spec
+        self._turns = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -43,7 +48,11 @@ class Engine(ABC):
         """Callers exchange float32 whatever the graph holds: float16 graphs are cast at this boundary."""
         inputs = self.spec.cast_inputs(inputs)
         self.check(inputs)
-        outputs = self._run(inputs)
+        if self.concurrent_calls:
+            outputs = self._run(inputs)
+        else:
+            with self._turns:
+                outputs = self._run(inputs)
         self.spec.validate_outputs(outputs)
         return as_float32(outputs)
 

@@ -157,6 +157,25 @@ def test_method_processes_split_the_active_requests_of_a_hosted_model(cli_engine
     assert "method processes apply to the hosted design" in capsys.readouterr().err
 
 
+def test_method_lanes_split_each_process_of_a_hosted_model(cli_engines, tmp_path, capsys):
+    """--method-lanes L: one process whose step scheduler ticks L lanes; lanes need the hosted design, and no
+    more processes × lanes than places."""
+    repo = tmp_path / "repo"
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
+                 "--method-instances", "4", "--method-lanes", "2"]) == 0
+    sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
+    assert sdedit.instance_group[0].count == 1
+    assert {k: sdedit.parameters[k].string_value for k in ("active", "processes", "lanes")} == \
+        {"active": "4", "processes": "1", "lanes": "2"}
+    capsys.readouterr()
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "many"), "--methods", "sdedit",
+                 "--method-instances", "3", "--method-processes", "2", "--method-lanes", "2"]) == 2
+    assert "processes × lanes (2 × 2) cannot exceed its active requests (3)" in capsys.readouterr().err
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bls"), "--methods", "sdedit",
+                 "--method-design", "bls", "--method-instances", "2", "--method-lanes", "2"]) == 2
+    assert "method lanes apply to the hosted design" in capsys.readouterr().err
+
+
 def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 120) -> None:
     url = f"http://127.0.0.1:{port}/v2/health/ready"
     deadline = time.monotonic() + timeout_s

@@ -238,6 +238,32 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
                                                                                           "seed": seed})))
 
 
+def test_hosted_lanes_run_concurrent_requests_in_one_process(engines, example_image, tmp_path):
+    """--method-lanes 2 with 4 active: one process, its step scheduler ticking two lanes on half the cores each;
+    four concurrent requests merge steps in it, and each result is the one the request gets in-process."""
+    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
+                                  methods=["sdedit"], method_options=MethodOptions(active=4, lanes=2, max_queue=4,
+                                                                                   preload=True))
+    values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+        with ThreadPoolExecutor(4) as pool:
+            served = list(pool.map(lambda seed: run_remote(url, METHODS["sdedit"], progress=False, stream=False,
+                                                           **{**values, "seed": seed}), range(4)))
+        metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert f"sdedit: one of 1 processes sharing 4 places in 2 lanes, engines on {threads} intra-op thread(s)" in \
+            server.log_path.read_text(), server.log_tail()
+    assert by_label(metrics, "ti2i_method_requests_total", "instance", model="sdedit") == {"sdedit_0_0": 4.0}
+    executions, calls = (by_label(metrics, name, "instance", model="sdedit", component="unet")["sdedit_0_0"]
+                         for name in ("ti2i_step_executions_total", "ti2i_step_calls_total"))
+    assert executions < calls, metrics
+    with InProcessRunner(engines.root) as runner:
+        for seed, result in enumerate(served):
+            np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,
+                                                                                          "seed": seed})))
+
+
 def test_no_request_waits_while_a_place_is_free_in_another_process(engines, example_image, tmp_path):
     """Original failure: with a limit per process (2 of the 4 places each), Triton handed a third request to a
     process whose 2 loops were busy while the other process had a free place, and it waited there for a whole

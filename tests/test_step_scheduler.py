@@ -61,6 +61,31 @@ def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, exam
     assert scheduler.active == 0
 
 
+def test_lanes_tick_apart_and_each_request_gets_its_own_result(engines, example_image):
+    """Two lanes, four concurrent loops: two join each lane, so no engine call merges more than two requests'
+    calls, yet steps do merge; every result is the request's sequential one."""
+    sdedit = METHODS["sdedit"]
+    with InProcessRunner(engines.root) as runner:
+        alone = {seed: sdedit(StepScheduler(runner), image=example_image, seed=seed, **REQUEST).array
+                 for seed in range(4)}
+    scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=1.0, lanes=2)  # a lane waits for its loops
+    gate = threading.Barrier(4)
+
+    def request(seed: int) -> np.ndarray:
+        with scheduler.request():
+            gate.wait()  # all four in their lanes before any call
+            return sdedit(scheduler, image=example_image, seed=seed, **REQUEST).array
+
+    together = _in_threads(4, request)
+    for seed in range(4):
+        assert np.abs(together[seed] - alone[seed]).max() <= 1e-6, seed
+    unet = {merged: n for (model, merged, _), n in scheduler.executions.items() if model == "unet"}
+    assert max(unet) == 2, unet  # each lane merges its own two loops, never the other lane's
+    assert scheduler.lanes == 2 and scheduler.active == 0
+    with pytest.raises(InvalidInputError, match="lanes must be an integer ≥ 1"):
+        StepScheduler(scheduler.engines, lanes=0)
+
+
 def test_a_bad_call_in_a_merged_batch_fails_only_its_request(engines):
     scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=5.0)  # all four join one tick
     latents = np.zeros((1, 4, 8, 8), np.float32)

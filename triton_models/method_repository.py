@@ -41,8 +41,12 @@ class MethodOptions:
     # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each.
     # The processes share the model's `active` places (places.py), so no request waits while one is free
     processes: int = 1
-    # hosted: intra-op threads of each process's engines (0: the cores split among the processes, so that busy
-    # processes do not oversubscribe them; more favours a lone request on a large model over many small ones)
+    # hosted: each process's step scheduler splits its requests into this many lanes that tick on their own, so
+    # one lane's engine call runs beside another lane's Python (engines/step_scheduler.py): what processes give,
+    # with one copy of the weights
+    lanes: int = 1
+    # hosted: intra-op threads of each process's engines (0: the cores split among the processes and their lanes,
+    # so that busy ones do not oversubscribe them; more favours a lone request on a large model over many small)
     threads: int = 0
     max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
     queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
@@ -57,7 +61,7 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
             raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("processes", 1), ("threads", 0), ("max_queue", 0), ("queue_timeout_us", 0),
+        for name, low in (("active", 1), ("processes", 1), ("lanes", 1), ("threads", 0), ("max_queue", 0), ("queue_timeout_us", 0),
                           ("cancel_poll_ms", 1)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
@@ -68,6 +72,12 @@ class MethodOptions:
         if self.processes > self.active:
             raise InvalidInputError(f"method model processes ({self.processes}) cannot exceed its active requests "
                                     f"({self.active}): a process without a request to run only holds weights")
+        if self.lanes > 1 and self.design != HOSTED:
+            raise InvalidInputError(f"method lanes apply to the hosted design (bls loops call the component models), "
+                                    f"got {self.lanes} with {self.design}")
+        if self.processes * self.lanes > self.active:
+            raise InvalidInputError(f"method model processes × lanes ({self.processes} × {self.lanes}) cannot exceed "
+                                    f"its active requests ({self.active}): a lane without a request to run is idle")
 
     @property
     def instances(self) -> int:
@@ -121,7 +131,7 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
     budget = {c: budgets[c] for c in components_for([method.name]) if c in budgets} if budgets else None
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design,
-              "active": str(options.active), "processes": str(options.processes),
+              "active": str(options.active), "processes": str(options.processes), "lanes": str(options.lanes),
               "threads": str(options.threads),
               "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}",
               **({"memory_budget": json.dumps(budget)} if budget is not None else {}),

@@ -67,6 +67,7 @@ class TritonPythonModel:
         self.cancels = CancelWatch(float(params.get("cancel_poll_ms", "20")) / 1000)
         self.design = params.get("design", BLS)
         processes = int(params.get("processes", "1"))  # hosted: the Triton instances of this model
+        lanes = int(params.get("lanes", "1"))  # hosted: each process's step scheduler lanes
         manifest = Manifest.load(params["engine_dir"])
         if self.design == HOSTED:
             from ti2i.client.methods import components_for
@@ -75,15 +76,18 @@ class TritonPythonModel:
 
             budgets = json.loads(params["memory_budget"]) if params.get("memory_budget") else None  # by component
             self.manifest = manifest
-            # the model's processes split the cores: 2 processes of 2 intra-op threads each on 2 cores ran a tiny
-            # SDEdit at 1.14-1.17x in-process, of 1 thread each at 0.97x, and served 8 clients 31 against 34 req/s
+            # the model's processes and their lanes split the cores: 2 processes of 2 intra-op threads each on 2
+            # cores ran a tiny SDEdit at 1.14-1.17x in-process, of 1 thread each at 0.97x, and served 8 clients 31
+            # against 34 req/s
             threads = int(params.get("threads", "0")) or (
-                max(1, len(os.sched_getaffinity(0)) // processes) if processes > 1 else None)
+                max(1, len(os.sched_getaffinity(0)) // (processes * lanes)) if processes * lanes > 1 else None)
             engines = InProcessRunner(manifest.root, budget=budgets, threads=threads)
             cores = f"{threads} intra-op thread(s)" if threads else "every core"
+            in_lanes = f" in {lanes} lanes" if lanes > 1 else ""
             pb_utils.Logger.log_info(f"{self.name}: one of {processes} processes sharing {params.get('active', '1')} "
-                                     f"places, engines on {cores}")
-            self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000)
+                                     f"places{in_lanes}, engines on {cores}")
+            self.runner: Any = StepScheduler(engines, max_wait_s=float(params.get("max_wait_ms", "10")) / 1000,
+                                             lanes=lanes)
             self.metrics: MethodMetrics | None = MethodMetrics(
                 pb_utils, self.name, args.get("model_instance_name", self.name), self.runner.executions)
             self.loaded: set[str] = set()

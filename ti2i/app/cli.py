@@ -78,6 +78,7 @@ def _method_models(args: argparse.Namespace, manifests: dict) -> dict:
                for family, manifest in manifests.items()}
     return {"methods": methods, "method_options": MethodOptions(design=args.method_design, active=args.method_instances,
                                                                 processes=args.method_processes,
+                                                                lanes=args.method_lanes,
                                                                 threads=args.method_threads,
                                                                 max_queue=args.method_queue,
                                                                 preload=args.preload_methods)}
@@ -230,9 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method-processes", type=int, default=1,
                        help="hosted: spread those requests' loops over this many processes, each with its own copy "
                             "of the engines (more throughput from concurrent requests, more memory; default 1)")
+        p.add_argument("--method-lanes", type=int, default=1,
+                       help="hosted: split each process's requests into this many lanes that tick on their own, so "
+                            "one lane's engine call runs beside another's Python work (throughput from concurrent "
+                            "requests with one copy of the engines; default 1)")
         p.add_argument("--method-threads", type=int, default=0,
                        help="hosted: intra-op threads of each process's engines (default: the cores divided among "
-                            "the processes)")
+                            "the processes and their lanes)")
         p.add_argument("--method-queue", type=int, default=8,
                        help="requests a method model queues beyond those; more are rejected (default 8)")
         p.add_argument("--preload-methods", action="store_true",
