@@ -134,46 +134,35 @@ def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_en
     assert "--max-queue-size must be >= 0" in capsys.readouterr().err
 
 
-def test_method_processes_split_the_active_requests_of_a_hosted_model(cli_engines, tmp_path, capsys):
+def test_method_processes_and_lanes_split_the_active_requests_of_a_hosted_model(cli_engines, tmp_path, capsys):
     """--method-processes P: the hosted model becomes P Triton instances (processes) sharing --method-instances
-    places; more processes than places, or processes with bls, is a usage error."""
-    repo = tmp_path / "repo"
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
-                 "--method-instances", "3", "--method-processes", "2"]) == 0
-    sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
-    assert sdedit.instance_group[0].count == 2
-    assert {k: sdedit.parameters[k].string_value for k in ("active", "processes", "threads")} == \
-        {"active": "3", "processes": "2", "threads": "0"}  # threads 0: the stub divides its cores among the processes
-    bls = tmp_path / "bls"
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(bls), "--methods", "sdedit",
-                 "--method-design", "bls", "--method-instances", "3"]) == 0
-    assert parse_config(bls / "sdedit" / "config.pbtxt").instance_group[0].count == 3
+    places; --method-lanes L: each process's step scheduler ticks L lanes. More processes × lanes than places,
+    or either with bls, is a usage error."""
+    for flags, count, params in (
+            (["--method-instances", "3", "--method-processes", "2"], 2,
+             {"active": "3", "processes": "2", "lanes": "1", "threads": "0"}),  # threads 0: the stub splits its cores
+            (["--method-instances", "4", "--method-lanes", "2"], 1,
+             {"active": "4", "processes": "1", "lanes": "2", "threads": "0"}),
+            (["--method-design", "bls", "--method-instances", "3"], 3, {"active": "3"})):
+        repo = tmp_path / "-".join(flags)
+        assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
+                     *flags]) == 0
+        sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
+        assert sdedit.instance_group[0].count == count
+        assert {k: sdedit.parameters[k].string_value for k in params} == params
     capsys.readouterr()
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "many"), "--methods", "sdedit",
-                 "--method-instances", "2", "--method-processes", "3"]) == 2
-    assert "processes (3) cannot exceed its active requests (2)" in capsys.readouterr().err
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bls2"), "--methods",
-                 "sdedit", "--method-design", "bls", "--method-instances", "2", "--method-processes", "2"]) == 2
-    assert "method processes apply to the hosted design" in capsys.readouterr().err
-
-
-def test_method_lanes_split_each_process_of_a_hosted_model(cli_engines, tmp_path, capsys):
-    """--method-lanes L: one process whose step scheduler ticks L lanes; lanes need the hosted design, and no
-    more processes × lanes than places."""
-    repo = tmp_path / "repo"
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
-                 "--method-instances", "4", "--method-lanes", "2"]) == 0
-    sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
-    assert sdedit.instance_group[0].count == 1
-    assert {k: sdedit.parameters[k].string_value for k in ("active", "processes", "lanes")} == \
-        {"active": "4", "processes": "1", "lanes": "2"}
-    capsys.readouterr()
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "many"), "--methods", "sdedit",
-                 "--method-instances", "3", "--method-processes", "2", "--method-lanes", "2"]) == 2
-    assert "processes × lanes (2 × 2) cannot exceed its active requests (3)" in capsys.readouterr().err
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bls"), "--methods", "sdedit",
-                 "--method-design", "bls", "--method-instances", "2", "--method-lanes", "2"]) == 2
-    assert "method lanes apply to the hosted design" in capsys.readouterr().err
+    for flags, error in (
+            (["--method-instances", "2", "--method-processes", "3"],
+             "processes (3) cannot exceed its active requests (2)"),
+            (["--method-instances", "3", "--method-processes", "2", "--method-lanes", "2"],
+             "processes × lanes (2 × 2) cannot exceed its active requests (3)"),
+            (["--method-design", "bls", "--method-instances", "2", "--method-processes", "2"],
+             "method processes apply to the hosted design"),
+            (["--method-design", "bls", "--method-instances", "2", "--method-lanes", "2"],
+             "method lanes apply to the hosted design")):
+        assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"), "--methods", "sdedit",
+                     *flags]) == 2
+        assert error in capsys.readouterr().err, flags
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 120) -> None:

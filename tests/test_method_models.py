@@ -95,6 +95,12 @@ def _inputs(method: str, image: Image.Image) -> dict:
     return values
 
 
+def _sdedit_repository(engines, tmp_path: Path, **options) -> Path:
+    """A repository of SDEdit's components and its method models with these `MethodOptions`."""
+    return write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]), methods=["sdedit"],
+                            method_options=MethodOptions(**options))
+
+
 def _pixels(result) -> np.ndarray:
     return np.asarray(result.frames if hasattr(result, "frames") else result.image)
 
@@ -157,9 +163,7 @@ def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_
     """Original failure: at 8 concurrent tiny SDEdits tritonserver died of SIGSEGV in
     `TRITONBACKEND_ResponseFactoryIsCancelled`: the cancel watcher asked about a request whose final response
     had just freed it. Polling every millisecond, 200 two-step requests crashed the old code within 2 s."""
-    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
-                                  methods=["sdedit"], method_options=MethodOptions(active=8, max_queue=8,
-                                                                                   cancel_poll_ms=1, preload=True))
+    repository = _sdedit_repository(engines, tmp_path, active=8, max_queue=8, cancel_poll_ms=1, preload=True)
     values = {**_inputs("sdedit", example_image), "steps": 2}
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
@@ -194,9 +198,7 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
     """--method-processes 2 with 4 active: two processes, each with its own engines, sharing 4 places; four
     concurrent requests keep both busy, their metrics count the requests and the merged steps of each, and
     each result is the one the request gets in-process."""
-    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
-                                  methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
-                                                                                   preload=True))
+    repository = _sdedit_repository(engines, tmp_path, active=4, processes=2, max_queue=4, preload=True)
     values = {**_inputs("sdedit", example_image), "steps": 60, "strength": 1.0}
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
@@ -241,9 +243,7 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
 def test_hosted_lanes_run_concurrent_requests_in_one_process(engines, example_image, tmp_path):
     """--method-lanes 2 with 4 active: one process, its step scheduler ticking two lanes on half the cores each;
     four concurrent requests merge steps in it, and each result is the one the request gets in-process."""
-    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
-                                  methods=["sdedit"], method_options=MethodOptions(active=4, lanes=2, max_queue=4,
-                                                                                   preload=True))
+    repository = _sdedit_repository(engines, tmp_path, active=4, lanes=2, max_queue=4, preload=True)
     values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
@@ -269,9 +269,7 @@ def test_no_request_waits_while_a_place_is_free_in_another_process(engines, exam
     process whose 2 loops were busy while the other process had a free place, and it waited there for a whole
     request (1 to 3 of 10 rounds of 4 concurrent requests). The places are now the model's: in 10 rounds of 4 no
     request waits; a 5th at once does."""
-    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
-                                  methods=["sdedit"], method_options=MethodOptions(active=4, processes=2, max_queue=4,
-                                                                                   preload=True))
+    repository = _sdedit_repository(engines, tmp_path, active=4, processes=2, max_queue=4, preload=True)
     values = {**_inputs("sdedit", example_image), "steps": 30, "strength": 1.0}
     waits = "sdedit: all 4 places are taken; a request waits"
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
