@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=_ints, default=[1, 2, 4, 8],
                    help="concurrent client counts for the sweep against the server (e.g. 1,2,4,8; 0 skips it)")
     p.add_argument("--concurrency-backend", default="triton-grpc",
-                   help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: concurrent in-process loops, threads of one process)")
+                   help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: "
+                        "concurrent in-process loops, threads of one process)")
     p.add_argument("--method-processes", type=int, default=1,
                    help="triton-method (hosted): processes the method model spreads its active requests over")
     p.add_argument("--method-lanes", type=int, default=1,

@@ -59,8 +59,7 @@ def run_sweep(method: str, name: str, levels: list[int], per_client: int, rounds
             progress.phase = f"{method} · concurrency {n}" + (f" · round {round_index + 1}/{rounds}" if rounds > 1
                                                              else "")
             run = _level(method, name, n, per_client, backend, ctx, image, seed, hosted_model, progress)
-            run["throughput_gain"] = ratio(run["throughput_rps"], runs[0]["throughput_rps"] if runs else
-                                           run["throughput_rps"])
+            run["throughput_gain"] = ratio(run["throughput_rps"], (runs[0] if runs else run)["throughput_rps"])
             runs.append(run)
             sweep["levels"] = pooled_levels(sweep["rounds"])
             unet = run["server"].get(UNET_OF[method], {})
@@ -117,7 +116,8 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
                 runner.close()
     latencies = [b - a for a, b in spans]
     wall = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
-    server = derive_stats(raw_delta(before, after))
+    raw = raw_delta(before, after)
+    server = derive_stats(raw)
     if hosted_model is not None:
         server.setdefault(UNET_OF[method], _step_batching(steps_before, steps_after, hosted_model, UNET_OF[method]))
     return {
@@ -129,7 +129,7 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
         "latency_s": summarize(latencies),
         "latencies_s": latencies,
         "server": server,
-        "raw_server": raw_delta(before, after),
+        "raw_server": raw,
     }
 
 
@@ -246,11 +246,6 @@ def derive_stats(raw: dict[str, Any]) -> dict[str, Any]:
             "executed_batch_sizes": r["executed_batch_sizes"],
         }
     return out
-
-
-def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Per model, what happened between the two snapshots (`derive_stats` of their `raw_delta`)."""
-    return derive_stats(raw_delta(before, after))
 
 
 # --- what the server did: a hosted method model's own metrics ----------------------------------------------

@@ -48,6 +48,7 @@ def session_options(threads: int | None, spinning: bool) -> ort.SessionOptions:
 
 class OrtEngine(Engine):
     concurrent_calls = True  # InferenceSession.run is thread-safe, and releases the GIL while it runs
+
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, providers: Sequence[str] | None = None,
                  threads: int | None = None, spinning: bool | None = None):
         super().__init__(spec)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
 from ti2i.benchmarks.harness import BenchConfig, run_benchmark
-from ti2i.benchmarks.sweep import stats_delta
+from ti2i.benchmarks.sweep import derive_stats, raw_delta
 from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.runners import TritonRunner
@@ -167,7 +167,8 @@ def test_stats_delta_counts_batches():
                          "batch_stats": [{"batch_size": str(k), "compute_infer": {"count": str(v), "ns": "1"}}
                                          for k, v in batches.items()]}}
 
-    delta = stats_delta(snapshot(2, 4, 2, 0, {2: 2}), snapshot(5, 16, 8, 6 * 10**6, {2: 3, 4: 1, 6: 1}))["unet"]
+    before, after = snapshot(2, 4, 2, 0, {2: 2}), snapshot(5, 16, 8, 6 * 10**6, {2: 3, 4: 1, 6: 1})
+    delta = derive_stats(raw_delta(before, after))["unet"]
     assert delta["executions"] == 3 and delta["requests"] == 6
     assert delta["avg_requests_per_execution"] == 2.0 and delta["avg_batch_samples"] == 4.0
     assert delta["executed_batch_sizes"] == {"2": 1, "4": 1, "6": 1}

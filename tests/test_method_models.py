@@ -215,8 +215,8 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
         # the processes split the cores: 2 processes of 2 intra-op threads on 2 cores served less, and slower
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
         log = server.log_path.read_text()
-        assert log.count(f"sdedit: one of 2 processes sharing 4 places, engines on {threads} intra-op thread(s)") == 2, \
-            server.log_tail()
+        started = f"sdedit: one of 2 processes sharing 4 places, engines on {threads} intra-op thread(s)"
+        assert log.count(started) == 2, server.log_tail()
     busy = {pid: after[pid] - before[pid] for pid in before}
     # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
     assert all(seconds >= 0.1 for seconds in busy.values()), busy

@@ -61,8 +61,8 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.design not in DESIGNS:
             raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("processes", 1), ("lanes", 1), ("threads", 0), ("max_queue", 0), ("queue_timeout_us", 0),
-                          ("cancel_poll_ms", 1)):
+        for name, low in (("active", 1), ("processes", 1), ("lanes", 1), ("threads", 0), ("max_queue", 0),
+                          ("queue_timeout_us", 0), ("cancel_poll_ms", 1)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
                                         f"got {getattr(self, name)}")
