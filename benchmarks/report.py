@@ -108,8 +108,8 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
                       "",
                       f"| clients | requests/s | gain | latency p50 s | p90 s | p99 s | {unet} requests/execution | "
                       f"{unet} samples/execution | {unet} queue ms/request | {unet} compute ms/request | "
-                      f"executed batch sizes |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      f"executed batch sizes | CPU ms/request | cores busy |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for level in sweep["levels"]:
                 lat = level.get("latency_s", {})
                 server = level.get("server", {}).get(unet, {})
@@ -120,7 +120,9 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
                     f"{_num(server.get('avg_requests_per_execution'), 2)} | "
                     f"{_num(server.get('avg_batch_samples'), 2)} | {_num(server.get('queue_ms_per_request'), 2)} | "
                     f"{_num(server.get('compute_infer_ms_per_request'), 2)} | "
-                    f"{server.get('executed_batch_sizes', {})} |")
+                    f"{server.get('executed_batch_sizes', {})} | {_num(cpu_of(level).get('ms_per_request'), 1)} | "
+                    f"{_num(cpu_of(level).get('cores_busy'), 2)} |")
+            lines += _gain_factor_lines(sweep)
             if sweep.get("best_gain"):
                 lines += ["", f"Best throughput gain from concurrency: {sweep['best_gain']:.2f}× "
                               f"at {sweep['best_clients']} clients."]
@@ -135,6 +137,25 @@ def _gain(level: dict[str, Any]) -> str:
     if (level.get("rounds") or 1) > 1 and spread:
         return f"{_x(level.get('throughput_gain'))} ({spread[0]:.2f}–{spread[1]:.2f})"
     return _x(level.get("throughput_gain"))
+
+
+def cpu_of(level: dict[str, Any]) -> dict[str, Any]:
+    return level.get("cpu") or {}
+
+
+def _gain_factor_lines(sweep: dict[str, Any]) -> list[str]:
+    """What each level's gain is made of (`benchmarks/cpu_time.py`), and its bound with every core busy."""
+    parts = []
+    for level in sweep["levels"][1:]:
+        cpu = cpu_of(level)
+        if "bound_all_cores" in cpu:
+            parts.append(f"at {level['clients']} clients {cpu['busy_ratio']:.2f} (cores busy) × {cpu['cpu_ratio']:.2f} "
+                         f"(CPU per request), at most {cpu['bound_all_cores']:.2f}× with all {sweep.get('cores')} "
+                         f"cores busy")
+    if not parts:
+        return []
+    return ["", "The gain over the first level, as the ratio of cores busy times the ratio of CPU per request (the "
+                "server's processes and the benchmark's own, clients included): " + "; ".join(parts) + "."]
 
 
 def _fmt_ms(stats: dict[str, Any] | None) -> str:

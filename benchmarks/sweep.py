@@ -14,6 +14,7 @@ requests over their time.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from ti2i.benchmarks.backends import BACKENDS, UNET_OF, BenchContext
+from ti2i.benchmarks.cpu_time import cpu_figures, gain_factors, own_cpu_s, tree_cpu_s
 from ti2i.benchmarks.server_metrics import by_label, read_metrics
 from ti2i.benchmarks.settle import settled
 from ti2i.benchmarks.stats import median, ratio, summarize
@@ -49,7 +51,8 @@ def run_sweep(method: str, name: str, levels: list[int], per_client: int, rounds
         backend.close()
         return
     backend.close()
-    sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "rounds": [], "levels": []}
+    sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "rounds": [], "levels": [],
+                             "cores": len(os.sched_getaffinity(0))}
     record_sweep(entry, sweep)
     hosted_model = getattr(backend, "model", None) if getattr(backend, "design", None) == "hosted" else None
     for round_index in range(rounds):
@@ -61,7 +64,7 @@ def run_sweep(method: str, name: str, levels: list[int], per_client: int, rounds
             run = _level(method, name, n, per_client, backend, ctx, image, seed, hosted_model, progress)
             run["throughput_gain"] = ratio(run["throughput_rps"], (runs[0] if runs else run)["throughput_rps"])
             runs.append(run)
-            sweep["levels"] = pooled_levels(sweep["rounds"])
+            sweep["levels"] = pooled_levels(sweep["rounds"], sweep["cores"])
             unet = run["server"].get(UNET_OF[method], {})
             progress.log(f"[{method}] concurrency {n}: {run['throughput_rps'] or 0:.3f} req/s, "
                          f"p50 {run['latency_s'].get('median', 0):.3f} s, {UNET_OF[method]} avg batch "
@@ -102,18 +105,21 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
                     done[0] += 1
 
         threads = [threading.Thread(target=client, args=(r,), daemon=True) for r in runners]
+        cpu_start = (tree_cpu_s(), own_cpu_s(), time.perf_counter())
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
             progress.status(f"{name} · {n} clients · {done[0]}/{n * per_client} requests done")
             for t in threads:
                 t.join(timeout=0.5)
+        tree_end, own_end, cpu_wall = tree_cpu_s(), own_cpu_s(), time.perf_counter() - cpu_start[2]
         after = settled(lambda: _server_stats(ctx.server))
         steps_after = _step_metrics(ctx.server, hosted_model)
     finally:
         for runner in runners:
             with contextlib.suppress(Exception):
                 runner.close()
+    tree = tree_end - cpu_start[0] if tree_end is not None and cpu_start[0] is not None else None
     latencies = [b - a for a, b in spans]
     wall = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
     raw = raw_delta(before, after)
@@ -130,12 +136,15 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
         "latencies_s": latencies,
         "server": server,
         "raw_server": raw,
+        "cpu": cpu_figures(tree, own_end - cpu_start[1], len(spans), cpu_wall),
     }
 
 
-def pooled_levels(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def pooled_levels(rounds: list[list[dict[str, Any]]], cores: int | None = None) -> list[dict[str, Any]]:
     """One level per client count over every round so far: requests over time pooled, the gain the median of
-    the rounds' own gains (each over the one-client run of its round), server figures from pooled counts."""
+    the rounds' own gains (each over the one-client run of its round), server figures from pooled counts, CPU
+    pooled and the gain split into its factors over the first level (`cpu_time.py`; `cores`: the machine's)."""
+    cores = cores or len(os.sched_getaffinity(0))
     levels: list[dict[str, Any]] = []
     for position in range(max(len(r) for r in rounds)):
         runs = [r[position] for r in rounds if len(r) > position]
@@ -150,6 +159,10 @@ def pooled_levels(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             if item.get("source") == "metrics" and model not in server:
                 server[model] = _pool_step_batching([r["server"][model] for r in runs if model in r["server"]])
         gains = [r["throughput_gain"] for r in runs if r.get("throughput_gain")]
+        cpus = [r["cpu"] for r in runs if r.get("cpu")]
+        cpu = cpu_figures(sum(c["tree_s"] for c in cpus), sum(c["own_s"] for c in cpus),
+                          sum(r["requests"] for r in runs if r.get("cpu")),
+                          sum(c["elapsed_s"] for c in cpus)) if cpus else {}
         level = {
             "clients": runs[0]["clients"],
             "rounds": len(runs),
@@ -162,7 +175,9 @@ def pooled_levels(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "latency_s": summarize(latencies),
             "latencies_s": latencies,
             "server": server,
+            "cpu": cpu,
         }
+        level["cpu"].update(gain_factors(level, levels[0] if levels else level, cores))
         levels.append(level)
     return levels
 

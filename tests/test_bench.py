@@ -140,6 +140,16 @@ def test_method_model_sweep_in_rounds_reads_the_processes_batching(tmp_path, cac
         unet = level["server"]["unet"]
         assert unet["source"] == "metrics" and unet["requests"] == 2 * level["requests"], unet
         assert unet["inferences"] == 2 * unet["requests"] and 1 <= unet["avg_requests_per_execution"] <= 2, unet
+        cpu = level["cpu"]  # the server's processes and the benchmark's own, pooled over the rounds
+        assert cpu["tree_s"] == pytest.approx(sum(r["cpu"]["tree_s"] for r in runs)) and cpu["tree_s"] > cpu["own_s"]
+        assert _positive(cpu["ms_per_request"]) and 0 < cpu["cores_busy"] <= sweep["cores"] + 0.5, cpu
+    single, double = sweep["levels"]
+    factors = double["cpu"]
+    # gain = cores-busy ratio × CPU-per-request ratio (over the CPU readings' own interval, close to the spans')
+    assert factors["busy_ratio"] * factors["cpu_ratio"] == pytest.approx(
+        double["throughput_rps"] / single["throughput_rps"], rel=0.25)
+    assert factors["bound_all_cores"] == pytest.approx(
+        sweep["cores"] / single["cpu"]["cores_busy"] * factors["cpu_ratio"])
     assert sweep["levels"][0]["throughput_gain"] == 1.0
     assert "2 rounds" in (tmp_path / "results" / "results.md").read_text()
 
@@ -156,6 +166,31 @@ def test_an_in_process_sweep_client_has_its_engines_loaded_before_the_clock_star
     with InProcessRunner(engines.root) as runner:
         _LoopClient(SimpleNamespace(method="sdedit"), runner)
         assert set(runner._engines) == set(components_for(["sdedit"])) & set(engines.components)
+
+
+def test_tree_cpu_counts_the_children_it_started():
+    """A child that burns CPU shows in this process's tree, and only while it lives under it."""
+    import subprocess
+    import sys
+    import time
+
+    from ti2i.benchmarks.cpu_time import tree_cpu_s
+
+    before = tree_cpu_s()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.4\n"
+                              "while time.process_time() < end: pass\nimport sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        spent = 0.0
+        for _ in range(100):
+            if (spent := tree_cpu_s(child.pid) or 0.0) >= 0.4:
+                break
+            time.sleep(0.05)
+        assert spent >= 0.4
+        assert tree_cpu_s() - before >= 0.4  # the child is in this process's tree
+    finally:
+        child.communicate(b"")
+    assert tree_cpu_s(child.pid) is None  # gone: no figure rather than a wrong one
 
 
 def test_stats_delta_counts_batches():
