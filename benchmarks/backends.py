@@ -222,21 +222,26 @@ class MethodBackend(Backend):
     kind = "served"
 
     def __init__(self, name: str, ctx: BenchContext, url: str, design: str):
+        from ti2i.client.remote import RemoteMethodClient
+
         super().__init__(name, ctx)
         self.url, self.design, self.model = url, design, ctx.method + method_suffix(design)
+        self.client = RemoteMethodClient(url)  # one connection for all of this backend's requests
 
     def run(self, image: Image.Image, seed: int) -> RunRecord:
-        from ti2i.client.remote import run_remote
-
         self.ctx.status(f"{self.name} · {self.ctx.method} request")
         start = time.perf_counter()
-        result = run_remote(self.url, METHODS[self.ctx.method], progress=False, stream=False, model=self.model,
-                            **method_kwargs(self.ctx.method, image, self.ctx.request, seed))
+        result = self.client.run(METHODS[self.ctx.method], progress=False, stream=False, model=self.model,
+                                 **method_kwargs(self.ctx.method, image, self.ctx.request, seed))
         elapsed = time.perf_counter() - start
         return RunRecord(elapsed, {k: list(v) for k, v in result.timings.samples.items()}, result.array)
 
     def new_client(self) -> MethodBackend:
-        return self
+        """A client of its own (a connection per sweep client thread)."""
+        return MethodBackend(self.name, self.ctx, self.url, self.design)
+
+    def close(self) -> None:
+        self.client.close()
 
     def __call__(self, image: Image.Image, seed: int) -> None:
         self.run(image, seed)

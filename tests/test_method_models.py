@@ -296,6 +296,32 @@ def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, examp
     np.testing.assert_array_equal(_pixels(plain), _pixels(streamed))
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_remote_client_keeps_one_connection_for_its_requests(method_server, example_image, protocol, monkeypatch):
+    """A `RemoteMethodClient` connects once and serves plain and streamed requests over that one connection
+    (gRPC: a stream each, one after another), each seed's result the one `run_remote` gets."""
+    import ti2i.client.remote as remote
+
+    made = []
+    connect = remote.client_for
+    monkeypatch.setattr(remote, "client_for", lambda *a: made.append(a) or connect(*a))
+    values = _inputs("sdedit", example_image)
+    url = server_url(method_server, protocol)
+    expected = [run_remote(url, METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": s})
+                for s in (1, 2)]
+    made.clear()
+    with remote.RemoteMethodClient(url) as client:
+        got = [client.run(METHODS["sdedit"], progress=False, stream=protocol == "grpc" and i % 2 == 0,
+                          **{**values, "seed": 1 + i % 2}) for i in range(4)]
+        with pytest.raises(InvalidInputError, match="strength"):  # the server's INVALID_ARG; the client goes on
+            client.run(METHODS["sdedit"], progress=False, stream=False, **{**values, "strength": 2.0})
+        again = client.run(METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": 2})
+    assert len(made) == 1
+    for i, result in enumerate(got):
+        np.testing.assert_array_equal(_pixels(result), _pixels(expected[i % 2]))
+    np.testing.assert_array_equal(_pixels(again), _pixels(expected[1]))
+
+
 def _json_body(values: dict) -> dict:
     tensors = request_tensors(METHODS["sdedit"], **values)
     inputs = []
