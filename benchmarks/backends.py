@@ -250,6 +250,72 @@ class MethodBackend(Backend):
         return {"kind": self.kind, "url": self.url, "design": self.design, "model": self.model}
 
 
+class BatchedBackend(Backend):
+    """Our loops in-process over one `StepScheduler`: the hosted method model's batching of concurrent requests'
+    steps, in one process of this one, without a server. Its sweep clients share one scheduler per level, made
+    with the level's first client and closed with its last; `step_counts` says what the batching merged."""
+
+    kind = "in-process"
+
+    def __init__(self, name: str, ctx: BenchContext, providers: list[str]):
+        super().__init__(name, ctx)
+        self.providers = providers
+        self._shared: Any = None
+        self._clients = 0
+        self.runner = self._scheduler()
+
+    def _scheduler(self) -> Any:
+        from ti2i.client.methods import components_for
+        from ti2i.client.runners import InProcessRunner
+        from ti2i.engines.step_scheduler import StepScheduler
+
+        engines = InProcessRunner(self.ctx.engine_dir, providers=self.providers)
+        for component in components_for([self.ctx.method]):  # loaded before the clock starts
+            if component in engines.manifest.components:
+                engines.engine(component)
+        return StepScheduler(engines)
+
+    def run(self, image: Image.Image, seed: int) -> RunRecord:
+        start = time.perf_counter()
+        with self.runner.request():
+            timings, array = run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
+        return RunRecord(time.perf_counter() - start, {k: list(v) for k, v in timings.samples.items()}, array)
+
+    def new_client(self) -> _BatchedClient:
+        if self._shared is None:
+            self._shared = self._scheduler()
+        self._clients += 1
+        return _BatchedClient(self)
+
+    def step_counts(self) -> dict[tuple[str, int, int], int]:
+        """(component, requests' calls merged, samples) -> engine calls, so far at this level."""
+        return dict(self._shared.executions) if self._shared is not None else {}
+
+    def _release(self) -> None:
+        self._clients -= 1
+        if self._clients == 0 and self._shared is not None:
+            self._shared.engines.close()
+            self._shared = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "providers": self.providers, "scheduler": "StepScheduler, one lane"}
+
+    def close(self) -> None:
+        self.runner.engines.close()
+
+
+class _BatchedClient:
+    def __init__(self, backend: BatchedBackend):
+        self.backend, self.scheduler = backend, backend._shared
+
+    def __call__(self, image: Image.Image, seed: int) -> None:
+        with self.scheduler.request():
+            run_method(self.backend.ctx.method, self.scheduler, image, self.backend.ctx.request, seed)
+
+    def close(self) -> None:
+        self.backend._release()
+
+
 def method_suffix(design: str) -> str:
     """The bench serves the default design's method model as `METHOD`, another's as `METHOD-DESIGN`."""
     from ti2i.triton_models.method_repository import MethodOptions
@@ -277,6 +343,12 @@ def _ort(name: str, ctx: BenchContext) -> Backend:
     providers = list(ctx.providers or default_providers())
     return RunnerBackend(name, ctx, lambda: InProcessRunner(ctx.engine_dir, providers=providers), "in-process",
                          {"providers": providers})
+
+
+def _ort_batched(name: str, ctx: BenchContext) -> Backend:
+    from ti2i.engines.ort import default_providers
+
+    return BatchedBackend(name, ctx, list(ctx.providers or default_providers()))
 
 
 def _triton(protocol: str, shared_memory: bool = False) -> Callable[[str, BenchContext], Backend]:
@@ -447,6 +519,9 @@ register_backend("diffusers", lambda name, ctx: DiffusersBackend(name, ctx),
 register_backend("diffusers-compile", lambda name, ctx: DiffusersBackend(name, ctx, compile=True),
                  description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)")
 register_backend("ort", _ort, description="our method loop over our ONNX Runtime engines, in-process")
+register_backend("ort-batched", _ort_batched,
+                 description="our method loops in-process over one step scheduler (the hosted method model's "
+                             "batching of concurrent requests, without a server)")
 register_backend("triton-grpc", _triton("grpc"), needs_server=True,
                  description="our method loop, every model call to Triton over gRPC")
 register_backend("triton-http", _triton("http"), needs_server=True,

@@ -84,6 +84,8 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
     try:
         before = settled(lambda: _server_stats(ctx.server))
         steps_before = _step_metrics(ctx.server, hosted_model)
+        counts = getattr(backend, "step_counts", None)  # an in-process step scheduler's own counts
+        counts_before = counts() if counts else {}
         spans: list[tuple[float, float]] = []
         errors: list[str] = []
         lock = threading.Lock()
@@ -115,6 +117,7 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
         tree_end, own_end, cpu_wall = tree_cpu_s(), own_cpu_s(), time.perf_counter() - cpu_start[2]
         after = settled(lambda: _server_stats(ctx.server))
         steps_after = _step_metrics(ctx.server, hosted_model)
+        counts_after = counts() if counts else {}
     finally:
         for runner in runners:
             with contextlib.suppress(Exception):
@@ -126,6 +129,8 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
     server = derive_stats(raw)
     if hosted_model is not None:
         server.setdefault(UNET_OF[method], _step_batching(steps_before, steps_after, hosted_model, UNET_OF[method]))
+    if counts:
+        server[UNET_OF[method]] = _counted_batching(counts_before, counts_after, UNET_OF[method])
     return {
         "clients": n,
         "requests": len(spans),
@@ -279,6 +284,14 @@ def _step_batching(before: dict[Any, float], after: dict[Any, float], model: str
 
     executions, calls, samples = (total(after, n) - total(before, n) for n in STEP_METRICS)
     return _pool_step_batching([{"executions": int(executions), "requests": int(calls), "inferences": int(samples)}])
+
+
+def _counted_batching(before: dict[Any, int], after: dict[Any, int], component: str) -> dict[str, Any]:
+    """The same figures from a `StepScheduler.executions` counter read before and after."""
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after if key[0] == component}
+    return _pool_step_batching([{"executions": sum(delta.values()),
+                                 "requests": sum(key[1] * n for key, n in delta.items()),
+                                 "inferences": sum(key[2] * n for key, n in delta.items())}])
 
 
 def _pool_step_batching(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -154,6 +154,24 @@ def test_method_model_sweep_in_rounds_reads_the_processes_batching(tmp_path, cac
     assert "2 rounds" in (tmp_path / "results" / "results.md").read_text()
 
 
+def test_batched_in_process_sweep_merges_the_clients_steps(tmp_path, cache):
+    """`ort-batched`: the clients of a level share one step scheduler, so 2 clients' UNet calls merge (PNDM: 2
+    calls a request); the scheduler's own counts fill the batching columns."""
+    data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["ort", "ort-batched"],
+                                     concurrency=(1, 2), concurrency_backend="ort-batched", concurrency_requests=4,
+                                     out=tmp_path / "results", cache=cache, repeats=1, warmup=1, steps=2,
+                                     unet_calls=1, quiet=True))
+    entry = data["methods"]["sdedit"]
+    single, double = entry["concurrency"]["levels"]
+    for level in (single, double):
+        unet = level["server"]["unet"]
+        assert level["requests"] == 4 * level["clients"] and not level["errors"]
+        assert unet["requests"] == 2 * level["requests"] and unet["inferences"] == 2 * unet["requests"], unet
+    assert single["server"]["unet"]["avg_requests_per_execution"] == 1.0
+    assert double["server"]["unet"]["avg_requests_per_execution"] > 1.2, double["server"]
+    assert entry["backends"]["ort-batched"]["status"] == "ok" and entry["summary"]["ort-batched"]["end_to_end_s"]["n"]
+
+
 def test_an_in_process_sweep_client_has_its_engines_loaded_before_the_clock_starts(engines):
     """The in-process sweep's first requests once included loading each fresh runner's ONNX sessions (p99 of
     2 s at 8 clients against a median of 0.3 s); a client now loads them when it is made."""
