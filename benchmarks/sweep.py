@@ -177,8 +177,7 @@ def pooled_levels(rounds: list[list[dict[str, Any]]], cores: int | None = None) 
             "throughput_rps": requests / sum(walls) if walls else None,
             "throughput_gain": median(gains) if gains else None,
             "throughput_gain_range": [min(gains), max(gains)] if gains else None,
-            "latency_s": summarize(latencies),
-            "latencies_s": latencies,
+            "latency_s": summarize(latencies),  # each round's run keeps its latencies
             "server": server,
             "cpu": cpu,
         }
