@@ -13,6 +13,7 @@ import os
 import queue
 import time
 from collections.abc import Callable
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,18 @@ class RemoteMethodClient:
         if self._client is None:
             self._module, self._client = _client(self.protocol, self.address, self.timeout_s)
         timings = Timings()
-        with timings.stage("remote"):
-            if stream:
-                pixels = _streamed(self._module, self._client, method, model, tensors, progress, self.timeout_s)
-            else:
-                pixels = _plain(self._module, self._client, self.protocol, self.address, method, model, tensors,
-                                self.timeout_s)
+        try:
+            with timings.stage("remote"):
+                if stream:
+                    pixels = _streamed(self._module, self._client, method, model, tensors, progress, self.timeout_s)
+                else:
+                    pixels = _plain(self._module, self._client, self.protocol, self.address, method, model,
+                                    tensors, self.timeout_s)
+        except ServerUnavailableError:
+            # the connection may be what failed (the server restarted): the next request makes a new one, at
+            # once, where a kept gRPC channel waits out its reconnect backoff (seconds after the server is back)
+            self.close()
+            raise
         if method.output == "video":
             fps = values.get("fps") if values.get("fps") is not None else method.param("fps").default
             return VideoResult(pixels, pixels.astype(np.float32) / 255.0, fps, timings)
@@ -160,8 +167,9 @@ def _plain(module: Any, client: Any, protocol: str, address: str, method: Method
         return np.array(result.as_numpy("pixels"), copy=True)
     except InferenceServerException as err:
         raise _translate(err, method.name) from None
-    except (ConnectionError, OSError) as err:
-        raise ServerUnavailableError(f"{method.name}: the server at {address} is unreachable: {err}") from None
+    except (OSError, HTTPException) as err:  # HTTP: refused, reset, or a kept connection the server closed
+        raise ServerUnavailableError(f"{method.name}: the server at {address} is unreachable: "
+                                     f"{err or type(err).__name__}") from None
 
 
 def _streamed(module: Any, client: Any, method: Method, model: str, tensors: dict[str, np.ndarray],

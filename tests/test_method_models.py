@@ -322,6 +322,45 @@ def test_a_remote_client_keeps_one_connection_for_its_requests(method_server, ex
     np.testing.assert_array_equal(_pixels(again), _pixels(expected[1]))
 
 
+def test_a_kept_remote_client_serves_again_once_a_restarted_server_is_ready(engines, example_image, tmp_path):
+    """Original failure: with the server killed (and restarted by its supervisor), a kept HTTP connection raised
+    geventhttpclient's HTTPConnectionClosed rather than ServerUnavailableError, and a kept gRPC channel still
+    failed 3.7 s after the server was ready again, waiting out its reconnect backoff."""
+    import signal
+
+    from ti2i.client.remote import RemoteMethodClient
+
+    repository = _sdedit_repository(engines, tmp_path, preload=True)
+    values = {**_inputs("sdedit", example_image), "steps": 2}
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
+        clients = {p: RemoteMethodClient(server_url(server, p)) for p in ("grpc", "http")}
+        expected = {p: _pixels(c.run(METHODS["sdedit"], progress=False, stream=False, **values))
+                    for p, c in clients.items()}
+        old = server.pid
+
+        def ready() -> bool:
+            try:
+                return server.pid != old and httpclient.InferenceServerClient(server.http_url).is_model_ready("sdedit")
+            except Exception:
+                return False
+
+        os.kill(old, signal.SIGKILL)
+        failures = 0
+        deadline = time.monotonic() + 120
+        while not ready() and time.monotonic() < deadline:  # a user retrying while it is down
+            for client in clients.values():
+                try:
+                    client.run(METHODS["sdedit"], progress=False, stream=False, **values)
+                except ServerUnavailableError:  # the typed error, whatever the connection saw
+                    failures += 1
+            time.sleep(0.2)
+        assert ready() and failures >= 2, server.log_tail()
+        for protocol, client in clients.items():  # the first request once ready succeeds, on the kept client
+            np.testing.assert_array_equal(
+                _pixels(client.run(METHODS["sdedit"], progress=False, stream=False, **values)), expected[protocol])
+            client.close()
+
+
 def _json_body(values: dict) -> dict:
     tensors = request_tensors(METHODS["sdedit"], **values)
     inputs = []
