@@ -512,11 +512,33 @@ class _SharedMemoryPool:
 
 def _client(module: Any, address: str, timeout_s: float) -> Any:
     if module.__name__.endswith("grpc"):
-        if address.startswith(("dns:", "ipv4:", "ipv6:")):  # a gRPC target naming several servers (a headless
-            # Service's DNS name, a static list): gRPC itself spreads the calls over them, round robin per call
-            return module.InferenceServerClient(address, channel_args=[("grpc.lb_policy_name", "round_robin")])
-        return module.InferenceServerClient(address)
+        return module.InferenceServerClient(address, channel_args=grpc_channel_args(module, address))
     return module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
+
+
+# gRPC waits longer after each failed connection attempt, up to 120 s: a channel kept while a server was down
+# then went on failing for seconds after it was ready (3.7 s once here). At most this long:
+GRPC_MAX_RECONNECT_BACKOFF_MS = 1000
+
+
+def grpc_channel_args(module: Any, address: str) -> list[tuple[str, Any]]:
+    """tritonclient's own channel arguments (no message size limit, its keepalive), which passing any replaces,
+    then ours: the reconnect backoff's bound, and for a target naming several servers (a headless Service's
+    DNS name, a static list) round robin over them, per call."""
+    keepalive = module.KeepAliveOptions()
+    args: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", module.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", min(200, GRPC_MAX_RECONNECT_BACKOFF_MS)),
+        ("grpc.max_reconnect_backoff_ms", GRPC_MAX_RECONNECT_BACKOFF_MS),
+    ]
+    if address.startswith(("dns:", "ipv4:", "ipv6:")):
+        args.append(("grpc.lb_policy_name", "round_robin"))
+    return args
 
 
 def _parse_url(url: str) -> tuple[str, str]:

@@ -6,6 +6,7 @@ transport-level cases (a few seconds per server), the tiny SD engines for a serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -200,6 +201,56 @@ def test_killed_stub_model_is_not_ready_then_serves_again(echo_server):
     np.testing.assert_array_equal(_echo(echo_server.grpc_url, "grpc"), [[2, 4, 6]])
     assert any("fault: model 'echo'" in e for e in echo_server.supervisor.events)
     assert any("recovered: model 'echo'" in e for e in echo_server.supervisor.events)
+
+
+def _echo_on(client, module=grpcclient, x=None) -> np.ndarray:
+    x = np.array([[1, 2, 3]], dtype=np.float32) if x is None else x
+    inp = module.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer("echo", [inp]).as_numpy("y")
+
+
+def test_a_kept_grpc_client_answers_soon_after_a_server_comes_up(tmp_path):
+    """Original failure: a gRPC channel kept while its server was down (a user retrying meanwhile) failed for
+    seconds after the server was ready (gRPC's reconnect backoff grows to 120 s; 3.7 s once here). Our
+    clients' channels wait at most GRPC_MAX_RECONNECT_BACKOFF_MS between attempts."""
+    from ti2i.client.runners import GRPC_MAX_RECONNECT_BACKOFF_MS, _client
+    from ti2i.triton_models.server import ServerPorts, find_free_ports
+
+    grpc_port, http_port, metrics_port = find_free_ports(3)
+    kept = _client(grpcclient, f"127.0.0.1:{grpc_port}", 60)
+    failures, down_until = 0, time.monotonic() + 10  # long enough for gRPC's own backoff to reach 4-7 s
+    while time.monotonic() < down_until:
+        with contextlib.suppress(InferenceServerException):
+            _echo_on(kept)
+            pytest.fail("nothing listens on the port yet")
+        failures += 1
+        time.sleep(0.2)
+    with TritonServer(_echo_repo(tmp_path / "repo"), log_path=tmp_path / "server.log", startup_timeout_s=60,
+                      ports=ServerPorts(grpc=grpc_port, http=http_port, metrics=metrics_port)):
+        ready_at, answer = time.monotonic(), None
+        while answer is None and time.monotonic() < ready_at + 2 * GRPC_MAX_RECONNECT_BACKOFF_MS / 1000:
+            with contextlib.suppress(InferenceServerException):
+                answer = _echo_on(kept)
+            time.sleep(0.05)
+        np.testing.assert_array_equal(answer, [[2, 4, 6]])
+    kept.close()
+    assert failures >= 20
+
+
+@pytest.mark.parametrize("target", ["{}", "ipv4:{}", "dns:///{}"])
+def test_grpc_clients_take_answers_over_grpcs_4_mib_default(echo_server, target):
+    """Original failure: a target naming several servers (`ipv4:A,B`, a headless Service's `dns:///`) got its
+    round-robin channel argument alone, which replaced tritonclient's: gRPC's 4 MiB limit came back and an
+    8 MB answer failed (RESOURCE_EXHAUSTED)."""
+    from ti2i.client.runners import _client
+
+    client = _client(grpcclient, target.format(echo_server.grpc_url), 60)
+    try:
+        x = np.arange(2_000_000, dtype=np.float32)[None]
+        np.testing.assert_array_equal(_echo_on(client, x=x), 2 * x)
+    finally:
+        client.close()
 
 
 def test_dead_server_is_restarted(echo_server):
