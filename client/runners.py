@@ -9,6 +9,7 @@ them on its engines' device, the Triton runners send them as numpy (`ti2i.runner
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -408,12 +409,19 @@ class TritonRunner(FamilyRoutingRunner):
                     region, handle = self._shm.region(("out", model, name), nbytes)
                     req.set_shared_memory(region, nbytes)
                     in_shm[name] = (handle, shape, dtype)
+        kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
         try:
-            kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
-            # the deadline also travels as the request's queue timeout (µs): the server drops it unrun once
-            # this runner has given up on it
-            result = self.client.infer(model, infer_inputs, outputs=requested, timeout=int(self._timeout_s * 1e6),
-                                       **kwargs)
+            try:
+                # the deadline also travels as the request's queue timeout (µs): the server drops it unrun once
+                # this runner has given up on it
+                result = self.client.infer(model, infer_inputs, outputs=requested,
+                                           timeout=int(self._timeout_s * 1e6), **kwargs)
+            except self._exception_type() as err:
+                if self._shm is None or not _lost_regions(err):
+                    raise
+                self._shm.register_again()  # a restarted server knows none of them: once more, then the call
+                result = self.client.infer(model, infer_inputs, outputs=requested,
+                                           timeout=int(self._timeout_s * 1e6), **kwargs)
         except self._exception_type() as err:
             raise self._server_gone(model) or _translate(err, model) from None
         except TimeoutError:  # HTTP: the socket's deadline (gRPC reports DEADLINE_EXCEEDED above)
@@ -471,7 +479,8 @@ class _SharedMemoryPool:
         self._lib = shared_memory
         self._client = client
         self._headers = headers or {}
-        self._prefix = f"ti2i_{os.getpid()}_{next(self._ids)}"
+        # not the `ti2i_PID_N_` of a TritonServer started by this process, whose stop deletes its regions
+        self._prefix = f"ti2i_client_{os.getpid()}_{next(self._ids)}"
         self._regions: dict[tuple, tuple[str, Any]] = {}
 
     def region(self, key: tuple, nbytes: int) -> tuple[str, Any]:
@@ -481,15 +490,35 @@ class _SharedMemoryPool:
             name = f"{self._prefix}_{len(self._regions)}"
             handle = self._lib.create_shared_memory_region(name, "/" + name, nbytes, create_only=True)
             try:
-                self._client.register_system_shared_memory(name, "/" + name, nbytes, headers=self._headers)
-            except Exception as err:
+                self._register(name, nbytes)
+            except ServerUnavailableError:
                 self._lib.destroy_shared_memory_region(handle)
-                message = err.message() if hasattr(err, "message") else str(err)
-                raise ServerUnavailableError(f"the server refused system shared memory ({message}); it must run "
-                                             f"on this machine and allow the shared-memory API, or be given its key "
-                                             f"(api_key=..., $TI2I_API_KEY)") from None
+                raise
             self._regions[key] = (name, handle)
         return self._regions[key]
+
+    def _register(self, name: str, nbytes: int) -> None:
+        try:
+            self._client.register_system_shared_memory(name, "/" + name, nbytes, headers=self._headers)
+        except Exception as err:
+            message = err.message() if hasattr(err, "message") else str(err)
+            try:
+                live = bool(self._client.is_server_live())
+            except Exception:  # refused, reset, closed
+                live = False
+            if not live:
+                raise ServerUnavailableError(f"the Triton server is unreachable (stopped or restarting): "
+                                             f"{message}") from None
+            raise ServerUnavailableError(f"the server refused system shared memory ({message}); it must run "
+                                         f"on this machine and allow the shared-memory API, or be given its key "
+                                         f"(api_key=..., $TI2I_API_KEY)") from None
+
+    def register_again(self) -> None:
+        """Register every region with the server once more (a restarted server has none of them)."""
+        for (*_, nbytes), (name, _) in self._regions.items():
+            with contextlib.suppress(Exception):  # any it still has go first
+                self._client.unregister_system_shared_memory(name, headers=self._headers)
+            self._register(name, nbytes)
 
     def write(self, key: tuple, value: np.ndarray) -> str:
         name, handle = self.region(key, value.nbytes)
@@ -508,6 +537,12 @@ class _SharedMemoryPool:
                 pass
             self._lib.destroy_shared_memory_region(handle)
         self._regions.clear()
+
+
+def _lost_regions(err: Exception) -> bool:
+    """Whether the server said it has no such shared-memory region (it restarted since they were registered)."""
+    message = err.message() if hasattr(err, "message") else str(err)
+    return "Unable to find shared memory region" in str(message)
 
 
 def _client(module: Any, address: str, timeout_s: float) -> Any:

@@ -253,6 +253,40 @@ def test_grpc_clients_take_answers_over_grpcs_4_mib_default(echo_server, target)
         client.close()
 
 
+def test_shared_memory_runners_serve_again_after_the_server_restarts(engines, tmp_path):
+    """Original failures: after a supervised server's restart a shared-memory TritonRunner failed every call
+    for good ("Unable to find shared memory region": the new server had none of its registrations), the
+    server's stop deleted the runner's regions when both lived in one process (one name prefix), and while
+    the server was down registering a region said the server "refused system shared memory"."""
+    from ti2i.errors import ServerUnavailableError
+    from ti2i.triton_models.repository import write_repository
+
+    rng = np.random.default_rng(0)
+    x = {"sample": rng.standard_normal((1, 4, 6, 8), dtype=np.float32), "timestep": np.full((1,), 10.0, np.float32),
+         "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
+    repository = write_repository(engines, tmp_path / "repository", models=["unet"])
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True, api_key="k") as server:
+        runners = [TritonRunner(f"grpc://{server.grpc_url}", shared_memory=True, api_key="k"),
+                   TritonRunner(f"http://{server.http_url}", shared_memory=True, api_key="k")]
+        expected = [r.run("unet", **x)["noise_pred"] for r in runners]
+        old = server.pid
+        os.kill(old, signal.SIGKILL)
+        answers: list = [None, None]
+        deadline = time.monotonic() + 60
+        while any(a is None for a in answers) and time.monotonic() < deadline:
+            for i, runner in enumerate(runners):
+                if answers[i] is None:
+                    try:
+                        answers[i] = runner.run("unet", **x)["noise_pred"]
+                    except ServerUnavailableError as err:  # while it is down: the typed error, saying so
+                        assert "refused system shared memory" not in str(err), err
+            time.sleep(0.2)
+        assert server.pid != old
+        for runner, answer, want in zip(runners, answers, expected):
+            np.testing.assert_array_equal(answer, want)
+            runner.close()  # its regions are still there to unregister and delete
+
+
 def test_dead_server_is_restarted(echo_server):
     # Original failure: a crashed tritonserver left `ti2i serve` exited and the port dead forever.
     old = echo_server.pid
