@@ -106,7 +106,9 @@ def test_repository_writes_configs(cli_engines, tmp_path, capsys):
     sdedit = configs["sdedit"]
     assert [i.name for i in sdedit.input] == ["image", "prompt", "negative_prompt", "strength", "steps", "guidance",
                                               "seed", "height", "width", "format"]
-    assert all(i.optional for i in sdedit.input) and sdedit.dynamic_batching.default_queue_policy.max_queue_size == 8
+    assert all(i.optional for i in sdedit.input)
+    # hosted (the default design): the model's own bounded queue, and no Triton queue policy (method_server.py)
+    assert sdedit.parameters["max_queue"].string_value == "8" and not sdedit.HasField("dynamic_batching")
     assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
     assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled
     for name in COMPONENTS:
@@ -119,7 +121,7 @@ def test_repository_writes_configs(cli_engines, tmp_path, capsys):
 
 def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_engines, tmp_path, capsys):
     """0 = unbounded: no queue policy at all (any policy puts Triton's batcher on its lost-wake-up path);
-    method models keep theirs (--method-queue); a negative size is a usage error."""
+    method models keep their own bound (--method-queue); a negative size is a usage error."""
     repo = tmp_path / "repo"
     assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--max-queue-size", "0",
                  "--methods", "sdedit"]) == 0
@@ -127,7 +129,7 @@ def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_en
     for name in COMPONENTS & set(configs):
         assert configs[name].HasField("dynamic_batching"), name
         assert not configs[name].dynamic_batching.HasField("default_queue_policy"), name
-    assert configs["sdedit"].dynamic_batching.default_queue_policy.max_queue_size == 8
+    assert configs["sdedit"].parameters["max_queue"].string_value == "8"  # its own queue, still bounded
     capsys.readouterr()
     assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"),
                  "--max-queue-size", "-1"]) == 2

@@ -240,6 +240,48 @@ def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_
                                                                                           "seed": seed})))
 
 
+def test_a_burst_of_requests_is_not_held_by_the_queue(engines, example_image, tmp_path):
+    """Original failure: with Triton's queue policy on the method model, its batcher lost the wake-up of
+    requests that arrived while the instance was in `execute`: in rounds of 4 requests sent at once to 4
+    places, 9 of 48 waited 0.5 or 1.0 s in Triton's queue. The model keeps its own queue now, Triton none:
+    no request of a burst that fits the places waits for a place."""
+    repository = _sdedit_repository(engines, tmp_path, active=4, max_queue=4, preload=True)
+    values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
+    waits = "sdedit: all 4 places are taken; a request waits"
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(6):
+                assert all(_pixels(r).shape == (48, 64, 3) for r in pool.map(
+                    lambda seed: run_remote(url, METHODS["sdedit"], progress=False, stream=False,
+                                            **{**values, "seed": seed}), range(4)))
+        stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(
+            "sdedit", headers=server.api_headers, as_json=True)["model_stats"][0]["inference_stats"]
+        assert server.log_path.read_text().count(waits) == 0, server.log_tail()
+    queued_s = int(stats["queue"].get("ns", 0)) / 1e9
+    assert int(stats["success"]["count"]) == 24 and queued_s < 0.4, stats  # one stall alone was 0.5 s
+
+
+def test_a_request_past_the_queue_timeout_is_refused_and_the_next_runs(engines, example_image, tmp_path):
+    """The model's own queue keeps the timeout Triton's did: with 1 place and a 0.3 s queue timeout, a request
+    sent while a long one runs is refused (UNAVAILABLE, naming the wait); the long one and the next succeed.
+    Both streamed (the `_stream` twin has its own place), so the second goes once the first has started."""
+    repository = _sdedit_repository(engines, tmp_path, active=1, max_queue=2, queue_timeout_us=300_000, preload=True)
+    values = _inputs("sdedit", example_image)
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+        started = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(run_remote, url, METHODS["sdedit"], progress=lambda *step: started.set(),
+                               **{**values, "steps": 400, "strength": 1.0})
+            assert started.wait(120), long
+            with pytest.raises(ServerUnavailableError, match=r"waited 0.3 s in the queue"):
+                run_remote(url, METHODS["sdedit"], progress=False, **values)
+            assert _pixels(long.result(timeout=300)).shape == (48, 64, 3)
+        assert "sdedit_stream: all 1 places are taken; a request waits" in server.log_path.read_text()
+        assert _pixels(run_remote(url, METHODS["sdedit"], progress=False, **values)).shape == (48, 64, 3)
+
+
 def test_hosted_lanes_run_concurrent_requests_in_one_process(engines, example_image, tmp_path):
     """--method-lanes 2 with 4 active: one process, its step scheduler ticking two lanes on half the cores each;
     four concurrent requests merge steps in it, and each result is the one the request gets in-process."""

@@ -127,13 +127,15 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
         config.model_transaction_policy.decoupled = True
     # hosted: its processes run the `active` loops side by side; bls: one process per active request
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
-    queue_policy(config, options.max_queue, options.queue_timeout_us)
+    if options.design == BLS:  # hosted: the model keeps its own queue (method_server.MethodQueue), Triton none
+        queue_policy(config, options.max_queue, options.queue_timeout_us)
     budget = {c: budgets[c] for c in components_for([method.name]) if c in budgets} if budgets else None
     values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
               "preload": "1" if options.preload else "0", "design": options.design,
               "active": str(options.active), "processes": str(options.processes), "lanes": str(options.lanes),
               "threads": str(options.threads),
               "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}",
+              "max_queue": str(options.max_queue), "queue_timeout_us": str(options.queue_timeout_us),
               **({"memory_budget": json.dumps(budget)} if budget is not None else {}),
               PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
     for key, value in values.items():

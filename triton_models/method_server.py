@@ -7,11 +7,11 @@ two designs (the `design` parameter):
   and runs them as one batch (continuous batching: each request at its own step). `execute` hands a
   request to its thread and returns; the response goes out through the request's response sender.
   The model admits `active` requests at once, over its processes (each with its own copy of the engines;
-  they share the places, `places.py`); while they run, `execute` waits, so the rest stay in Triton's
-  bounded queue (full: rejected with UNAVAILABLE).
+  they share the places, `places.py`); the rest wait in the model's own bounded queue (`MethodQueue`; full
+  or past its timeout: rejected with UNAVAILABLE).
 - ``bls``: a `BLSRunner`, whose calls go to the component models of the same server (their dynamic
   batchers merge the UNet calls of concurrent requests). Each instance runs one request at a time:
-  the instance count is the number of active requests.
+  the instance count is the number of active requests, and Triton's bounded queue holds the rest.
 
 Either way `execute` hands each request to a thread of its own and returns at once, so the instance is
 back with Triton's scheduler before the response leaves. An instance still inside `execute` when the next
@@ -50,6 +50,48 @@ DESIGNS = (HOSTED, BLS)
 
 class Cancelled(Exception):
     """The client cancelled the request (or went away): the loop stops here."""
+
+
+class MethodQueue:
+    """The method model's bounded queue, kept by the model rather than by Triton.
+
+    Triton 2.51's dynamic batcher, which keeps a queue policy (`default_queue_policy`), loses the wake-up of a
+    request that arrives while the model's instance is in `execute` (`ti2i.benchmarks.queue_stall`): in
+    rounds of 4 concurrent tiny SDEdits at 4 places, 9 of 48 requests waited 0.5 or 1.0 s, and none without
+    the policy. So a method model has no queue policy, `execute` hands every request to a thread of its own
+    at once, and one that finds every place taken waits here: holding one of `waiting` (the queue's
+    `max_queue` places; none free: rejected at once), until a place frees, its timeout passes (the model's
+    `queue_timeout_us`, or the request's own when shorter) or its client cancels it."""
+
+    SLICE_S = 0.05  # how often a waiting request looks at its deadline and its cancellation
+
+    def __init__(self, model: Any, places: Any, waiting: Any, timeout_s: float):
+        self.model, self.places, self.waiting, self.timeout_s = model, places, waiting, timeout_s
+
+    def wait_for_place(self, request: Any) -> Any:
+        model = self.model
+        ticket = self.waiting.wait(0) if self.waiting is not None else True
+        if ticket is None:
+            raise ServerUnavailableError(
+                f"{model.name}: all {self.places.count} places are taken and the queue is full "
+                f"({self.waiting.count} waiting): send it again later")
+        model.pb.Logger.log_info(f"{model.name}: all {self.places.count} places are taken; a request waits")
+        try:
+            own = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0  # a client's shorter limit
+            limits = [t for t in (self.timeout_s, own) if t > 0]
+            deadline = time.monotonic() + min(limits) if limits else None
+            while True:
+                place = self.places.wait(self.SLICE_S)
+                if place is not None:
+                    return place
+                if request.is_cancelled():
+                    raise Cancelled(f"{model.name}: cancelled while waiting in the queue")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ServerUnavailableError(f"{model.name}: waited {min(limits):g} s in the queue for one of "
+                                                 f"{self.places.count} places: send it again later")
+        finally:
+            if self.waiting is not None:
+                self.waiting.release(ticket)
 
 
 class TritonPythonModel:
@@ -109,12 +151,20 @@ class TritonPythonModel:
             self.places: Any = SharedPlaces(shared_places_dir(self.name), int(params["active"]))
         else:
             self.places = ProcessPlaces(int(params.get("active", "1")) if self.design == HOSTED else 1)
+        self.queue: MethodQueue | None = None  # bls: Triton's bounded queue
+        if self.design == HOSTED:
+            max_queue, timeout_us = int(params.get("max_queue", "0")), int(params.get("queue_timeout_us", "0"))
+            waiting = (SharedPlaces(shared_places_dir(self.name) / "queue", max_queue) if processes > 1 else
+                       ProcessPlaces(max_queue)) if max_queue else None  # 0: no bound
+            self.queue = MethodQueue(self, self.places, waiting, timeout_us / 1e6)
         self.threads: set[threading.Thread] = set()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            # every place taken: wait here, and Triton's bounded queue holds the rest
-            place = self.places.acquire(on_wait=self._log_waiting)
+            if self.queue is None:  # bls: one loop per instance, a busy one waits here; Triton's queue holds the rest
+                place = self.places.acquire(on_wait=self._log_waiting)
+            else:  # hosted: never waits here; a request without a free place waits in its thread (MethodQueue)
+                place = self.places.wait(0)
             thread = threading.Thread(target=self._answer, args=(request, place), daemon=True,
                                       name=f"{self.method.name}-request")
             self.threads.add(thread)
@@ -125,6 +175,14 @@ class TritonPythonModel:
 
     def _answer(self, request: Any, place: Any) -> None:
         sender = request.get_response_sender()
+        try:
+            if place is None and self.queue is not None:
+                place = self.queue.wait_for_place(request)  # ServerUnavailableError when full or past the timeout
+        except Exception as err:
+            self.threads.discard(threading.current_thread())
+            gone = isinstance(err, Cancelled) and self.decoupled  # the stream closes without a result
+            sender.send(None if gone else self._error(err), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         if self.metrics is not None:
             self.metrics.started()
         try:

@@ -40,7 +40,12 @@ class ProcessPlaces:
             if on_wait is not None:
                 on_wait()
             self._free.acquire()
-        return None
+        return True
+
+    def wait(self, timeout_s: float) -> Any:
+        """A place if one frees within `timeout_s` (0: only if one is free now), else None."""
+        got = self._free.acquire(timeout=timeout_s) if timeout_s > 0 else self._free.acquire(blocking=False)
+        return True if got else None
 
     def release(self, _token: Any) -> None:
         self._free.release()
@@ -71,6 +76,15 @@ class SharedPlaces:
         if fd is None and on_wait is not None:
             on_wait()
         while fd is None:
+            time.sleep(self.poll_s)
+            fd = self._try()
+        return fd
+
+    def wait(self, timeout_s: float) -> int | None:
+        """A place if one frees within `timeout_s` (0: only if one is free now), else None."""
+        deadline = time.monotonic() + timeout_s
+        fd = self._try()
+        while fd is None and time.monotonic() < deadline:
             time.sleep(self.poll_s)
             fd = self._try()
         return fd
