@@ -68,13 +68,18 @@ class MethodQueue:
     def __init__(self, model: Any, places: Any, waiting: Any, timeout_s: float):
         self.model, self.places, self.waiting, self.timeout_s = model, places, waiting, timeout_s
 
-    def wait_for_place(self, request: Any) -> Any:
-        model = self.model
+    def admit(self) -> Any:
+        """A place in the queue (a ticket), or ServerUnavailableError when it is full."""
         ticket = self.waiting.wait(0) if self.waiting is not None else True
         if ticket is None:
             raise ServerUnavailableError(
-                f"{model.name}: all {self.places.count} places are taken and the queue is full "
+                f"{self.model.name}: all {self.places.count} places are taken and the queue is full "
                 f"({self.waiting.count} waiting): send it again later")
+        return ticket
+
+    def wait_for_place(self, request: Any, ticket: Any) -> Any:
+        """A place for the admitted `request`, once one frees; its ticket goes back either way."""
+        model = self.model
         model.pb.Logger.log_info(f"{model.name}: all {self.places.count} places are taken; a request waits")
         try:
             own = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0  # a client's shorter limit
@@ -162,10 +167,17 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             if self.queue is None:  # bls: one loop per instance, a busy one waits here; Triton's queue holds the rest
-                place = self.places.acquire(on_wait=self._log_waiting)
+                place, ticket = self.places.acquire(on_wait=self._log_waiting), None
             else:  # hosted: never waits here; a request without a free place waits in its thread (MethodQueue)
-                place = self.places.wait(0)
-            thread = threading.Thread(target=self._answer, args=(request, place), daemon=True,
+                place, ticket = self.places.wait(0), None
+                if place is None:
+                    try:
+                        ticket = self.queue.admit()
+                    except ServerUnavailableError as err:  # the queue is full: refused here, without a thread
+                        request.get_response_sender().send(self._error(err),
+                                                           flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        continue
+            thread = threading.Thread(target=self._answer, args=(request, place, ticket), daemon=True,
                                       name=f"{self.method.name}-request")
             self.threads.add(thread)
             thread.start()
@@ -173,11 +185,11 @@ class TritonPythonModel:
     def _log_waiting(self) -> None:
         self.pb.Logger.log_info(f"{self.name}: all {self.places.count} places are taken; a request waits")
 
-    def _answer(self, request: Any, place: Any) -> None:
+    def _answer(self, request: Any, place: Any, ticket: Any = None) -> None:
         sender = request.get_response_sender()
         try:
-            if place is None and self.queue is not None:
-                place = self.queue.wait_for_place(request)  # ServerUnavailableError when full or past the timeout
+            if place is None and self.queue is not None:  # ServerUnavailableError past the timeout
+                place = self.queue.wait_for_place(request, ticket)
         except Exception as err:
             self.threads.discard(threading.current_thread())
             gone = isinstance(err, Cancelled) and self.decoupled  # the stream closes without a result
