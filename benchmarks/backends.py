@@ -189,23 +189,27 @@ class RunnerBackend(Backend):
         self.runner.close()
 
 
+def load_engines(runner: Any, method: str) -> None:
+    """Load the engines of an in-process runner that `method` calls."""
+    from ti2i.client.methods import components_for
+
+    for name in components_for([method]):
+        if name in runner.manifest.components:
+            runner.engine(name)
+
+
 class _LoopClient:
     """One client of the concurrency sweep: our loop over its own runner, ready before the clock starts
     (a served runner's configs fetched, an in-process runner's engines loaded: the sweep's first requests
     once spent up to 2 s loading the ONNX sessions of 8 fresh in-process runners at once)."""
 
     def __init__(self, ctx: BenchContext, runner: Runner):
-        from ti2i.client.methods import components_for
-
         self.ctx, self.runner = ctx, runner
         for model in METHODS[ctx.method].models:
             if hasattr(runner, "model_config"):
                 runner.model_config(model)
-        manifest = getattr(runner, "manifest", None)  # an in-process runner of one engine directory
-        if manifest is not None and hasattr(runner, "engine"):
-            for name in components_for([ctx.method]):
-                if name in manifest.components:
-                    runner.engine(name)
+        if getattr(runner, "manifest", None) is not None and hasattr(runner, "engine"):
+            load_engines(runner, ctx.method)  # an in-process runner of one engine directory
 
     def __call__(self, image: Image.Image, seed: int) -> None:
         run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
@@ -265,14 +269,11 @@ class BatchedBackend(Backend):
         self.runner = self._scheduler()
 
     def _scheduler(self) -> Any:
-        from ti2i.client.methods import components_for
         from ti2i.client.runners import InProcessRunner
         from ti2i.engines.step_scheduler import StepScheduler
 
         engines = InProcessRunner(self.ctx.engine_dir, providers=self.providers)
-        for component in components_for([self.ctx.method]):  # loaded before the clock starts
-            if component in engines.manifest.components:
-                engines.engine(component)
+        load_engines(engines, self.ctx.method)  # before the clock starts
         return StepScheduler(engines)
 
     def run(self, image: Image.Image, seed: int) -> RunRecord:

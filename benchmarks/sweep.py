@@ -145,11 +145,10 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
     }
 
 
-def pooled_levels(rounds: list[list[dict[str, Any]]], cores: int | None = None) -> list[dict[str, Any]]:
+def pooled_levels(rounds: list[list[dict[str, Any]]], cores: int) -> list[dict[str, Any]]:
     """One level per client count over every round so far: requests over time pooled, the gain the median of
     the rounds' own gains (each over the one-client run of its round), server figures from pooled counts, CPU
     pooled and the gain split into its factors over the first level (`cpu_time.py`; `cores`: the machine's)."""
-    cores = cores or len(os.sched_getaffinity(0))
     levels: list[dict[str, Any]] = []
     for position in range(max(len(r) for r in rounds)):
         runs = [r[position] for r in rounds if len(r) > position]

@@ -410,18 +410,20 @@ class TritonRunner(FamilyRoutingRunner):
                     req.set_shared_memory(region, nbytes)
                     in_shm[name] = (handle, shape, dtype)
         kwargs = {"client_timeout": self._timeout_s} if self.protocol == "grpc" else {}
+
+        def infer() -> Any:  # the deadline also travels as the request's queue timeout (µs): the server drops
+            # it unrun once this runner has given up on it
+            return self.client.infer(model, infer_inputs, outputs=requested, timeout=int(self._timeout_s * 1e6),
+                                     **kwargs)
+
         try:
             try:
-                # the deadline also travels as the request's queue timeout (µs): the server drops it unrun once
-                # this runner has given up on it
-                result = self.client.infer(model, infer_inputs, outputs=requested,
-                                           timeout=int(self._timeout_s * 1e6), **kwargs)
+                result = infer()
             except self._exception_type() as err:
                 if self._shm is None or not _lost_regions(err):
                     raise
                 self._shm.register_again()  # a restarted server knows none of them: once more, then the call
-                result = self.client.infer(model, infer_inputs, outputs=requested,
-                                           timeout=int(self._timeout_s * 1e6), **kwargs)
+                result = infer()
         except self._exception_type() as err:
             raise self._server_gone(model) or _translate(err, model) from None
         except TimeoutError:  # HTTP: the socket's deadline (gRPC reports DEADLINE_EXCEEDED above)
@@ -501,7 +503,7 @@ class _SharedMemoryPool:
         try:
             self._client.register_system_shared_memory(name, "/" + name, nbytes, headers=self._headers)
         except Exception as err:
-            message = err.message() if hasattr(err, "message") else str(err)
+            message = _message(err)
             try:
                 live = bool(self._client.is_server_live())
             except Exception:  # refused, reset, closed
@@ -539,10 +541,14 @@ class _SharedMemoryPool:
         self._regions.clear()
 
 
+def _message(err: Exception) -> str:
+    """The server's words in a tritonclient error (its message), else the exception's text."""
+    return str(err.message()) if hasattr(err, "message") else str(err)
+
+
 def _lost_regions(err: Exception) -> bool:
     """Whether the server said it has no such shared-memory region (it restarted since they were registered)."""
-    message = err.message() if hasattr(err, "message") else str(err)
-    return "Unable to find shared memory region" in str(message)
+    return "Unable to find shared memory region" in _message(err)
 
 
 def _client(module: Any, address: str, timeout_s: float) -> Any:
@@ -608,7 +614,7 @@ def _wire_dtype(value: np.ndarray) -> str:
 
 def _translate(err: Exception, model: str) -> Exception:
     status = str(err.status() or "")
-    message = err.message() if hasattr(err, "message") else str(err)
+    message = _message(err)
     if "INVALID_ARG" in status or status == "400":
         return InvalidInputError(f"{model}: {message}")
     if "UNAVAILABLE" in status or "DEADLINE" in status:

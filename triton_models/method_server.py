@@ -80,7 +80,7 @@ class MethodQueue:
     def wait_for_place(self, request: Any, ticket: Any) -> Any:
         """A place for the admitted `request`, once one frees; its ticket goes back either way."""
         model = self.model
-        model.pb.Logger.log_info(f"{model.name}: all {self.places.count} places are taken; a request waits")
+        model._log_waiting()
         try:
             own = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0  # a client's shorter limit
             limits = [t for t in (self.timeout_s, own) if t > 0]

@@ -27,31 +27,41 @@ from pathlib import Path
 from typing import Any
 
 
-class ProcessPlaces:
+class _Places:
+    """What both kinds share: `acquire` (waiting as long as it takes) on top of each kind's `wait`."""
+
+    count: int
+
+    def wait(self, timeout_s: float | None) -> Any:
+        """A place if one frees within `timeout_s` (0: only if one is free now; None: however long), else None."""
+        raise NotImplementedError
+
+    def acquire(self, on_wait: Any = None) -> Any:
+        """Hold a place, waiting for one; `on_wait()` is called once if all are taken."""
+        place = self.wait(0)
+        if place is None:
+            if on_wait is not None:
+                on_wait()
+            place = self.wait(None)
+        return place
+
+
+class ProcessPlaces(_Places):
     """Places within one process (one instance, or the one process of a hosted model)."""
 
     def __init__(self, count: int):
         self.count = count
         self._free = threading.BoundedSemaphore(count)
 
-    def acquire(self, on_wait: Any = None) -> Any:
-        """Hold a place, waiting for one; `on_wait()` is called once if all are taken."""
-        if not self._free.acquire(blocking=False):
-            if on_wait is not None:
-                on_wait()
-            self._free.acquire()
-        return True
-
-    def wait(self, timeout_s: float) -> Any:
-        """A place if one frees within `timeout_s` (0: only if one is free now), else None."""
-        got = self._free.acquire(timeout=timeout_s) if timeout_s > 0 else self._free.acquire(blocking=False)
+    def wait(self, timeout_s: float | None) -> Any:
+        got = self._free.acquire(blocking=False) if timeout_s == 0 else self._free.acquire(timeout=timeout_s)
         return True if got else None
 
     def release(self, _token: Any) -> None:
         self._free.release()
 
 
-class SharedPlaces:
+class SharedPlaces(_Places):
     """Places shared by the processes of one model: `count` lock files in `directory`."""
 
     def __init__(self, directory: Path, count: int, poll_s: float = 0.002):
@@ -70,21 +80,11 @@ class SharedPlaces:
                 os.close(fd)
         return None
 
-    def acquire(self, on_wait: Any = None) -> int:
-        """Hold a free place (its file descriptor), waiting for one; `on_wait()` is called once if all are taken."""
+    def wait(self, timeout_s: float | None) -> int | None:
+        """A free place's file descriptor (see `_Places.wait`)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         fd = self._try()
-        if fd is None and on_wait is not None:
-            on_wait()
-        while fd is None:
-            time.sleep(self.poll_s)
-            fd = self._try()
-        return fd
-
-    def wait(self, timeout_s: float) -> int | None:
-        """A place if one frees within `timeout_s` (0: only if one is free now), else None."""
-        deadline = time.monotonic() + timeout_s
-        fd = self._try()
-        while fd is None and time.monotonic() < deadline:
+        while fd is None and (deadline is None or time.monotonic() < deadline):
             time.sleep(self.poll_s)
             fd = self._try()
         return fd
