@@ -28,7 +28,6 @@ from PIL import Image
 from ti2i.benchmarks.presets import Request
 from ti2i.client.registry import METHODS
 from ti2i.runner import Runner
-from ti2i.triton_models.method_server import BLS, HOSTED
 
 PROMPT = "a watercolor painting of rolling hills"
 SOURCE_PROMPT = "a photo of rolling hills"  # CycleDiffusion's description of the input
@@ -89,16 +88,16 @@ class BackendInfo:
     factory: Callable[[str, BenchContext], Backend]
     needs_server: bool = False
     description: str = ""
-    method_design: str | None = None  # a method model's design the server must serve (triton_models/method_server.py)
+    method_model: bool = False  # the server must serve the method's model (through the engine core)
 
 
 BACKENDS: dict[str, BackendInfo] = {}
 
 
 def register_backend(name: str, factory: Callable[[str, BenchContext], Backend], *, needs_server: bool = False,
-                     description: str = "", method_design: str | None = None) -> None:
+                     description: str = "", method_model: bool = False) -> None:
     """Make `name` measurable by `ti2i bench --backends`: `factory(name, ctx)` builds the backend."""
-    BACKENDS[name] = BackendInfo(name, factory, needs_server, description, method_design)
+    BACKENDS[name] = BackendInfo(name, factory, needs_server, description, method_model)
 
 
 # --- our method loops over a runner ------------------------------------------------------------------
@@ -219,17 +218,16 @@ class _LoopClient:
 
 
 class MethodBackend(Backend):
-    """One request per edit to the served method model: the loop runs inside the server, in the model's
-    design (hosted: its engines in the method model, concurrent loops batched step by step; bls: calls to
-    the component models, whose dynamic batchers merge the UNet calls of concurrent requests)."""
+    """One request per edit to the served method model: the loop runs inside the server, in the family's
+    engine core, where the steps of concurrent requests are batched together."""
 
     kind = "served"
 
-    def __init__(self, name: str, ctx: BenchContext, url: str, design: str):
+    def __init__(self, name: str, ctx: BenchContext, url: str):
         from ti2i.client.remote import RemoteMethodClient
 
         super().__init__(name, ctx)
-        self.url, self.design, self.model = url, design, ctx.method + method_suffix(design)
+        self.url, self.model = url, ctx.method
         self.client = RemoteMethodClient(url)  # one connection for all of this backend's requests
 
     def run(self, image: Image.Image, seed: int) -> RunRecord:
@@ -242,7 +240,7 @@ class MethodBackend(Backend):
 
     def new_client(self) -> MethodBackend:
         """A client of its own (a connection per sweep client thread)."""
-        return MethodBackend(self.name, self.ctx, self.url, self.design)
+        return MethodBackend(self.name, self.ctx, self.url)
 
     def close(self) -> None:
         self.client.close()
@@ -251,7 +249,7 @@ class MethodBackend(Backend):
         self.run(image, seed)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.url, "design": self.design, "model": self.model}
+        return {"kind": self.kind, "url": self.url, "model": self.model}
 
 
 class BatchedBackend(Backend):
@@ -317,22 +315,15 @@ class _BatchedClient:
         self.backend._release()
 
 
-def method_suffix(design: str) -> str:
-    """The bench serves the default design's method model as `METHOD`, another's as `METHOD-DESIGN`."""
-    from ti2i.triton_models.method_repository import MethodOptions
-
-    return "" if design == MethodOptions().design else f"-{design}"
-
-
-def _method(protocol: str, design: str) -> Callable[[str, BenchContext], Backend]:
+def _method(protocol: str) -> Callable[[str, BenchContext], Backend]:
     def factory(name: str, ctx: BenchContext) -> Backend:
         if ctx.server is None:
             raise RuntimeError("no Triton server is running")
-        model = ctx.method + method_suffix(design)
+        model = ctx.method
         if not (ctx.server.model_repository / model).is_dir():
             raise RuntimeError(f"the server has no {model} method model")
         url = f"grpc://{ctx.server.grpc_url}" if protocol == "grpc" else f"http://{ctx.server.http_url}"
-        return MethodBackend(name, ctx, url, design)
+        return MethodBackend(name, ctx, url)
 
     return factory
 
@@ -521,20 +512,17 @@ register_backend("diffusers-compile", lambda name, ctx: DiffusersBackend(name, c
                  description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)")
 register_backend("ort", _ort, description="our method loop over our ONNX Runtime engines, in-process")
 register_backend("ort-batched", _ort_batched,
-                 description="our method loops in-process over one step scheduler (the hosted method model's "
+                 description="our method loops in-process over one step scheduler (the engine core's "
                              "batching of concurrent requests, without a server)")
 register_backend("triton-grpc", _triton("grpc"), needs_server=True,
                  description="our method loop, every model call to Triton over gRPC")
 register_backend("triton-http", _triton("http"), needs_server=True,
                  description="our method loop, every model call to Triton over HTTP")
-register_backend("triton-method", _method("grpc", HOSTED), needs_server=True, method_design=HOSTED,
-                 description="one gRPC request per edit to the served method model, hosted design (its engines "
-                             "in the method model, the loops of concurrent requests batched step by step)")
-register_backend("triton-method-http", _method("http", HOSTED), needs_server=True, method_design=HOSTED,
+register_backend("triton-method", _method("grpc"), needs_server=True, method_model=True,
+                 description="one gRPC request per edit to the served method model (the loop in the family's "
+                             "engine core, concurrent requests' steps batched together)")
+register_backend("triton-method-http", _method("http"), needs_server=True, method_model=True,
                  description="as triton-method, over HTTP")
-register_backend("triton-method-bls", _method("grpc", BLS), needs_server=True, method_design=BLS,
-                 description="as triton-method, BLS design (the loop in the method model calls the component "
-                             "models, whose dynamic batchers merge concurrent requests' UNet calls)")
 register_backend("triton-grpc-shm", _triton("grpc", shared_memory=True), needs_server=True,
                  description="as triton-grpc, tensors through Triton system shared memory")
 

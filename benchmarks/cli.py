@@ -37,10 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency-backend", default="triton-grpc",
                    help="backend(s) the sweep uses, comma-separated: one sweep each, on the same server (ort: "
                         "concurrent in-process loops, threads of one process)")
-    p.add_argument("--method-processes", type=int, default=1,
-                   help="triton-method (hosted): processes the method model spreads its active requests over")
-    p.add_argument("--method-lanes", type=int, default=1,
-                   help="triton-method (hosted): lanes of each process's step scheduler, ticking on their own")
     p.add_argument("--concurrency-requests", type=int, default=None, help="whole requests per client per level")
     p.add_argument("--concurrency-rounds", type=int, default=1,
                    help="run the levels this many times, back to back in each round; a level's gain is the median "
@@ -87,8 +83,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         concurrency_backend=args.concurrency_backend,
         concurrency_requests=args.concurrency_requests,
         concurrency_rounds=args.concurrency_rounds,
-        method_processes=args.method_processes,
-        method_lanes=args.method_lanes,
         out=Path(args.out),
         model=args.model,
         cache=Path(args.cache) if args.cache else None,

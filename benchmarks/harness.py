@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from ti2i.benchmarks import machine, report
-from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend, method_suffix
+from ti2i.benchmarks.backends import BACKENDS, UNET_OF, Backend, BenchContext, RunnerBackend
 from ti2i.benchmarks.presets import METHOD_KINDS, Preset, default_cache_dir, engine_dir, get_preset, model_dir, \
     model_preset
 from ti2i.benchmarks.stats import median, ratio, summarize
@@ -69,8 +69,6 @@ class BenchConfig:
     concurrency_backend: str = "triton-grpc"
     concurrency_requests: int | None = None  # whole requests per client at each level
     concurrency_rounds: int = 1  # every level once per round, back to back (benchmarks/sweep.py)
-    method_processes: int = 1  # hosted method model: processes its active requests are spread over
-    method_lanes: int = 1  # hosted method model: lanes of each process's step scheduler
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
     max_queue_size: int | None = None  # the component models' queue bound (0: no queue policy; default: the repository's)
@@ -280,13 +278,12 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     ctx = BenchContext(method, request, engines, models, device=device, status=progress.status)
     options = _repository_options(config)
     served = {*backends, *(concurrency_backends(config) if levels else [])}
-    designs = sorted({BACKENDS[b].method_design for b in served if BACKENDS[b].method_design})
-    hosted = {"processes": config.method_processes, "lanes": config.method_lanes}
+    method_model = any(BACKENDS[b].method_model for b in served)
     with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
-                 designs, hosted) as server:
+                 method_model) as server:
         if server is not None:
             ctx.server = server
-            entry["server"] = {**_server_info(server, options), **{f"method_{k}": v for k, v in hosted.items()}}
+            entry["server"] = _server_info(server, options)
         live = _setup_backends(backends, ctx, entry, progress)
         try:
             _warm_up(method, live, warmup, image, entry, progress)
@@ -319,32 +316,26 @@ def _repository_options(config: BenchConfig) -> Any:
 
 @contextlib.contextmanager
 def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
-            method_active: int = 1, designs: Sequence[str] = (), hosted: dict[str, int] | None = None
-            ) -> Iterator[Any]:
-    """The server of one method's components; with `designs`, also its method model in each of those designs
-    (`ti2i.triton_models.method_server`), with as many active requests as the sweep's largest level: the
-    default design as `METHOD`, another as `METHOD-DESIGN`; `hosted`: the hosted design's processes and lanes."""
+            method_active: int = 1, method_model: bool = False) -> Iterator[Any]:
+    """The server of one method's components, through the family's engine core (`ti2i.triton_models.core`)
+    with as many active requests as the sweep's largest level; with `method_model`, its method model too."""
     if not needed:
         yield None
         return
     from ti2i.client.methods import components_for
     from ti2i.manifest import Manifest
-    from ti2i.triton_models.method_repository import MethodOptions, write_method_models
-    from ti2i.triton_models.method_server import HOSTED
+    from ti2i.triton_models.core import CoreOptions
     from ti2i.triton_models.repository import write_repository
     from ti2i.triton_models.server import TritonServer
 
     manifest = Manifest.load(engines)
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
-        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]))
-        for design in designs:  # each instance warm before the clock starts
-            spread = (hosted or {}) if design == HOSTED else {}  # hosted: the active loops spread over them
-            write_method_models(repo, manifest, [method], MethodOptions(design=design, active=method_active,
-                                                                        **spread, max_queue=method_active,
-                                                                        preload=True),
-                                suffix=method_suffix(design))
-            # the bench sends plain requests only: no streaming twin holding another copy of the weights
-            shutil.rmtree(repo / (method + method_suffix(design) + STREAM_SUFFIX))
+        core = CoreOptions(active=method_active, max_queue=max(method_active, options.max_queue_size),
+                           queue_timeout_s=options.queue_timeout_us / 1e6)
+        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
+                                methods=[method] if method_model else [], core_options=core)
+        if method_model:  # the bench sends plain requests only
+            shutil.rmtree(repo / (method + STREAM_SUFFIX))
         progress.log(f"[{method}] starting tritonserver ({len(list(repo.iterdir()))} models)")
         start = time.perf_counter()
         with TritonServer(repo, log_path=out / f"server-{method}.log", startup_timeout_s=900) as server:

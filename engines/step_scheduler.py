@@ -12,13 +12,8 @@ per-sample timestep), so a new request never waits for the others' loops to fini
 A merged call that fails on one request's input is run again call by call, so only that request gets
 the error. Results equal the unbatched loop's up to the engine's batch-size rounding (≤ 1e-6 here).
 
-Lanes. With one lane, the engines wait while the loops do their Python work between calls (the
-scheduler's arithmetic, guidance, the next call's inputs), and the loops wait while the engines run: one
-core's worth of work at a time, whatever the machine has. `lanes=L` splits the active requests into L
-groups, each joining the lane that has the fewest; each lane ticks on its own, so one lane's engine call
-(which releases the GIL) runs while another lane's loops do their Python, or its own engine call beside it.
-It is what several processes give (`--method-processes`), in one process: one copy of the weights, and the
-requests spread evenly by the scheduler rather than by Triton's choice of instance.
+Each call carries its request's tag (the method name in the engine core), so the scheduler counts how
+many requests' calls, and of which methods, each engine call merged (`executions`).
 """
 
 from __future__ import annotations
@@ -43,66 +38,54 @@ class _Call:
     model: str
     outputs: tuple[str, ...] | None
     inputs: dict[str, np.ndarray]
+    tag: str = ""
     since: float = field(default_factory=time.monotonic)
     result: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
     done: bool = False
 
 
-@dataclass
-class _Lane:
-    """One group of the active requests, ticking on its own."""
-
-    active: int = 0
-    pending: list[_Call] = field(default_factory=list)
-    ticking: bool = False
-
-
 class StepScheduler(Runner):
     """A runner shared by the loops of concurrent requests; see the module docstring.
 
     `engines` is an in-process runner of one model family (`InProcessRunner`): its `run`, `spec_of` and
-    `engine`. Loops run inside `with scheduler.request():`; a call made outside one runs at the next tick
-    (of the first lane) without waiting for anyone.
+    `engine`. Loops run inside `with scheduler.request(tag):`; a call made outside one (a client's single
+    component call) runs at the next tick without waiting for anyone.
     """
 
-    def __init__(self, engines: Any, max_wait_s: float = 0.01, lanes: int = 1):
+    def __init__(self, engines: Any, max_wait_s: float = 0.01):
         if not max_wait_s >= 0:
             raise InvalidInputError(f"max_wait_s must be a number ≥ 0, got {max_wait_s}")
-        if int(lanes) != lanes or lanes < 1:
-            raise InvalidInputError(f"lanes must be an integer ≥ 1, got {lanes}")
         self.engines = engines
         self.pipeline = engines.pipeline
         self.max_wait_s = max_wait_s
         self._cond = threading.Condition()
-        self._lanes = [_Lane() for _ in range(int(lanes))]
+        self._active = 0
+        self._pending: list[_Call] = []
+        self._ticking = False
         self._local = threading.local()
-        # (model, requests' calls merged, samples in them) -> engine calls: what the batching achieved
-        self.executions: Counter[tuple[str, int, int]] = Counter()
+        # (model, ((tag, its samples), ...), requests' calls merged, samples in them) -> engine calls: what batching did
+        self.executions: Counter[tuple[str, tuple[tuple[str, int], ...], int, int]] = Counter()
 
     @contextlib.contextmanager
-    def request(self) -> Iterator[StepScheduler]:
-        """The calling thread runs one request's loop, in the lane with the fewest: its ticks wait for its calls."""
+    def request(self, tag: str = "") -> Iterator[StepScheduler]:
+        """The calling thread runs one request's loop (`tag`: what its calls count as): ticks wait for its calls."""
         with self._cond:
-            lane = min(self._lanes, key=lambda x: x.active)
-            lane.active += 1
-        self._local.lane = lane
+            self._active += 1
+        self._local.tag = tag
+        self._local.in_request = True
         self.last_sample = None  # a thread serves one request after another
         try:
             yield self
         finally:
             with self._cond:
-                lane.active -= 1
+                self._active -= 1
                 self._cond.notify_all()  # the others may all be waiting now
-            self._local.lane = None
+            self._local.in_request = False
 
     @property
     def active(self) -> int:
-        return sum(lane.active for lane in self._lanes)
-
-    @property
-    def lanes(self) -> int:
-        return len(self._lanes)
+        return self._active
 
     @property
     def last_sample(self) -> np.ndarray | None:
@@ -116,15 +99,15 @@ class StepScheduler(Runner):
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         if "sample" in inputs:
             self._local.last_sample = np.asarray(inputs["sample"])
-        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs))
-        lane = getattr(self._local, "lane", None) or self._lanes[0]
+        tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""
+        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag)
         with self._cond:
-            lane.pending.append(call)
+            self._pending.append(call)
             self._cond.notify_all()
             while not call.done:
-                wait = self._tick_wait(lane)
+                wait = self._tick_wait()
                 if wait is None:
-                    self._tick(lane)
+                    self._tick()
                 else:
                     self._cond.wait(wait)
         if call.error is not None:
@@ -132,25 +115,25 @@ class StepScheduler(Runner):
         assert call.result is not None
         return call.result
 
-    def _tick_wait(self, lane: _Lane) -> float | None:
-        """None when the lane's tick is due now (the lock held); else how long to wait before looking again."""
-        if lane.ticking or not lane.pending:
+    def _tick_wait(self) -> float | None:
+        """None when a tick is due now (the lock held); else how long to wait before looking again."""
+        if self._ticking or not self._pending:
             return self.max_wait_s
-        if len(lane.pending) >= lane.active:
+        if len(self._pending) >= self._active:
             return None
-        waited = time.monotonic() - lane.pending[0].since
+        waited = time.monotonic() - self._pending[0].since
         return None if waited >= self.max_wait_s else self.max_wait_s - waited
 
-    def _tick(self, lane: _Lane) -> None:
-        """Run the lane's pending calls (the lock held on entry and exit, released while the engines run)."""
-        calls, lane.pending, lane.ticking = lane.pending, [], True
+    def _tick(self) -> None:
+        """Run the pending calls (the lock held on entry and exit, released while the engines run)."""
+        calls, self._pending, self._ticking = self._pending, [], True
         self._cond.release()
         try:
             for group in self._groups(calls):
                 self._run_group(group)
         finally:
             self._cond.acquire()
-            lane.ticking = False
+            self._ticking = False
             self._cond.notify_all()
 
     def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
@@ -200,7 +183,11 @@ class StepScheduler(Runner):
                 return
             first.error, first.done = err, True
             return
-        with self._cond:  # lanes tick side by side
-            self.executions[(first.model, len(calls), sum(batch_size(c.inputs) for c in calls))] += 1
+        per_tag: Counter[str] = Counter()
+        for call in calls:
+            per_tag[call.tag] += batch_size(call.inputs)
+        tags = tuple(sorted(per_tag.items()))
+        with self._cond:
+            self.executions[(first.model, tags, len(calls), sum(batch_size(c.inputs) for c in calls))] += 1
         for call, result in zip(calls, results):
             call.result, call.done = result, True

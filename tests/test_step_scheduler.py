@@ -37,53 +37,58 @@ def _in_threads(count: int, target) -> dict[int, object]:
     return results
 
 
+def _unet(scheduler: StepScheduler) -> dict[tuple[int, int], int]:
+    """(requests' calls merged, samples) -> UNet engine calls."""
+    unet: dict[tuple[int, int], int] = {}
+    for (model, _, merged, samples), n in scheduler.executions.items():
+        if model == "unet":
+            unet[(merged, samples)] = unet.get((merged, samples), 0) + n
+    return unet
+
+
 def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, example_image):
     sdedit = METHODS["sdedit"]
     with InProcessRunner(engines.root) as runner:
         alone_scheduler = StepScheduler(runner)  # no request(): each call runs at once, alone
         alone = {seed: sdedit(alone_scheduler, image=example_image, seed=seed, **REQUEST).array for seed in range(8)}
-    calls = alone_scheduler.executions[("unet", 1, 2)]  # each one request's [uncond, cond] batch
-    assert set(alone_scheduler.executions) >= {("unet", 1, 2)} and not any(
-        (merged, samples) != (1, 2) for model, merged, samples in alone_scheduler.executions if model == "unet")
+    calls = _unet(alone_scheduler)[(1, 2)]  # each one request's [uncond, cond] batch
+    assert set(_unet(alone_scheduler)) == {(1, 2)}
     scheduler = StepScheduler(InProcessRunner(engines.root))
 
     def request(seed: int) -> np.ndarray:
-        with scheduler.request():
+        with scheduler.request("sdedit"):
             return sdedit(scheduler, image=example_image, seed=seed, **REQUEST).array
 
     together = _in_threads(8, request)
     for seed in range(8):
         assert np.abs(together[seed] - alone[seed]).max() <= 1e-6, seed
-    unet = {(merged, samples): n for (model, merged, samples), n in scheduler.executions.items() if model == "unet"}
+    unet = _unet(scheduler)
     assert sum(unet.values()) < calls and max(s for _, s in unet) > 2, unet  # fewer, larger UNet batches
     assert all(samples == 2 * merged for merged, samples in unet), unet  # each merged call a request's pair
     assert sum(merged * n for (merged, _), n in unet.items()) == calls  # and every call run once
     assert scheduler.active == 0
 
 
-def test_lanes_tick_apart_and_each_request_gets_its_own_result(engines, example_image):
-    """Two lanes, four concurrent loops: two join each lane, so no engine call merges more than two requests'
-    calls, yet steps do merge; every result is the request's sequential one."""
-    sdedit = METHODS["sdedit"]
-    with InProcessRunner(engines.root) as runner:
-        alone = {seed: sdedit(StepScheduler(runner), image=example_image, seed=seed, **REQUEST).array
-                 for seed in range(4)}
-    scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=1.0, lanes=2)  # a lane waits for its loops
+def test_each_engine_call_counts_the_samples_of_each_method(engines, example_image):
+    """Loops of two methods share the UNet's engine calls; the count says which methods' samples each held."""
+    scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=1.0)  # a tick waits for every loop
     gate = threading.Barrier(4)
+    names = ["sdedit", "sdedit", "txt2img", "txt2img"]
 
-    def request(seed: int) -> np.ndarray:
-        with scheduler.request():
-            gate.wait()  # all four in their lanes before any call
-            return sdedit(scheduler, image=example_image, seed=seed, **REQUEST).array
+    def request(i: int) -> object:
+        with scheduler.request(names[i]):
+            gate.wait()  # all four active before any call
+            if names[i] == "sdedit":
+                return METHODS["sdedit"](scheduler, image=example_image, seed=i, **REQUEST).array
+            return METHODS["txt2img"](scheduler, prompt="hills", steps=4, seed=i, height=example_image.height,
+                                     width=example_image.width).array
 
-    together = _in_threads(4, request)
-    for seed in range(4):
-        assert np.abs(together[seed] - alone[seed]).max() <= 1e-6, seed
-    unet = {merged: n for (model, merged, _), n in scheduler.executions.items() if model == "unet"}
-    assert max(unet) == 2, unet  # each lane merges its own two loops, never the other lane's
-    assert scheduler.lanes == 2 and scheduler.active == 0
-    with pytest.raises(InvalidInputError, match="lanes must be an integer ≥ 1"):
-        StepScheduler(scheduler.engines, lanes=0)
+    results = _in_threads(4, request)
+    assert not any(isinstance(r, Exception) for r in results), results
+    mixed = [tags for (model, tags, _, _), n in scheduler.executions.items()
+             if model == "unet" and {t for t, _ in tags} == {"sdedit", "txt2img"}]
+    assert mixed, scheduler.executions  # UNet calls holding both methods' samples
+    assert all(sum(s for _, s in tags) == samples for (_, tags, _, samples) in scheduler.executions)
 
 
 def test_a_bad_call_in_a_merged_batch_fails_only_its_request(engines):

@@ -27,6 +27,7 @@ class _Watched:
     cancelled: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)  # held while Triton is asked about it
     closed: bool = False  # unwatched: the request may be answered and freed, so never ask again
+    on_cancel: Any = None  # called once, from the watcher's thread, when the cancellation is seen
 
 
 class CancelWatch:
@@ -37,9 +38,10 @@ class CancelWatch:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def watch(self, request: Any, sender: Any = None) -> threading.Event:
-        """An event set once the request (or, decoupled, its response sender) is cancelled."""
-        entry = _Watched(request, sender)
+    def watch(self, request: Any, sender: Any = None, on_cancel: Any = None) -> threading.Event:
+        """An event set once the request (or, decoupled, its response sender) is cancelled; `on_cancel()` is
+        called then too (it must be quick: the watcher asks about the other requests after it)."""
+        entry = _Watched(request, sender, on_cancel=on_cancel)
         with self._lock:
             self._watched[id(request)] = entry
             if self._thread is None:
@@ -71,5 +73,7 @@ class CancelWatch:
                         if entry.request.is_cancelled() or (entry.sender is not None and
                                                             entry.sender.is_cancelled()):
                             entry.cancelled.set()
+                            if entry.on_cancel is not None:
+                                entry.on_cancel()
                     except Exception:  # the server could not say: ask again at the next pass
                         continue

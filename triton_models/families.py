@@ -21,9 +21,10 @@ from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable,
 def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: str | Path,
                             options: RepositoryOptions = RepositoryOptions(),
                             models: Mapping[str | None, Sequence[str] | None] | None = None,
-                            methods: Mapping[str | None, Sequence[str]] | None = None, method_options: Any = None) -> Path:
+                            methods: Mapping[str | None, Sequence[str]] | None = None, core_options: Any = None) -> Path:
     """Write (replacing) one repository serving every family; `models` limits a family to some components;
-    `methods` names the method models each family serves (triton_models/method_repository.py)."""
+    `methods` names the method models each family serves and `core_options` (`core.CoreOptions`) its engine
+    core (triton_models/method_repository.py)."""
     if not manifests:
         raise InvalidInputError("no engine directory to serve")
     models = models or {}
@@ -32,7 +33,7 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
         if len(manifests) > 1:
             raise InvalidInputError("an unnamed family cannot be served beside others: name every family")
         return write_repository(manifests[None], out_dir, options, models=models.get(None),
-                                methods=methods.get(None, ()), method_options=method_options)
+                                methods=methods.get(None, ()), core_options=core_options)
     out = Path(out_dir).resolve()
     for manifest in manifests.values():
         if manifest.root == out or manifest.root.is_relative_to(out):
@@ -51,6 +52,6 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
         share = total * max(1, engines[family]) // max(1, sum(engines.values()))
         write_repository(manifest, out, dataclasses.replace(options, memory_budget=share),
                          models=models.get(family), family=family, replace=False, methods=methods.get(family, ()),
-                         method_options=method_options)
+                         core_options=core_options)
     return out
 

@@ -1,3 +1,3 @@
-"""Triton python-backend entry point for every ti2i method model: the work is in library code."""
+"""Triton python-backend entry point of every ti2i method model: the work is in library code."""
 
-from ti2i.triton_models.method_server import TritonPythonModel  # noqa: F401
+from ti2i.triton_models.entry import MethodEntry as TritonPythonModel  # noqa: F401

@@ -1,19 +1,19 @@
-"""Method models in the repository: `txt2img`, `sdedit`, ... and their streaming twins `METHOD_stream`.
+"""Method models and the engine core in the repository.
 
-Rendered from the method records: one optional input per parameter, named as the method's keyword
-(the CLI flag with ``_`` for ``-``), the image inputs and `format` as BYTES; outputs `encoded`,
-`encoded_base64`, `pixels`. The twin is decoupled (progress responses, then the result); a decoupled
-model cannot answer a plain HTTP infer, hence two models. A model runs `active` requests at once (hosted:
-as many loops spread over `processes` processes; bls: as many processes); the bounded queue rejects what
-exceeds it.
+Method models `txt2img`, `sdedit`, ... and their streaming twins `METHOD_stream` are rendered from the
+method records: one optional input per parameter, named as the method's keyword (the CLI flag with ``_``
+for ``-``), the image inputs and `format` as BYTES; outputs `encoded`, `encoded_base64`, `pixels`. The twin
+is decoupled (progress responses, then the result); a decoupled model cannot answer a plain HTTP infer,
+hence two models. Both are entry points (`entry.py`) into the family's core, whose config (`core_config`)
+declares the convention of `core_wire.py` and carries the operator's `CoreOptions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -24,65 +24,17 @@ from ti2i.client.registry import METHODS, STREAM_SUFFIX, Method
 from ti2i.errors import InvalidInputError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
-from ti2i.triton_models.method_server import BLS, DESIGNS, HOSTED
-from ti2i.triton_models.repository import queue_policy
+from ti2i.spec import TRITON_DTYPES, ComponentSpec
+from ti2i.triton_models.core import CoreOptions
+from ti2i.triton_models.core_wire import IMAGE_INPUTS, REQUEST, component_tensor, core_name
+from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS
 
 METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
 _DTYPES = {float: "TYPE_FP64", int: "TYPE_INT64", bool: "TYPE_BOOL", str: "TYPE_STRING"}
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    # hosted: the engines in the method model's process, the active requests' loops batched step by step
-    # (engines/step_scheduler.py); bls: the loop calls the component models (method_server.py)
-    design: str = HOSTED
-    active: int = 1  # requests one method model runs at once (hosted: threads of its processes; bls: instances)
-    # hosted: the active requests' loops spread over this many processes (Triton instances), each holding its own
-    # copy of the engines: loops in different processes share no GIL, at the price of the weights once more each.
-    # The processes share the model's `active` places (places.py), so no request waits while one is free
-    processes: int = 1
-    # hosted: each process's step scheduler splits its requests into this many lanes that tick on their own, so
-    # one lane's engine call runs beside another lane's Python (engines/step_scheduler.py): what processes give,
-    # with one copy of the weights
-    lanes: int = 1
-    # hosted: intra-op threads of each process's engines (0: the cores split among the processes and their lanes,
-    # so that busy ones do not oversubscribe them; more favours a lone request on a large model over many small)
-    threads: int = 0
-    max_queue: int = 8  # requests waiting for an instance; one more is rejected (UNAVAILABLE)
-    queue_timeout_us: int = 0  # how long a request may wait (0: no limit; a client may ask for less)
-    # True: import the loop (torch, diffusers) when an instance loads, so "ready" means warm. False (default): at an
-    # instance's first request (seconds), so a server with every method model starts fast: preloading the 8 method
-    # processes of one SD engine directory took `ti2i serve` from ~25 s to 75-100 s to ready on 2 loaded cores.
-    preload: bool = False
-
-    max_wait_ms: float = 10.0  # hosted: how long a tick waits for a busy loop's next call before running without it
-    cancel_poll_ms: float = 20.0  # how often the watcher asks Triton whether the active requests were cancelled
-
-    def __post_init__(self) -> None:
-        if self.design not in DESIGNS:
-            raise InvalidInputError(f"method design must be one of {', '.join(DESIGNS)}, got {self.design!r}")
-        for name, low in (("active", 1), ("processes", 1), ("lanes", 1), ("threads", 0), ("max_queue", 0),
-                          ("queue_timeout_us", 0), ("cancel_poll_ms", 1)):
-            if getattr(self, name) < low:
-                raise InvalidInputError(f"method model {name.replace('_', ' ')} must be ≥ {low}, "
-                                        f"got {getattr(self, name)}")
-        if self.processes > 1 and self.design != HOSTED:
-            raise InvalidInputError(f"method processes apply to the hosted design (bls already runs one process per "
-                                    f"active request), got {self.processes} with {self.design}")
-        if self.processes > self.active:
-            raise InvalidInputError(f"method model processes ({self.processes}) cannot exceed its active requests "
-                                    f"({self.active}): a process without a request to run only holds weights")
-        if self.lanes > 1 and self.design != HOSTED:
-            raise InvalidInputError(f"method lanes apply to the hosted design (bls loops call the component models), "
-                                    f"got {self.lanes} with {self.design}")
-        if self.processes * self.lanes > self.active:
-            raise InvalidInputError(f"method model processes × lanes ({self.processes} × {self.lanes}) cannot exceed "
-                                    f"its active requests ({self.active}): a lane without a request to run is idle")
-
-    @property
-    def instances(self) -> int:
-        """Triton instances of the method model: hosted, its processes; bls, one per active request."""
-        return self.processes if self.design == HOSTED else self.active
+_RESULT_TENSORS = {"encoded": ("TYPE_STRING", [1]), "encoded_base64": ("TYPE_STRING", [1])}
+_STREAM_TENSORS = {"stage": ("TYPE_STRING", [1]), "step": ("TYPE_INT64", [1]), "steps": ("TYPE_INT64", [1]),
+                   "elapsed": ("TYPE_FP64", [1]), "preview": ("TYPE_UINT8", [-1, -1, 3])}
+assert set(_RESULT_TENSORS) | {"pixels"} == set(OUTPUTS) and set(_STREAM_TENSORS) == set(STREAM_OUTPUTS)
 
 
 def servable_methods(components: Iterable[str]) -> list[str]:
@@ -98,14 +50,15 @@ def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False)
     return tensor
 
 
-def method_config(method: Method, manifest: Manifest, options: MethodOptions, stream: bool = False,
-                  family: str | None = None, budgets: Mapping[str, int] | None = None,
-                  suffix: str = "") -> mc.ModelConfig:
-    """`family`: served as ``<family>.<method>`` beside that family's components (which a bls loop calls);
-    `budgets`: the bytes each engine a hosted model holds may use, by component (None: the stub's machine
-    budget);
-    `suffix`: served as METHOD + suffix (and its twin + _stream), e.g. a second design beside the first."""
-    name = method.name + suffix + (STREAM_SUFFIX if stream else "")
+def _parameters(config: mc.ModelConfig, values: Mapping[str, str]) -> None:
+    for key, value in values.items():
+        config.parameters[key].string_value = value
+
+
+def method_config(method: Method, manifest: Manifest, stream: bool = False,
+                  family: str | None = None) -> mc.ModelConfig:
+    """`family`: served as ``<family>.<method>``, forwarding to that family's core."""
+    name = method.name + (STREAM_SUFFIX if stream else "")
     config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
     # every input optional: the model names what is missing, and parameters left out take the record's defaults
     for name in method.images:
@@ -114,40 +67,50 @@ def method_config(method: Method, manifest: Manifest, options: MethodOptions, st
         config.input.append(_tensor(mc.ModelInput, param.name, _DTYPES[param.kind], [1], optional=True))
     config.input.append(_tensor(mc.ModelInput, "format", "TYPE_STRING", [1], optional=True))
     pixel_dims = [-1, -1, 3] if method.output == "image" else [-1, -1, -1, 3]
-    config.output.extend([_tensor(mc.ModelOutput, "encoded", "TYPE_STRING", [1]),
-                          _tensor(mc.ModelOutput, "encoded_base64", "TYPE_STRING", [1]),
-                          _tensor(mc.ModelOutput, "pixels", "TYPE_UINT8", pixel_dims)])
+    config.output.extend(_tensor(mc.ModelOutput, n, *t) for n, t in _RESULT_TENSORS.items())
+    config.output.append(_tensor(mc.ModelOutput, "pixels", "TYPE_UINT8", pixel_dims))
     if stream:
         config.input.append(_tensor(mc.ModelInput, "preview_every", "TYPE_INT64", [1], optional=True))
-        config.output.extend([_tensor(mc.ModelOutput, "stage", "TYPE_STRING", [1]),
-                              _tensor(mc.ModelOutput, "step", "TYPE_INT64", [1]),
-                              _tensor(mc.ModelOutput, "steps", "TYPE_INT64", [1]),
-                              _tensor(mc.ModelOutput, "elapsed", "TYPE_FP64", [1]),
-                              _tensor(mc.ModelOutput, "preview", "TYPE_UINT8", [-1, -1, 3])])
+        config.output.extend(_tensor(mc.ModelOutput, n, *t) for n, t in _STREAM_TENSORS.items())
         config.model_transaction_policy.decoupled = True
-    # hosted: its processes run the `active` loops side by side; bls: one process per active request
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
-    if options.design == BLS:  # hosted: the model keeps its own queue (method_server.MethodQueue), Triton none
-        queue_policy(config, options.max_queue, options.queue_timeout_us)
-    budget = {c: budgets[c] for c in components_for([method.name]) if c in budgets} if budgets else None
-    values = {"method": method.name, "engine_dir": str(manifest.root), "defaults": json.dumps(method.defaults()),
-              "preload": "1" if options.preload else "0", "design": options.design,
-              "active": str(options.active), "processes": str(options.processes), "lanes": str(options.lanes),
-              "threads": str(options.threads),
-              "max_wait_ms": f"{options.max_wait_ms:g}", "cancel_poll_ms": f"{options.cancel_poll_ms:g}",
-              "max_queue": str(options.max_queue), "queue_timeout_us": str(options.queue_timeout_us),
-              **({"memory_budget": json.dumps(budget)} if budget is not None else {}),
-              PIPELINE_PARAMETER: json.dumps(manifest.pipeline), **({FAMILY_PARAMETER: family} if family else {})}
-    for key, value in values.items():
-        config.parameters[key].string_value = value
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _parameters(config, {"method": method.name, "core": core_name(family),
+                         "defaults": json.dumps(method.defaults()), PIPELINE_PARAMETER: json.dumps(manifest.pipeline),
+                         **({FAMILY_PARAMETER: family} if family else {})})
     return config
 
 
-def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
-                        options: MethodOptions = MethodOptions(), family: str | None = None,
-                        budgets: Mapping[str, int] | None = None, suffix: str = "") -> list[str]:
-    """Write each method's model and streaming twin into the repository `out` (its components already there);
-    `budgets`: bytes per engine of a hosted model, by component."""
+def core_config(manifest: Manifest, specs: Mapping[str, ComponentSpec], methods: Iterable[str],
+                options: CoreOptions, budgets: Mapping[str, int] | None = None,
+                family: str | None = None) -> mc.ModelConfig:
+    """The family's engine core: one decoupled instance; the tensors of `core_wire.py` (`specs`: the served
+    components' wire declarations); `budgets`: the bytes each engine may use, by component."""
+    config = mc.ModelConfig(name=core_name(family), backend="python", max_batch_size=0)
+    config.input.append(_tensor(mc.ModelInput, REQUEST, "TYPE_STRING", [1]))
+    for name in IMAGE_INPUTS:
+        config.input.append(_tensor(mc.ModelInput, name, "TYPE_STRING", [1], optional=True))
+    config.output.extend(_tensor(mc.ModelOutput, n, *t) for n, t in {**_RESULT_TENSORS, **_STREAM_TENSORS}.items())
+    config.output.append(_tensor(mc.ModelOutput, "pixels", "TYPE_UINT8", [-1, -1, -1, 3]))  # [F, H, W, 3]
+    for spec in specs.values():
+        for tensors, cls in ((spec.inputs, mc.ModelInput), (spec.outputs, mc.ModelOutput)):
+            for t in tensors:
+                dims = [d if isinstance(d, int) else -1 for d in t.shape] or [1]
+                config_tensor = _tensor(cls, component_tensor(spec.name, t.name), "TYPE_" + TRITON_DTYPES[t.dtype],
+                                        dims, optional=cls is mc.ModelInput)
+                (config.input if cls is mc.ModelInput else config.output).append(config_tensor)
+    config.model_transaction_policy.decoupled = True
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    settings = dataclasses.asdict(options)
+    _parameters(config, {"engine_dir": str(manifest.root), "methods": json.dumps(list(methods)),
+                         "options": json.dumps(settings),
+                         **({"memory_budget": json.dumps(dict(budgets))} if budgets else {}),
+                         PIPELINE_PARAMETER: json.dumps(manifest.pipeline),
+                         **({FAMILY_PARAMETER: family} if family else {})})
+    return config
+
+
+def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str], family: str | None = None) -> list[str]:
+    """Write each method's model and streaming twin into the repository `out` (its components already there)."""
     written = []
     served = {p.name for p in Path(out).iterdir() if (p / "config.pbtxt").is_file()}
     for name in methods:
@@ -157,7 +120,7 @@ def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str],
         if missing:
             raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
         for stream in (False, True):
-            config = method_config(METHODS[name], manifest, options, stream, family, budgets, suffix)
+            config = method_config(METHODS[name], manifest, stream, family)
             model_dir = Path(out) / config.name
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -169,7 +169,7 @@ def write_native_repository(manifest: Manifest, out_dir: str | Path, backend: st
     ensembles re-rendered with the networks' data types."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"unknown repository backend {backend!r} (known: {', '.join(BACKENDS)})")
-    out = write_repository(manifest, out_dir, options, models)
+    out = write_repository(manifest, out_dir, options, models, core_options=None)
     if backend == "python":
         return out
     names = list(models) if models is not None else list(manifest.components)

@@ -1,8 +1,11 @@
 """Generate a Triton model repository from an engine directory's manifest.
 
-One python-backend model per component (hosting the same engine the in-process runner uses, with
-dynamic batching), and one ensemble per fixed pre/post chain. Configs are built as Triton's own
-`ModelConfig` protobuf and written with `text_format`, so they are valid by construction.
+With an engine core (`core_options`, what `ti2i serve` writes): the family's `core` model holds every
+engine once (`core_server.py`), and one entry-point model per component and per method (and its stream
+twin) forwards its requests to it (`entry.py`); one ensemble per fixed pre/post chain wires the component
+models. Without one (the python steps of a native repository, `native.py`): one python-backend model per
+component hosting its own engine, with dynamic batching. Configs are built as Triton's own `ModelConfig`
+protobuf and written with `text_format`, so they are valid by construction.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, ComponentSpec, TensorSpec
+from ti2i.triton_models.core_wire import core_name
 
 MODEL_FILE = Path(__file__).with_name("model.py")
+ENTRY_FILE = Path(__file__).with_name("component_model.py")
+CORE_FILE = Path(__file__).with_name("core_model.py")
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,23 @@ def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, resha
     return config
 
 
+def entry_config(spec: ComponentSpec, manifest: Manifest, family: str | None = None) -> mc.ModelConfig:
+    """A component's entry point: the declared tensors, its calls forwarded to the family's core (which bounds
+    and batches them: no Triton queue here)."""
+    config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
+    config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
+    config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _parameters(config, engine_dir=str(manifest.root), component=spec.name, core=core_name(family),
+                **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
+    _family_parameter(config, family)
+    return config
+
+
 def component_config(spec: ComponentSpec, manifest: Manifest, options: RepositoryOptions,
                      budget: int | None = None, family: str | None = None) -> mc.ModelConfig:
-    """`budget`: bytes per instance (None: the stub's machine budget); `spec`'s batch range fits it (`budgeted_spec`)."""
+    """A python model hosting the component's engine (a native repository's python steps). `budget`: bytes per
+    instance (None: the stub's machine budget); `spec`'s batch range fits it (`budgeted_spec`)."""
     config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
     config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
@@ -113,8 +133,7 @@ def instance_budgets(manifest: Manifest, names: Iterable[str], options: Reposito
     unused. The pre/post-processing steps (numpy on a request's own arrays, no weights) get the headroom
     share without taking one: counting them would shrink everyone's headroom for steps that need little.
     Without a memory calibration a component's weights count as 0 (the share is then the even split).
-    A hosted method model's engines get the same budgets per request; whether the machine can hold another
-    copy of their weights is checked when they load (`method_server`).
+    An engine core holds one instance of each.
     """
     names = list(names)
     total = options.memory_budget if options.memory_budget is not None else machine_budget()
@@ -168,12 +187,18 @@ def _parameters(config: mc.ModelConfig, **values: str) -> None:
 
 def write_repository(manifest: Manifest, out_dir: str | Path, options: RepositoryOptions = RepositoryOptions(),
                      models: Iterable[str] | None = None, family: str | None = None, replace: bool = True,
-                     methods: Iterable[str] = (), method_options: Any = None) -> Path:
+                     methods: Iterable[str] = (), core_options: Any = "default") -> Path:
     """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow;
-    `methods` adds those methods' models (triton_models/method_repository.py).
+    `core_options` (`core.CoreOptions`) serves them through the family's engine core, with the `methods`'
+    models (triton_models/method_repository.py; default: `CoreOptions()`); None: each component model hosts
+    its own engine (a native repository's python steps).
 
     With `family`, every model is served as ``<family>.<name>``; `replace=False` adds to an existing repository
     (several families side by side, see `ti2i.triton_models.families`)."""
+    if core_options == "default":
+        from ti2i.triton_models.core import CoreOptions
+
+        core_options = CoreOptions()
     out = Path(out_dir).resolve()
     if manifest.root == out or manifest.root.is_relative_to(out):
         raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
@@ -191,15 +216,23 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
     specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budgets[name]).interface()
              for name in names}
     for name, spec in specs.items():
-        _write_model(out / served_name(family, name), component_config(spec, manifest, options, budgets[name], family),
-                     with_code=True)
+        if core_options is None:
+            _write_model(out / served_name(family, name),
+                         component_config(spec, manifest, options, budgets[name], family), MODEL_FILE)
+        else:
+            _write_model(out / served_name(family, name), entry_config(spec, manifest, family), ENTRY_FILE)
     for ensemble in available_ensembles(specs):
         _write_model(out / served_name(family, ensemble.name), ensemble_config(ensemble, specs, manifest, family),
-                     with_code=False)
-    if methods:
-        from ti2i.triton_models.method_repository import MethodOptions, write_method_models
+                     None)
+    if core_options is not None:
+        from ti2i.triton_models.method_repository import core_config, write_method_models
 
-        write_method_models(out, manifest, methods, method_options or MethodOptions(), family=family, budgets=budgets)
+        methods = list(methods)
+        _write_model(out / core_name(family), core_config(manifest, specs, methods, core_options, budgets, family),
+                     CORE_FILE)
+        write_method_models(out, manifest, methods, family=family)
+    elif methods:
+        raise InvalidInputError("method models are served through an engine core: give core_options")
     return out
 
 
@@ -211,12 +244,12 @@ def _check_replaceable(out: Path) -> None:
                                 f"choose an empty or new folder")
 
 
-def _write_model(model_dir: Path, config: mc.ModelConfig, with_code: bool) -> None:
+def _write_model(model_dir: Path, config: mc.ModelConfig, code: Path | None) -> None:
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
-    if with_code:
-        shutil.copyfile(MODEL_FILE, version_dir / "model.py")
+    if code is not None:
+        shutil.copyfile(code, version_dir / "model.py")
 
 
 def parse_config(path: str | Path) -> mc.ModelConfig:

@@ -13,7 +13,8 @@ from pathlib import Path
 from ti2i.app.methods import add_method_parser
 from ti2i.client.registry import METHODS
 from ti2i.errors import InvalidInputError, Ti2iError
-from ti2i.triton_models.method_server import DESIGNS, HOSTED
+from ti2i.triton_models.core import ENGINE_BACKENDS, CoreOptions
+from ti2i.work_limits import WorkLimits
 
 EXIT_USAGE = 2
 
@@ -46,11 +47,17 @@ def _repository_options(args: argparse.Namespace):
     from ti2i.triton_models.repository import RepositoryOptions
 
     if args.max_queue_size < 0:
-        raise InvalidInputError(f"--max-queue-size must be >= 0 (0: unbounded), got {args.max_queue_size}")
-    return RepositoryOptions(max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
-                             threads=args.threads, max_queue_size=args.max_queue_size,
-                             queue_timeout_us=int(args.queue_timeout_s * 1e6),
+        raise InvalidInputError(f"--max-queue-size must be >= 0, got {args.max_queue_size}")
+    return RepositoryOptions(max_queue_delay_us=getattr(args, "max_queue_delay_us", 0),
+                             instances=getattr(args, "instances", 1), threads=args.threads,
+                             max_queue_size=args.max_queue_size, queue_timeout_us=int(args.queue_timeout_s * 1e6),
                              memory_budget=parse_bytes(args.memory_budget) if args.memory_budget else None)
+
+
+def _core_options(args: argparse.Namespace) -> CoreOptions:
+    return CoreOptions(active=args.active, max_queue=args.max_queue_size, queue_timeout_s=args.queue_timeout_s,
+                       threads=args.threads, backend=args.engine_backend, device=args.device,
+                       limits=WorkLimits(max_steps=args.max_steps, max_pixels=args.max_pixels))
 
 
 def _models(args: argparse.Namespace, manifest) -> list[str] | None:
@@ -69,19 +76,13 @@ def _models(args: argparse.Namespace, manifest) -> list[str] | None:
 def _method_models(args: argparse.Namespace, manifests: dict) -> dict:
     """The method models to write next to each family's components: the --methods it can serve (default:
     every method the family's engines serve)."""
-    from ti2i.triton_models.method_repository import MethodOptions, servable_methods
+    from ti2i.triton_models.method_repository import servable_methods
 
     if args.no_method_models:
-        return {}
+        return {family: [] for family in manifests}
     wanted = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    methods = {family: [m for m in servable_methods(manifest.components) if wanted is None or m in wanted]
-               for family, manifest in manifests.items()}
-    return {"methods": methods, "method_options": MethodOptions(design=args.method_design, active=args.method_instances,
-                                                                processes=args.method_processes,
-                                                                lanes=args.method_lanes,
-                                                                threads=args.method_threads,
-                                                                max_queue=args.method_queue,
-                                                                preload=args.preload_methods)}
+    return {family: [m for m in servable_methods(manifest.components) if wanted is None or m in wanted]
+            for family, manifest in manifests.items()}
 
 
 def _write_families(args: argparse.Namespace, out: Path | None):
@@ -98,7 +99,7 @@ def _write_families(args: argparse.Namespace, out: Path | None):
         models = components_by_family(args.methods.split(","), manifests) if args.methods else None
     first = next(iter(manifests.values())).root
     return write_family_repository(manifests, out or first / "model_repository", _repository_options(args), models,
-                                   **_method_models(args, manifests))
+                                   methods=_method_models(args, manifests), core_options=_core_options(args))
 
 
 def cmd_repository(args: argparse.Namespace) -> int:
@@ -207,43 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
                            help="do not reload models whose python-backend stub died, nor restart a dead server")
         p.add_argument("--methods", default=None,
                        help=f"comma-separated methods to serve ({', '.join(METHODS)}); "
-                            f"default: every model of the engine directory")
-        p.add_argument("--max-queue-delay-us", type=int, default=0,
-                       help="how long a request may wait for others to batch with (default 0: batch what queued)")
-        p.add_argument("--max-queue-size", type=int, default=32,
-                       help="requests that may wait per component model; one more is refused with UNAVAILABLE "
-                            "(default 32; 0: unbounded, no queue policy, which also spares requests the 500 ms stall "
-                            "Triton's batcher can give a model with a queue policy)")
-        p.add_argument("--queue-timeout-s", type=float, default=30.0,
-                       help="a request that waited this long without starting is refused (default 30; a request's "
-                            "own shorter timeout wins)")
+                            f"default: every method the engine directories serve")
+        p.add_argument("--active", type=int, default=CoreOptions.active,
+                       help="method requests each family's engine core runs at once; their steps batch together "
+                            "(default %(default)s)")
+        p.add_argument("--max-queue-size", type=int, default=CoreOptions.max_queue,
+                       help="requests that may wait for one of those places; one more is refused with UNAVAILABLE "
+                            "(default %(default)s)")
+        p.add_argument("--queue-timeout-s", type=float, default=CoreOptions.queue_timeout_s,
+                       help="a request that waited this long without starting is refused (default %(default)s; a "
+                            "request's own shorter timeout wins)")
+        p.add_argument("--threads", type=int, default=CoreOptions.threads,
+                       help="intra-op threads of the engines (default 0: every core)")
+        p.add_argument("--max-steps", type=int, default=WorkLimits.max_steps,
+                       help="most denoising steps one request may ask for (default %(default)s)")
+        p.add_argument("--max-pixels", type=int, default=WorkLimits.max_pixels,
+                       help="most output pixels (frames × height × width) one request may ask for "
+                            "(default %(default)s)")
         p.add_argument("--memory-budget", default=None,
-                       help="memory all model instances may use together, e.g. 8G (default: TI2I_MEMORY_BUDGET, else "
-                            "60%% of the memory available); requests that would exceed an instance's share are refused")
-        p.add_argument("--instances", type=int, default=1)
-        p.add_argument("--threads", type=int, default=0)
-        p.add_argument("--method-design", choices=DESIGNS, default=HOSTED,
-                       help="hosted (default): each method model holds the engines it calls and batches the steps "
-                            "of its active requests; bls: it calls the component models (less memory)")
-        p.add_argument("--method-instances", type=int, default=1,
-                       help="requests each method model runs at once (hosted: loops of its processes; bls: one "
-                            "process each; default 1)")
-        p.add_argument("--method-processes", type=int, default=1,
-                       help="hosted: spread those requests' loops over this many processes, each with its own copy "
-                            "of the engines (more throughput from concurrent requests, more memory; default 1)")
-        p.add_argument("--method-lanes", type=int, default=1,
-                       help="hosted: split each process's requests into this many lanes that tick on their own, so "
-                            "one lane's engine call runs beside another's Python work (throughput from concurrent "
-                            "requests with one copy of the engines; default 1)")
-        p.add_argument("--method-threads", type=int, default=0,
-                       help="hosted: intra-op threads of each process's engines (default: the cores divided among "
-                            "the processes and their lanes)")
-        p.add_argument("--method-queue", type=int, default=8,
-                       help="requests a method model queues beyond those; more are rejected (default 8)")
-        p.add_argument("--preload-methods", action="store_true",
-                       help="method models import their loop (torch) when they load, not at their first request")
+                       help="memory the engines may use together, e.g. 8G (default: TI2I_MEMORY_BUDGET, else "
+                            "60%% of the memory available); requests that would exceed an engine's share are refused")
+        p.add_argument("--backend" if name == "serve" else "--engine-backend", dest="engine_backend",
+                       choices=tuple(ENGINE_BACKENDS),
+                       default=CoreOptions.backend,
+                       help="the engines every method and component runs on: ort (ONNX Runtime), aoti or tensorrt "
+                            "(the packages and plans `ti2i build` wrote; components without one run on ort; "
+                            "default %(default)s)")
+        p.add_argument("--device", default=CoreOptions.device, help="the engines' device (default %(default)s)")
         p.add_argument("--no-method-models", action="store_true",
                        help="only the components and ensembles (clients run the loops)")
+        if name == "repository":
+            p.add_argument("--instances", type=int, default=1,
+                           help="native backends: instances per component model (default %(default)s)")
+            p.add_argument("--max-queue-delay-us", type=int, default=0,
+                           help="native backends: how long a request may wait for others to batch with "
+                                "(default 0: batch what queued)")
         p.set_defaults(func=func)
 
     for method in METHODS.values():  # one subcommand per method record

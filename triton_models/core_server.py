@@ -1,0 +1,119 @@
+"""The python-backend model of a family's engine core (`core`, or ``<family>.core``): see `core.py`.
+
+It is decoupled: a method request's progress responses (when its entry streams) go out as its loop steps,
+then its result. `execute` hands each request to a thread of its own and returns at once; admission, not
+Triton's queue, bounds how many run and wait (`core.Admission`). Requests follow `core_wire.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from ti2i.client.registry import get_method
+from ti2i.errors import ServerUnavailableError, Ti2iError
+from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
+from ti2i.triton_models.core_metrics import CoreMetrics
+from ti2i.triton_models.core_wire import CANCEL, COMPONENT, IMAGE_INPUTS, METHOD, REQUEST, component_tensor, read_envelope
+from ti2i.work_limits import WorkLimits
+
+
+def error_response(pb: Any, err: Exception) -> Any:
+    """The Triton error of an exception: a client's fault INVALID_ARG, a full server UNAVAILABLE."""
+    errors = pb.TritonError
+    if isinstance(err, ServerUnavailableError):
+        code = errors.UNAVAILABLE
+    elif isinstance(err, Cancelled):
+        code = errors.CANCELLED
+    else:
+        code = errors.INVALID_ARG if isinstance(err, Ti2iError) else errors.INTERNAL
+    return pb.InferenceResponse(error=pb.TritonError(f"{type(err).__name__}: {err}", code))
+
+
+def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
+    return pb.InferenceResponse(output_tensors=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.name = args.get("model_name", "core")
+        settings = json.loads(params["options"])
+        options = CoreOptions(**{**settings, "limits": WorkLimits(**settings.get("limits", {}))})
+        budgets = json.loads(params["memory_budget"]) if params.get("memory_budget") else None
+        self.metrics = CoreMetrics(pb_utils, self.name)
+        methods = [get_method(name) for name in json.loads(params["methods"])]
+        self.core = EngineCore(params["engine_dir"], methods, options, budgets=budgets, metrics=self.metrics)
+        loaded = self.core.load()
+        self.metrics.attach(self.core.admission, self.core.scheduler.executions)
+        # client-driven component calls are bounded like method requests: as many in flight as run and wait
+        self.component_calls = threading.BoundedSemaphore(options.active + options.max_queue)
+        self.threads: set[threading.Thread] = set()
+        pb_utils.Logger.log_info(f"{self.name}: {options.backend} engines on {options.device} ({', '.join(loaded)}), "
+                                 f"{options.active} active requests, a queue of {options.max_queue} "
+                                 f"({options.queue_timeout_s:g} s), methods {', '.join(m.name for m in methods)}")
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            thread = threading.Thread(target=self._answer, args=(request,), daemon=True, name=f"{self.name}-request")
+            self.threads.add(thread)
+            thread.start()
+
+    def _get(self, request: Any, name: str) -> np.ndarray | None:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def _answer(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            final = self._run(request, sender)
+        except Exception as err:  # one request's failure never reaches the others or the core
+            final = error_response(self.pb, err)
+        finally:
+            self.threads.discard(threading.current_thread())
+        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _run(self, request: Any, sender: Any) -> Any:
+        env = read_envelope(self._get(request, REQUEST).reshape(-1)[0])
+        kind, name, token = env["kind"], env["name"], env["token"]
+        if kind == CANCEL:
+            self.core.cancel(token)
+            return None
+        if kind == METHOD:
+            call = dict(env["call"])
+            for image in IMAGE_INPUTS:
+                value = self._get(request, image)
+                if value is not None:
+                    call[image] = value.reshape(-1)[0]
+            on_step = (lambda tensors: sender.send(response(self.pb, tensors))) if env.get("stream") else None
+            out = self.core.run_method(name, call, env["format"], env["outputs"], token, on_step=on_step,
+                                       preview_every=int(env.get("preview_every", 0)),
+                                       timeout_s=float(env.get("timeout_s", 0.0)))
+            return response(self.pb, out)
+        if kind == COMPONENT:
+            spec = self.core.engines.spec_of(name).interface()
+            inputs = {t.name: self._get(request, component_tensor(name, t.name)) for t in spec.inputs}
+            if not self.component_calls.acquire(blocking=False):
+                raise ServerUnavailableError(f"{self.name}: too many component calls in flight: send it again later")
+            try:
+                out = self.core.run_component(name, {k: v for k, v in inputs.items() if v is not None},
+                                              env.get("outputs") or None)
+            finally:
+                self.component_calls.release()
+            return response(self.pb, {component_tensor(name, k): v for k, v in out.items()})
+        raise ValueError(f"unknown core request kind {kind!r}")
+
+    def finalize(self) -> None:
+        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
+            thread.join(timeout=60)
+        if hasattr(self, "core"):
+            self.core.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()

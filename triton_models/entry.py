@@ -1,0 +1,196 @@
+"""The entry-point models of a family: each method model, its `_stream` twin and each component model.
+
+They hold no engines: each request is forwarded by BLS to the family's engine core (`core_server.py`,
+the convention in `core_wire.py`) and its answers sent back, so every model of a family shares one copy of
+the weights and one scheduler. `execute` hands each request to a thread of its own and returns at once;
+the thread waits on the core and answers through the request's response sender.
+
+A method model reads and checks the request itself (`method_io.read_request`: a bad one never reaches the
+core). The plain model answers with the result; the `_stream` twin (decoupled) sends a progress response
+before the first step and after each (`stage`, `step` of `steps`, `elapsed` seconds), a latent preview
+every `preview_every` steps when asked, then the result. A request its client cancels (a gRPC stream
+cancelled or left) is cancelled in the core too: it leaves the queue or stops at its next step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ti2i.client.registry import get_method
+from ti2i.errors import InvalidInputError, ServerUnavailableError
+from ti2i.manifest import Manifest
+from ti2i.triton_models.cancel_watch import CancelWatch
+from ti2i.triton_models.core_server import error_response, response
+from ti2i.triton_models.core_wire import (COMPONENT, CANCEL, METHOD, REQUEST, component_tensor, envelope)
+from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
+from ti2i.triton_models.python_model import as_spec_rank
+from ti2i.spec import as_float32
+
+CANCEL_POLL_S = 0.02  # how often the watcher asks Triton whether the active requests were cancelled
+
+
+class CoreError(Exception):
+    """The core's error for this request, passed on with its code."""
+
+    def __init__(self, error: Any):
+        super().__init__(error.message())
+        self.error = error
+
+
+class _Entry:
+    """What both kinds share: a thread per request, the BLS round trip to the core."""
+
+    def _setup(self, args: dict[str, Any]) -> dict[str, str]:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        self.config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.name = args.get("model_name", "")
+        self.core = params["core"]
+        self.threads: set[threading.Thread] = set()
+        return params
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            thread = threading.Thread(target=self._answer_safely, args=(request,), daemon=True,
+                                      name=f"{self.name}-request")
+            self.threads.add(thread)
+            thread.start()
+
+    def _answer_safely(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            final = self._answer(request, sender)
+        except CoreError as err:
+            final = self.pb.InferenceResponse(error=err.error)
+        except Exception as err:  # never a request without its final response
+            final = error_response(self.pb, err)
+        finally:
+            self.threads.discard(threading.current_thread())
+        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _answer(self, request: Any, sender: Any) -> Any:
+        raise NotImplementedError
+
+    def _core_responses(self, tensors: dict[str, np.ndarray], outputs: list[str]) -> Any:
+        """The core's responses to one request (an iterator: progress, then the result)."""
+        inputs = [self.pb.Tensor(name, value) for name, value in tensors.items()]
+        return self.pb.InferenceRequest(model_name=self.core, inputs=inputs,
+                                        requested_output_names=outputs).exec(decoupled=True)
+
+    @staticmethod
+    def _outputs(core_response: Any) -> dict[str, np.ndarray]:
+        if core_response.has_error():
+            raise CoreError(core_response.error())
+        return {t.name(): np.array(t.as_numpy(), copy=True) for t in core_response.output_tensors()}
+
+    def finalize(self) -> None:
+        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
+            thread.join(timeout=60)
+
+
+class MethodEntry(_Entry):
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = self._setup(args)
+        self.method = get_method(params["method"])
+        self.decoupled = self.pb.using_decoupled_model_transaction_policy(self.config)
+        self.cancels = CancelWatch(CANCEL_POLL_S)
+
+    def _answer(self, request: Any, sender: Any) -> Any:
+        def get(name: str) -> np.ndarray | None:
+            tensor = self.pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
+        call, fmt = read_request(self.method, get)
+        images = {name: call.pop(name) for name in self.method.images if name in call}
+        token = uuid.uuid4().hex
+        stream = self.decoupled
+        wanted = self._wanted(request)
+        every = get("preview_every")
+        timeout_s = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0
+        request_env = envelope(METHOD, self.method.name, token, call=call, format=fmt, outputs=wanted, stream=stream,
+                               preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0,
+                               timeout_s=timeout_s)
+        tensors = {REQUEST: np.array([request_env], dtype=object),
+                   **{name: np.array([data], dtype=object) for name, data in images.items()}}
+        cancelled = self.cancels.watch(request, sender if self.decoupled else None,
+                                       on_cancel=lambda: self._cancel_in_core(token))
+        final = None
+        try:
+            for core_response in self._core_responses(tensors, [*wanted, *(STREAM_OUTPUTS if stream else ())]):
+                out = self._outputs(core_response)
+                if not out:
+                    continue  # the core's closing flag
+                if "stage" in out:
+                    sender.send(response(self.pb, out))
+                    continue
+                if "pixels" in out and self.method.output == "image":
+                    out["pixels"] = out["pixels"][0]
+                final = response(self.pb, out)
+        except CoreError:
+            if cancelled.is_set() and self.decoupled:
+                return None  # the client has gone: the stream closes without a result
+            raise
+        finally:
+            self.cancels.unwatch(request)  # before the final response, which frees the request (cancel_watch.py)
+        if final is None:
+            raise ServerUnavailableError(f"{self.name}: the engine core answered without a result")
+        return final
+
+    def _cancel_in_core(self, token: str) -> None:
+        def send() -> None:
+            try:
+                for _ in self._core_responses({REQUEST: np.array([envelope(CANCEL, "", token)], dtype=object)}, []):
+                    pass
+            except Exception as err:  # the core went away: its loops went with it
+                self.pb.Logger.log_warn(f"{self.name}: could not cancel in the core: {err}")
+
+        threading.Thread(target=send, daemon=True, name=f"{self.name}-cancel").start()
+
+    def _wanted(self, request: Any) -> list[str]:
+        """The result outputs the request names; encoded and encoded_base64 when it names none (base64 alone
+        for a stream, or when it names all of them, as `generate_stream` does: an SSE event stays JSON text)."""
+        requested = set(request.requested_output_names())
+        names = [n for n in OUTPUTS if n in requested]
+        default = ["encoded_base64"] if self.decoupled else list(OUTPUTS)
+        if not names or (self.decoupled and requested >= {*OUTPUTS, *STREAM_OUTPUTS}):
+            return default
+        return names
+
+    def finalize(self) -> None:
+        super().finalize()
+        if hasattr(self, "cancels"):
+            self.cancels.close()
+
+
+class ComponentEntry(_Entry):
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = self._setup(args)
+        self.component = params["component"]
+        self.spec = Manifest.load(params["engine_dir"]).components[self.component].spec.interface()
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
+
+    def _answer(self, request: Any, sender: Any) -> Any:
+        inputs = {}
+        for tensor in self.spec.inputs:
+            value = self.pb.get_input_tensor_by_name(request, tensor.name)
+            if value is None:
+                raise InvalidInputError(f"{self.component}: missing input {tensor.name!r}")
+            inputs[tensor.name] = as_spec_rank(self.spec, tensor.name, value.as_numpy())
+        wanted = list(request.requested_output_names()) or [t.name for t in self.spec.outputs]
+        tensors = {REQUEST: np.array([envelope(COMPONENT, self.component, uuid.uuid4().hex, outputs=wanted)],
+                                     dtype=object),
+                   **{component_tensor(self.component, k): v for k, v in as_float32(inputs).items()}}
+        for core_response in self._core_responses(tensors, [component_tensor(self.component, n) for n in wanted]):
+            out = self._outputs(core_response)
+            if out:
+                prefix = component_tensor(self.component, "")
+                return response(self.pb, {name[len(prefix):]: value for name, value in out.items()})
+        raise ServerUnavailableError(f"{self.name}: the engine core answered without a result")
+
