@@ -1,8 +1,7 @@
 """Whole methods served by Triton: one request per edit, the same result as the client-driven loop.
 
-A real tritonserver serves every method model next to the components, in the default (hosted) design:
-the engines in the method model, concurrent loops batched by the step scheduler; a second server
-serves the BLS design. Each method's served result
+A real tritonserver serves every method model next to the components, all entry points into the family's
+engine core (one copy of the engines, every request's steps batched by one scheduler). Each method's served result
 (gRPC: the streaming twin, HTTP: the plain model) equals the in-process result for the same inputs
 and seed; curl gets a PNG and a server-sent event stream; a cancelled stream stops its loop; bad
 requests get one clear error and the server keeps serving.
@@ -37,7 +36,8 @@ from ti2i.client.registry import METHODS
 from ti2i.client.remote import request_tensors, run_remote
 from ti2i.client.runners import InProcessRunner
 from ti2i.errors import InvalidInputError, ServerUnavailableError
-from ti2i.triton_models.method_repository import MethodOptions, servable_methods
+from ti2i.triton_models.core import CoreOptions
+from ti2i.triton_models.method_repository import servable_methods
 from ti2i.triton_models.repository import write_repository
 from ti2i.triton_models.server import TritonServer
 
@@ -63,17 +63,7 @@ def method_server(engines, tmp_path_factory):
     """Every method the SD engine directory serves, two active requests each, a queue of one."""
     root = tmp_path_factory.mktemp("methods")
     repository = write_repository(engines, root / "repository", methods=servable_methods(engines.components),
-                                  method_options=MethodOptions(active=2, max_queue=1))
-    with TritonServer(repository, log_path=root / "server.log") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def bls_method_server(engines, tmp_path_factory):
-    """The other design: the same method models calling the component models by BLS."""
-    root = tmp_path_factory.mktemp("methods-bls")
-    repository = write_repository(engines, root / "repository", methods=servable_methods(engines.components),
-                                  method_options=MethodOptions(design="bls", active=2, max_queue=1))
+                                  core_options=CoreOptions(active=2, max_queue=1))
     with TritonServer(repository, log_path=root / "server.log") as server:
         yield server
 
@@ -96,9 +86,9 @@ def _inputs(method: str, image: Image.Image) -> dict:
 
 
 def _sdedit_repository(engines, tmp_path: Path, **options) -> Path:
-    """A repository of SDEdit's components and its method models with these `MethodOptions`."""
+    """A repository of SDEdit's components and its method models, its core with these `CoreOptions`."""
     return write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]), methods=["sdedit"],
-                            method_options=MethodOptions(**options))
+                            core_options=CoreOptions(**options))
 
 
 def _pixels(result) -> np.ndarray:
@@ -121,17 +111,6 @@ def test_served_method_equals_the_client_side_loop(method, protocol, request, ex
     assert np.abs(served.array - np.round(local.array * 255) / 255).max() <= 1e-6
 
 
-def test_bls_design_gives_each_method_the_client_side_result(bls_method_server, engines, example_image):
-    """Every method of the SD engines through the BLS design (gRPC stream, HTTP plain): the client's pixels."""
-    for method in servable_methods(engines.components):
-        values = _inputs(method, example_image)
-        with InProcessRunner(engines.root) as runner:
-            local = METHODS[method](runner, **values)
-        for protocol in ("grpc", "http"):
-            served = run_remote(server_url(bls_method_server, protocol), METHODS[method], progress=False, **values)
-            np.testing.assert_array_equal(_pixels(served), _pixels(local), err_msg=f"{method} over {protocol}")
-
-
 def _compute(server, model: str) -> tuple[int, int]:
     """(executions, nanoseconds inside `execute`) of `model` so far, once settled (counted after the reply)."""
     def read() -> tuple[int, int]:
@@ -142,12 +121,11 @@ def _compute(server, model: str) -> tuple[int, int]:
     return settled(read)
 
 
-@pytest.mark.parametrize("design", ["hosted", "bls"])
-def test_execute_hands_the_request_to_a_thread_and_returns(design, request, example_image):
-    """In both designs the instance is back with Triton's scheduler long before the response leaves: an
-    instance still inside `execute` when the next request arrives can leave that request to Triton 2.51's
-    lost wake-up, 500 ms (`ti2i.benchmarks.queue_stall`)."""
-    server = request.getfixturevalue("method_server" if design == "hosted" else "bls_method_server")
+def test_execute_hands_the_request_to_a_thread_and_returns(method_server, example_image):
+    """The entry point is back with Triton's scheduler long before the response leaves: an instance still
+    inside `execute` when the next request arrives can leave that request to Triton 2.51's lost wake-up,
+    500 ms (`ti2i.benchmarks.queue_stall`)."""
+    server = method_server
     values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
     run_remote(server_url(server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)  # warm
     count, ns = _compute(server, "sdedit")
@@ -162,8 +140,8 @@ def test_execute_hands_the_request_to_a_thread_and_returns(design, request, exam
 def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_image, tmp_path):
     """Original failure: at 8 concurrent tiny SDEdits tritonserver died of SIGSEGV in
     `TRITONBACKEND_ResponseFactoryIsCancelled`: the cancel watcher asked about a request whose final response
-    had just freed it. Polling every millisecond, 200 two-step requests crashed the old code within 2 s."""
-    repository = _sdedit_repository(engines, tmp_path, active=8, max_queue=8, cancel_poll_ms=1, preload=True)
+    had just freed it."""
+    repository = _sdedit_repository(engines, tmp_path, active=8, max_queue=8)
     values = {**_inputs("sdedit", example_image), "steps": 2}
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
@@ -178,76 +156,13 @@ def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_
     assert all(_pixels(r).shape == (48, 64, 3) for r in results)
 
 
-def _stub_cpu_s(server, model: str) -> dict[int, float]:
-    """CPU seconds so far of each python-backend process (Triton instance) of `model`, by pid."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        # fields after comm: state ppid ... utime (12th) stime (13th)
-        if len(args) > 1 and args[1].endswith(f"/{model}/1/model.py".encode()) and stat[1] == str(server.pid):
-            found[int(entry.name)] = (int(stat[11]) + int(stat[12])) / ticks
-    return found
-
-
-def test_hosted_processes_share_the_active_requests(engines, example_image, tmp_path):
-    """--method-processes 2 with 4 active: two processes, each with its own engines, sharing 4 places; four
-    concurrent requests keep both busy, their metrics count the requests and the merged steps of each, and
-    each result is the one the request gets in-process."""
-    repository = _sdedit_repository(engines, tmp_path, active=4, processes=2, max_queue=4, preload=True)
-    values = {**_inputs("sdedit", example_image), "steps": 60, "strength": 1.0}
-    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
-        url = server_url(server, "grpc")
-        before = _stub_cpu_s(server, "sdedit")
-        assert len(before) == 2, before
-
-        def one(seed: int):
-            return run_remote(url, METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": seed})
-
-        with ThreadPoolExecutor(4) as pool:
-            served = list(pool.map(one, range(4)))
-        after = _stub_cpu_s(server, "sdedit")
-        metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)  # sent every 0.5 s
-        # the processes split the cores: 2 processes of 2 intra-op threads on 2 cores served less, and slower
-        threads = max(1, len(os.sched_getaffinity(0)) // 2)
-        log = server.log_path.read_text()
-        started = f"sdedit: one of 2 processes sharing 4 places, engines on {threads} intra-op thread(s)"
-        assert log.count(started) == 2, server.log_tail()
-    busy = {pid: after[pid] - before[pid] for pid in before}
-    # one 60-step request costs ~0.3 s of CPU; a process left idle spends only its cancel watcher's wake-ups
-    assert all(seconds >= 0.1 for seconds in busy.values()), busy
-    requests = by_label(metrics, "ti2i_method_requests_total", "instance", model="sdedit")
-    assert set(requests) == {"sdedit_0_0", "sdedit_0_1"} and sum(requests.values()) == 4, metrics
-    assert by_label(metrics, "ti2i_method_running", "instance", model="sdedit") == \
-        {"sdedit_0_0": 0.0, "sdedit_0_1": 0.0}, metrics
-    executions, calls, samples = (by_label(metrics, name, "instance", model="sdedit", component="unet")
-                                  for name in ("ti2i_step_executions_total", "ti2i_step_calls_total",
-                                               "ti2i_step_samples_total"))
-    per_request = sum(calls.values()) / 4  # equal loops: the same UNet calls each ([uncond, cond] in each)
-    assert per_request >= 60, metrics
-    for instance, count in requests.items():
-        assert calls.get(instance, 0) == count * per_request, metrics
-        assert samples.get(instance, 0) == 2 * calls.get(instance, 0), metrics
-    # 4 loops in 2 processes: one holds two or more, and merges their steps
-    assert sum(executions.values()) < sum(calls.values()), metrics
-    with InProcessRunner(engines.root) as runner:
-        for seed, result in enumerate(served):
-            np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,
-                                                                                          "seed": seed})))
-
-
 def test_a_burst_of_requests_is_not_held_by_the_queue(engines, example_image, tmp_path):
     """Original failure: with Triton's queue policy on the method model, its batcher lost the wake-up of
     requests that arrived while the instance was in `execute`: in rounds of 4 requests sent at once to 4
-    places, 9 of 48 waited 0.5 or 1.0 s in Triton's queue. The model keeps its own queue now, Triton none:
-    no request of a burst that fits the places waits for a place."""
-    repository = _sdedit_repository(engines, tmp_path, active=4, max_queue=4, preload=True)
+    places, 9 of 48 waited 0.5 or 1.0 s in Triton's queue. The engine core keeps the queue, Triton none:
+    no request of a burst that fits the places waits."""
+    repository = _sdedit_repository(engines, tmp_path, active=4, max_queue=4)
     values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
-    waits = "sdedit: all 4 places are taken; a request waits"
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
         with ThreadPoolExecutor(4) as pool:
@@ -257,16 +172,14 @@ def test_a_burst_of_requests_is_not_held_by_the_queue(engines, example_image, tm
                                             **{**values, "seed": seed}), range(4)))
         stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(
             "sdedit", headers=server.api_headers, as_json=True)["model_stats"][0]["inference_stats"]
-        assert server.log_path.read_text().count(waits) == 0, server.log_tail()
     queued_s = int(stats["queue"].get("ns", 0)) / 1e9
     assert int(stats["success"]["count"]) == 24 and queued_s < 0.4, stats  # one stall alone was 0.5 s
 
 
 def test_a_request_past_the_queue_timeout_is_refused_and_the_next_runs(engines, example_image, tmp_path):
-    """The model's own queue keeps the timeout Triton's did: with 1 place and a 0.3 s queue timeout, a request
-    sent while a long one runs is refused (UNAVAILABLE, naming the wait); the long one and the next succeed.
-    Both streamed (the `_stream` twin has its own place), so the second goes once the first has started."""
-    repository = _sdedit_repository(engines, tmp_path, active=1, max_queue=2, queue_timeout_us=300_000, preload=True)
+    """The core's queue keeps the timeout Triton's did: with 1 place and a 0.3 s queue timeout, a request sent
+    while a long one runs is refused (UNAVAILABLE, naming the wait); the long one and the next succeed."""
+    repository = _sdedit_repository(engines, tmp_path, active=1, max_queue=2, queue_timeout_s=0.3)
     values = _inputs("sdedit", example_image)
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
@@ -278,54 +191,7 @@ def test_a_request_past_the_queue_timeout_is_refused_and_the_next_runs(engines, 
             with pytest.raises(ServerUnavailableError, match=r"waited 0.3 s in the queue"):
                 run_remote(url, METHODS["sdedit"], progress=False, **values)
             assert _pixels(long.result(timeout=300)).shape == (48, 64, 3)
-        assert "sdedit_stream: all 1 places are taken; a request waits" in server.log_path.read_text()
         assert _pixels(run_remote(url, METHODS["sdedit"], progress=False, **values)).shape == (48, 64, 3)
-
-
-def test_hosted_lanes_run_concurrent_requests_in_one_process(engines, example_image, tmp_path):
-    """--method-lanes 2 with 4 active: one process, its step scheduler ticking two lanes on half the cores each;
-    four concurrent requests merge steps in it, and each result is the one the request gets in-process."""
-    repository = _sdedit_repository(engines, tmp_path, active=4, lanes=2, max_queue=4, preload=True)
-    values = {**_inputs("sdedit", example_image), "steps": 20, "strength": 1.0}
-    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
-        url = server_url(server, "grpc")
-        with ThreadPoolExecutor(4) as pool:
-            served = list(pool.map(lambda seed: run_remote(url, METHODS["sdedit"], progress=False, stream=False,
-                                                           **{**values, "seed": seed}), range(4)))
-        metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)
-        threads = max(1, len(os.sched_getaffinity(0)) // 2)
-        assert f"sdedit: one of 1 processes sharing 4 places in 2 lanes, engines on {threads} intra-op thread(s)" in \
-            server.log_path.read_text(), server.log_tail()
-    assert by_label(metrics, "ti2i_method_requests_total", "instance", model="sdedit") == {"sdedit_0_0": 4.0}
-    executions, calls = (by_label(metrics, name, "instance", model="sdedit", component="unet")["sdedit_0_0"]
-                         for name in ("ti2i_step_executions_total", "ti2i_step_calls_total"))
-    assert executions < calls, metrics
-    with InProcessRunner(engines.root) as runner:
-        for seed, result in enumerate(served):
-            np.testing.assert_array_equal(_pixels(result), _pixels(METHODS["sdedit"](runner, **{**values,
-                                                                                          "seed": seed})))
-
-
-def test_no_request_waits_while_a_place_is_free_in_another_process(engines, example_image, tmp_path):
-    """Original failure: with a limit per process (2 of the 4 places each), Triton handed a third request to a
-    process whose 2 loops were busy while the other process had a free place, and it waited there for a whole
-    request (1 to 3 of 10 rounds of 4 concurrent requests). The places are now the model's: in 10 rounds of 4 no
-    request waits; a 5th at once does."""
-    repository = _sdedit_repository(engines, tmp_path, active=4, processes=2, max_queue=4, preload=True)
-    values = {**_inputs("sdedit", example_image), "steps": 30, "strength": 1.0}
-    waits = "sdedit: all 4 places are taken; a request waits"
-    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
-        url = server_url(server, "grpc")
-
-        def one(seed: int):
-            return run_remote(url, METHODS["sdedit"], progress=False, stream=False, **{**values, "seed": seed})
-
-        with ThreadPoolExecutor(5) as pool:
-            for _ in range(10):  # each round starts once the last has its answers (and so its places back)
-                assert all(_pixels(r).shape == (48, 64, 3) for r in pool.map(one, range(4)))
-            assert server.log_path.read_text().count(waits) == 0, server.log_tail()
-            assert len(list(pool.map(one, range(5)))) == 5
-        assert server.log_path.read_text().count(waits) >= 1, server.log_tail()
 
 
 def test_plain_grpc_infer_and_base64_input_match_the_stream(method_server, example_image):
@@ -516,7 +382,7 @@ def _stopped_at(server, deadline_s: float = 60) -> int:
     """The step at which the model says the cancelled loop stopped (its own log line)."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        found = re.findall(r"sdedit_stream: cancelled at \w+ step (\d+) of \d+", server.log_path.read_text())
+        found = re.findall(r"core: sdedit: cancelled at \w+ step (\d+) of \d+", server.log_path.read_text())
         if found:
             return int(found[-1])
         time.sleep(0.2)
@@ -529,19 +395,6 @@ def test_cancelled_stream_stops_the_loop_and_the_server_serves_on(method_server,
     again = run_remote(server_url(method_server, "grpc"), METHODS["sdedit"], progress=False,
                        **_inputs("sdedit", example_image))
     assert _pixels(again).shape == (48, 64, 3)
-
-
-def test_bls_cancelled_stream_stops_the_loop(bls_method_server, example_image):
-    before = _unet_count(bls_method_server)
-    _cancel_after_a_few_steps(bls_method_server, example_image)
-    assert _stopped_at(bls_method_server) < 100
-    deadline, counts = time.monotonic() + 60, []
-    while time.monotonic() < deadline:  # Triton's own count of UNet executions settles well short of 201 steps
-        counts.append(_unet_count(bls_method_server))
-        if len(counts) >= 3 and counts[-1] == counts[-3]:
-            break
-        time.sleep(0.5)
-    assert counts[-1] - before < 100, counts
 
 
 BAD = [
@@ -565,22 +418,6 @@ def test_bad_input_gets_one_clear_error_and_the_server_stays_ready(case, change,
     assert expected in str(info.value)
     with httpclient.InferenceServerClient(method_server.http_url) as client:
         assert client.is_server_ready() and client.is_model_ready("sdedit")
-
-
-def test_a_hosted_model_without_memory_for_its_engines_says_so_and_serves_on(engines, tmp_path, monkeypatch,
-                                                                            example_image):
-    """A hosted method model loads its own copy of the engines at its first request; where the server may not
-    take that much more memory, the request gets one UNAVAILABLE error naming the engine and the way out."""
-    repository = write_repository(engines, tmp_path / "repository", models=components_for(["sdedit"]),
-                                  methods=["sdedit"])
-    monkeypatch.setenv("TI2I_MEMORY_BUDGET", "1M")  # the server's whole budget: less than any engine's weights
-    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
-        for protocol in ("http", "grpc"):
-            with pytest.raises(ServerUnavailableError, match=r"loading \w+ needs about .*--method-design bls"):
-                run_remote(server_url(server, protocol), METHODS["sdedit"], progress=False, stream=False,
-                           **_inputs("sdedit", example_image))
-        with httpclient.InferenceServerClient(server.http_url) as client:
-            assert client.is_server_ready() and client.is_model_ready("sdedit")
 
 
 def test_over_the_active_limit_with_a_full_queue_is_rejected(method_server, example_image):
@@ -621,3 +458,73 @@ def test_cli_remote_shows_progress_and_writes_the_image(method_server, tmp_path,
     assert Image.open(out).size == (64, 48)
     assert main([*argv[:-2], "--out", str(tmp_path / "x.png"), "--steps", "0"]) == 2
     assert "steps must be an integer" in capsys.readouterr().err
+
+
+def _pss_mb(root_pid: int) -> float:
+    """Proportional set size of a process and all its descendants (the server and its python-backend stubs)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total_kb, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total_kb += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
+    return total_kb / 1024
+
+
+MIXED = ["txt2img", "sdedit", "cyclediffusion", "ddib"]
+
+
+def test_methods_share_one_copy_of_the_engines_and_their_unet_executions(engines, example_image, tmp_path):
+    """One engine core per family: with sdedit warm, then txt2img, cyclediffusion, ddib and the stream twins
+    warm too, the server holds no more than 1.3× the memory (a copy of the engines per method model held
+    3.26×); 8 concurrent requests mixing the four methods share UNet executions (the core's metrics count
+    executions holding samples of two or more methods), and each gets its in-process result."""
+    repository = write_repository(engines, tmp_path / "repository", methods=MIXED,
+                                  core_options=CoreOptions(active=8, max_queue=8))
+    size = dict(height=example_image.height, width=example_image.width)
+    requests = [{**_inputs(m, example_image), "steps": 20, **(size if m == "txt2img" else {"strength": 1.0}),
+                 "seed": i} for i, m in enumerate(MIXED * 2)]
+    for values, method in zip(requests, MIXED * 2):
+        if method == "ddib":
+            values.pop("seed")
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url = server_url(server, "grpc")
+        run_remote(url, METHODS["sdedit"], progress=False, stream=False, **_inputs("sdedit", example_image))
+        alone = _pss_mb(server.pid)
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(lambda mv: run_remote(url, METHODS[mv[0]], progress=False, stream=mv[1] % 2 == 1,
+                                                         **mv[2]),
+                                   [(m, i, v) for i, (m, v) in enumerate(zip(MIXED * 2, requests))]))
+        warm = _pss_mb(server.pid)
+        metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)  # sent every 0.5 s
+    assert warm <= 1.3 * alone, (alone, warm)
+    mixed = by_label(metrics, "ti2i_mixed_executions_total", "component", model="core")
+    samples = by_label(metrics, "ti2i_samples_total", "method", model="core", component="unet")
+    assert mixed.get("unet", 0) >= 1, metrics
+    assert set(MIXED) <= set(samples), samples
+    with InProcessRunner(engines.root) as runner:
+        for method, values, result in zip(MIXED * 2, requests, served):
+            np.testing.assert_array_equal(_pixels(result), _pixels(METHODS[method](runner, **values)), err_msg=method)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_work_over_the_server_ceiling_is_refused_and_the_server_serves_on(protocol, method_server, example_image):
+    """A request for 100000 steps would hold a place for hours: over the ceiling (--max-steps) it gets one
+    INVALID_ARG naming the limit, and the next request is answered."""
+    url = server_url(method_server, protocol)
+    with pytest.raises(InvalidInputError, match="limit of 1000"):
+        run_remote(url, METHODS["sdedit"], progress=False, stream=False,
+                   **{**_inputs("sdedit", example_image), "steps": 100000})
+    assert _pixels(run_remote(url, METHODS["sdedit"], progress=False, stream=False,
+                              **_inputs("sdedit", example_image))).shape == (48, 64, 3)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import get_method
+from ti2i import errors
 from ti2i.errors import ServerUnavailableError, Ti2iError
 from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
 from ti2i.triton_models.core_metrics import CoreMetrics
@@ -21,16 +22,30 @@ from ti2i.triton_models.core_wire import CANCEL, COMPONENT, IMAGE_INPUTS, METHOD
 from ti2i.work_limits import WorkLimits
 
 
-def error_response(pb: Any, err: Exception) -> Any:
-    """The Triton error of an exception: a client's fault INVALID_ARG, a full server UNAVAILABLE."""
+def error_code(pb: Any, kind: type[BaseException]) -> int:
+    """A client's fault is INVALID_ARG, a full server UNAVAILABLE, a cancelled request CANCELLED."""
     errors = pb.TritonError
-    if isinstance(err, ServerUnavailableError):
-        code = errors.UNAVAILABLE
-    elif isinstance(err, Cancelled):
-        code = errors.CANCELLED
-    else:
-        code = errors.INVALID_ARG if isinstance(err, Ti2iError) else errors.INTERNAL
-    return pb.InferenceResponse(error=pb.TritonError(f"{type(err).__name__}: {err}", code))
+    if issubclass(kind, ServerUnavailableError):
+        return errors.UNAVAILABLE
+    if issubclass(kind, Cancelled):
+        return errors.CANCELLED
+    return errors.INVALID_ARG if issubclass(kind, Ti2iError) else errors.INTERNAL
+
+
+def error_response(pb: Any, err: Exception) -> Any:
+    return pb.InferenceResponse(error=pb.TritonError(f"{type(err).__name__}: {err}", error_code(pb, type(err))))
+
+
+def relayed_error(pb: Any, message: str) -> Any:
+    """The core's error, relayed by an entry point with its code: a BLS response's error keeps only its message
+    (`TYPE: text`, as `error_response` wrote it), so the code is found again from the type's name."""
+    kind = ERROR_TYPES.get(message.split(":", 1)[0], Exception)
+    return pb.InferenceResponse(error=pb.TritonError(message, error_code(pb, kind)))
+
+
+ERROR_TYPES: dict[str, type[BaseException]] = {
+    **{name: kind for name, kind in vars(errors).items() if isinstance(kind, type) and issubclass(kind, Ti2iError)},
+    "Cancelled": Cancelled}
 
 
 def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
@@ -75,6 +90,8 @@ class TritonPythonModel:
         try:
             final = self._run(request, sender)
         except Exception as err:  # one request's failure never reaches the others or the core
+            if isinstance(err, Cancelled):
+                self.pb.Logger.log_info(f"{self.name}: {err}")
             final = error_response(self.pb, err)
         finally:
             self.threads.discard(threading.current_thread())

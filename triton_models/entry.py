@@ -25,7 +25,7 @@ from ti2i.client.registry import get_method
 from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
-from ti2i.triton_models.core_server import error_response, response
+from ti2i.triton_models.core_server import error_response, relayed_error, response
 from ti2i.triton_models.core_wire import (COMPONENT, CANCEL, METHOD, REQUEST, component_tensor, envelope)
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
 from ti2i.triton_models.python_model import as_spec_rank
@@ -68,7 +68,7 @@ class _Entry:
         try:
             final = self._answer(request, sender)
         except CoreError as err:
-            final = self.pb.InferenceResponse(error=err.error)
+            final = relayed_error(self.pb, str(err))
         except Exception as err:  # never a request without its final response
             final = error_response(self.pb, err)
         finally:
