@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -95,75 +96,35 @@ def test_sdedit_through_the_server_matches_in_process(protocol, triton_server, i
     np.testing.assert_array_equal(served, in_process_png)
 
 
-def test_repository_writes_configs(cli_engines, tmp_path, capsys):
+def test_repository_writes_the_core_and_its_entry_points(cli_engines, tmp_path, capsys):
     repo = tmp_path / "repo"
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--instances", "2",
-                 "--max-queue-delay-us", "500"]) == 0
+    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--active", "3",
+                 "--max-queue-size", "5", "--queue-timeout-s", "7", "--threads", "1", "--max-steps", "50"]) == 0
     assert f"wrote {repo.resolve()}" in capsys.readouterr().out
     configs = {p.parent.name: parse_config(p) for p in repo.glob("*/config.pbtxt")}
     methods = {"txt2img", "sdedit", "cyclediffusion", "ddib"}  # those a plain SD engine directory serves
-    assert set(configs) == COMPONENTS | ENSEMBLES | methods | {f"{m}_stream" for m in methods}
+    assert set(configs) == COMPONENTS | ENSEMBLES | methods | {f"{m}_stream" for m in methods} | {"core"}
     sdedit = configs["sdedit"]
     assert [i.name for i in sdedit.input] == ["image", "prompt", "negative_prompt", "strength", "steps", "guidance",
                                               "seed", "height", "width", "format"]
     assert all(i.optional for i in sdedit.input)
-    # hosted (the default design): the model's own bounded queue, and no Triton queue policy (method_server.py)
-    assert sdedit.parameters["max_queue"].string_value == "8" and not sdedit.HasField("dynamic_batching")
     assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
     assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled
-    for name in COMPONENTS:
+    for name in [*COMPONENTS, *methods]:  # entry points: no engines, no Triton queue, forwarding to the core
         assert configs[name].backend == "python" and (repo / name / "1" / "model.py").is_file()
-        assert configs[name].instance_group[0].count == 2
-    assert configs["unet"].dynamic_batching.max_queue_delay_microseconds == 500
+        assert configs[name].parameters["core"].string_value == "core"
+        assert not configs[name].HasField("dynamic_batching"), name
+    core = configs["core"]
+    assert core.model_transaction_policy.decoupled and core.instance_group[0].count == 1
+    options = json.loads(core.parameters["options"].string_value)
+    assert (options["active"], options["max_queue"], options["queue_timeout_s"], options["threads"],
+            options["limits"]["max_steps"]) == (3, 5, 7.0, 1, 50)
+    assert set(json.loads(core.parameters["methods"].string_value)) == methods
     for name in ENSEMBLES:
         assert configs[name].platform == "ensemble"
-
-
-def test_max_queue_size_zero_leaves_the_component_queues_without_a_policy(cli_engines, tmp_path, capsys):
-    """0 = unbounded: no queue policy at all (any policy puts Triton's batcher on its lost-wake-up path);
-    method models keep their own bound (--method-queue); a negative size is a usage error."""
-    repo = tmp_path / "repo"
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--max-queue-size", "0",
-                 "--methods", "sdedit"]) == 0
-    configs = {p.parent.name: parse_config(p) for p in repo.glob("*/config.pbtxt")}
-    for name in COMPONENTS & set(configs):
-        assert configs[name].HasField("dynamic_batching"), name
-        assert not configs[name].dynamic_batching.HasField("default_queue_policy"), name
-    assert configs["sdedit"].parameters["max_queue"].string_value == "8"  # its own queue, still bounded
-    capsys.readouterr()
-    assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"),
-                 "--max-queue-size", "-1"]) == 2
-    assert "--max-queue-size must be >= 0" in capsys.readouterr().err
-
-
-def test_method_processes_and_lanes_split_the_active_requests_of_a_hosted_model(cli_engines, tmp_path, capsys):
-    """--method-processes P: the hosted model becomes P Triton instances (processes) sharing --method-instances
-    places; --method-lanes L: each process's step scheduler ticks L lanes. More processes × lanes than places,
-    or either with bls, is a usage error."""
-    for flags, count, params in (
-            (["--method-instances", "3", "--method-processes", "2"], 2,
-             {"active": "3", "processes": "2", "lanes": "1", "threads": "0"}),  # threads 0: the stub splits its cores
-            (["--method-instances", "4", "--method-lanes", "2"], 1,
-             {"active": "4", "processes": "1", "lanes": "2", "threads": "0"}),
-            (["--method-design", "bls", "--method-instances", "3"], 3, {"active": "3"})):
-        repo = tmp_path / "-".join(flags)
-        assert main(["repository", "--engines", str(cli_engines), "--out", str(repo), "--methods", "sdedit",
-                     *flags]) == 0
-        sdedit = parse_config(repo / "sdedit" / "config.pbtxt")
-        assert sdedit.instance_group[0].count == count
-        assert {k: sdedit.parameters[k].string_value for k in params} == params
-    capsys.readouterr()
-    for flags, error in (
-            (["--method-instances", "2", "--method-processes", "3"],
-             "processes (3) cannot exceed its active requests (2)"),
-            (["--method-instances", "3", "--method-processes", "2", "--method-lanes", "2"],
-             "processes × lanes (2 × 2) cannot exceed its active requests (3)"),
-            (["--method-design", "bls", "--method-instances", "2", "--method-processes", "2"],
-             "method processes apply to the hosted design"),
-            (["--method-design", "bls", "--method-instances", "2", "--method-lanes", "2"],
-             "method lanes apply to the hosted design")):
-        assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"), "--methods", "sdedit",
-                     *flags]) == 2
+    for flags, error in ((["--max-queue-size", "-1"], "--max-queue-size must be >= 0"),
+                         (["--active", "0"], "active must be ≥ 1")):
+        assert main(["repository", "--engines", str(cli_engines), "--out", str(tmp_path / "bad"), *flags]) == 2
         assert error in capsys.readouterr().err, flags
 
 
