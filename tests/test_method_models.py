@@ -238,7 +238,7 @@ def test_a_kept_remote_client_serves_again_once_a_restarted_server_is_ready(engi
 
     from ti2i.client.remote import RemoteMethodClient
 
-    repository = _sdedit_repository(engines, tmp_path, preload=True)
+    repository = _sdedit_repository(engines, tmp_path)
     values = {**_inputs("sdedit", example_image), "steps": 2}
     with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
         clients = {p: RemoteMethodClient(server_url(server, p)) for p in ("grpc", "http")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import text_format
 from ti2i.engines.ensembles import ENSEMBLES
-from ti2i.triton_models.repository import MODEL_FILE, write_repository
+from ti2i.triton_models.repository import ENTRY_FILE, write_repository
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
@@ -55,7 +55,7 @@ def test_one_folder_per_component_and_per_ensemble(sd_engines: Manifest, reposit
     folders = {d.name for d in repository.iterdir()}
     chains = {e.name for e in ENSEMBLES if all(step in sd_engines.components for step in e.steps)}
     assert set(ENSEMBLE_STEPS) <= chains
-    assert folders == set(sd_engines.components) | chains
+    assert folders == set(sd_engines.components) | chains | {"core"}
     assert {e.name: e.steps for e in ENSEMBLES if e.name in ENSEMBLE_STEPS} == ENSEMBLE_STEPS
     for folder in repository.iterdir():
         assert (folder / "config.pbtxt").is_file(), folder.name
@@ -71,18 +71,18 @@ def test_every_config_parses_with_tritons_schema(repository: Path, configs):
         assert again == config
 
 
-def test_python_models_match_their_specs(sd_engines: Manifest, repository: Path, configs):
-    model_code = MODEL_FILE.read_text()
+def test_component_models_match_their_specs_and_forward_to_the_core(sd_engines: Manifest, repository: Path, configs):
+    model_code = ENTRY_FILE.read_text()
     for name, entry in sd_engines.components.items():
         spec, config = entry.spec, configs[name]
         assert config.backend == "python" and config.platform == "", name
         assert config.max_batch_size == spec.max_batch, name
-        if spec.batched:  # the server may merge requests along the batch dimension
+        if spec.batched:  # clients send batches; the core merges the calls of every caller
             assert spec.max_batch == spec.dims[BATCH][1] > 0, name
-            assert config.HasField("dynamic_batching"), name
         else:
             assert config.max_batch_size == 0, name
-        assert config.dynamic_batching.default_queue_policy.max_queue_size > 0, name  # a bounded queue
+        assert not config.HasField("dynamic_batching"), name  # the core bounds and batches, not Triton
+        assert config.parameters["core"].string_value == "core"
         assert (repository / name / "1" / "model.py").read_text() == model_code
         assert len(config.instance_group) >= 1 and all(g.count >= 1 for g in config.instance_group)
         assert config.parameters["component"].string_value == name
@@ -188,16 +188,16 @@ def test_model_subsets_leave_out_ensembles_whose_steps_are_missing(sd_engines: M
     write_repository(sd_engines, out)
     # Writing again replaces the whole repository: nothing stale stays behind.
     write_repository(sd_engines, out, models=["tokenize", "text_encoder", "vae_decoder"])
-    assert {d.name for d in out.iterdir()} == {"tokenize", "text_encoder", "vae_decoder", "encode_prompt"}
+    assert {d.name for d in out.iterdir()} == {"tokenize", "text_encoder", "vae_decoder", "encode_prompt", "core"}
     configs = _configs(out)
     assert [s.model_name for s in configs["encode_prompt"].ensemble_scheduling.step] == ["tokenize", "text_encoder"]
 
     write_repository(sd_engines, out, models=["unet"])
-    assert {d.name for d in out.iterdir()} == {"unet"}
+    assert {d.name for d in out.iterdir()} == {"unet", "core"}
 
     write_repository(sd_engines, out, models=["vae_decoder", "image_postprocess", "image_preprocess"])
     assert {d.name for d in out.iterdir()} == {"vae_decoder", "image_postprocess", "image_preprocess",
-                                               "decode_image"}
+                                               "decode_image", "core"}
 
 
 @pytest.mark.parametrize("where", ["engine_dir", "its_parent"])

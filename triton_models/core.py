@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from ti2i.client.methods import components_for
 from ti2i.client.registry import Method
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.triton_models.method_io import preview, result_outputs
@@ -103,13 +102,15 @@ class Admission:
 class EngineCore:
     """One family's engines and scheduler, shared by all its served models."""
 
-    def __init__(self, engine_dir: str | Path, methods: list[Method], options: CoreOptions = CoreOptions(),
-                 budgets: dict[str, int] | None = None, metrics: Any = None):
+    def __init__(self, engine_dir: str | Path, methods: list[Method], components: list[str],
+                 options: CoreOptions = CoreOptions(), budgets: dict[str, int] | None = None, metrics: Any = None):
+        """`components`: the served components (those the methods call among them), loaded at `load`."""
         from ti2i.client.runners import InProcessRunner
         from ti2i.engines.step_scheduler import StepScheduler
 
         self.options = options
         self.methods = {m.name: m for m in methods}
+        self.components = list(components)
         self.engines = InProcessRunner(engine_dir, budget=budgets, threads=options.threads or None,
                                        backend=ENGINE_BACKENDS[options.backend], device=options.device)
         self.scheduler = StepScheduler(self.engines)
@@ -119,13 +120,12 @@ class EngineCore:
         self._lock = threading.Lock()
 
     def load(self) -> list[str]:
-        """Load every engine the methods call (and import their loops), so that ready means warm."""
-        names = sorted(c for c in components_for(list(self.methods)) if c in self.engines.manifest.components)
+        """Load every served engine (and import the methods' loops), so that ready means warm."""
         for method in self.methods.values():
             method.func()
-        for name in names or self.engines.manifest.components:
+        for name in self.components:
             self.engines.engine(name)
-        return names
+        return self.components
 
     # --- methods ---------------------------------------------------------------------------------------
 
@@ -196,8 +196,8 @@ class EngineCore:
     def run_component(self, name: str, inputs: dict[str, np.ndarray],
                       outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """A client's single component call: it joins the next tick of the active loops' calls."""
-        if name not in self.engines.manifest.components:
-            raise InvalidInputError(f"this server's core has no component {name!r}")
+        if name not in self.components:
+            raise InvalidInputError(f"this server's core serves no component {name!r}")
         try:
             return self.scheduler.run(name, outputs, **inputs)
         except Ti2iError:

@@ -65,7 +65,8 @@ class TritonPythonModel:
         budgets = json.loads(params["memory_budget"]) if params.get("memory_budget") else None
         self.metrics = CoreMetrics(pb_utils, self.name)
         methods = [get_method(name) for name in json.loads(params["methods"])]
-        self.core = EngineCore(params["engine_dir"], methods, options, budgets=budgets, metrics=self.metrics)
+        self.core = EngineCore(params["engine_dir"], methods, json.loads(params["components"]), options,
+                               budgets=budgets, metrics=self.metrics)
         loaded = self.core.load()
         self.metrics.attach(self.core.admission, self.core.scheduler.executions)
         # client-driven component calls are bounded like method requests: as many in flight as run and wait

@@ -5,7 +5,8 @@ apart by the image formats' magic numbers; prompts as UTF-8 BYTES; each paramete
 record as an optional one-element tensor (left out: the record's default); `format` (png for images,
 mp4 or gif for videos). Outputs: `encoded` (the file), `encoded_base64` (its base64 text, for JSON
 clients) and `pixels` (uint8 [H, W, 3] or [F, H, W, 3]). Decoding and validation errors are
-`InvalidInputError`s naming the tensor; the method function checks the parameters' values itself.
+`InvalidInputError`s naming the tensor; each parameter's kind and range are checked here by its record,
+before the request waits (the method function checks what needs the model).
 """
 
 from __future__ import annotations
@@ -72,17 +73,10 @@ def text(value: Any, name: str) -> str:
 
 
 def param_value(param: Param, value: Any) -> Any:
+    """A parameter tensor's element as a checked Python value (the record's kind and range, `Param.check`)."""
     if value is None:
         return None
-    if param.kind is str:
-        return text(value, param.name)
-    if param.kind is bool:
-        return bool(value)
-    if param.kind is int:
-        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-            raise InvalidInputError(f"input {param.name!r} must be an integer, got {value}")
-        return int(value)
-    return float(value)
+    return param.check(text(value, param.name) if param.kind is str else value)
 
 
 def read_request(method: Method, get: Callable[[str], np.ndarray | None]) -> tuple[dict[str, Any], str]:

@@ -102,6 +102,7 @@ def core_config(manifest: Manifest, specs: Mapping[str, ComponentSpec], methods:
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     settings = dataclasses.asdict(options)
     _parameters(config, {"engine_dir": str(manifest.root), "methods": json.dumps(list(methods)),
+                         "components": json.dumps(list(specs)),
                          "options": json.dumps(settings),
                          **({"memory_budget": json.dumps(dict(budgets))} if budgets else {}),
                          PIPELINE_PARAMETER: json.dumps(manifest.pipeline),
