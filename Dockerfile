@@ -1,13 +1,14 @@
 # ti2i on NVIDIA's Triton Inference Server container (GPU deployments).
 # Build: docker build -t ti2i .
 # Run:   docker run --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 -v $PWD/engines:/engines ti2i
-# The engine directory comes from `ti2i export --precision fp16` (any machine). On first start the
-# entrypoint builds TensorRT plans for the GPU it runs on into /engines/tensorrt (with progress; cached
-# under graph, TensorRT version, GPU and profile, so later starts load them), then the container's
-# tritonserver serves them natively (tensorrt_plan on GPU instances) with the python tokenizer and
-# pre/post steps. TI2I_BACKEND=onnxruntime (onnxruntime_onnx) or python (python-backend models) instead;
+# The engine directory comes from `ti2i export --precision fp16` (any machine). The entrypoint runs
+# `ti2i serve` with the container's own tritonserver (on PATH: its backends, no nvidia-pytriton needed),
+# the HTTP guard on port 8000, the supervisor and the restricted APIs. On first start it builds TensorRT
+# plans for the GPU it runs on into /engines/tensorrt (with progress; cached under graph, TensorRT
+# version, GPU and profile, so later starts load them) and the engine core runs them.
+# TI2I_BACKEND=aoti or ort instead; TI2I_ENGINES="sd15=/engines/sd15 svd=/engines/svd" for several families;
 # TI2I_BUILD_LIMITS=batch=8,height=96,width=96 caps the plans' profiles (their memory grows with the max).
-# 24.10 ships TensorRT 10.5: the pinned `tensorrt-cu12==10.5.0` builds plans its tensorrt backend loads.
+# 24.10 ships TensorRT 10.5: the pinned `tensorrt-cu12==10.5.0` builds plans its TensorRT runtime loads.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 WORKDIR /opt/ti2i

@@ -253,9 +253,9 @@ class MethodBackend(Backend):
 
 
 class BatchedBackend(Backend):
-    """Our loops in-process over one `StepScheduler`: the hosted method model's batching of concurrent requests'
-    steps, in one process of this one, without a server. Its sweep clients share one scheduler per level, made
-    with the level's first client and closed with its last; `step_counts` says what the batching merged."""
+    """Our loops in-process over one `StepScheduler`: the engine core's batching of concurrent requests' steps,
+    in this process, without a server. Its sweep clients share one scheduler per level, made with the level's
+    first client and closed with its last; `step_counts` says what the batching merged."""
 
     kind = "in-process"
 
@@ -276,7 +276,7 @@ class BatchedBackend(Backend):
 
     def run(self, image: Image.Image, seed: int) -> RunRecord:
         start = time.perf_counter()
-        with self.runner.request():
+        with self.runner.request(self.ctx.method):
             timings, array = run_method(self.ctx.method, self.runner, image, self.ctx.request, seed)
         return RunRecord(time.perf_counter() - start, {k: list(v) for k, v in timings.samples.items()}, array)
 
@@ -286,8 +286,8 @@ class BatchedBackend(Backend):
         self._clients += 1
         return _BatchedClient(self)
 
-    def step_counts(self) -> dict[tuple[str, int, int], int]:
-        """(component, requests' calls merged, samples) -> engine calls, so far at this level."""
+    def step_counts(self) -> dict[tuple[str, tuple[tuple[str, int], ...], int, int], int]:
+        """(component, samples by method, requests' calls merged, samples) -> engine calls, so far at this level."""
         return dict(self._shared.executions) if self._shared is not None else {}
 
     def _release(self) -> None:
@@ -297,7 +297,7 @@ class BatchedBackend(Backend):
             self._shared = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "providers": self.providers, "scheduler": "StepScheduler, one lane"}
+        return {"kind": self.kind, "providers": self.providers, "scheduler": "StepScheduler"}
 
     def close(self) -> None:
         self.runner.engines.close()
@@ -308,7 +308,7 @@ class _BatchedClient:
         self.backend, self.scheduler = backend, backend._shared
 
     def __call__(self, image: Image.Image, seed: int) -> None:
-        with self.scheduler.request():
+        with self.scheduler.request(self.backend.ctx.method):
             run_method(self.backend.ctx.method, self.scheduler, image, self.backend.ctx.request, seed)
 
     def close(self) -> None:

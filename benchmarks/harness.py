@@ -11,8 +11,8 @@ bundled Triton server when a served backend or the concurrency sweep needs it, t
    overhead of one call is the served time minus the in-process time;
 4. sweep the concurrency levels against the server (`sweep.py`): N client threads, each with its own
    runner, issue whole requests at once; throughput, latency percentiles, and from Triton's statistics
-   API each model's queue and compute time and the batch sizes it actually executed (a hosted method
-   model's batching from its metrics), the levels interleaved over `--concurrency-rounds` rounds.
+   API each model's queue and compute time, and from the engine core's metrics how many requests' UNet
+   calls each engine call merged, the levels interleaved over `--concurrency-rounds` rounds.
 
 Results are written after every measured request (JSON, then the markdown table; the plot at the
 end), so an interrupted run leaves what it measured so far.

@@ -120,7 +120,7 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
                     f"{_num(server.get('avg_requests_per_execution'), 2)} | "
                     f"{_num(server.get('avg_batch_samples'), 2)} | {_num(server.get('queue_ms_per_request'), 2)} | "
                     f"{_num(server.get('compute_infer_ms_per_request'), 2)} | "
-                    f"{server.get('executed_batch_sizes', {})} | {_num(cpu_of(level).get('ms_per_request'), 1)} | "
+                    f"{server.get('executed_batch_sizes') or '–'} | {_num(cpu_of(level).get('ms_per_request'), 1)} | "
                     f"{_num(cpu_of(level).get('cores_busy'), 2)} |")
             lines += _gain_factor_lines(sweep)
             if sweep.get("best_gain"):

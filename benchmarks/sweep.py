@@ -1,8 +1,10 @@
 """The concurrency sweep: N client threads, each with its own runner, sending whole requests for a while.
 
 Each level (a client count) records its throughput, its latencies and what the server's models did meanwhile:
-Triton's statistics for the component models, and for a hosted method model the `ti2i_step_*` metrics of its
-processes (how many requests' steps each engine call merged, `triton_models/method_metrics.py`).
+Triton's statistics for each model, and for the method's UNet the engine core's own counts of what its
+scheduler ran (`triton_models/core_metrics.py`): every served call reaches the engines through the core, so
+how many requests' calls each engine call merged is known there only (the UNet's entry model sees one
+request per execution).
 
 `rounds` > 1 runs every level once per round, the levels back to back in each round, so that the load a
 shared machine passes through lands on every level alike: a level's gain is the median over rounds of its
@@ -27,9 +29,10 @@ from ti2i.benchmarks.cpu_time import cpu_figures, gain_factors, own_cpu_s, tree_
 from ti2i.benchmarks.server_metrics import by_label, read_metrics
 from ti2i.benchmarks.settle import settled
 from ti2i.benchmarks.stats import median, ratio, summarize
+from ti2i.triton_models.core_wire import core_name
 
-STEP_METRICS = ("ti2i_step_executions_total", "ti2i_step_calls_total", "ti2i_step_samples_total")
-METRICS_PERIOD_S = 0.5  # how often a method model's processes send their metrics
+CORE_METRICS = ("ti2i_executions_total", "ti2i_merged_calls_total", "ti2i_samples_total")
+METRICS_PERIOD_S = 0.5  # how often the engine core sends its metrics
 
 
 def first_line(err: BaseException) -> str:
@@ -54,14 +57,13 @@ def run_sweep(method: str, name: str, levels: list[int], per_client: int, rounds
     sweep: dict[str, Any] = {"backend": name, "requests_per_client": per_client, "rounds": [], "levels": [],
                              "cores": len(os.sched_getaffinity(0))}
     record_sweep(entry, sweep)
-    hosted_model = getattr(backend, "model", None) if getattr(backend, "design", None) == "hosted" else None
     for round_index in range(rounds):
         runs: list[dict[str, Any]] = []
         sweep["rounds"].append(runs)
         for n in levels:
             progress.phase = f"{method} · concurrency {n}" + (f" · round {round_index + 1}/{rounds}" if rounds > 1
                                                              else "")
-            run = _level(method, name, n, per_client, backend, ctx, image, seed, hosted_model, progress)
+            run = _level(method, name, n, per_client, backend, ctx, image, seed, progress)
             run["throughput_gain"] = ratio(run["throughput_rps"], (runs[0] if runs else run)["throughput_rps"])
             runs.append(run)
             sweep["levels"] = pooled_levels(sweep["rounds"], sweep["cores"])
@@ -78,12 +80,12 @@ def run_sweep(method: str, name: str, levels: list[int], per_client: int, rounds
 
 
 def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: BenchContext, image: Image.Image,
-           seed: int, hosted_model: str | None, progress: Any) -> dict[str, Any]:
+           seed: int, progress: Any) -> dict[str, Any]:
     """One run of `n` clients, `per_client` requests each."""
     runners = [backend.new_client() for _ in range(n)]  # each ready (configs fetched) before the clock starts
     try:
         before = settled(lambda: _server_stats(ctx.server))
-        steps_before = _step_metrics(ctx.server, hosted_model)
+        core_before = _core_metrics(ctx.server)
         counts = getattr(backend, "step_counts", None)  # an in-process step scheduler's own counts
         counts_before = counts() if counts else {}
         spans: list[tuple[float, float]] = []
@@ -116,7 +118,7 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
                 t.join(timeout=0.5)
         tree_end, own_end, cpu_wall = tree_cpu_s(), own_cpu_s(), time.perf_counter() - cpu_start[2]
         after = settled(lambda: _server_stats(ctx.server))
-        steps_after = _step_metrics(ctx.server, hosted_model)
+        core_after = _core_metrics(ctx.server)
         counts_after = counts() if counts else {}
     finally:
         for runner in runners:
@@ -127,10 +129,12 @@ def _level(method: str, name: str, n: int, per_client: int, backend: Any, ctx: B
     wall = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else None
     raw = raw_delta(before, after)
     server = derive_stats(raw)
-    if hosted_model is not None:
-        server.setdefault(UNET_OF[method], _step_batching(steps_before, steps_after, hosted_model, UNET_OF[method]))
+    unet = UNET_OF[method]
+    batching = _core_batching(core_before, core_after, unet)
+    if batching["executions"]:  # the core ran the level's UNet calls (not an in-process sweep beside the server)
+        server[unet] = with_batching(server.get(unet), batching)
     if counts:
-        server[UNET_OF[method]] = _counted_batching(counts_before, counts_after, UNET_OF[method])
+        server[unet] = _counted_batching(counts_before, counts_after, unet)
     return {
         "clients": n,
         "requests": len(spans),
@@ -159,9 +163,10 @@ def pooled_levels(rounds: list[list[dict[str, Any]]], cores: int) -> list[dict[s
         for run in runs:
             raw = add_raw(raw, run["raw_server"])
         server = derive_stats(raw)
-        for model, item in runs[0]["server"].items():  # figures from metrics, not Triton's statistics
-            if item.get("source") == "metrics" and model not in server:
-                server[model] = _pool_step_batching([r["server"][model] for r in runs if model in r["server"]])
+        for model, item in runs[0]["server"].items():  # batching from the core's counts, not Triton's statistics
+            if item.get("source") == "metrics":
+                pooled = _pool_batching([r["server"][model] for r in runs if model in r["server"]])
+                server[model] = with_batching(server.get(model), pooled)
         gains = [r["throughput_gain"] for r in runs if r.get("throughput_gain")]
         cpus = [r["cpu"] for r in runs if r.get("cpu")]
         cpu = cpu_figures(sum(c["tree_s"] for c in cpus), sum(c["own_s"] for c in cpus),
@@ -266,34 +271,43 @@ def derive_stats(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --- what the server did: a hosted method model's own metrics ----------------------------------------------
+# --- what the engines did: the engine core's counts ------------------------------------------------------
 
-def _step_metrics(server: Any, model: str | None) -> dict[Any, float]:
-    """The `ti2i_step_*` counters of a hosted method model's processes, once settled (they arrive every 0.5 s)."""
-    if server is None or model is None:
+def _core_metrics(server: Any) -> dict[Any, float]:
+    """The engine core's execution counters, once settled (they arrive every 0.5 s)."""
+    if server is None:
         return {}
-    return settled(lambda: read_metrics(server.metrics_url, STEP_METRICS), wait_s=METRICS_PERIOD_S + 0.1)
+    return settled(lambda: read_metrics(server.metrics_url, CORE_METRICS), wait_s=METRICS_PERIOD_S + 0.1)
 
 
-def _step_batching(before: dict[Any, float], after: dict[Any, float], model: str, component: str) -> dict[str, Any]:
-    """What the processes of method model `model` did with `component`'s calls between the two reads."""
+def _core_batching(before: dict[Any, float], after: dict[Any, float], component: str) -> dict[str, Any]:
+    """What the bench's one core (`core`) ran of `component`'s calls between the two reads, every method's."""
     def total(samples: dict[Any, float], name: str) -> float:
-        return sum(by_label(samples, name, "instance", model=model, component=component).values())
+        return sum(by_label(samples, name, "component", model=core_name(None), component=component).values())
 
-    executions, calls, samples = (total(after, n) - total(before, n) for n in STEP_METRICS)
-    return _pool_step_batching([{"executions": int(executions), "requests": int(calls), "inferences": int(samples)}])
+    executions, calls, samples = (int(total(after, n) - total(before, n)) for n in CORE_METRICS)
+    return _pool_batching([{"executions": executions, "requests": calls, "inferences": samples}])
 
 
 def _counted_batching(before: dict[Any, int], after: dict[Any, int], component: str) -> dict[str, Any]:
-    """The same figures from a `StepScheduler.executions` counter read before and after."""
+    """The same figures from a `StepScheduler.executions` counter, (model, samples by tag, calls, samples) ->
+    engine calls, read before and after."""
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in after if key[0] == component}
-    return _pool_step_batching([{"executions": sum(delta.values()),
-                                 "requests": sum(key[1] * n for key, n in delta.items()),
-                                 "inferences": sum(key[2] * n for key, n in delta.items())}])
+    return _pool_batching([{"executions": sum(delta.values()),
+                            "requests": sum(key[2] * n for key, n in delta.items()),
+                            "inferences": sum(key[3] * n for key, n in delta.items())}])
 
 
-def _pool_step_batching(items: list[dict[str, Any]]) -> dict[str, Any]:
+def _pool_batching(items: list[dict[str, Any]]) -> dict[str, Any]:
     executions, calls, samples = (sum(i[k] for i in items) for k in ("executions", "requests", "inferences"))
     return {"source": "metrics", "executions": executions, "requests": calls, "inferences": samples,
             "avg_requests_per_execution": calls / executions if executions else None,
             "avg_batch_samples": samples / executions if executions else None}
+
+
+def with_batching(stats: dict[str, Any] | None, batching: dict[str, Any]) -> dict[str, Any]:
+    """A model's Triton statistics with its batching taken from the core's counts: its entry model's own
+    executions (one request each) and batch sizes are not what the engines ran; its queue and compute times
+    per request (the entry's requests, as clients see them) stay."""
+    kept = {k: v for k, v in (stats or {}).items() if k.endswith("_ms_per_request")}
+    return {**kept, **batching}

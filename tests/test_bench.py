@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ti2i.benchmarks.backends import BACKENDS, RunRecord, register_backend
 from ti2i.benchmarks.harness import BenchConfig, run_benchmark
-from ti2i.benchmarks.sweep import derive_stats, raw_delta
+from ti2i.benchmarks.sweep import _core_batching, _counted_batching, derive_stats, raw_delta
 from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.runners import TritonRunner
@@ -94,6 +94,8 @@ def test_serving_overhead_and_single_unet_calls(bench):
 
 
 def test_concurrency_sweep_reads_server_statistics(bench):
+    """Triton's statistics of the UNet's entry model (one request an execution) keep their times per request;
+    its batching is what the engine core ran of those calls (each an [uncond, cond] pair)."""
     _, data = bench
     entry = data["methods"]["sdedit"]
     unet_calls = entry["summary"]["triton-grpc"]["stages"]["unet"]["calls_per_request"]
@@ -104,10 +106,13 @@ def test_concurrency_sweep_reads_server_statistics(bench):
         assert _positive(level["throughput_rps"]) and _positive(level["wall_s"])
         _check_stats(level["latency_s"])
         unet = level["server"]["unet"]
-        assert unet["requests"] == level["requests"] * unet_calls
-        assert unet["executions"] >= 1 and _positive(unet["avg_requests_per_execution"])
+        assert unet["source"] == "metrics" and unet["requests"] == level["requests"] * unet_calls, unet
+        assert unet["inferences"] == 2 * unet["requests"] and 1 <= unet["avg_requests_per_execution"] <= 2, unet
         assert _positive(unet["compute_infer_ms_per_request"])
-        assert sum(unet["executed_batch_sizes"].values()) == unet["executions"]
+    for run in sweep["rounds"][0]:
+        entry_model = run["raw_server"]["unet"]
+        assert entry_model["requests"] == run["requests"] * unet_calls
+        assert sum(entry_model["executed_batch_sizes"].values()) == entry_model["executions"]
     assert _positive(sweep["best_gain"])
 
 
@@ -122,10 +127,10 @@ def test_in_process_concurrency_sweep_runs_beside_the_served_ones(bench):
         assert _positive(level["throughput_rps"]) and level["server"] == {}
 
 
-def test_method_model_sweep_in_rounds_reads_the_processes_batching(tmp_path, cache):
+def test_method_model_sweep_in_rounds_reads_the_cores_batching(tmp_path, cache):
     """`triton-method` over 2 rounds of 1 and 2 clients: each level pools its rounds, its gain is the median of
-    the rounds' own gains, and the UNet batching comes from the method model's step metrics (PNDM: 2 UNet calls
-    a request, each an [uncond, cond] pair)."""
+    the rounds' own gains, and the UNet batching comes from the engine core's metrics (PNDM: 2 UNet calls a
+    request, each an [uncond, cond] pair)."""
     data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["ort", "triton-method"],
                                      concurrency=(1, 2), concurrency_backend="triton-method", concurrency_requests=3,
                                      concurrency_rounds=2, out=tmp_path / "results", cache=cache, repeats=1, warmup=1,
@@ -140,7 +145,7 @@ def test_method_model_sweep_in_rounds_reads_the_processes_batching(tmp_path, cac
         unet = level["server"]["unet"]
         assert unet["source"] == "metrics" and unet["requests"] == 2 * level["requests"], unet
         assert unet["inferences"] == 2 * unet["requests"] and 1 <= unet["avg_requests_per_execution"] <= 2, unet
-        cpu = level["cpu"]  # the server's processes and the benchmark's own, pooled over the rounds
+        cpu = level["cpu"]  # the server's and the benchmark's CPU time, pooled over the rounds
         assert cpu["tree_s"] == pytest.approx(sum(r["cpu"]["tree_s"] for r in runs)) and cpu["tree_s"] > cpu["own_s"]
         assert _positive(cpu["ms_per_request"]) and 0 < cpu["cores_busy"] <= sweep["cores"] + 0.5, cpu
     single, double = sweep["levels"]
@@ -226,6 +231,28 @@ def test_stats_delta_counts_batches():
     assert delta["avg_requests_per_execution"] == 2.0 and delta["avg_batch_samples"] == 4.0
     assert delta["executed_batch_sizes"] == {"2": 1, "4": 1, "6": 1}
     assert delta["queue_ms_per_request"] == pytest.approx(1.0)
+
+
+def test_batching_figures_from_the_cores_metrics_and_a_schedulers_counts():
+    """Both sources give the same figures: the core's counters summed over methods (its `component` label), a
+    scheduler's `executions` keyed by (model, samples by method, calls merged, samples)."""
+    def sample(name, value, model="core", component="unet", **labels):
+        return (name, frozenset({"model": model, "component": component, **labels}.items())), value
+
+    before = dict([sample("ti2i_executions_total", 4), sample("ti2i_merged_calls_total", 4),
+                   sample("ti2i_samples_total", 8, method="sdedit")])
+    after = dict([sample("ti2i_executions_total", 7), sample("ti2i_merged_calls_total", 9),
+                  sample("ti2i_samples_total", 14, method="sdedit"), sample("ti2i_samples_total", 4, method="component"),
+                  sample("ti2i_executions_total", 5, component="vae_decoder"),
+                  sample("ti2i_executions_total", 9, model="sd.core")])  # another family's core
+    from_metrics = _core_batching(before, after, "unet")
+    single = ("unet", (("sdedit", 2),), 1, 2)
+    counts = {single: 2, ("unet", (("", 2), ("sdedit", 2)), 2, 4): 1, ("unet", (("sdedit", 4),), 2, 4): 1,
+              ("vae_decoder", (("sdedit", 1),), 1, 1): 5}
+    from_counts = _counted_batching({single: 1}, counts, "unet")
+    for figures in (from_metrics, from_counts):
+        assert figures == {"source": "metrics", "executions": 3, "requests": 5, "inferences": 10,
+                           "avg_requests_per_execution": 5 / 3, "avg_batch_samples": 10 / 3}
 
 
 def test_settled_waits_for_counters_recorded_after_the_reply():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from ti2i.app.cli import build_parser, cmd_serve
 from ti2i.client.cli import main
 from ti2i.kubernetes import ADAPTER_VALUES, KUSTOMIZATION, QUEUE_METRIC, KubernetesSettings, dump, load, render
 
@@ -35,7 +37,7 @@ def test_custom_settings_render_valid_manifests(tmp_path, capsys):
     out = tmp_path / "overlay"
     assert main(["kubernetes", "--out", str(out), "--image", "registry.example.com/gen/ti2i:2.1.0",
                  "--families", "sd21,svd-xt,sdxl", "--min-replicas", "2", "--max-replicas", "9",
-                 "--queue-time-target-us", "20000", "--namespace", "gen", "--existing-claim",
+                 "--queue-wait-target-ms", "2500", "--namespace", "gen", "--existing-claim",
                  "--engines-claim", "shared-engines"]) == 0
     documents = resources(out)
     for document in documents:
@@ -60,34 +62,37 @@ def test_custom_settings_render_valid_manifests(tmp_path, capsys):
     (hpa,) = by_kind["HorizontalPodAutoscaler"]
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 9)
     metric = hpa["spec"]["metrics"][0]["pods"]
-    assert metric["metric"]["name"] == QUEUE_METRIC and metric["target"]["averageValue"] == "20000"
+    assert metric["metric"]["name"] == QUEUE_METRIC and metric["target"]["averageValue"] == "2500m"  # 2.5 s
     (rule,) = yaml.safe_load((out / ADAPTER_VALUES).read_text())["rules"]["custom"]
     assert rule["name"]["as"] == QUEUE_METRIC
-    assert "nv_inference_queue_duration_us" in rule["metricsQuery"]
-    assert "nv_inference_request_success" in rule["metricsQuery"]
+    # the mean wait per request: the cores' histogram sum over its count, both as rates
+    assert re.fullmatch(r"sum\(rate\(ti2i_queue_wait_seconds_sum\{.*\}\[1m\]\)\) by \(.*\) / "
+                        r"clamp_min\(sum\(rate\(ti2i_queue_wait_seconds_count\{.*\}\[1m\]\)\) by \(.*\), .*\)",
+                        rule["metricsQuery"]), rule["metricsQuery"]
     ports = {p["name"]: p["port"] for s in by_kind["Service"] for p in s["spec"]["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert by_kind["PodDisruptionBudget"][0]["spec"]["maxUnavailable"] == 1
 
 
 def test_the_container_command_runs_as_written(tmp_path):
-    """The pod's shell command, run with stand-ins for ti2i and tritonserver that record their arguments."""
+    """The pod's shell command, run with a stand-in for ti2i that records its arguments: `ti2i serve` as the CLI
+    parses it, the key from the Secret's variable."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("ti2i", "tritonserver"):
-        script = bin_dir / tool
-        script.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / tool}.args\n')
-        script.chmod(0o755)
+    script = bin_dir / "ti2i"
+    script.write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "ti2i.args"}\n')
+    script.chmod(0o755)
     (container,) = render(KubernetesSettings(families=("a", "b")))["deployment.yaml"][0]["spec"]["template"]["spec"][
         "containers"]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TI2I_API_KEY": "s3cret"}
     subprocess.run(container["command"], env=env, check=True, timeout=30)
-    ti2i_args = (tmp_path / "ti2i.args").read_text().split("\n")
-    assert ti2i_args[:6] == ["repository", "--engines", "a=/engines/a", "--engines", "b=/engines/b", "--out"]
-    triton_args = (tmp_path / "tritonserver.args").read_text().split("\n")
-    assert "--model-repository=/tmp/model_repository" in triton_args
-    restricted = [a for a in triton_args if "restricted" in a]
-    assert len(restricted) == 2 and all(a.endswith(":ti2i-api-key=s3cret") for a in restricted)
+    argv = (tmp_path / "ti2i.args").read_text().splitlines()
+    assert argv[:5] == ["serve", "--engines", "a=/engines/a", "--engines", "b=/engines/b"]
+    args = build_parser().parse_args(argv)
+    assert args.func is cmd_serve and not args.no_supervise
+    assert (args.api_key, args.host, args.repository) == ("s3cret", "0.0.0.0", "/tmp/model_repository")
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert {p["containerPort"] for p in container["ports"]} == {8000, 8001, 8002}
     assert "s3cret" not in yaml.safe_dump(container)  # the key comes from the Secret at run time only
 
 

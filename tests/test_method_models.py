@@ -10,12 +10,14 @@ requests get one clear error and the server keeps serving.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -402,7 +404,7 @@ BAD = [
     ("base64 of no image", dict(image=base64.b64encode(b"hello")), "neither an image file"),
     ("missing prompt", dict(prompt=None), "missing input 'prompt'"),
     ("strength out of range", dict(strength=1.5), "strength must be in (0.0, 1.0]"),
-    ("steps zero", dict(steps=0), "steps must be an integer"),
+    ("steps zero", dict(steps=0), "steps must be a positive integer"),
     ("unknown format", dict(format="bmp"), "format 'bmp' is not one of png"),
 ]
 
@@ -528,3 +530,37 @@ def test_work_over_the_server_ceiling_is_refused_and_the_server_serves_on(protoc
                    **{**_inputs("sdedit", example_image), "steps": 100000})
     assert _pixels(run_remote(url, METHODS["sdedit"], progress=False, stream=False,
                               **_inputs("sdedit", example_image))).shape == (48, 64, 3)
+
+
+def _hang_up_after(url: str, body: bytes, model: str, seconds: float) -> None:
+    """POST an infer request over plain HTTP, then leave before the answer (as a client whose timeout passed)."""
+    host, port = url.split(":")
+    with socket.create_connection((host, int(port)), timeout=seconds) as sock:
+        sock.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        with contextlib.suppress(socket.timeout):
+            sock.recv(1)
+
+
+def test_http_clients_that_hang_up_free_their_places(engines, example_image, tmp_path):
+    """Original failure: a client that sent a long SDEdit over HTTP and hung up after 3 s left its loop running
+    (Triton's HTTP frontend does not cancel a request whose connection closed), so the next good request timed
+    out while readiness said 200; nine such clients held every place. Now the HTTP guard cancels the request
+    in the engine core when its client leaves: the loops stop within a step and a good request is answered."""
+    repository = _sdedit_repository(engines, tmp_path, active=2, max_queue=8)
+    long = _json_body({**_inputs("sdedit", example_image), "steps": 900, "strength": 1.0, "height": 256,
+                       "width": 256})
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        with ThreadPoolExecutor(9) as pool:
+            list(pool.map(lambda _: _hang_up_after(server.http_url, json.dumps(long).encode(), "sdedit", 3.0),
+                          range(9)))
+        start = time.monotonic()
+        result = run_remote(server_url(server, "http"), METHODS["sdedit"], progress=False, stream=False,
+                            **_inputs("sdedit", example_image))
+        waited = time.monotonic() - start
+        stopped = len(re.findall(r"core: sdedit: cancelled at", server.log_path.read_text()))
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            assert client.is_server_ready()
+    assert _pixels(result).shape == (48, 64, 3)
+    assert waited < 30, waited  # the nine hung-up requests' 8100 steps at 256² take minutes
+    assert stopped >= 2, server.log_tail()  # the running loops stopped (the queued ones left the queue)

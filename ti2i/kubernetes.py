@@ -1,17 +1,18 @@
 """Kubernetes manifests for a ti2i deployment: plain YAML that `kubectl apply -k` applies as it is.
 
-`render` builds every document from `KubernetesSettings` (image, families, replica bounds, queue-time
+`render` builds every document from `KubernetesSettings` (image, families, replica bounds, queue-wait
 target, ...); `write` puts them in a folder with a `kustomization.yaml`. The folder
 `deploy/kubernetes/` is this module's output for the default settings (a test keeps it so), and
 `ti2i kubernetes --out DIR ...` writes one for other settings. Plain manifests rather than a Helm
 chart: they render and validate offline in Python (Helm is a Go binary, not on PyPI), a cluster
 applies them with nothing but kubectl's built-in kustomize, and an overlay can still patch them.
 
-What is in it: a Deployment of the Triton container (GPU request, engines on a read-only volume,
-startup/readiness/liveness probes on Triton's health endpoints, metrics scraped by Prometheus, the
-restricted-API key from a Secret), a Service for HTTP, gRPC and metrics plus a headless one for
-per-pod client balancing, a HorizontalPodAutoscaler on the mean queue time per request, a
-PodDisruptionBudget, and the Prometheus adapter rule that turns Triton's counters into that metric.
+What is in it: a Deployment of the container running `ti2i serve`, as a machine does (HTTP guard, supervisor,
+restricted APIs; GPU request, engines on a read-only volume, startup/readiness/liveness probes on Triton's
+health endpoints, metrics scraped by Prometheus, the restricted-API key from a Secret), a Service for HTTP,
+gRPC and metrics plus a headless one for per-pod client balancing, a HorizontalPodAutoscaler on the mean
+wait per request in the engine cores' queues, a PodDisruptionBudget, and the Prometheus adapter rule that
+turns the cores' queue-wait histogram into that metric.
 """
 
 from __future__ import annotations
@@ -26,14 +27,13 @@ import yaml
 
 from ti2i.errors import InvalidInputError
 from ti2i.families import check_family_name
-from ti2i.triton_models.server import API_KEY_ENV, API_KEY_HEADER  # the key `ti2i serve` expects, named once
+from ti2i.triton_models.core_metrics import QUEUE_WAIT  # the histogram the engine cores export
+from ti2i.triton_models.server import API_KEY_ENV  # the key `ti2i serve` reads, named once
 
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
-QUEUE_METRIC = "ti2i_queue_time_per_request_us"  # the custom metric the adapter rule serves to the HPA
-# Triton APIs only an operator needs take the key. Inference, health, metadata, model configs and the repository
-# index stay open: clients read the last two to find the model families (and with --model-control-mode=none the
-# repository API cannot load or unload anything). Shared memory only works on the server's own machine.
-RESTRICTED = "shared-memory,statistics,trace,logging"
+QUEUE_METRIC = "ti2i_queue_wait_per_request_seconds"  # the custom metric the adapter rule serves to the HPA
+REPOSITORY = "/tmp/model_repository"  # the engines volume is read-only: the repository goes to the emptyDir
+LOG = "/tmp/tritonserver.log"
 KUSTOMIZATION = "kustomization.yaml"
 ADAPTER_VALUES = "prometheus-adapter-values.yaml"
 
@@ -44,8 +44,8 @@ class KubernetesSettings:
     families: tuple[str, ...] = ("sd15", "svd")  # each served from /engines/<family> on the engines volume
     min_replicas: int = 1
     max_replicas: int = 4
-    # The HPA adds replicas while the mean queue time per request exceeds this (µs); see README's capacity note.
-    queue_time_target_us: int = 50_000
+    # The HPA adds replicas while the mean queue wait per request exceeds this (ms); see README's capacity note.
+    queue_wait_target_ms: int = 500
     gpus: int = 1
     cpu: str = "4"
     memory: str = "32Gi"
@@ -73,8 +73,8 @@ class KubernetesSettings:
         if not 1 <= self.min_replicas <= self.max_replicas:
             raise InvalidInputError(f"replica bounds must satisfy 1 <= min ({self.min_replicas}) <= max "
                                     f"({self.max_replicas})")
-        if self.queue_time_target_us <= 0 or self.gpus < 0 or self.startup_budget_s < 10:
-            raise InvalidInputError("queue-time target and startup budget must be positive, GPUs not negative")
+        if self.queue_wait_target_ms <= 0 or self.gpus < 0 or self.startup_budget_s < 10:
+            raise InvalidInputError("queue-wait target and startup budget must be positive, GPUs not negative")
         return self
 
 
@@ -90,14 +90,13 @@ def _meta(s: KubernetesSettings, name: str, **extra: Any) -> dict[str, Any]:
 
 
 def container_command(s: KubernetesSettings) -> str:
-    """Generate the repository of every family from the engines volume, then run the container's tritonserver."""
-    key = f"{API_KEY_HEADER}=${{{API_KEY_ENV}}}"  # expanded by the shell: the key never appears in the pod spec
-    lines = ["ti2i repository", *(f"--engines {f}=/engines/{f}" for f in s.families),
-             "--out /tmp/model_repository && exec tritonserver", "--model-repository=/tmp/model_repository",
-             "--model-control-mode=none --strict-readiness=true --exit-timeout-secs=30",
-             f"--http-port={HTTP_PORT} --grpc-port={GRPC_PORT} --metrics-port={METRICS_PORT}",
-             "--allow-metrics=true --allow-gpu-metrics=true",
-             f"--http-restricted-api={RESTRICTED}:{key}", f"--grpc-restricted-protocol={RESTRICTED}:{key}"]
+    """`ti2i serve` of every family on the engines volume, as on a machine: the container's tritonserver behind the
+    HTTP guard, supervised, its published ports on every address (Triton's own HTTP port on loopback)."""
+    key = f'"${{{API_KEY_ENV}}}"'  # expanded by the shell: the key never appears in the pod spec
+    lines = ["exec ti2i serve", *(f"--engines {f}=/engines/{f}" for f in s.families),
+             f"--repository {REPOSITORY} --log {LOG}",
+             f"--host 0.0.0.0 --http-port {HTTP_PORT} --grpc-port {GRPC_PORT} --metrics-port {METRICS_PORT}",
+             f"--api-key {key}"]
     return " \\\n  ".join(lines) + "\n"
 
 
@@ -134,7 +133,7 @@ def deployment(s: KubernetesSettings) -> dict[str, Any]:
         "spec": {
             "containers": [container],
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
-            "terminationGracePeriodSeconds": 45,  # Triton drains in-flight requests for --exit-timeout-secs
+            "terminationGracePeriodSeconds": 45,  # `ti2i serve` stops Triton (and its stubs) within 30 s
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "volumes": [{"name": "engines", "persistentVolumeClaim": {"claimName": s.engines_claim, "readOnly": True}},
                         {"name": "repository", "emptyDir": {}},
@@ -161,7 +160,7 @@ def services(s: KubernetesSettings) -> list[dict[str, Any]]:
 def autoscaler(s: KubernetesSettings) -> dict[str, Any]:
     metric = {"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
                                        "target": {"type": "AverageValue",
-                                                  "averageValue": str(s.queue_time_target_us)}}}
+                                                  "averageValue": f"{s.queue_wait_target_ms}m"}}}
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(s, s.name),
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": s.name},
                      "minReplicas": s.min_replicas, "maxReplicas": s.max_replicas, "metrics": [metric],
@@ -184,15 +183,18 @@ def engines_claim(s: KubernetesSettings) -> dict[str, Any]:
 
 
 def adapter_rule() -> dict[str, Any]:
-    """prometheus-adapter rule: mean queue time per request (µs) per pod, over the last minute."""
+    """prometheus-adapter rule: the mean wait of a method request in the engine cores' queues (seconds) per pod,
+    over the last minute, from the cores' histogram: what requests really wait, where Triton's own queue time
+    only sees the entry points' short hand-off to the core."""
     selector = "<<.LabelMatchers>>"
+    total, count = f"{QUEUE_WAIT}_sum", f"{QUEUE_WAIT}_count"
     return {
-        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
+        "seriesQuery": f'{total}{{namespace!="",pod!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_METRIC},
-        "metricsQuery": (f"sum(rate(nv_inference_queue_duration_us{{{selector}}}[1m])) by (<<.GroupBy>>) / "
-                         f"clamp_min(sum(rate(nv_inference_request_success{{{selector}}}[1m])) by (<<.GroupBy>>), "
-                         f"0.001)"),
+        "name": {"matches": f"^{total}$", "as": QUEUE_METRIC},
+        # summed over the pod's cores and methods; an idle pod (no requests) waits 0
+        "metricsQuery": (f"sum(rate({total}{{{selector}}}[1m])) by (<<.GroupBy>>) / "
+                         f"clamp_min(sum(rate({count}{{{selector}}}[1m])) by (<<.GroupBy>>), 0.001)"),
     }
 
 
@@ -248,8 +250,9 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated model families, each an engine directory /engines/NAME on the volume")
     p.add_argument("--min-replicas", type=int, default=d.min_replicas)
     p.add_argument("--max-replicas", type=int, default=d.max_replicas)
-    p.add_argument("--queue-time-target-us", type=int, default=d.queue_time_target_us,
-                   help="mean queue time per request the autoscaler holds (µs)")
+    p.add_argument("--queue-wait-target-ms", type=int, default=d.queue_wait_target_ms,
+                   help="mean wait per request in the engine cores' queues the autoscaler holds (ms; default "
+                        "%(default)s)")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per replica")
     p.add_argument("--namespace", default=None)
     p.add_argument("--engines-claim", default=d.engines_claim, help="PersistentVolumeClaim holding the engines")
@@ -260,7 +263,7 @@ def add_parser(sub: Any) -> None:
 def cmd_kubernetes(args: argparse.Namespace) -> int:
     settings = replace(KubernetesSettings(), image=args.image, families=_split(args.families),
                        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                       queue_time_target_us=args.queue_time_target_us, gpus=args.gpus, namespace=args.namespace,
+                       queue_wait_target_ms=args.queue_wait_target_ms, gpus=args.gpus, namespace=args.namespace,
                        engines_claim=args.engines_claim, create_claim=not args.existing_claim)
     for path in write(settings, args.out):
         print(f"wrote {path}")

@@ -7,18 +7,21 @@ Triton's queue, bounds how many run and wait (`core.Admission`). Requests follow
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ti2i.client.registry import get_method
 from ti2i import errors
-from ti2i.errors import ServerUnavailableError, Ti2iError
+from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
 from ti2i.triton_models.core_metrics import CoreMetrics
-from ti2i.triton_models.core_wire import CANCEL, COMPONENT, IMAGE_INPUTS, METHOD, REQUEST, component_tensor, read_envelope
+from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, IMAGE_INPUTS, METHOD, REQUEST, component_tensor,
+                                         read_envelope, read_secret)
 from ti2i.work_limits import WorkLimits
 
 
@@ -60,6 +63,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.name = args.get("model_name", "core")
+        self.secret = read_secret(Path(args["model_repository"]))
         settings = json.loads(params["options"])
         options = CoreOptions(**{**settings, "limits": WorkLimits(**settings.get("limits", {}))})
         budgets = json.loads(params["memory_budget"]) if params.get("memory_budget") else None
@@ -100,10 +104,13 @@ class TritonPythonModel:
 
     def _run(self, request: Any, sender: Any) -> Any:
         env = read_envelope(self._get(request, REQUEST).reshape(-1)[0])
+        if not hmac.compare_digest(str(env.get("secret", "")), self.secret):
+            raise InvalidInputError(f"{self.name} answers its entry points only: send the request to a method or "
+                                    f"component model")
         kind, name, token = env["kind"], env["name"], env["token"]
         if kind == CANCEL:
             self.core.cancel(token)
-            return None
+            return response(self.pb, {})
         if kind == METHOD:
             call = dict(env["call"])
             for image in IMAGE_INPUTS:

@@ -5,7 +5,9 @@ entry point that forwards its request by BLS to the family's one core model (`co
 which holds the engines once. The core's request is:
 
 - `request` (BYTES, one JSON object): ``kind`` (``method``, ``component`` or ``cancel``), ``name`` (the method
-  or component), ``token`` (the entry's name for this request, which a ``cancel`` names), and for a method
+  or component), ``token`` (this request's name, which a ``cancel`` names: the HTTP guard's `TOKEN_HEADER`
+  when it sent one, else the entry's), ``secret`` (the repository's, `SECRET_FILE` in the core's folder: the
+  core answers its entry points and the guard only, never a client that calls it by name), and for a method
   ``call`` (its parameters as the method's keywords), ``format``, ``outputs`` (the result outputs wanted),
   ``stream`` (send progress responses), ``preview_every`` and ``timeout_s`` (the client's own queue limit);
 - a method's image inputs as BYTES tensors under their own names (`IMAGE_INPUTS`);
@@ -19,12 +21,18 @@ the progress tensors of a stream, or the component's outputs.
 from __future__ import annotations
 
 import json
+import secrets
+from pathlib import Path
 from typing import Any
 
 from ti2i.client.registry import METHODS
 from ti2i.families import served_name
 
 CORE_MODEL = "core"
+SECRET_FILE = "secret"
+# The HTTP guard names each request it forwards (Triton forwards the header as a request parameter): when
+# its client hangs up, it cancels the request in the core by that name (Triton's HTTP frontend does not).
+TOKEN_HEADER = "ti2i-request-token"
 REQUEST = "request"
 METHOD, COMPONENT, CANCEL = "method", "component", "cancel"
 IMAGE_INPUTS = tuple(sorted({name for method in METHODS.values() for name in method.images}))
@@ -39,8 +47,24 @@ def component_tensor(component: str, tensor: str) -> str:
     return f"{component}.{tensor}"
 
 
-def envelope(kind: str, name: str, token: str, **fields: Any) -> bytes:
-    return json.dumps({"kind": kind, "name": name, "token": token, **fields}).encode()
+def core_of(model: str) -> str:
+    """The core of the family that serves `model` (``sd.sdedit`` -> ``sd.core``, ``sdedit`` -> ``core``)."""
+    family, dot, _ = model.rpartition(".")
+    return f"{family}{dot}{CORE_MODEL}"
+
+
+def write_secret(core_dir: Path) -> None:
+    path = core_dir / SECRET_FILE
+    path.write_text(secrets.token_hex(16))
+    path.chmod(0o600)
+
+
+def read_secret(core_dir: Path) -> str:
+    return (core_dir / SECRET_FILE).read_text().strip()
+
+
+def envelope(kind: str, name: str, token: str, secret: str, **fields: Any) -> bytes:
+    return json.dumps({"kind": kind, "name": name, "token": token, "secret": secret, **fields}).encode()
 
 
 def read_envelope(data: bytes) -> dict[str, Any]:

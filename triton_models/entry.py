@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,8 @@ from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
 from ti2i.triton_models.core_server import error_response, relayed_error, response
-from ti2i.triton_models.core_wire import (COMPONENT, CANCEL, METHOD, REQUEST, component_tensor, envelope)
+from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, METHOD, REQUEST, TOKEN_HEADER, component_tensor,
+                                         envelope, read_secret)
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
 from ti2i.triton_models.python_model import as_spec_rank
 from ti2i.spec import as_float32
@@ -53,6 +55,7 @@ class _Entry:
         params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.name = args.get("model_name", "")
         self.core = params["core"]
+        self.secret = read_secret(Path(args["model_repository"]).parent / self.core)
         self.threads: set[threading.Thread] = set()
         return params
 
@@ -109,12 +112,12 @@ class MethodEntry(_Entry):
 
         call, fmt = read_request(self.method, get)
         images = {name: call.pop(name) for name in self.method.images if name in call}
-        token = uuid.uuid4().hex
+        token = self._token(request)
         stream = self.decoupled
         wanted = self._wanted(request)
         every = get("preview_every")
         timeout_s = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0
-        request_env = envelope(METHOD, self.method.name, token, call=call, format=fmt, outputs=wanted, stream=stream,
+        request_env = envelope(METHOD, self.method.name, token, self.secret, call=call, format=fmt, outputs=wanted, stream=stream,
                                preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0,
                                timeout_s=timeout_s)
         tensors = {REQUEST: np.array([request_env], dtype=object),
@@ -146,12 +149,22 @@ class MethodEntry(_Entry):
     def _cancel_in_core(self, token: str) -> None:
         def send() -> None:
             try:
-                for _ in self._core_responses({REQUEST: np.array([envelope(CANCEL, "", token)], dtype=object)}, []):
+                cancel = envelope(CANCEL, "", token, self.secret)
+                for _ in self._core_responses({REQUEST: np.array([cancel], dtype=object)}, []):
                     pass
             except Exception as err:  # the core went away: its loops went with it
                 self.pb.Logger.log_warn(f"{self.name}: could not cancel in the core: {err}")
 
         threading.Thread(target=send, daemon=True, name=f"{self.name}-cancel").start()
+
+    @staticmethod
+    def _token(request: Any) -> str:
+        """The HTTP guard's name for the request (its `TOKEN_HEADER`, which it cancels by), else a fresh one."""
+        try:
+            token = json.loads(request.parameters() or "{}").get(TOKEN_HEADER)
+        except (ValueError, AttributeError):
+            token = None
+        return token if isinstance(token, str) and len(token) == 32 else uuid.uuid4().hex
 
     def _wanted(self, request: Any) -> list[str]:
         """The result outputs the request names; encoded and encoded_base64 when it names none (base64 alone
@@ -184,8 +197,8 @@ class ComponentEntry(_Entry):
                 raise InvalidInputError(f"{self.component}: missing input {tensor.name!r}")
             inputs[tensor.name] = as_spec_rank(self.spec, tensor.name, value.as_numpy())
         wanted = list(request.requested_output_names()) or [t.name for t in self.spec.outputs]
-        tensors = {REQUEST: np.array([envelope(COMPONENT, self.component, uuid.uuid4().hex, outputs=wanted)],
-                                     dtype=object),
+        tensors = {REQUEST: np.array([envelope(COMPONENT, self.component, uuid.uuid4().hex, self.secret,
+                                               outputs=wanted)], dtype=object),
                    **{component_tensor(self.component, k): v for k, v in as_float32(inputs).items()}}
         for core_response in self._core_responses(tensors, [component_tensor(self.component, n) for n in wanted]):
             out = self._outputs(core_response)

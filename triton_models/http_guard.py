@@ -15,7 +15,12 @@ itself, before reading the body:
   keeps working, but libevhtp no longer parses the body);
 * 411 to a chunked request body (the Triton clients never send one; its length is unknown);
 * 431 to a request head over 1 MiB;
-* 503 when Triton is not reachable (it is being restarted): clients see UNAVAILABLE.
+* 503 when Triton is not reachable (it is being restarted): clients see UNAVAILABLE;
+* a client that hangs up before its answer has its request cancelled: Triton's HTTP frontend keeps running
+  a request whose connection closed, so the guard names each inference request it forwards (the
+  `core_wire.TOKEN_HEADER` header, which Triton forwards to the model as a request parameter) and, when the
+  client leaves, asks the family's engine core to cancel the request of that name (with the repository's
+  secret, `--repository`): its loop stops at its next step, or it leaves the queue.
 
 Bytes are streamed through (no body is held whole); one upstream connection per client
 connection keeps keep-alive and response order. Run as ``python -m ti2i.triton_models.http_guard
@@ -29,15 +34,26 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
+import uuid
+from pathlib import Path
+
+from ti2i.triton_models.core_wire import CANCEL, REQUEST, TOKEN_HEADER, core_of, envelope, read_secret
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # also the streams' buffer size: larger reads, fewer copies
 _COPY_CHUNK = 1024 * 1024
+HANGUP_POLL_S = 0.05  # how often a request waiting for its answer looks whether its client is still there
+_INFERENCE_PATH = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)(?:\?.*)?$")
 _REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large", 400: "Bad Request", 502: "Bad Gateway",
             503: "Service Unavailable"}
+
+
+class _HungUp(Exception):
+    """The client left before its answer."""
 
 
 class _Refused(Exception):
@@ -143,10 +159,50 @@ class HttpGuard:
     """The guard's server: ``await HttpGuard(...).serve()``."""
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, repository: Path | None = None):
         self.listen = listen
         self.upstream = upstream
         self.max_body_bytes = int(max_body_bytes)
+        self.repository = repository  # where the engine cores' secrets are (None: no cancelling)
+
+    def _core_secret(self, model: str) -> str | None:
+        if self.repository is None:
+            return None
+        try:
+            return read_secret(self.repository / core_of(model))
+        except OSError:
+            return None  # not a model of a ti2i family: nothing to cancel in
+
+    async def _await_reply(self, up_reader: asyncio.StreamReader, reader: asyncio.StreamReader,
+                           cancel: tuple[str, str, str] | None) -> bytes | None:
+        """Triton's response head; if the client hangs up first, its request is cancelled (`cancel`: the
+        family's core, the request's token, the core's secret) and _HungUp raised."""
+        reply = asyncio.ensure_future(_read_head(up_reader))
+        try:
+            while True:
+                done, _ = await asyncio.wait({reply}, timeout=HANGUP_POLL_S)
+                if done:
+                    return reply.result()
+                if cancel is not None and (reader.at_eof() or reader.exception() is not None):
+                    await self._cancel(*cancel)
+                    raise _HungUp()
+        finally:
+            if not reply.done():
+                reply.cancel()
+
+    async def _cancel(self, core: str, token: str, secret: str) -> None:
+        """Ask the engine core to cancel the request `token` names (Triton's generate endpoint, on loopback)."""
+        body = json.dumps({REQUEST: envelope(CANCEL, "", token, secret).decode()}).encode()
+        head = (f"POST /v2/models/{core}/generate HTTP/1.1\r\nHost: {self.upstream[0]}\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        with contextlib.suppress(Exception):  # the server is going away: so are its loops
+            r, w = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5)
+            try:
+                w.write(head + body)
+                await w.drain()
+                await asyncio.wait_for(r.read(), 5)
+            finally:
+                w.close()
 
     def _check(self, start: str, headers: list[tuple[str, str]]) -> int:
         """The body length of an acceptable request; raises _Refused otherwise."""
@@ -178,7 +234,13 @@ class HttpGuard:
                 method, _, version = start.split(" ")
                 if (_one(headers, "expect") or "").lower() == "100-continue":
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                kept = [(k, v) for k, v in headers if k != "expect" and not _is_form(k, v)]
+                kept = [(k, v) for k, v in headers if k not in ("expect", TOKEN_HEADER) and not _is_form(k, v)]
+                cancel = None
+                target = _INFERENCE_PATH.match(start.split(" ")[1]) if method == "POST" else None
+                secret = self._core_secret(target.group(1)) if target else None
+                if target and secret:
+                    cancel = (core_of(target.group(1)), uuid.uuid4().hex, secret)
+                    kept.append((TOKEN_HEADER, cancel[1]))
                 out_head = start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in kept) + "\r\n"
                 if up_writer is None:
                     try:
@@ -191,7 +253,7 @@ class HttpGuard:
                 await _copy(reader, up_writer, length)
                 close = version == "HTTP/1.0" or (_one(headers, "connection") or "").lower() == "close"
                 try:
-                    resp_head = await _read_head(up_reader)
+                    resp_head = await self._await_reply(up_reader, reader, cancel)
                 except (_Refused, ConnectionError):
                     resp_head = None
                 if resp_head is None:
@@ -213,7 +275,7 @@ class HttpGuard:
                 await writer.drain()
                 if close or (_one(resp_headers, "connection") or "").lower() == "close":
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, _Refused):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, _Refused, _HungUp):
             return  # a peer went away or broke the protocol: drop this connection only
         finally:
             for w in (up_writer, writer):
@@ -240,8 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, type=_address, help="HOST:PORT clients connect to")
     parser.add_argument("--upstream", required=True, type=_address, help="Triton's own HTTP HOST:PORT")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="the model repository (its engine cores' secrets): cancel the requests of clients that "
+                             "hang up")
     args = parser.parse_args(argv)
-    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes)
+    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository)
     loop = asyncio.new_event_loop()
     task = loop.create_task(guard.serve())
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,7 +26,7 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, ComponentSpec, TensorSpec
-from ti2i.triton_models.core_wire import core_name
+from ti2i.triton_models.core_wire import core_name, write_secret
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 ENTRY_FILE = Path(__file__).with_name("component_model.py")
@@ -230,6 +230,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         methods = list(methods)
         _write_model(out / core_name(family), core_config(manifest, specs, methods, core_options, budgets, family),
                      CORE_FILE)
+        write_secret(out / core_name(family))
         write_method_models(out, manifest, methods, family=family)
     elif methods:
         raise InvalidInputError("method models are served through an engine core: give core_options")

@@ -1,16 +1,20 @@
-"""Launcher for the Triton Inference Server bundled in the ``nvidia-pytriton`` wheel.
+"""Launcher for the Triton Inference Server: the machine's own, else the one bundled in ``nvidia-pytriton``.
 
-The wheel ships a complete Triton 2.51 (``pytriton/tritonserver/bin/tritonserver``), its python
-backend, one python-backend stub per Python version and the shared libraries they need
-(``nvidia_pytriton.libs/``). This module lays those out the way Triton expects and runs the
-server as a child process:
+A ``tritonserver`` on ``PATH`` (a Triton installation, e.g. NVIDIA's container with
+``/opt/tritonserver/bin``) runs with that installation's own backends, so that one image serves
+with the Triton (and GPU backends) it ships. Without one, the ``nvidia-pytriton`` wheel's complete
+Triton 2.51 (``pytriton/tritonserver/bin/tritonserver``) is used: its python backend, one
+python-backend stub per Python version and the shared libraries they need
+(``nvidia_pytriton.libs/``), laid out here the way Triton expects. Either way the server runs as a
+child process:
 
-* bound to ``127.0.0.1`` on its gRPC, HTTP and metrics ports (free ports are picked when none
-  are given), ``--model-control-mode=none``, ``--strict-readiness``;
-* ``LD_LIBRARY_PATH`` starting with ``nvidia_pytriton.libs`` (and the running interpreter's
-  ``libpython`` folder), ``PATH`` starting with the running interpreter's ``bin`` folder, so the
-  python-backend stub runs this virtualenv's Python and a model's ``model.py`` can import
-  ``ti2i``, numpy and onnxruntime;
+* its gRPC, HTTP and metrics ports bound to ``host`` (``127.0.0.1`` by default; free ports are
+  picked when none are given), ``--strict-readiness``; behind the HTTP guard Triton's own HTTP port
+  stays on loopback whatever ``host`` is;
+* for the bundled Triton, ``LD_LIBRARY_PATH`` starting with ``nvidia_pytriton.libs`` (and the
+  running interpreter's ``libpython`` folder); ``PATH`` starting with the running interpreter's
+  ``bin`` folder, so the python-backend stub runs this virtualenv's Python and a model's
+  ``model.py`` can import ``ti2i``, numpy and onnxruntime;
 * stdout and stderr written to a log file (never a pipe that could fill up);
 * readiness awaited on ``/v2/health/ready``; a server that exits or does not become ready in
   time raises :class:`ti2i.errors.ServerUnavailableError` carrying the tail of its log;
@@ -56,6 +60,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from ti2i.errors import ModelNotFoundError, ServerUnavailableError
+from ti2i.triton_models.core_wire import TOKEN_HEADER
 
 __all__ = [
     "API_KEY_ENV",
@@ -63,8 +68,11 @@ __all__ = [
     "RESTRICTED_APIS",
     "ServerPorts",
     "TritonServer",
+    "backend_dir_for",
+    "bundled_tritonserver",
     "find_free_ports",
     "find_tritonserver",
+    "is_bundled",
     "prepare_backend_dir",
     "serve_forever",
 ]
@@ -117,6 +125,25 @@ def _libs_dir() -> Path:
 
 
 def find_tritonserver() -> Path:
+    """The ``tritonserver`` on ``PATH``, else the one bundled in ``nvidia-pytriton``: a machine with its
+    own Triton (NVIDIA's container) serves with it and its GPU backends, one without uses the wheel's.
+
+    Raises:
+        ModelNotFoundError: no ``tritonserver`` on ``PATH`` and none bundled.
+    """
+    found = shutil.which("tritonserver")
+    return Path(found).absolute() if found else bundled_tritonserver()
+
+
+def is_bundled(binary: Path) -> bool:
+    """Whether ``binary`` is the wheel's (which needs its libraries and python backend laid out)."""
+    try:
+        return Path(binary).resolve() == bundled_tritonserver().resolve()
+    except ModelNotFoundError:
+        return False
+
+
+def bundled_tritonserver() -> Path:
     """Path of the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel.
 
     Raises:
@@ -225,12 +252,22 @@ def prepare_backend_dir(cache_dir: Path | None = None) -> Path:
     return root
 
 
+def backend_dir_for(binary: Path) -> Path | None:
+    """The ``--backend-directory`` for ``binary``: the bundled python backend laid out by
+    :func:`prepare_backend_dir` for the wheel's binary, else the installation's own ``backends`` beside its
+    ``bin`` folder (``None``: Triton's built-in default)."""
+    if is_bundled(binary):
+        return prepare_backend_dir()
+    own = Path(binary).resolve().parent.parent / "backends"
+    return own if own.is_dir() else None
+
+
 # --------------------------------------------------------------------------- ports
 
 
 @dataclass(frozen=True)
 class ServerPorts:
-    """The three ports a Triton server listens on (all bound to 127.0.0.1)."""
+    """The three ports a Triton server publishes (bound to its ``host``)."""
 
     grpc: int
     http: int
@@ -360,18 +397,20 @@ def _read_tail(path: Path, nbytes: int = _LOG_TAIL_BYTES, scan_bytes: int = 256 
     return "\n".join(parts)
 
 
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for ``tritonserver``: bundled libraries first on ``LD_LIBRARY_PATH``, this
-    interpreter's ``bin`` folder first on ``PATH`` (the stub runs the Python found there)."""
+def server_env(base: dict[str, str] | None = None, bundled: bool = True) -> dict[str, str]:
+    """Environment for ``tritonserver``: for the bundled one, its libraries first on ``LD_LIBRARY_PATH``
+    (an installed Triton finds its own); this interpreter's ``bin`` folder first on ``PATH`` (the stub
+    runs the Python found there)."""
     env = dict(os.environ if base is None else base)
-    lib_dirs = [str(_libs_dir())]
-    # The stub links libpython3.X.so; prefer the running interpreter's own copy when it has one.
-    libdir = sysconfig.get_config_var("LIBDIR")
-    soname = sysconfig.get_config_var("INSTSONAME")
-    if libdir and soname and sysconfig.get_config_var("Py_ENABLE_SHARED") and (Path(libdir) / soname).exists():
-        lib_dirs.append(str(libdir))
-    old_ld = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in lib_dirs]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + old_ld)
+    if bundled:
+        lib_dirs = [str(_libs_dir())]
+        # The stub links libpython3.X.so; prefer the running interpreter's own copy when it has one.
+        libdir = sysconfig.get_config_var("LIBDIR")
+        soname = sysconfig.get_config_var("INSTSONAME")
+        if libdir and soname and sysconfig.get_config_var("Py_ENABLE_SHARED") and (Path(libdir) / soname).exists():
+            lib_dirs.append(str(libdir))
+        old_ld = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p not in lib_dirs]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + old_ld)
     old_path = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p]
     if sys.executable:
         bin_dir = str(Path(sys.executable).parent)
@@ -395,7 +434,8 @@ class TritonServer:
         extra_args: more ``tritonserver`` arguments, e.g.
             ``["--backend-config=python,shm-default-byte-size=67108864", "--log-verbose=1"]``.
         startup_timeout_s: how long :meth:`start` waits for ``/v2/health/ready``.
-        backend_dir: backend directory; default :func:`prepare_backend_dir()`.
+        backend_dir: backend directory; default :func:`backend_dir_for` the binary
+            :func:`find_tritonserver` finds.
         exit_timeout_s: ``--exit-timeout-secs``: after SIGTERM, how long Triton waits for
             in-flight requests and open HTTP keep-alive connections before unloading its models
             (Triton's default, 30 s, makes every stop with a connected HTTP client take 30 s).
@@ -410,6 +450,8 @@ class TritonServer:
             and restart a server that died (:class:`ti2i.triton_models.supervisor.Supervisor`).
             Implies ``--model-control-mode=explicit`` with every model loaded at start (the
             repository API stays restricted to the key).
+        host: the address the published ports (gRPC, metrics, and HTTP: the guard's) bind to, e.g.
+            ``0.0.0.0`` in a container; Triton's own HTTP port behind the guard stays on loopback.
 
     Each server gets its own python-backend shared-memory prefix
     (``--backend-config=python,shm-region-prefix-name=...``, unless ``extra_args`` sets one) so that
@@ -430,6 +472,7 @@ class TritonServer:
         http_guard: bool = True,
         max_http_body_bytes: int | None = None,
         supervise: bool = False,
+        host: str = HOST,
     ) -> None:
         self.model_repository = Path(model_repository).expanduser().resolve()
         self._fixed_ports = ports
@@ -457,6 +500,8 @@ class TritonServer:
         self.supervisor = None  # the Supervisor while supervise=True and started
         self._triton_http: int | None = None  # Triton's own HTTP port (behind the guard)
         self._guard: subprocess.Popen | None = None
+        self.host = host
+        self.binary: Path | None = None  # the tritonserver started (found at start)
 
     # ----- properties
 
@@ -467,17 +512,28 @@ class TritonServer:
         return self._ports
 
     @property
+    def _connect_host(self) -> str:
+        """Where this machine reaches the published ports (a wildcard bind is reached on loopback)."""
+        return HOST if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def _triton_http_host(self) -> str:
+        return HOST if self.http_guard else self.host
+
+    @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.ports.grpc}"
+        return f"{self._connect_host}:{self.ports.grpc}"
 
     @property
     def http_url(self) -> str:
-        return f"{HOST}:{self.ports.http}"
+        return f"{self._connect_host}:{self.ports.http}"
 
     @property
     def triton_http_url(self) -> str:
         """Triton's own HTTP address: the guard's upstream (the same as :attr:`http_url` unguarded)."""
-        return f"{HOST}:{self._triton_http or self.ports.http}"
+        if self.http_guard:
+            return f"{HOST}:{self._triton_http or self.ports.http}"
+        return self.http_url
 
     @property
     def api_headers(self) -> dict[str, str]:
@@ -487,7 +543,7 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports.metrics}/metrics"
+        return f"http://{self._connect_host}:{self.ports.metrics}/metrics"
 
     @property
     def log_path(self) -> Path:
@@ -512,7 +568,7 @@ class TritonServer:
     def _has_arg(self, flag: str) -> bool:
         return any(a == flag or a.startswith(flag + "=") for a in self.extra_args)
 
-    def command(self, ports: ServerPorts, backend_dir: Path) -> list[str]:
+    def command(self, ports: ServerPorts, backend_dir: Path | None) -> list[str]:
         """The full ``tritonserver`` command line."""
         http_port = self._triton_http or ports.http
         defaults = []
@@ -528,23 +584,25 @@ class TritonServer:
             defaults.append(f"--exit-timeout-secs={self.exit_timeout_s}")
         if self._user_shm_prefix() is None:
             defaults.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
+        if backend_dir is not None:
+            defaults.append(f"--backend-directory={backend_dir}")
         return [
-            str(find_tritonserver()),
+            str(self.binary or find_tritonserver()),
             f"--model-repository={self.model_repository}",
-            f"--backend-directory={backend_dir}",
             "--strict-readiness=true",
             "--exit-on-error=true",
             "--allow-grpc=true",
-            f"--grpc-address={HOST}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={ports.grpc}",
             "--allow-http=true",
-            f"--http-address={HOST}",
+            f"--http-address={self._triton_http_host}",
             f"--http-port={http_port}",
             "--allow-metrics=true",
-            f"--metrics-address={HOST}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={ports.metrics}",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
+            f"--http-header-forward-pattern={TOKEN_HEADER}",  # the guard's request names (http_guard.py)
             *defaults,
             *self.extra_args,
         ]
@@ -564,7 +622,8 @@ class TritonServer:
                 return self
             if not self.model_repository.is_dir():
                 raise ModelNotFoundError(f"model repository {self.model_repository} is not a folder")
-            backend_dir = Path(self._backend_dir) if self._backend_dir else prepare_backend_dir()
+            self.binary = find_tritonserver()
+            backend_dir = self._backend_directory()
             attempts = _PORT_RETRIES
             for attempt in range(1, attempts + 1):
                 ports = self._fixed_ports or _pick_ports()
@@ -599,10 +658,13 @@ class TritonServer:
                     raise
             raise AssertionError("unreachable")  # pragma: no cover
 
-    def _launch(self, ports: ServerPorts, backend_dir: Path) -> None:
+    def _backend_directory(self) -> Path | None:
+        return Path(self._backend_dir) if self._backend_dir else backend_dir_for(self.binary or find_tritonserver())
+
+    def _launch(self, ports: ServerPorts, backend_dir: Path | None) -> None:
         self._ports = ports
         cmd = self.command(ports, backend_dir)
-        env = server_env()
+        env = server_env(bundled=is_bundled(Path(cmd[0])))
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log_path, "wb") as log:
             log.write(("# " + " ".join(cmd) + "\n").encode())
@@ -633,8 +695,9 @@ class TritonServer:
         accepts connections."""
         if self._guard is not None and self._guard.poll() is None:
             return
-        cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={HOST}:{self.ports.http}",
-               f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}"]
+        cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={self.host}:{self.ports.http}",
+               f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}",
+               f"--repository={self.model_repository}"]
         with open(self.guard_log_path, "ab") as log:
             self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True, close_fds=True,
@@ -644,7 +707,8 @@ class TritonServer:
             if self._guard.poll() is not None:
                 raise ServerUnavailableError(f"the HTTP guard exited with code {self._guard.returncode} "
                                              f"(port {self.ports.http} taken?); log {self.guard_log_path}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.ports.http), timeout=1):
+            with contextlib.suppress(OSError), socket.create_connection((self._connect_host, self.ports.http),
+                                                                          timeout=1):
                 return
             time.sleep(0.05)
         raise ServerUnavailableError(f"the HTTP guard did not listen on {self.http_url} within 30 s")
@@ -670,8 +734,7 @@ class TritonServer:
         with self._lock:
             self._fixed_ports = self._ports
             self._stop_triton()
-            backend_dir = Path(self._backend_dir) if self._backend_dir else prepare_backend_dir()
-            self._launch(self.ports, backend_dir)
+            self._launch(self.ports, self._backend_directory())
             self._wait_ready()
             self.protect_shm_regions()
             if self.http_guard and not self.guard_alive():
@@ -838,12 +901,18 @@ def serve_forever(server: TritonServer, out: IO[str] | None = None) -> int:
     if server.supervise and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="ti2i serve: %(message)s")
     try:
+        binary = find_tritonserver()
+        source = "bundled in nvidia-pytriton" if is_bundled(binary) else "found on PATH"
+        print(f"Starting {binary} ({source})...", file=out, flush=True)
         try:
             server.start()
         except _StartupAborted:
             print("Interrupted while the Triton server was starting; stopped it.", file=out, flush=True)
             return 0
         print(f"Triton server ready (pid {server.pid}, models from {server.model_repository})", file=out)
+        if server.host != HOST:
+            print(f"  listening on {server.host} (Triton's own HTTP port on {HOST}, behind the guard)"
+                  if server.http_guard else f"  listening on {server.host}", file=out)
         print(f"  gRPC    {server.grpc_url}", file=out)
         guard = f" (guarded: bodies up to {server.max_http_body_bytes} bytes)" if server.http_guard else ""
         print(f"  HTTP    http://{server.http_url}{guard}", file=out)

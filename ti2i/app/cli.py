@@ -134,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     server = TritonServer(repository, ports=ports, log_path=args.log, api_key=args.api_key,
                           restricted_apis=[a for a in RESTRICTED_APIS if a not in opened],
-                          max_http_body_bytes=int(args.http_max_body_mb * 1024 * 1024), supervise=not args.no_supervise)
+                          max_http_body_bytes=int(args.http_max_body_mb * 1024 * 1024), supervise=not args.no_supervise,
+                          host=args.host)
     return serve_forever(server)
 
 
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--repository", default=None, help="where to write the repository "
                                                               "(default: ENGINES/model_repository)")
+            p.add_argument("--host", default="127.0.0.1",
+                           help="address the published ports bind to, e.g. 0.0.0.0 in a container (Triton's own "
+                                "HTTP port stays on loopback behind the guard; default %(default)s)")
             p.add_argument("--grpc-port", type=int, default=8001)
             p.add_argument("--http-port", type=int, default=8000)
             p.add_argument("--metrics-port", type=int, default=8002)
