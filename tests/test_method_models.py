@@ -21,6 +21,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -564,3 +566,19 @@ def test_http_clients_that_hang_up_free_their_places(engines, example_image, tmp
     assert _pixels(result).shape == (48, 64, 3)
     assert waited < 30, waited  # the nine hung-up requests' 8100 steps at 256² take minutes
     assert stopped >= 2, server.log_tail()  # the running loops stopped (the queued ones left the queue)
+
+
+@pytest.mark.parametrize("name,value", [("seed", 2**64), ("seed", 2**63), ("steps", 2**63)])
+def test_integers_out_of_int64_are_a_client_error(name, value, method_server, example_image):
+    """Original failure: Triton's JSON parser answers a number an INT64 cannot hold with 500 ("Unable to parse
+    'data'"); it is the client's fault, so the guard answers 400 with the same message, and the server serves on."""
+    body = _json_body({**_inputs("sdedit", example_image), "steps": 2})
+    body["inputs"] = [i for i in body["inputs"] if i["name"] != name]
+    body["inputs"].append({"name": name, "shape": [1], "datatype": "INT64", "data": [value]})
+    request = urllib.request.Request(f"http://{method_server.http_url}/v2/models/sdedit/infer",
+                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=60)
+    assert info.value.code == 400 and "Unable to parse 'data'" in info.value.read().decode()
+    with httpclient.InferenceServerClient(method_server.http_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("sdedit")

@@ -16,6 +16,7 @@ itself, before reading the body:
 * 411 to a chunked request body (the Triton clients never send one; its length is unknown);
 * 431 to a request head over 1 MiB;
 * 503 when Triton is not reachable (it is being restarted): clients see UNAVAILABLE;
+* 400, not Triton's 500, when Triton's JSON parser refuses the request body (a client error);
 * a client that hangs up before its answer has its request cancelled: Triton's HTTP frontend keeps running
   a request whose connection closed, so the guard names each inference request it forwards (the
   `core_wire.TOKEN_HEADER` header, which Triton forwards to the model as a request parameter) and, when the
@@ -45,6 +46,10 @@ from ti2i.triton_models.core_wire import CANCEL, REQUEST, TOKEN_HEADER, core_of,
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # also the streams' buffer size: larger reads, fewer copies
 _COPY_CHUNK = 1024 * 1024
+# Triton 2.51 answers a request body its JSON parser refuses (a number an INT64 cannot hold, say) with 500:
+# the guard makes it the 400 it is.
+_PARSE_ERROR = b'"error":"Unable to parse '
+_SMALL_BODY = 64 * 1024
 HANGUP_POLL_S = 0.05  # how often a request waiting for its answer looks whether its client is still there
 _INFERENCE_PATH = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)(?:\?.*)?$")
 _REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
@@ -260,15 +265,23 @@ class HttpGuard:
                     _reply(writer, 502, "the Triton server closed the connection without a reply")
                     await writer.drain()
                     return
-                _, resp_headers = _parse_head(resp_head[:-4])
-                writer.write(resp_head)
-                if method == "HEAD" or resp_head.startswith((b"HTTP/1.1 204", b"HTTP/1.1 304")):
-                    pass
+                status, resp_headers = _parse_head(resp_head[:-4])
+                length = _one(resp_headers, "content-length")
+                if status.startswith("HTTP/1.1 500") and length is not None and int(length) <= _SMALL_BODY:
+                    body = await up_reader.readexactly(int(length))
+                    if _PARSE_ERROR in body:  # the request's JSON, not the server: a client error
+                        resp_head = b"HTTP/1.1 400 Bad Request" + resp_head[resp_head.index(b"\r\n"):]
+                    writer.write(resp_head + body)
+                elif method == "HEAD" or resp_head.startswith((b"HTTP/1.1 204", b"HTTP/1.1 304")):
+                    writer.write(resp_head)
                 elif (_one(resp_headers, "transfer-encoding") or "").lower() == "chunked":
+                    writer.write(resp_head)
                     await _copy_chunked(up_reader, writer)
-                elif _one(resp_headers, "content-length") is not None:
+                elif length is not None:
+                    writer.write(resp_head)
                     await _copy(up_reader, writer, _content_length(resp_headers))
                 else:  # delimited by the end of the connection
+                    writer.write(resp_head)
                     while data := await up_reader.read(_COPY_CHUNK):
                         writer.write(data)
                     close = True
