@@ -83,7 +83,7 @@ def cyclediffusion(
     if source_prompt is None:
         raise InvalidInputError("CycleDiffusion needs a source prompt that describes the input image")
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
-    shared.check_steps(steps)
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, "unet"))
     shared.check_finite(guidance=guidance, source_guidance=source_guidance, eta=eta)
     if not eta > 0:
         raise InvalidInputError(f"eta must be > 0 for CycleDiffusion (the DPM-Encoder divides by σ_t), got {eta}")
@@ -107,7 +107,7 @@ def cyclediffusion(
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
 
     # 5. Latents: both chains start from the same noised sample of the posterior
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     with timings.stage("encode_image"):
         mean, logvar = shared.encode_image(runner, pixels)
     clean_latents = pipeline["vae_scaling_factor"] * shared.sample_posterior(mean, logvar, generator)

@@ -58,13 +58,12 @@ def ddib(
     timings = Timings()
     runner = runner.for_method("ddib")
     pipeline = runner.pipeline
-    facts = shared.unet_facts(pipeline, UNET)
 
     # 1. Check inputs
     if source_prompt is None:
         raise InvalidInputError("DDIB needs a source prompt that describes the input image")
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
-    shared.check_steps(steps, at_most=facts["scheduler"].get("num_train_timesteps", 1000))
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, source_guidance=source_guidance)
     pil = load_image(image, max_pixels)
     source_cfg, target_cfg = source_guidance > 1.0, guidance > 1.0

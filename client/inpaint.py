@@ -54,7 +54,7 @@ def inpaint(
         raise InvalidInputError(f"inpainting needs a {UNET_CHANNELS}-channel inpainting UNet (latent ‖ mask ‖ "
                                 f"masked-image latent); {UNET!r} of these engines has {channels} input channels")
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
-    shared.check_steps(steps, at_most=facts["scheduler"].get("num_train_timesteps", 1000))
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, eta=eta)
     pil = load_image(image, max_pixels)
     mask_pil = load_image(mask, max_pixels, what="mask", convert_rgb=False)
@@ -82,7 +82,7 @@ def inpaint(
         mean, logvar = shared.encode_pixels(runner, batch)
 
     # 5. Latents: pure noise × the initial sigma, or the image latent noised at the first timestep
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     scaling = pipeline["vae_scaling_factor"]
     if is_strength_max:
         latents = shared.noise_like(mean[:1], generator) * scheduler.init_noise_sigma

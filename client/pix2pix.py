@@ -40,7 +40,7 @@ def pix2pix(
     pipeline = runner.pipeline
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)
-    shared.check_steps(steps)
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, image_guidance=image_guidance, eta=eta)
     pil = load_image(image, max_pixels)
     scheduler = shared.make_scheduler(pipeline, UNET)
@@ -66,7 +66,7 @@ def pix2pix(
     timesteps = scheduler.timesteps
 
     # 5. Latents: noise × the scheduler's initial sigma
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     latents = shared.noise_like(image_latents[:1], generator) * scheduler.init_noise_sigma
 
     # 6. Denoising loop

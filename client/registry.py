@@ -3,22 +3,46 @@
 A record names the method's function (imported only when called, so reading the records stays
 cheap), its parameters (the function's keywords, which are also the CLI's flags with ``-`` for ``_``
 and the served method model's input tensors), the image inputs it takes, the models it calls, its
-output kind and its diffusers reference. Validation stays in the method function: the CLI, the
-server and the benchmark all reach it through the same call. Adding a method is its loop file plus
-one record here.
+output kind and its diffusers reference. Each parameter's kind and range are checked here
+(`Param.check`, `Method.check`), by the served request's reader and by every call of a record, so the
+CLI, the server and the benchmark refuse a value with the same message; checks that need the model
+(steps against its scheduler, sizes against the pixel limit) stay in the method function. Adding a
+method is its loop file plus one record here.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ti2i.errors import InvalidInputError
 
 # A method model's streaming (decoupled) twin is served as METHOD + STREAM_SUFFIX.
 STREAM_SUFFIX = "_stream"
 
 _IMAGE_EDIT = ("encode_prompt", "encode_image", "decode_image")
+
+# Integer parameters travel as INT64 tensors: a bound left open is the int64 range's.
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def _number(value: float) -> str:
+    """A bound as a person reads it (the int64 ends as powers of two)."""
+    if value == INT64_MAX:
+        return "2**63 - 1"
+    if value == INT64_MIN:
+        return "-2**63"
+    return str(value)
+
+
+def _shown(value: Any) -> str:
+    """A refused value for a one-line message: long ones cut (a 400-digit number is still one line)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -30,7 +54,7 @@ class Param:
     default: Any = None  # None: the function decides (left out of the call)
     help: str = ""
     required: bool = False
-    low: float | None = None  # the range the method function enforces, for help and docs
+    low: float | None = None  # the range `check` enforces (ints: within INT64), shown in the CLI's help
     high: float | None = None
     low_open: bool = False
     choices: tuple[str, ...] = ()
@@ -44,9 +68,70 @@ class Param:
             return "one of " + ", ".join(self.choices)
         if self.low is None and self.high is None:
             return ""
-        low = "-∞" if self.low is None else f"{self.low:g}"
-        high = "∞" if self.high is None else f"{self.high:g}"
+        low = "-∞" if self.low is None else _number(self.low) if self.kind is int else f"{self.low:g}"
+        high = "∞" if self.high is None else _number(self.high) if self.kind is int else f"{self.high:g}"
         return f"{'(' if self.low_open else '['}{low}, {high}]"
+
+    def allowed(self) -> str:
+        """What the value must be, for error messages: "a positive integer below 2**63", "in (0.0, 1.0]"."""
+        if self.kind is int:
+            if self.low in (0, 1) and self.high is None:
+                return f"a {'positive' if self.low else 'non-negative'} integer below 2**63"
+            low = INT64_MIN if self.low is None else self.low
+            return f"an integer in [{_number(low)}, {_number(INT64_MAX if self.high is None else self.high)}]"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{float(self.low)}, {float(self.high)}]"
+        if self.low is not None:
+            return f"a finite number {'>' if self.low_open else '≥'} {float(self.low)}"
+        if self.high is not None:
+            return f"a finite number ≤ {float(self.high)}"
+        return "a finite number"
+
+    def check(self, value: Any) -> Any:
+        """`value` as this parameter's kind, or an InvalidInputError naming it and its range.
+
+        Integers must fit the wire's INT64 (numpy and torch overflow past it), floats must be finite, so
+        no out-of-range value reaches a scheduler, a generator or an array size."""
+        if self.kind is bool:
+            return bool(value)
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise InvalidInputError(f"{self.name} must be text, got {type(value).__name__}")
+            if self.choices and value not in self.choices:
+                raise InvalidInputError(f"{self.name} must be one of {', '.join(self.choices)}, "
+                                        f"got {_shown(repr(value))}")
+            return value
+        number = _real(value)
+        if self.kind is int:
+            if number is None or not (isinstance(number, int) or number.is_integer()):
+                raise InvalidInputError(f"{self.name} must be {self.allowed()}, got {_shown(value)}")
+            number = int(number)
+            low = INT64_MIN if self.low is None else self.low
+            high = INT64_MAX if self.high is None else min(self.high, INT64_MAX)
+        else:
+            if number is None or not math.isfinite(_float(number)):
+                raise InvalidInputError(f"{self.name} must be {self.allowed()}, got {_shown(value)}")
+            number = float(number)
+            low = -math.inf if self.low is None else self.low
+            high = math.inf if self.high is None else self.high
+        if not ((low < number if self.low_open else low <= number) and number <= high):
+            raise InvalidInputError(f"{self.name} must be {self.allowed()}, got {_shown(value)}")
+        return number
+
+
+def _real(value: Any) -> int | float | None:
+    """A Python int or float of a number (numpy's included), None for anything else (text, bool, None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _float(number: int | float) -> float:
+    """An int too large for a float is infinite here, not an OverflowError."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf if number > 0 else -math.inf
 
 
 @dataclass(frozen=True)
@@ -94,14 +179,29 @@ class Method:
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
+    @property
+    def size_from_image(self) -> bool:
+        """Whether a left-out height or width is the input image's (else the model decides it)."""
+        return self.size_default == _IMAGE_SIZE
+
+    def check(self, call: Mapping[str, Any]) -> dict[str, Any]:
+        """The call with each parameter's value checked against its record (`Param.check`); other keywords
+        (images, the function's own extras) pass as they are."""
+        params = {p.name: p for p in self.params}
+        return {k: params[k].check(v) if k in params and v is not None else v for k, v in call.items()}
+
     def __call__(self, runner: Any, progress: Any = False, **kwargs: Any) -> Any:
         """Run the method: images and parameters by name; parameters left out (or None) take the defaults."""
-        call = {k: v for k, v in kwargs.items() if v is not None}
+        call = self.check({k: v for k, v in kwargs.items() if v is not None})
         return self.func()(runner, **call, progress=progress)
 
 
+# torch seeds from [-2**63, 2**64) with -1 ≡ 2**64 - 1, the wire carries INT64: [0, 2**63) is each seed once.
+SEED = Param("seed", int, 0, "random seed (the reference pipeline's generator seed)", low=0, high=INT64_MAX)
+
+
 def _seed() -> Param:
-    return Param("seed", int, 0, "random seed (the reference pipeline's generator seed)")
+    return SEED
 
 
 def _size(default: str) -> tuple[Param, Param]:
@@ -224,8 +324,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def get_method(name: str) -> Method:
-    from ti2i.errors import InvalidInputError
-
     if name not in METHODS:
         raise InvalidInputError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]

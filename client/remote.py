@@ -61,7 +61,11 @@ def request_tensors(method: Method, **values: Any) -> dict[str, np.ndarray]:
         if param.kind is str:
             tensors[param.name] = np.array([str(value).encode("utf-8")], dtype=object)
         else:
-            tensors[param.name] = np.array([value], dtype=_WIRE[param.kind][1])
+            try:
+                tensors[param.name] = np.array([value], dtype=_WIRE[param.kind][1])
+            except (OverflowError, TypeError, ValueError):
+                param.check(value)  # what the wire cannot carry (a seed of 2**64), named with its range
+                raise
     if values.get("format") is not None:
         tensors["format"] = np.array([str(values["format"]).encode()], dtype=object)
     unknown = set(values) - set(method.images) - {p.name for p in method.params} - {"format"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ti2i.client import steps as shared
@@ -35,7 +34,7 @@ def sdedit(
 
     # 1. Check inputs
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
-    shared.check_steps(steps)
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, "unet"))
     shared.check_finite(guidance=guidance, eta=eta)
     pil = load_image(image, max_pixels)
     do_cfg = guidance > 1.0
@@ -52,7 +51,7 @@ def sdedit(
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
 
     # 5. Latents: a sample of the posterior, scaled, noised once at the first timestep
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     with timings.stage("encode_image"):
         mean, logvar = shared.encode_image(runner, pixels)
     latents = pipeline["vae_scaling_factor"] * shared.sample_posterior(mean, logvar, generator)

@@ -16,6 +16,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ti2i.client.registry import SEED
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.runner import Runner
 
@@ -190,13 +191,43 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 def check_finite(**values: float) -> None:
     """Guidance scales and the like: any real number, but not NaN or infinite."""
     for name, value in values.items():
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int past float's range
+            finite = False
+        if not finite:
             raise InvalidInputError(f"{name} must be a finite number, got {value}")
 
 
+def whole(value: Any) -> bool:
+    """Whether `value` is an integer (a float with no fraction included); False for NaN, ±inf or text."""
+    try:
+        return int(value) == value
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def generator(seed: int) -> torch.Generator:
+    """The CPU generator the reference pipelines draw from, seeded after the record's check of the seed
+    (torch overflows past 64 bits and takes -1 for 2**64 - 1)."""
+    return torch.Generator("cpu").manual_seed(SEED.check(seed))
+
+
+def most_steps(pipeline: dict[str, Any], unet: str) -> int:
+    """The most steps `unet`'s scheduler can take: its training timesteps, less the offset "leading" spacing
+    adds to each (SD's PNDM at 1000 steps would reach timestep 1000, past the end). Past that count DDIM
+    refuses and PNDM runs every step at one timestep, and a count without bound sizes the schedule's arrays."""
+    config = unet_facts(pipeline, unet)["scheduler"]
+    most = config.get("num_train_timesteps", 1000)
+    if config.get("timestep_spacing", "leading") == "leading":
+        most -= config.get("steps_offset", 0)
+    return most
+
+
 def check_steps(steps: int, at_most: int | None = None) -> None:
-    """An integer ≥ 1 (and at most the scheduler's training timesteps where its schedule needs that)."""
-    if int(steps) != steps or steps < 1:
-        raise InvalidInputError(f"steps must be an integer ≥ 1, got {steps}")
+    """A positive integer, at most `at_most` (the scheduler's `most_steps`)."""
+    if not whole(steps) or steps < 1:
+        raise InvalidInputError(f"steps must be a positive integer, got {steps}")
     if at_most is not None and steps > at_most:
-        raise InvalidInputError(f"steps must be at most {at_most} (the scheduler's training timesteps), got {steps}")
+        raise InvalidInputError(f"steps must be at most {at_most} (the most the scheduler's training timesteps "
+                                f"allow), got {steps}")

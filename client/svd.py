@@ -44,7 +44,7 @@ def check_video_inputs(frames: int, fps: int, motion_bucket_id: int, noise_aug: 
     for name, value, (low, high) in (("frames", frames, (1, MAX_FRAMES)), ("fps", fps, FPS_RANGE),
                                      ("motion bucket id", motion_bucket_id, MOTION_BUCKET_RANGE),
                                      ("decode chunk size", decode_chunk_size, (1, MAX_FRAMES))):
-        if int(value) != value or not low <= value <= high:
+        if not shared.whole(value) or not low <= value <= high:
             raise InvalidInputError(f"{name} must be an integer in [{low}, {high}], got {value}")
     shared.check_range("noise augmentation", noise_aug, 0.0, 1.0)
 
@@ -75,7 +75,7 @@ def svd(
     frames = facts["num_frames"] if frames is None else frames
     decode_chunk_size = frames if decode_chunk_size is None else decode_chunk_size
     check_video_inputs(frames, fps, motion_bucket_id, noise_aug, decode_chunk_size)
-    shared.check_steps(steps)
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(min_guidance=min_guidance, max_guidance=max_guidance)
     pil = load_image(image, max_pixels)
     height = facts["default_height"] if height is None else height
@@ -91,7 +91,7 @@ def svd(
         embeds = torch.cat([torch.zeros_like(embeds), embeds])
 
     # 3. VAE latent of the noise-augmented image: the posterior's mode, unscaled, repeated over frames
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
     with timings.stage("encode_image"):
         images = shared.preprocess_image(runner, pixels)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
 from ti2i.client.results import ImageResult
@@ -32,7 +30,7 @@ def txt2img(
     facts = shared.unet_facts(pipeline, UNET)
 
     # 1. Check inputs; the size defaults to the model's (UNet sample size × VAE factor: 512 for SD 1.5)
-    shared.check_steps(steps, at_most=facts["scheduler"].get("num_train_timesteps", 1000))
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, eta=eta)
     factor = pipeline["vae_scale_factor"]
     height, width = requested_size(height, width, facts["default_size"], factor, max_pixels)
@@ -47,7 +45,7 @@ def txt2img(
     scheduler.set_timesteps(steps)
 
     # 4. Latents: noise × the scheduler's initial sigma
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     shape = (1, pipeline["latent_channels"], height // factor, width // factor)
     latents = shared.randn(shape, generator, runner.device) * scheduler.init_noise_sigma
 

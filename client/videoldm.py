@@ -65,11 +65,11 @@ def videoldm(
 
     # 1. Check inputs
     max_frames = facts["max_frames"]
-    if int(frames) != frames or not 2 <= frames <= max_frames:
+    if not shared.whole(frames) or not 2 <= frames <= max_frames:
         raise InvalidInputError(f"frames must be an integer in [2, {max_frames}], got {frames}")
     shared.check_range("alpha", alpha, 0.0, 1.0)
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
-    shared.check_steps(steps)
+    shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, eta=eta, fps=fps)
     if fps <= 0:
         raise InvalidInputError(f"fps must be positive, got {fps}")
@@ -86,7 +86,7 @@ def videoldm(
 
     # 4. Latents: per frame a sample of the image's posterior, scaled, noised at the first timestep
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = shared.generator(seed)
     with timings.stage("encode_image"):
         mean, logvar = shared.encode_image(runner, pixels)
     posterior = [shared.sample_posterior(mean.expand(n, -1, -1, -1), logvar.expand(n, -1, -1, -1), generator)

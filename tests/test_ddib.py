@@ -126,7 +126,7 @@ def test_bad_input_is_a_clear_error(engines, example_image):
     with InProcessRunner(engines.root) as runner:
         for kwargs, words in ((dict(source_prompt=None), ("source prompt",)),
                               (dict(strength=0.0), ("strength",)),
-                              (dict(steps=1001), ("steps", "at most 1000")),
+                              (dict(steps=1000), ("steps", "at most 999")),
                               (dict(guidance=float("nan")), ("guidance", "finite")),
                               (dict(steps=2, strength=0.2), ("strength", "steps"))):
             args = {"source_prompt": "a cat", "steps": 2, **kwargs}

@@ -78,7 +78,7 @@ def test_triton_matches_diffusers_and_in_process(protocol, reference, engines, t
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(steps=0), ("steps", "got 0")),
-    (dict(steps=1001), ("steps", "at most 1000")),
+    (dict(steps=1000), ("steps", "at most 999")),
     (dict(height=-8), ("height", "positive")),
     (dict(width=4), ("smaller than one latent pixel",)),
     (dict(guidance=float("inf")), ("guidance", "finite")),
