@@ -343,7 +343,7 @@ def test_server_stopped_mid_sdedit_is_one_line(sdedit_repository, tmp_path, prot
         url = f"{protocol}://{server.grpc_url if protocol == 'grpc' else server.http_url}"
         client = subprocess.Popen(
             [sys.executable, "-m", "ti2i.client.cli", "sdedit", "--server", url, "--image", str(image), "--prompt",
-             "a cat", "--steps", "1000", "--strength", "0.99", "--quiet", "--out", str(tmp_path / "o.png")],
+             "a cat", "--steps", "999", "--strength", "0.99", "--quiet", "--out", str(tmp_path / "o.png")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 90
