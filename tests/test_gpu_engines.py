@@ -287,6 +287,28 @@ def test_aoti_build_is_cached_and_runs_a_method(aoti_engines: Manifest, example_
     assert db >= 60.0
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_engine_core_serves_a_method_on_aoti_engines(protocol, aoti_engines: Manifest, example_image, tmp_path):
+    """`ti2i serve --backend aoti`: the core runs the AOTInductor packages (the rest on ONNX Runtime); the served
+    SDEdit equals the in-process loop over the same engines, pixel for pixel."""
+    from conftest import server_url
+    from ti2i.client.registry import METHODS
+    from ti2i.client.remote import run_remote
+    from ti2i.triton_models.core import CoreOptions
+    from ti2i.triton_models.repository import write_repository
+    from ti2i.triton_models.server import TritonServer
+
+    values = dict(image=example_image, prompt="a painting", steps=4, seed=1)
+    repository = write_repository(aoti_engines, tmp_path / "repository", methods=["sdedit"],
+                                  core_options=CoreOptions(backend="aoti"))
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        served = run_remote(server_url(server, protocol), METHODS["sdedit"], progress=False, stream=False, **values)
+        assert "aoti engines on cpu" in server.log_path.read_text()
+    with InProcessRunner(aoti_engines.root, backend="aoti") as runner:
+        local = METHODS["sdedit"](runner, **values)
+    np.testing.assert_array_equal(np.asarray(served.image), np.asarray(local.image))
+
+
 def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
     """The device-loop building block, on the CPU: the same values as the numpy path, as torch tensors."""
     inputs = sample_inputs(aoti_engines.components["text_encoder"].spec, {BATCH: 2})
