@@ -7,6 +7,7 @@ that fit the engine's memory budget, and the outputs are split back in order.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,19 +15,37 @@ from ti2i.budget import chunk_sizes
 from ti2i.engines.base import Engine
 
 
-def merge_requests(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
 
 
-def split_outputs(outputs: Mapping[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:
-    bounds = np.cumsum(sizes)[:-1]
-    parts = {name: np.split(value, bounds) for name, value in outputs.items()}
+def merge_requests(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """numpy arrays by `np.concatenate`; torch tensors (on a device) by `torch.cat`, where they are."""
+    merged = {}
+    for name, first in batches[0].items():
+        if _is_torch(first):
+            import torch
+
+            merged[name] = torch.cat([b[name] for b in batches])
+        else:
+            merged[name] = np.concatenate([b[name] for b in batches])
+    return merged
+
+
+def split_outputs(outputs: Mapping[str, Any], sizes: Sequence[int]) -> list[dict[str, Any]]:
+    parts = {}
+    for name, value in outputs.items():
+        if _is_torch(value):
+            parts[name] = value.split(list(sizes))
+        else:
+            parts[name] = np.split(value, np.cumsum(sizes)[:-1])
     return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
 
 
-def shape_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+def shape_key(inputs: Mapping[str, Any]) -> tuple:
     """Requests batch together when everything but the batch dimension agrees."""
-    return tuple(sorted((name, np.shape(value)[1:], np.asarray(value).dtype.str) for name, value in inputs.items()))
+    return tuple(sorted((name, tuple(value.shape[1:]), str(value.dtype)) if _is_torch(value) else
+                        (name, np.shape(value)[1:], np.asarray(value).dtype.str) for name, value in inputs.items()))
 
 
 def batch_size(inputs: Mapping[str, np.ndarray]) -> int:

@@ -12,6 +12,10 @@ per-sample timestep), so a new request never waits for the others' loops to fini
 A merged call that fails on one request's input is run again call by call, so only that request gets
 the error. Results equal the unbatched loop's up to the engine's batch-size rounding (≤ 1e-6 here).
 
+The loops call `run_tensors`, and the scheduler keeps their torch tensors where the engines keep them: merged
+with `torch.cat`, run by the engines' `run_tensors` (a GPU engine's device path: no host copy per step; on
+the CPU the very numpy arrays `run` would see), split with `torch.split`. Calls through `run` stay numpy.
+
 Each call carries its request's tag (the method name in the engine core), so the scheduler counts how
 many requests' calls, and of which methods, each engine call merged (`executions`).
 """
@@ -39,6 +43,7 @@ class _Call:
     outputs: tuple[str, ...] | None
     inputs: dict[str, np.ndarray]
     tag: str = ""
+    tensors: bool = False  # torch tensors on the engines' device (`run_tensors`), else numpy (`run`)
     since: float = field(default_factory=time.monotonic)
     result: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
@@ -88,19 +93,30 @@ class StepScheduler(Runner):
         return self._active
 
     @property
-    def last_sample(self) -> np.ndarray | None:
-        """The latest UNet input of this thread's request, for previews."""
+    def last_sample(self) -> Any:
+        """The latest UNet input of this thread's request, for previews (a device tensor on a device runner)."""
         return getattr(self._local, "last_sample", None)
 
     @last_sample.setter
     def last_sample(self, value: np.ndarray | None) -> None:
         self._local.last_sample = value
 
+    @property
+    def device(self) -> Any:
+        return self.engines.device
+
     def run(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return self._call(model, outputs, inputs, tensors=False)
+
+    def run_tensors(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
+        return self._call(model, outputs, inputs, tensors=True)
+
+    def _call(self, model: str, outputs: Sequence[str] | None, inputs: dict[str, Any],
+              tensors: bool) -> dict[str, Any]:
         if "sample" in inputs:
-            self._local.last_sample = np.asarray(inputs["sample"])
+            self._local.last_sample = inputs["sample"] if tensors else np.asarray(inputs["sample"])
         tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""
-        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag)
+        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag, tensors)
         with self._cond:
             self._pending.append(call)
             self._cond.notify_all()
@@ -144,7 +160,7 @@ class StepScheduler(Runner):
                 batched = self.engines.spec_of(call.model).batched
             except Ti2iError:
                 batched = False  # the call itself reports the unknown model
-            key = (call.model, call.outputs, shape_key(call.inputs)) if batched else i
+            key = (call.model, call.outputs, call.tensors, shape_key(call.inputs)) if batched else i
             groups.setdefault(key, []).append(call)
         return list(groups.values())
 
@@ -152,7 +168,7 @@ class StepScheduler(Runner):
         sizes = [batch_size(c.inputs) for c in calls]
         engine = self._engine(calls[0].model)
         chunks = [len(calls)]
-        if engine is not None and len(calls) > 1:
+        if engine is not None and len(calls) > 1 and not calls[0].tensors:  # device engines: no memory model
             try:  # the calls agree beyond the batch dimension: the first's dims bound them all
                 chunks = budget_chunks(engine, engine.check(calls[0].inputs), sizes)
             except Ti2iError:
@@ -170,11 +186,12 @@ class StepScheduler(Runner):
 
     def _run_chunk(self, calls: list[_Call]) -> None:
         first = calls[0]
+        run = self.engines.run_tensors if first.tensors else self.engines.run
         try:
             if len(calls) == 1:
-                results = [self.engines.run(first.model, first.outputs, **first.inputs)]
+                results = [run(first.model, first.outputs, **first.inputs)]
             else:
-                merged = self.engines.run(first.model, first.outputs, **merge_requests([c.inputs for c in calls]))
+                merged = run(first.model, first.outputs, **merge_requests([c.inputs for c in calls]))
                 results = split_outputs(merged, [batch_size(c.inputs) for c in calls])
         except Exception as err:
             if len(calls) > 1:  # find the call that failed: each on its own

@@ -175,6 +175,62 @@ def test_a_method_loop_on_cuda_makes_no_host_copies(aoti_fp16_package, tmp_path,
     assert db >= 40.0
 
 
+def test_the_engine_core_batches_loops_on_cuda(aoti_fp16_package, tmp_path):
+    """The served path's engine core (`ti2i serve --backend aoti --device cuda`, here without Triton: the same
+    `EngineCore` its python model hosts) over the stand-in CUDA engines: one request, then four at once, whose
+    UNet calls merge on the device. Prints the seconds per step of the in-process loop, of the core with one
+    request and with four (per request), and the merged batch sizes; each core result equals the in-process
+    loop's up to fp16 batching (PSNR ≥ 40 dB)."""
+    import threading
+
+    from PIL import Image
+
+    from gpu_check.standin import StandInRunner, write_standin_engines
+    from ti2i.client.registry import METHODS
+    from ti2i.manifest import Manifest
+    from ti2i.triton_models.core import CoreOptions, EngineCore
+
+    package, spec, multiple = aoti_fp16_package
+    root = write_standin_engines(tmp_path / "engines", package, spec, multiple, device="cuda")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    call = dict(image=image, prompt="a painting", steps=10, strength=0.6)
+    steps = int(call["steps"] * call["strength"])
+    with StandInRunner(root, backend="aoti", device="cuda") as runner:
+        core = EngineCore(root, [METHODS["sdedit"]], list(Manifest.load(root).components),
+                          CoreOptions(active=4, backend="aoti", device="cuda"), engines=runner)
+        core.load()
+        METHODS["sdedit"](runner, **call, seed=0)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        alone = [METHODS["sdedit"](runner, **call, seed=seed).array for seed in range(4)]
+        torch.cuda.synchronize()
+        in_process = (time.perf_counter() - start) / (4 * steps)
+
+        def served(seed: int) -> np.ndarray:
+            out = core.run_method("sdedit", {**call, "seed": seed}, "png", ["pixels"], token=f"t{seed}")
+            return out["pixels"][0].astype(np.float32) / 255
+
+        start = time.perf_counter()
+        one = served(0)
+        core_one = (time.perf_counter() - start) / steps
+        results: dict[int, np.ndarray] = {}
+        threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, served(s))) for s in range(4)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        core_four = (time.perf_counter() - start) / (4 * steps)
+    merged = {samples: n for (model, _, _, samples), n in core.scheduler.executions.items() if model == "unet"}
+    print(f"\nSDEdit stand-in 512² on CUDA, s/step: in-process {in_process:.4f}, engine core one request "
+          f"{core_one:.4f} ({core_one / in_process:.2f}x), four at once {core_four:.4f} per request; UNet "
+          f"samples per execution: {dict(sorted(merged.items()))}")
+    assert max(merged) > 2, merged  # four requests' [uncond, cond] pairs merged on the device
+    assert _psnr(one, np.round(alone[0] * 255) / 255) >= 40.0
+    for seed in range(4):
+        assert _psnr(results[seed], np.round(alone[seed] * 255) / 255) >= 40.0, seed
+
+
 @pytest.mark.skipif(not have("tensorrt"), reason="TensorRT is not installed (pip install 'ti2i[tensorrt]')")
 def test_tensorrt_plan_runs_behind_the_engine_interface(module32, tmp_path):
     from ti2i.engines.tensorrt import TrtEngine

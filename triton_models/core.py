@@ -26,6 +26,7 @@ import numpy as np
 
 from ti2i.client.registry import Method
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
+from ti2i.runner import to_numpy
 from ti2i.triton_models.method_io import preview, result_outputs
 from ti2i.work_limits import WorkLimits
 
@@ -103,16 +104,18 @@ class EngineCore:
     """One family's engines and scheduler, shared by all its served models."""
 
     def __init__(self, engine_dir: str | Path, methods: list[Method], components: list[str],
-                 options: CoreOptions = CoreOptions(), budgets: dict[str, int] | None = None, metrics: Any = None):
-        """`components`: the served components (those the methods call among them), loaded at `load`."""
+                 options: CoreOptions = CoreOptions(), budgets: dict[str, int] | None = None, metrics: Any = None,
+                 engines: Any = None):
+        """`components`: the served components (those the methods call among them), loaded at `load`;
+        `engines`: the family's in-process runner (default: one over `engine_dir` as the options say)."""
         from ti2i.client.runners import InProcessRunner
         from ti2i.engines.step_scheduler import StepScheduler
 
         self.options = options
         self.methods = {m.name: m for m in methods}
         self.components = list(components)
-        self.engines = InProcessRunner(engine_dir, budget=budgets, threads=options.threads or None,
-                                       backend=ENGINE_BACKENDS[options.backend], device=options.device)
+        self.engines = engines or InProcessRunner(engine_dir, budget=budgets, threads=options.threads or None,
+                                                  backend=ENGINE_BACKENDS[options.backend], device=options.device)
         self.scheduler = StepScheduler(self.engines)
         self.admission = Admission(options.active, options.max_queue, options.queue_timeout_s)
         self.metrics = metrics
@@ -169,7 +172,7 @@ class EngineCore:
                        "elapsed": np.array([time.perf_counter() - start], dtype=np.float64)}
             sample = self.scheduler.last_sample
             if preview_every and step and step % preview_every == 0 and sample is not None:
-                tensors["preview"] = preview(sample, method.latent_layout)
+                tensors["preview"] = preview(to_numpy(sample), method.latent_layout)  # a device latent: one copy
             on_step(tensors)
 
         with self.scheduler.request(method.name):
