@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
-from ti2i.errors import InvalidInputError, Ti2iError
+from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import Runner
 
 
@@ -44,6 +44,7 @@ class _Call:
     inputs: dict[str, np.ndarray]
     tag: str = ""
     tensors: bool = False  # torch tensors on the engines' device (`run_tensors`), else numpy (`run`)
+    deadline: float | None = None  # (monotonic) a call not started by then is refused, not run
     since: float = field(default_factory=time.monotonic)
     result: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
@@ -111,12 +112,19 @@ class StepScheduler(Runner):
     def run_tensors(self, model: str, /, outputs: Sequence[str] | None = None, **inputs: Any) -> dict[str, Any]:
         return self._call(model, outputs, inputs, tensors=True)
 
+    def run_within(self, timeout_s: float, model: str, outputs: Sequence[str] | None,
+                   inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run`, refused (ServerUnavailableError) if no tick has started it within `timeout_s` (0: no limit)."""
+        return self._call(model, outputs, inputs, tensors=False, timeout_s=timeout_s)
+
     def _call(self, model: str, outputs: Sequence[str] | None, inputs: dict[str, Any],
-              tensors: bool) -> dict[str, Any]:
+              tensors: bool, timeout_s: float = 0.0) -> dict[str, Any]:
         if "sample" in inputs:
             self._local.last_sample = inputs["sample"] if tensors else np.asarray(inputs["sample"])
         tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""
         call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag, tensors)
+        if timeout_s > 0:
+            call.deadline = call.since + timeout_s
         with self._cond:
             self._pending.append(call)
             self._cond.notify_all()
@@ -143,6 +151,12 @@ class StepScheduler(Runner):
     def _tick(self) -> None:
         """Run the pending calls (the lock held on entry and exit, released while the engines run)."""
         calls, self._pending, self._ticking = self._pending, [], True
+        now = time.monotonic()
+        for call in [c for c in calls if c.deadline is not None and now > c.deadline]:
+            call.error = ServerUnavailableError(f"{call.model}: waited {now - call.since:.3g} s for the engine, past "
+                                                f"its timeout of {call.deadline - call.since:.3g} s: send it again later")
+            call.done = True
+            calls.remove(call)
         self._cond.release()
         try:
             for group in self._groups(calls):

@@ -115,9 +115,9 @@ def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_en
                  "--methods", "sdedit,svd", "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {n for n in names if n.startswith("sd.")} == {"sd." + m for m in components_for(["sdedit"])} | {
-        "sd.encode_prompt", "sd.encode_image", "sd.decode_image", "sd.sdedit", "sd.sdedit_stream"}
+        "sd.encode_prompt", "sd.encode_image", "sd.decode_image", "sd.sdedit", "sd.sdedit_stream", "sd.core"}
     assert {n for n in names if n.startswith("svd.")} >= {"svd.unet_svd", "svd.image_encoder", "svd.svd",
-                                                          "svd.svd_stream"}
+                                                          "svd.svd_stream", "svd.core"}
     assert "sd.unet_pix2pix" not in names and "svd.unet" not in names
     capsys.readouterr()
     assert main(["repository", "--engines", str(engines.root), "--engines", str(svd_engines.root),

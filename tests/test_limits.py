@@ -15,6 +15,7 @@ few hundred MB to 2 GB (estimates; measured peaks are lower): no test needs more
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from ti2i.manifest import Manifest
 from ti2i.triton_models.repository import (RepositoryOptions, budgeted_spec, instance_budgets, parse_config,
                                           write_repository)
 from ti2i.triton_models.server import TritonServer
+from ti2i.triton_models.core import CoreOptions
+from ti2i.benchmarks.server_metrics import by_label, read_metrics
 
 from ti2i.budget import BUDGET_ENV, MemoryModel, chunk_sizes, format_bytes, loading_one_at_a_time, parse_bytes
 from ti2i.errors import ComponentOutputError, InvalidInputError, OverBudgetError, ServerUnavailableError
@@ -234,24 +237,29 @@ def test_non_finite_outputs_name_the_component(engines):
 
 @pytest.fixture(scope="module")
 def limited_server(engines, tmp_path_factory, monkeypatch_module):
-    """unet and vae_decoder sharing a 4 GiB budget, two requests allowed to wait per model, one thread each."""
+    """unet and vae_decoder sharing a 4 GiB budget in their engine core, three component calls in flight at most
+    (one active place and two waiting), one thread."""
     monkeypatch_module.setenv(BUDGET_ENV, BUDGET)
     root = tmp_path_factory.mktemp("triton-limits")
-    repository = write_repository(engines, root / "repository", RepositoryOptions(max_queue_size=2, threads=1),
-                                  models=["unet", "vae_decoder"])
+    repository = write_repository(engines, root / "repository", models=["unet", "vae_decoder"],
+                                  core_options=CoreOptions(active=1, max_queue=2, threads=1))
     with TritonServer(repository, log_path=root / "server.log") as server:
         server.repository_dir = repository
         yield server
 
 
-def test_config_carries_the_budget_and_a_queue_policy(limited_server, engines):
-    config = parse_config(limited_server.repository_dir / "unet" / "config.pbtxt")
+def core_budgets(server: TritonServer) -> dict[str, int]:
+    config = parse_config(server.repository_dir / "core" / "config.pbtxt")
+    return json.loads(config.parameters["memory_budget"].string_value)
+
+
+def test_the_core_carries_the_budgets_and_its_bounds(limited_server, engines):
     weights = {n: engines.components[n].memory.base for n in ("unet", "vae_decoder")}
     headroom = (parse_bytes(BUDGET) - sum(weights.values())) // 2
-    assert int(config.parameters["memory_budget"].string_value) == weights["unet"] + headroom
-    policy = config.dynamic_batching.default_queue_policy
-    assert policy.max_queue_size == 2 and policy.allow_timeout_override
-    assert policy.timeout_action == policy.REJECT and policy.default_timeout_microseconds == 30_000_000
+    assert core_budgets(limited_server) == {n: weights[n] + headroom for n in weights}
+    options = json.loads(parse_config(limited_server.repository_dir / "core" / "config.pbtxt")
+                         .parameters["options"].string_value)
+    assert (options["active"], options["max_queue"], options["queue_timeout_s"]) == (1, 2, 30.0)
 
 
 def test_each_component_keeps_its_weights_and_shares_the_rest(engines):
@@ -268,23 +276,6 @@ def test_each_component_keeps_its_weights_and_shares_the_rest(engines):
     assert budgeted_spec(engines.components["unet"].spec, engines, budgets["unet"]).dims["batch"][1] >= 8
 
 
-def test_unbatched_models_wait_in_a_bounded_queue_too(svd_engines, tmp_path):
-    """The temporal VAE decoder (max_batch_size 0: frames of one video are never merged) gets the same policy."""
-    repository = write_repository(svd_engines, tmp_path / "repository", RepositoryOptions(max_queue_size=3),
-                                  models=["vae_decoder_temporal"])
-    config = parse_config(repository / "vae_decoder_temporal" / "config.pbtxt")
-    assert config.max_batch_size == 0
-    assert config.dynamic_batching.default_queue_policy.max_queue_size == 3
-
-
-def stats(server: TritonServer, model: str) -> dict:
-    client = httpclient.InferenceServerClient(server.http_url)
-    try:
-        return client.get_inference_statistics(model, headers=server.api_headers)["model_stats"][0]
-    finally:
-        client.close()
-
-
 def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
     """The server and its models stay ready, and a good request is answered."""
     client = httpclient.InferenceServerClient(server.http_url)
@@ -299,8 +290,7 @@ def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_served_edge_runs_and_past_it_is_invalid_arg(limited_server, engines, protocol):
     memory = engines.components["unet"].memory
-    config = parse_config(limited_server.repository_dir / "unet" / "config.pbtxt")
-    budget = int(config.parameters["memory_budget"].string_value)  # its weights and half the rest of 4 GiB
+    budget = core_budgets(limited_server)["unet"]  # its weights and half the rest of 4 GiB
     side = edge_side(memory, budget)
     with TritonRunner(server_url(limited_server, protocol)) as runner:
         assert runner.run("unet", **unet_inputs(engines, side))["noise_pred"].shape == (1, 4, side, side)
@@ -380,30 +370,26 @@ def test_full_queue_is_unavailable_in_one_line(limited_server, engines, busy_s):
     refused = [r for r in results.values() if isinstance(r, ServerUnavailableError)]
     assert results[0] == "ok" and refused, results
     for err in refused:  # what the CLI prints as its one line (exit 2)
-        assert_one_line(err, "unet", "Exceeds maximum queue size")
+        assert_one_line(err, "unet", "all 3 places for component calls are taken")
     assert sum(r == "ok" for r in results.values()) >= 2  # one ran, the waiting ones ran after it
-    # the two that waited were merged by the batcher; at the edge of the budget only one fits: run one by one
-    assert "unet: 2 requests of 2 items run in 2 batches of [1, 1] requests within the memory budget" in \
-        limited_server.log_tail(20000)
     serves_a_good_request(limited_server, engines)
 
 
-def settled_stats(server: TritonServer, model: str):
-    """Statistics once no earlier request is still being counted (Triton records them after the reply)."""
-    return settled(lambda: stats(server, model), limit_s=10.0)
+def unet_executions(server: TritonServer) -> float:
+    """The UNet engine calls the core ran, once its metrics settled (it sends them every 0.5 s)."""
+    return settled(lambda: by_label(read_metrics(server.metrics_url), "ti2i_executions_total", "component",
+                                    model="core").get("unet", 0.0), wait_s=0.6)
 
 
 def test_request_whose_deadline_passes_in_the_queue_is_not_run(limited_server, engines, busy_s):
-    before = settled_stats(limited_server, "unet")
+    before = unet_executions(limited_server)
     results: dict = {}
 
     with TritonRunner(server_url(limited_server, "grpc"), timeout_s=busy_s / 4) as runner:
         while_busy(limited_server, engines, results, lambda: _slow_call(runner, engines, results, 1), busy_s)
     assert results[0] == "ok" and isinstance(results[1], ServerUnavailableError), results
-    after = settled_stats(limited_server, "unet")
-    # Triton's statistics: only the first request was executed; the second expired in the queue
-    assert after["inference_count"] - before["inference_count"] == 1, (before, after)
-    assert after["execution_count"] - before["execution_count"] == 1, (before, after)
+    # the core's count: only the first request was executed; the second expired waiting for the engine
+    assert unet_executions(limited_server) - before == 1
 
 
 def test_the_server_itself_expires_a_queued_request(limited_server, engines, busy_s):

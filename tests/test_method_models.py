@@ -461,7 +461,7 @@ def test_cli_remote_shows_progress_and_writes_the_image(method_server, tmp_path,
     assert "sdedit" in captured.err and f"wrote {out}" in captured.out  # the progress bar, then the file
     assert Image.open(out).size == (64, 48)
     assert main([*argv[:-2], "--out", str(tmp_path / "x.png"), "--steps", "0"]) == 2
-    assert "steps must be an integer" in capsys.readouterr().err
+    assert "steps must be a positive integer" in capsys.readouterr().err
 
 
 def _pss_mb(root_pid: int) -> float:

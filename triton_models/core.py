@@ -196,13 +196,15 @@ class EngineCore:
 
     # --- component calls -------------------------------------------------------------------------------
 
-    def run_component(self, name: str, inputs: dict[str, np.ndarray],
-                      outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """A client's single component call: it joins the next tick of the active loops' calls."""
+    def run_component(self, name: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
+                      timeout_s: float = 0.0) -> dict[str, np.ndarray]:
+        """A client's single component call: it joins the next tick of the active loops' calls, and is refused
+        if none has started it within the queue timeout (or the client's shorter one)."""
         if name not in self.components:
             raise InvalidInputError(f"this server's core serves no component {name!r}")
+        limit = min(t for t in (self.options.queue_timeout_s, timeout_s) if t > 0)
         try:
-            return self.scheduler.run(name, outputs, **inputs)
+            return self.scheduler.run_within(limit, name, outputs, inputs)
         except Ti2iError:
             raise
         except Exception as err:  # an engine failure fails this call, never the core

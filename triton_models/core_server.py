@@ -74,7 +74,8 @@ class TritonPythonModel:
         loaded = self.core.load()
         self.metrics.attach(self.core.admission, self.core.scheduler.executions)
         # client-driven component calls are bounded like method requests: as many in flight as run and wait
-        self.component_calls = threading.BoundedSemaphore(options.active + options.max_queue)
+        self.component_calls_limit = options.active + options.max_queue
+        self.component_calls = threading.BoundedSemaphore(self.component_calls_limit)
         self.threads: set[threading.Thread] = set()
         pb_utils.Logger.log_info(f"{self.name}: {options.backend} engines on {options.device} ({', '.join(loaded)}), "
                                  f"{options.active} active requests, a queue of {options.max_queue} "
@@ -126,10 +127,11 @@ class TritonPythonModel:
             spec = self.core.engines.spec_of(name).interface()
             inputs = {t.name: self._get(request, component_tensor(name, t.name)) for t in spec.inputs}
             if not self.component_calls.acquire(blocking=False):
-                raise ServerUnavailableError(f"{self.name}: too many component calls in flight: send it again later")
+                raise ServerUnavailableError(f"{name}: all {self.component_calls_limit} places for component calls "
+                                             f"are taken: send it again later")
             try:
                 out = self.core.run_component(name, {k: v for k, v in inputs.items() if v is not None},
-                                              env.get("outputs") or None)
+                                              env.get("outputs") or None, float(env.get("timeout_s", 0.0)))
             finally:
                 self.component_calls.release()
             return response(self.pb, {component_tensor(name, k): v for k, v in out.items()})

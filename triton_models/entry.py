@@ -197,8 +197,9 @@ class ComponentEntry(_Entry):
                 raise InvalidInputError(f"{self.component}: missing input {tensor.name!r}")
             inputs[tensor.name] = as_spec_rank(self.spec, tensor.name, value.as_numpy())
         wanted = list(request.requested_output_names()) or [t.name for t in self.spec.outputs]
+        timeout_s = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0
         tensors = {REQUEST: np.array([envelope(COMPONENT, self.component, uuid.uuid4().hex, self.secret,
-                                               outputs=wanted)], dtype=object),
+                                               outputs=wanted, timeout_s=timeout_s)], dtype=object),
                    **{component_tensor(self.component, k): v for k, v in as_float32(inputs).items()}}
         for core_response in self._core_responses(tensors, [component_tensor(self.component, n) for n in wanted]):
             out = self._outputs(core_response)
