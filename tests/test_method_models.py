@@ -17,6 +17,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -582,3 +583,31 @@ def test_integers_out_of_int64_are_a_client_error(name, value, method_server, ex
     assert info.value.code == 400 and "Unable to parse 'data'" in info.value.read().decode()
     with httpclient.InferenceServerClient(method_server.http_url) as client:
         assert client.is_server_ready() and client.is_model_ready("sdedit")
+
+
+def test_a_killed_engine_core_is_unavailable_then_serves_again(engines, example_image, tmp_path):
+    """The core holds every engine of its family: when its stub dies, requests get one UNAVAILABLE line (not a
+    500), readiness says so, the supervisor reloads the core, and the same request is then answered."""
+    from ti2i.triton_models.supervisor import stub_processes
+
+    repository = _sdedit_repository(engines, tmp_path)
+    values = _inputs("sdedit", example_image)
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
+        url = server_url(server, "http")
+        run_remote(url, METHODS["sdedit"], progress=False, stream=False, **values)
+        (pid, _), = [v for v in stub_processes(server.pid).values() if v[1] == "core"]
+        os.kill(pid, signal.SIGKILL)
+        outcomes, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                result = run_remote(url, METHODS["sdedit"], progress=False, stream=False, **values)
+                break
+            except ServerUnavailableError as err:
+                outcomes.append(str(err))
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the core never served again: {outcomes[-3:]}")
+        events = list(server.supervisor.events)
+    assert outcomes and all("\n" not in o and "engine core is unavailable" in o for o in outcomes), outcomes
+    assert _pixels(result).shape == (48, 64, 3)
+    assert any("fault: model 'core'" in e for e in events), events

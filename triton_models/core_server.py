@@ -41,8 +41,16 @@ def error_response(pb: Any, err: Exception) -> Any:
 
 def relayed_error(pb: Any, message: str) -> Any:
     """The core's error, relayed by an entry point with its code: a BLS response's error keeps only its message
-    (`TYPE: text`, as `error_response` wrote it), so the code is found again from the type's name."""
-    kind = ERROR_TYPES.get(message.split(":", 1)[0], Exception)
+    (`TYPE: text`, as `error_response` wrote it), so the code is found again from the type's name. An error in
+    Triton's own words means the core could not be reached (its stub died and is being reloaded): UNAVAILABLE."""
+    prefix = message.split(":", 1)[0]
+    if prefix in ERROR_TYPES:
+        kind: type[BaseException] = ERROR_TYPES[prefix]
+    elif prefix.isidentifier() and prefix.endswith(("Error", "Exception")):
+        kind = Exception  # the core failed on this request
+    else:
+        kind = ServerUnavailableError
+        message = f"ServerUnavailableError: the engine core is unavailable (restarting?): {message}"
     return pb.InferenceResponse(error=pb.TritonError(message, error_code(pb, kind)))
 
 

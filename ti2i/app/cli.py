@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     for name, func, help_text in (("repository", cmd_repository, "generate the Triton model repository"),
-                                  ("serve", cmd_serve, "serve an engine directory with the bundled Triton")):
+                                  ("serve", cmd_serve, "serve engine directories with Triton (the tritonserver on PATH, else the bundled one)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--engines", required=True, action="append",
                        help="engine directory; NAME=DIR, repeated, serves several model families side by side "
