@@ -287,26 +287,32 @@ def test_aoti_build_is_cached_and_runs_a_method(aoti_engines: Manifest, example_
     assert db >= 60.0
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_the_engine_core_serves_a_method_on_aoti_engines(protocol, aoti_engines: Manifest, example_image, tmp_path):
-    """`ti2i serve --backend aoti`: the core runs the AOTInductor packages (the rest on ONNX Runtime); the served
-    SDEdit equals the in-process loop over the same engines, pixel for pixel."""
+def test_the_engine_core_serves_every_method_on_aoti_engines(aoti_engines: Manifest, example_image, tmp_path):
+    """`ti2i serve --backend aoti`: the core runs the AOTInductor packages (the rest on ONNX Runtime); each SD
+    method served (gRPC stream and HTTP plain in turn) equals the in-process loop over the same engines."""
     from conftest import server_url
+    from test_method_models import _inputs
     from ti2i.client.registry import METHODS
     from ti2i.client.remote import run_remote
     from ti2i.triton_models.core import CoreOptions
+    from ti2i.triton_models.method_repository import servable_methods
     from ti2i.triton_models.repository import write_repository
     from ti2i.triton_models.server import TritonServer
 
-    values = dict(image=example_image, prompt="a painting", steps=4, seed=1)
-    repository = write_repository(aoti_engines, tmp_path / "repository", methods=["sdedit"],
+    methods = servable_methods(aoti_engines.components)
+    assert {"txt2img", "sdedit", "inpaint", "pix2pix", "cyclediffusion", "ddib", "videoldm"} <= set(methods)
+    repository = write_repository(aoti_engines, tmp_path / "repository", methods=methods,
                                   core_options=CoreOptions(backend="aoti"))
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
-        served = run_remote(server_url(server, protocol), METHODS["sdedit"], progress=False, stream=False, **values)
+        served = {m: run_remote(server_url(server, protocol), METHODS[m], progress=False,
+                                stream=protocol == "grpc", **_inputs(m, example_image))
+                  for m, protocol in zip(methods, ["grpc", "http"] * len(methods))}
         assert "aoti engines on cpu" in server.log_path.read_text()
     with InProcessRunner(aoti_engines.root, backend="aoti") as runner:
-        local = METHODS["sdedit"](runner, **values)
-    np.testing.assert_array_equal(np.asarray(served.image), np.asarray(local.image))
+        for method, result in served.items():
+            local = METHODS[method](runner, **_inputs(method, example_image))
+            pixels = [np.asarray(r.frames if hasattr(r, "frames") else r.image) for r in (result, local)]
+            np.testing.assert_array_equal(*pixels, err_msg=method)
 
 
 def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
