@@ -117,9 +117,9 @@ class MethodEntry(_Entry):
         wanted = self._wanted(request)
         every = get("preview_every")
         timeout_s = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0
-        request_env = envelope(METHOD, self.method.name, token, self.secret, call=call, format=fmt, outputs=wanted, stream=stream,
-                               preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0,
-                               timeout_s=timeout_s)
+        request_env = envelope(METHOD, self.method.name, token, self.secret, call=call, format=fmt, outputs=wanted,
+                               stream=stream, timeout_s=timeout_s,
+                               preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0)
         tensors = {REQUEST: np.array([request_env], dtype=object),
                    **{name: np.array([data], dtype=object) for name, data in images.items()}}
         cancelled = self.cancels.watch(request, sender if self.decoupled else None,
@@ -167,8 +167,8 @@ class MethodEntry(_Entry):
         return token if isinstance(token, str) and len(token) == 32 else uuid.uuid4().hex
 
     def _wanted(self, request: Any) -> list[str]:
-        """The result outputs the request names; encoded and encoded_base64 when it names none (base64 alone
-        for a stream, or when it names all of them, as `generate_stream` does: an SSE event stays JSON text)."""
+        """The result outputs the request names; all of them when it names none, but for a stream (which names
+        none, or all, as `generate_stream` does) the base64 text alone, so that an SSE event stays JSON text."""
         requested = set(request.requested_output_names())
         names = [n for n in OUTPUTS if n in requested]
         default = ["encoded_base64"] if self.decoupled else list(OUTPUTS)
