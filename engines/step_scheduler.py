@@ -158,8 +158,9 @@ class StepScheduler(Runner):
         calls, self._pending, self._ticking = self._pending, [], True
         now = time.monotonic()
         for call in [c for c in calls if c.deadline is not None and now > c.deadline]:
-            call.error = ServerUnavailableError(f"{call.model}: waited {now - call.since:.3g} s for the engine, past "
-                                                f"its timeout of {call.deadline - call.since:.3g} s: send it again later")
+            waited, limit = now - call.since, call.deadline - call.since
+            call.error = ServerUnavailableError(f"{call.model}: waited {waited:.3g} s for the engine, past its timeout "
+                                                f"of {limit:.3g} s: send it again later")
             call.done = True
             calls.remove(call)
         self._cond.release()

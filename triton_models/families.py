@@ -21,7 +21,8 @@ from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable,
 def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: str | Path,
                             options: RepositoryOptions = RepositoryOptions(),
                             models: Mapping[str | None, Sequence[str] | None] | None = None,
-                            methods: Mapping[str | None, Sequence[str]] | None = None, core_options: Any = "default") -> Path:
+                            methods: Mapping[str | None, Sequence[str]] | None = None,
+                            core_options: Any = "default") -> Path:
     """Write (replacing) one repository serving every family; `models` limits a family to some components;
     `methods` names the method models each family serves and `core_options` (`core.CoreOptions`) its engine
     core (as `write_repository` takes them)."""
