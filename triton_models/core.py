@@ -69,12 +69,16 @@ class Admission:
         self.running = self.waiting = 0
         self._cond = threading.Condition()
 
+    def limit(self, timeout_s: float = 0.0) -> float:
+        """How long a request may wait: the queue timeout, or the client's `timeout_s` when shorter."""
+        return min(t for t in (self.timeout_s, timeout_s) if t > 0)
+
     @contextmanager
     def place(self, cancelled: threading.Event, timeout_s: float = 0.0) -> Iterator[float]:
         """Hold a place while the block runs; yields the seconds waited for it. Refused (ServerUnavailableError)
-        when the queue is full or the wait passes the timeout (`timeout_s`: the client's, when shorter)."""
+        when the queue is full or the wait passes the limit (`limit`)."""
         start = time.monotonic()
-        limit = min(t for t in (self.timeout_s, timeout_s) if t > 0)
+        limit = self.limit(timeout_s)
         with self._cond:
             if self.running >= self.active:
                 if self.waiting >= self.max_queue:
@@ -118,6 +122,9 @@ class EngineCore:
                                                   backend=ENGINE_BACKENDS[options.backend], device=options.device)
         self.scheduler = StepScheduler(self.engines)
         self.admission = Admission(options.active, options.max_queue, options.queue_timeout_s)
+        # client-driven component calls are bounded like method requests: as many in flight as run and wait
+        self.component_places = options.active + options.max_queue
+        self._component_calls = threading.BoundedSemaphore(self.component_places)
         self.metrics = metrics
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -145,11 +152,7 @@ class EngineCore:
             with self.admission.place(cancelled, timeout_s) as waited:
                 if self.metrics is not None:
                     self.metrics.started(name, waited)
-                try:
-                    result = self._loop(method, call, cancelled, on_step, preview_every)
-                finally:
-                    if self.metrics is not None:
-                        self.metrics.finished(name)
+                result = self._loop(method, call, cancelled, on_step, preview_every)
         finally:
             with self._lock:
                 self._cancels.pop(token, None)
@@ -198,17 +201,21 @@ class EngineCore:
 
     def run_component(self, name: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
                       timeout_s: float = 0.0) -> dict[str, np.ndarray]:
-        """A client's single component call: it joins the next tick of the active loops' calls, and is refused
-        if none has started it within the queue timeout (or the client's shorter one)."""
+        """A client's single component call: it joins the next tick of the active loops' calls. Refused when
+        `component_places` calls are in flight, or when no tick has started it within the admission's limit."""
         if name not in self.components:
             raise InvalidInputError(f"this server's core serves no component {name!r}")
-        limit = min(t for t in (self.options.queue_timeout_s, timeout_s) if t > 0)
+        if not self._component_calls.acquire(blocking=False):
+            raise ServerUnavailableError(f"{name}: all {self.component_places} places for component calls are taken: "
+                                         f"send it again later")
         try:
-            return self.scheduler.run_within(limit, name, outputs, inputs)
+            return self.scheduler.run_within(self.admission.limit(timeout_s), name, outputs, inputs)
         except Ti2iError:
             raise
         except Exception as err:  # an engine failure fails this call, never the core
             raise RuntimeError(f"{name}: {err}") from err
+        finally:
+            self._component_calls.release()
 
     def close(self) -> None:
         self.engines.close()

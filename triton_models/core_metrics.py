@@ -67,9 +67,6 @@ class CoreMetrics:
             self._waits.append((method, waited_s))
             self._started[method] += 1
 
-    def finished(self, method: str) -> None:
-        pass  # the active gauge is read from the admission
-
     def close(self) -> None:
         """Send what is left and stop the reporter."""
         self._closed.set()

@@ -63,7 +63,44 @@ def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
     return pb.InferenceResponse(output_tensors=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
 
 
-class TritonPythonModel:
+class ThreadPerRequest:
+    """What the core and its entry points share: `execute` hands each request to a thread of its own and returns
+    at once; the thread answers through the request's response sender, always with a final response."""
+
+    pb: Any
+    name: str
+    threads: set[threading.Thread]
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            thread = threading.Thread(target=self._answer_safely, args=(request,), daemon=True,
+                                      name=f"{self.name}-request")
+            self.threads.add(thread)
+            thread.start()
+
+    def _answer_safely(self, request: Any) -> None:
+        sender = request.get_response_sender()
+        try:
+            final = self._answer(request, sender)
+        except Exception as err:  # one request's failure never reaches the others or the model
+            final = self._failed(err)
+        finally:
+            self.threads.discard(threading.current_thread())
+        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _answer(self, request: Any, sender: Any) -> Any:
+        """The final response (None: the stream closes without one)."""
+        raise NotImplementedError
+
+    def _failed(self, err: Exception) -> Any:
+        return error_response(self.pb, err)
+
+    def finalize(self) -> None:
+        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
+            thread.join(timeout=60)
+
+
+class TritonPythonModel(ThreadPerRequest):
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
 
@@ -81,37 +118,21 @@ class TritonPythonModel:
                                budgets=budgets, metrics=self.metrics)
         loaded = self.core.load()
         self.metrics.attach(self.core.admission, self.core.scheduler.executions)
-        # client-driven component calls are bounded like method requests: as many in flight as run and wait
-        self.component_calls_limit = options.active + options.max_queue
-        self.component_calls = threading.BoundedSemaphore(self.component_calls_limit)
         self.threads: set[threading.Thread] = set()
         pb_utils.Logger.log_info(f"{self.name}: {options.backend} engines on {options.device} ({', '.join(loaded)}), "
                                  f"{options.active} active requests, a queue of {options.max_queue} "
                                  f"({options.queue_timeout_s:g} s), methods {', '.join(m.name for m in methods)}")
 
-    def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            thread = threading.Thread(target=self._answer, args=(request,), daemon=True, name=f"{self.name}-request")
-            self.threads.add(thread)
-            thread.start()
-
     def _get(self, request: Any, name: str) -> np.ndarray | None:
         tensor = self.pb.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
-    def _answer(self, request: Any) -> None:
-        sender = request.get_response_sender()
-        try:
-            final = self._run(request, sender)
-        except Exception as err:  # one request's failure never reaches the others or the core
-            if isinstance(err, Cancelled):
-                self.pb.Logger.log_info(f"{self.name}: {err}")
-            final = error_response(self.pb, err)
-        finally:
-            self.threads.discard(threading.current_thread())
-        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    def _failed(self, err: Exception) -> Any:
+        if isinstance(err, Cancelled):
+            self.pb.Logger.log_info(f"{self.name}: {err}")
+        return super()._failed(err)
 
-    def _run(self, request: Any, sender: Any) -> Any:
+    def _answer(self, request: Any, sender: Any) -> Any:
         env = read_envelope(self._get(request, REQUEST).reshape(-1)[0])
         if not hmac.compare_digest(str(env.get("secret", "")), self.secret):
             raise InvalidInputError(f"{self.name} answers its entry points only: send the request to a method or "
@@ -134,20 +155,13 @@ class TritonPythonModel:
         if kind == COMPONENT:
             spec = self.core.engines.spec_of(name).interface()
             inputs = {t.name: self._get(request, component_tensor(name, t.name)) for t in spec.inputs}
-            if not self.component_calls.acquire(blocking=False):
-                raise ServerUnavailableError(f"{name}: all {self.component_calls_limit} places for component calls "
-                                             f"are taken: send it again later")
-            try:
-                out = self.core.run_component(name, {k: v for k, v in inputs.items() if v is not None},
-                                              env.get("outputs") or None, float(env.get("timeout_s", 0.0)))
-            finally:
-                self.component_calls.release()
+            out = self.core.run_component(name, {k: v for k, v in inputs.items() if v is not None},
+                                          env.get("outputs") or None, float(env.get("timeout_s", 0.0)))
             return response(self.pb, {component_tensor(name, k): v for k, v in out.items()})
         raise ValueError(f"unknown core request kind {kind!r}")
 
     def finalize(self) -> None:
-        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
-            thread.join(timeout=60)
+        super().finalize()
         if hasattr(self, "core"):
             self.core.close()
         if hasattr(self, "metrics"):

@@ -26,7 +26,7 @@ from ti2i.client.registry import get_method
 from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
-from ti2i.triton_models.core_server import error_response, relayed_error, response
+from ti2i.triton_models.core_server import ThreadPerRequest, relayed_error, response
 from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, METHOD, REQUEST, TOKEN_HEADER, component_tensor,
                                          envelope, read_secret)
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
@@ -44,7 +44,7 @@ class CoreError(Exception):
         self.error = error
 
 
-class _Entry:
+class _Entry(ThreadPerRequest):
     """What both kinds share: a thread per request, the BLS round trip to the core."""
 
     def _setup(self, args: dict[str, Any]) -> dict[str, str]:
@@ -59,27 +59,8 @@ class _Entry:
         self.threads: set[threading.Thread] = set()
         return params
 
-    def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            thread = threading.Thread(target=self._answer_safely, args=(request,), daemon=True,
-                                      name=f"{self.name}-request")
-            self.threads.add(thread)
-            thread.start()
-
-    def _answer_safely(self, request: Any) -> None:
-        sender = request.get_response_sender()
-        try:
-            final = self._answer(request, sender)
-        except CoreError as err:
-            final = relayed_error(self.pb, str(err))
-        except Exception as err:  # never a request without its final response
-            final = error_response(self.pb, err)
-        finally:
-            self.threads.discard(threading.current_thread())
-        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def _answer(self, request: Any, sender: Any) -> Any:
-        raise NotImplementedError
+    def _failed(self, err: Exception) -> Any:
+        return relayed_error(self.pb, str(err)) if isinstance(err, CoreError) else super()._failed(err)
 
     def _core_responses(self, tensors: dict[str, np.ndarray], outputs: list[str]) -> Any:
         """The core's responses to one request (an iterator: progress, then the result)."""
@@ -92,10 +73,6 @@ class _Entry:
         if core_response.has_error():
             raise CoreError(core_response.error())
         return {t.name(): np.array(t.as_numpy(), copy=True) for t in core_response.output_tensors()}
-
-    def finalize(self) -> None:
-        for thread in list(getattr(self, "threads", ())):  # unloading: let the running requests answer
-            thread.join(timeout=60)
 
 
 class MethodEntry(_Entry):

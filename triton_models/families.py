@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
 from pathlib import Path
 
 from ti2i.budget import machine_budget
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
+from ti2i.triton_models.core import CoreOptions
 from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, write_repository
 
 
@@ -22,7 +22,7 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
                             options: RepositoryOptions = RepositoryOptions(),
                             models: Mapping[str | None, Sequence[str] | None] | None = None,
                             methods: Mapping[str | None, Sequence[str]] | None = None,
-                            core_options: Any = "default") -> Path:
+                            core_options: CoreOptions | None = CoreOptions()) -> Path:
     """Write (replacing) one repository serving every family; `models` limits a family to some components;
     `methods` names the method models each family serves and `core_options` (`core.CoreOptions`) its engine
     core (as `write_repository` takes them)."""

@@ -15,7 +15,6 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -26,6 +25,7 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import BATCH, TRITON_DTYPES, ComponentSpec, TensorSpec
+from ti2i.triton_models.core import CoreOptions
 from ti2i.triton_models.core_wire import core_name, write_secret
 
 MODEL_FILE = Path(__file__).with_name("model.py")
@@ -187,18 +187,14 @@ def _parameters(config: mc.ModelConfig, **values: str) -> None:
 
 def write_repository(manifest: Manifest, out_dir: str | Path, options: RepositoryOptions = RepositoryOptions(),
                      models: Iterable[str] | None = None, family: str | None = None, replace: bool = True,
-                     methods: Iterable[str] = (), core_options: Any = "default") -> Path:
+                     methods: Iterable[str] = (), core_options: CoreOptions | None = CoreOptions()) -> Path:
     """Write (replacing) the repository; `models` limits it to some components and the ensembles they allow;
     `core_options` (`core.CoreOptions`) serves them through the family's engine core, with the `methods`'
-    models (triton_models/method_repository.py; default: `CoreOptions()`); None: each component model hosts
+    models (triton_models/method_repository.py); None: each component model hosts
     its own engine (a native repository's python steps).
 
     With `family`, every model is served as ``<family>.<name>``; `replace=False` adds to an existing repository
     (several families side by side, see `ti2i.triton_models.families`)."""
-    if core_options == "default":
-        from ti2i.triton_models.core import CoreOptions
-
-        core_options = CoreOptions()
     out = Path(out_dir).resolve()
     if manifest.root == out or manifest.root.is_relative_to(out):
         raise InvalidInputError(f"the repository {out} would replace the engine directory {manifest.root}; "
