@@ -60,8 +60,8 @@ class StepScheduler(Runner):
     """
 
     # Merged calls of this many requests or more run as two halves side by side on engines that take concurrent
-    # calls: at 8 tiny SDEdit clients on 2 cores, 37.6 against 26.4 requests/s (docs/design-notes.md); below
-    # it, each half would hold a request or so and merging, not concurrency, is what pays.
+    # calls: 8 tiny SDEdit clients on 2 cores got 1.43-1.70x over one client with them, 1.37x without
+    # (docs/design-notes.md); below it, each half would hold a request or so and merging is what pays.
     SPLIT_FROM = 4
 
     def __init__(self, engines: Any, max_wait_s: float = 0.01):
