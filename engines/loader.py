@@ -7,18 +7,46 @@ from collections.abc import Iterable, Mapping, Sequence
 from ti2i.budget import io_memory, machine_budget
 from ti2i.engines.base import Engine
 from ti2i.engines.processing import STEPS, ProcessingEngine
-from ti2i.errors import ModelNotFoundError
+from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.manifest import ONNX, PROCESSING, Manifest
 
 
 ONNXRUNTIME = "onnxruntime"
-BACKENDS = (ONNXRUNTIME, "tensorrt", "aoti")
+OPENVINO = "openvino"
+BACKENDS = (ONNXRUNTIME, OPENVINO, "tensorrt", "aoti")
+# What users call them (`--backend`) -> the loader's names.
+ENGINE_BACKENDS = {"ort": ONNXRUNTIME, "openvino": OPENVINO, "aoti": "aoti", "tensorrt": "tensorrt"}
+
+
+def engine_choice(backend: str, precision: str = "auto") -> dict[str, str]:
+    """A user's `--backend` and `--precision` as the loader's options. Precision is OpenVINO's to choose (its
+    `auto` follows the CPU); the other backends run their graphs' or builds' own precision."""
+    if backend not in ENGINE_BACKENDS:
+        raise InvalidInputError(f"unknown engine backend {backend!r} (known: {', '.join(ENGINE_BACKENDS)})")
+    if ENGINE_BACKENDS[backend] != OPENVINO:
+        if precision not in ("auto", "fp32"):
+            raise InvalidInputError(f"precision {precision}: only the openvino backend runs bf16 "
+                                    f"(--backend openvino); {backend} runs its engines' own precision")
+        return {"backend": ENGINE_BACKENDS[backend], "precision": "fp32"}
+    from ti2i.engines.openvino import resolve_precision
+
+    return {"backend": OPENVINO, "precision": resolve_precision(precision)}
+
+
+def describe_choice(choice: dict[str, str], device: str = "cpu") -> str:
+    """What `engine_choice` chose, for the start of a run (OpenVINO: its precision and the CPU's bf16 units)."""
+    if choice["backend"] == OPENVINO:
+        from ti2i.engines.openvino import describe_precision
+
+        return describe_precision(choice["precision"])
+    return f"{choice['backend']} on {device}"
 
 
 def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
                 threads: int | None = None, budget: int | Mapping[str, int] | None = None, backend: str = ONNXRUNTIME,
-                device: str = "cpu") -> Engine:
-    """The engine of `name`: ONNX Runtime, or the TensorRT plan / AOTInductor package `ti2i build` wrote
+                device: str = "cpu", precision: str = "fp32") -> Engine:
+    """The engine of `name`: ONNX Runtime, OpenVINO on the same graph (in `precision`, fp32 or bf16, where the
+    component's declaration allows bf16), or the TensorRT plan / AOTInductor package `ti2i build` wrote
     (components without a build of that backend run on ONNX Runtime). ONNX Runtime engines refuse requests
     over `budget` bytes (default: this machine's budget; a mapping gives it by component); a manifest written before memory calibration gets
     its engines calibrated here, at load (seconds).
@@ -28,15 +56,18 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
     entry = manifest.components[name]
     if isinstance(budget, Mapping):
         budget = budget.get(name)
-    if entry.backend == ONNX and backend != ONNXRUNTIME:
+    if entry.backend == ONNX and backend not in (ONNXRUNTIME, OPENVINO):
         compiled = _load_compiled(manifest, name, backend, device)
         if compiled is not None:
             return compiled
     if entry.backend == ONNX:
         from ti2i.engines.calibrate import calibrate
-        from ti2i.engines.ort import OrtEngine
+        if backend == OPENVINO:
+            engine = _openvino_engine(manifest, name, threads, precision)
+        else:
+            from ti2i.engines.ort import OrtEngine
 
-        engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
+            engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
         engine.memory = entry.memory or calibrate(manifest.path_of(name), entry.spec)
         engine.budget = machine_budget() if budget is None else budget
         return engine
@@ -53,6 +84,17 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
 
 def load_engines(manifest: Manifest, names: Iterable[str] | None = None, **kwargs) -> dict[str, Engine]:
     return {name: load_engine(manifest, name, **kwargs) for name in (names or manifest.components)}
+
+
+def _openvino_engine(manifest: Manifest, name: str, threads: int | None, precision: str) -> Engine:
+    from ti2i.engines.openvino import OpenVinoEngine, cache_dir
+    from ti2i.export.components import COMPONENTS
+
+    declared = COMPONENTS.get(name)
+    if precision == "bf16" and declared is not None and not declared.bf16:
+        precision = "fp32"
+    return OpenVinoEngine(manifest.path_of(name), manifest.components[name].spec, precision, threads=threads,
+                          cache=cache_dir(manifest.root, precision))
 
 
 def _load_compiled(manifest: Manifest, name: str, backend: str, device: str) -> Engine | None:

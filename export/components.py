@@ -53,6 +53,8 @@ class Component:
     fp16_tolerance: float = 2e-2
     # Inputs that stay float32 in an fp16 graph (as NVIDIA's demo keeps the timestep).
     fp32_inputs: frozenset[str] = frozenset({"timestep"})
+    # OpenVINO bf16 (`--precision bf16|auto`): whether the CPU may run this component in bf16 (else fp32).
+    bf16: bool = True
 
     def precision(self, requested: str) -> str:
         """The precision this component is exported in when `requested` is asked for."""
@@ -406,9 +408,9 @@ COMPONENTS: dict[str, Component] = {
         Component("image_encoder", "image_encoder", _load("transformers.CLIPVisionModelWithProjection"),
                   _ImageEncoder, _image_encoder_spec, _TEXT_SIZES),
         Component("unet_svd", "unet", _load_auto, _UNetSVD, _unet_svd_spec, _VIDEO_SIZES, opt_batch=2),
-        # fp32 even in an fp16 export, as NVIDIA's demo keeps SVD's temporal VAE decoder
+        # fp32 even in an fp16 export or a bf16 run, as NVIDIA's demo keeps SVD's temporal VAE decoder
         Component("vae_decoder_temporal", "vae", _load_auto, _TemporalVaeDecoder, _vae_decoder_temporal_spec,
-                  _VIDEO_SIZES, fp16=False),
+                  _VIDEO_SIZES, fp16=False, bf16=False),
         Component("unet_motion", "unet", _load_motion_unet, _UNetMotion, _unet_motion_spec, _MOTION_SIZES,
                   opt_batch=2),
     )

@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import Method
+from ti2i.engines.loader import ENGINE_BACKENDS, describe_choice, engine_choice
+from ti2i.engines.openvino import PRECISIONS
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import to_numpy
 from ti2i.triton_models.method_io import preview, result_outputs
 from ti2i.work_limits import WorkLimits
 
-ENGINE_BACKENDS = {"ort": "onnxruntime", "aoti": "aoti", "tensorrt": "tensorrt"}
 
 
 class Cancelled(Exception):
@@ -45,7 +46,8 @@ class CoreOptions:
     max_queue: int = 32  # method requests that may wait for a place; one more is refused (UNAVAILABLE)
     queue_timeout_s: float = 30.0  # how long one may wait (a client may ask for less)
     threads: int = 0  # intra-op threads of the engines (0: every core)
-    backend: str = "ort"  # the engines: ort (ONNX Runtime), aoti or tensorrt (`ti2i build`'s packages and plans)
+    backend: str = "ort"  # the engines: ort (ONNX Runtime), openvino, aoti or tensorrt (`ti2i build`'s outputs)
+    precision: str = "auto"  # openvino: auto (bf16 where the CPU has bf16 units), fp32 or bf16
     device: str = "cpu"
     limits: WorkLimits = WorkLimits()
 
@@ -57,6 +59,8 @@ class CoreOptions:
             raise InvalidInputError(f"the queue timeout must be > 0 s, got {self.queue_timeout_s}")
         if self.backend not in ENGINE_BACKENDS:
             raise InvalidInputError(f"unknown engine backend {self.backend!r} (known: {', '.join(ENGINE_BACKENDS)})")
+        if self.precision not in PRECISIONS or (self.precision == "bf16" and self.backend != "openvino"):
+            raise InvalidInputError(f"precision {self.precision!r}: auto, fp32, or bf16 with the openvino backend")
 
 
 class Admission:
@@ -118,8 +122,9 @@ class EngineCore:
         self.options = options
         self.methods = {m.name: m for m in methods}
         self.components = list(components)
+        self.choice = engine_choice(options.backend, options.precision)
         self.engines = engines or InProcessRunner(engine_dir, budget=budgets, threads=options.threads or None,
-                                                  backend=ENGINE_BACKENDS[options.backend], device=options.device)
+                                                  device=options.device, **self.choice)
         self.scheduler = StepScheduler(self.engines)
         self.admission = Admission(options.active, options.max_queue, options.queue_timeout_s)
         # client-driven component calls are bounded like method requests: as many in flight as run and wait
@@ -128,6 +133,9 @@ class EngineCore:
         self.metrics = metrics
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return describe_choice(self.choice, self.options.device)
 
     def load(self) -> list[str]:
         """Load every served engine (and import the methods' loops), so that ready means warm."""

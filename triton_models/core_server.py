@@ -119,7 +119,7 @@ class TritonPythonModel(ThreadPerRequest):
         loaded = self.core.load()
         self.metrics.attach(self.core.admission, self.core.scheduler.executions)
         self.threads: set[threading.Thread] = set()
-        pb_utils.Logger.log_info(f"{self.name}: {options.backend} engines on {options.device} ({', '.join(loaded)}), "
+        pb_utils.Logger.log_info(f"{self.name}: {self.core.describe()} ({', '.join(loaded)}), "
                                  f"{options.active} active requests, a queue of {options.max_queue} "
                                  f"({options.queue_timeout_s:g} s), methods {', '.join(m.name for m in methods)}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ti2i.app.methods import add_method_parser
 from ti2i.client.registry import METHODS
 from ti2i.errors import InvalidInputError, Ti2iError
+from ti2i.engines.openvino import PRECISIONS
 from ti2i.triton_models.core import ENGINE_BACKENDS, CoreOptions
 from ti2i.work_limits import WorkLimits
 
@@ -56,7 +57,8 @@ def _repository_options(args: argparse.Namespace):
 
 def _core_options(args: argparse.Namespace) -> CoreOptions:
     return CoreOptions(active=args.active, max_queue=args.max_queue_size, queue_timeout_s=args.queue_timeout_s,
-                       threads=args.threads, backend=args.engine_backend, device=args.device,
+                       threads=args.threads, backend=args.engine_backend, precision=args.precision,
+                       device=args.device,
                        limits=WorkLimits(max_steps=args.max_steps, max_pixels=args.max_pixels))
 
 
@@ -235,9 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend" if name == "serve" else "--engine-backend", dest="engine_backend",
                        choices=tuple(ENGINE_BACKENDS),
                        default=CoreOptions.backend,
-                       help="the engines every method and component runs on: ort (ONNX Runtime), aoti or tensorrt "
-                            "(the packages and plans `ti2i build` wrote; components without one run on ort; "
-                            "default %(default)s)")
+                       help="the engines every method and component runs on: ort (ONNX Runtime), openvino (the "
+                            "same graphs compiled for this CPU), aoti or tensorrt (the packages and plans `ti2i "
+                            "build` wrote; components without one run on ort; default %(default)s)")
+        p.add_argument("--precision", choices=PRECISIONS, default=CoreOptions.precision,
+                       help="openvino: auto (bf16 where the CPU has AMX or AVX-512-BF16, else fp32), fp32 or bf16 "
+                            "(default %(default)s)")
         p.add_argument("--device", default=CoreOptions.device, help="the engines' device (default %(default)s)")
         p.add_argument("--no-method-models", action="store_true",
                        help="only the components and ensembles (clients run the loops)")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ti2i.client.registry import Method, Param
+from ti2i.engines.loader import ENGINE_BACKENDS, describe_choice, engine_choice
+from ti2i.engines.openvino import PRECISIONS
 from ti2i.errors import InvalidInputError
 
 
@@ -30,6 +32,12 @@ def add_method_parser(sub: argparse._SubParsersAction, method: Method) -> None:
                         "in-process); NAME=DIR, repeated, for several model families")
     target.add_argument("--server", help="Triton server URL: grpc://HOST:PORT or http://HOST:PORT; several "
                         "replicas separated by commas")
+    p.add_argument("--backend", choices=tuple(ENGINE_BACKENDS), default="ort",
+                   help="with --engines: the engines to run on: ort (ONNX Runtime, the exact default), openvino "
+                        "(the same graphs compiled for this CPU), aoti or tensorrt (`ti2i build`'s outputs)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="with --backend openvino: auto (bf16 where the CPU has AMX or AVX-512-BF16, else fp32), "
+                        "fp32 or bf16")
     p.add_argument("--family", default=None, help="the model family to use when several serve the method")
     p.add_argument("--remote", action="store_true",
                    help=f"with --server: one request to the served `{method.name}` model (the loop runs in the "
@@ -73,7 +81,10 @@ def _runner(args: argparse.Namespace):
     from ti2i.families import parse_engine_dirs
 
     if args.engines:
-        return InProcessRunner(parse_engine_dirs(args.engines), family=args.family)
+        choice = engine_choice(args.backend, args.precision)
+        if not args.quiet:
+            print(f"engines: {describe_choice(choice)}")
+        return InProcessRunner(parse_engine_dirs(args.engines), family=args.family, **choice)
     return TritonRunner(args.server, family=args.family)
 
 
@@ -83,6 +94,9 @@ def run_method_command(method: Method, args: argparse.Namespace) -> int:
     out = check_image_out(args.out) if method.output == "image" else check_out_parent(check_video_out(args.out))
     inputs: dict[str, Any] = {name: getattr(args, name) for name in method.images}
     params = {p.name: getattr(args, p.name) for p in method.params}
+    if args.server and (args.backend, args.precision) != ("ort", "auto"):
+        raise InvalidInputError("--backend and --precision choose in-process engines (--engines); a server runs "
+                                "the engines `ti2i serve --backend` chose")
     if args.remote:
         if not args.server:
             raise InvalidInputError("--remote needs --server (the method runs in the server)")
