@@ -337,6 +337,15 @@ def _ort(name: str, ctx: BenchContext) -> Backend:
                          {"providers": providers})
 
 
+def _openvino(name: str, ctx: BenchContext) -> Backend:
+    from ti2i.client.runners import InProcessRunner
+    from ti2i.engines.loader import describe_choice, engine_choice
+
+    choice = engine_choice("openvino")  # precision auto: bf16 where the CPU has the units
+    return RunnerBackend(name, ctx, lambda: InProcessRunner(ctx.engine_dir, **choice), "in-process",
+                         {"precision": choice["precision"], "engines": describe_choice(choice)})
+
+
 def _ort_batched(name: str, ctx: BenchContext) -> Backend:
     from ti2i.engines.ort import default_providers
 
@@ -471,21 +480,30 @@ class _Reference:
         return RunRecord(elapsed, samples, np.asarray(out, dtype=np.float32))
 
 
-def _reference(ctx: BenchContext) -> _Reference:
-    if "reference" not in ctx.shared:
-        ctx.shared["reference"] = _Reference(ctx)
-    return ctx.shared["reference"]
+def _reference(ctx: BenchContext, dtype: str = "float32") -> _Reference:
+    """The method's pipeline in `dtype` (its weights cast from fp32), one per benchmark context."""
+    key = f"reference-{dtype}"
+    if key not in ctx.shared:
+        reference = _Reference(ctx)
+        if dtype != "float32":
+            import torch
+
+            reference.pipe.to(getattr(torch, dtype))
+        ctx.shared[key] = reference
+    return ctx.shared[key]
 
 
 class DiffusersBackend(Backend):
-    """The diffusers pipeline on torch eager, or with its UNet and VAE under torch.compile."""
+    """The diffusers pipeline on torch eager, or with its UNet and VAE under torch.compile; in fp32, or with its
+    weights cast to `dtype` (one copy per dtype, shared like the fp32 one)."""
 
     kind = "reference"
 
-    def __init__(self, name: str, ctx: BenchContext, compile: bool = False):
+    def __init__(self, name: str, ctx: BenchContext, compile: bool = False, dtype: str = "float32"):
         super().__init__(name, ctx)
-        self.reference = _reference(ctx)
+        self.reference = _reference(ctx, dtype)
         self.compile = compile
+        self.dtype = dtype
         eager = self.reference.eager
         if compile:
             import torch
@@ -503,14 +521,19 @@ class DiffusersBackend(Backend):
         import torch
 
         return {"kind": self.kind, "device": self.ctx.device, "torch_threads": torch.get_num_threads(),
-                "compiled": self.compile}
+                "compiled": self.compile, "dtype": self.dtype}
 
 
 register_backend("diffusers", lambda name, ctx: DiffusersBackend(name, ctx),
                  description="the diffusers reference pipeline on torch eager")
 register_backend("diffusers-compile", lambda name, ctx: DiffusersBackend(name, ctx, compile=True),
                  description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)")
+register_backend("diffusers-bf16", lambda name, ctx: DiffusersBackend(name, ctx, dtype="bfloat16"),
+                 description="the diffusers pipeline, its weights in bfloat16 (torch_dtype=torch.bfloat16)")
 register_backend("ort", _ort, description="our method loop over our ONNX Runtime engines, in-process")
+register_backend("openvino", _openvino,
+                 description="our method loop over the same ONNX graphs compiled by OpenVINO for this CPU (bf16 "
+                             "where it has AMX or AVX-512-BF16), in-process")
 register_backend("ort-batched", _ort_batched,
                  description="our method loops in-process over one step scheduler (the engine core's "
                              "batching of concurrent requests, without a server)")

@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from ti2i.benchmarks.backends import BACKENDS, DEFAULT_BACKENDS
     from ti2i.benchmarks.presets import PRESETS
     from ti2i.client.registry import METHODS
+    from ti2i.engines.loader import ENGINE_BACKENDS
 
     p = sub.add_parser("bench", help="latency/throughput benchmark of every backend side by side",
                        description="Measure our engines in-process and served by Triton against the diffusers "
@@ -50,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="dynamic-batching delay of the served models (default: the repository's default)")
     p.add_argument("--max-queue-size", type=int, default=None,
                    help="queue bound of the served component models (0: unbounded, no queue policy; default 32)")
+    p.add_argument("--engine-backend", default="ort", choices=tuple(ENGINE_BACKENDS),
+                   help="the engines the served backends' core runs on (`ti2i serve --backend`; default %(default)s)")
     p.add_argument("--cache", default=None, help="where built models and engines are kept "
                                                  "(default: $TI2I_BENCH_CACHE or ~/.cache/ti2i/bench)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -92,6 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         unet_calls=args.unet_calls,
         max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size,
+        engine_backend=args.engine_backend,
         quiet=args.quiet,
         argv=["ti2i", *sys.argv[1:]],
     )

@@ -16,7 +16,6 @@ from ti2i.benchmarks.backends import (
     BenchContext,
     DiffusersBackend,
     RunnerBackend,
-    _Reference,
     register_backend,
 )
 
@@ -91,22 +90,11 @@ def _served_tensorrt(name: str, ctx: BenchContext) -> Backend:
     return RunnerBackend(name, ctx, lambda: TritonRunner(url), "served", {"url": url, "repository": "tensorrt"})
 
 
-class _DiffusersFp16(DiffusersBackend):
+def _diffusers_fp16(name: str, ctx: BenchContext) -> Backend:
     """The diffusers pipeline in fp16 on CUDA: the reference the fp16 engines are measured against."""
-
-    def __init__(self, name: str, ctx: BenchContext):
-        import torch
-
-        if not ctx.device.startswith("cuda"):
-            raise RuntimeError("diffusers-fp16 runs on CUDA only (fp16 on the CPU is no reference anyone runs)")
-        if "reference-fp16" not in ctx.shared:
-            reference = _Reference(ctx)
-            reference.pipe.to(torch.float16)
-            ctx.shared["reference-fp16"] = reference
-        Backend.__init__(self, name, ctx)
-        self.reference = ctx.shared["reference-fp16"]
-        self.compile = False
-        self.callables = dict(self.reference.eager)
+    if not ctx.device.startswith("cuda"):
+        raise RuntimeError("diffusers-fp16 runs on CUDA only (fp16 on the CPU is no reference anyone runs)")
+    return DiffusersBackend(name, ctx, dtype="float16")
 
 
 register_backend("ort-fp16", _ort_fp16, description="our loop over fp16 ONNX graphs on ONNX Runtime")
@@ -114,4 +102,4 @@ register_backend("aoti", _aoti, description="our loop, the denoiser an AOTInduct
 register_backend("tensorrt", _tensorrt, description="our loop over TensorRT fp16 plans, in-process (GPU)")
 register_backend("triton-tensorrt", _served_tensorrt,
                  description="our loop against tritonserver serving the plans natively (tensorrt_plan)")
-register_backend("diffusers-fp16", _DiffusersFp16, description="the diffusers pipeline in fp16 on CUDA")
+register_backend("diffusers-fp16", _diffusers_fp16, description="the diffusers pipeline in fp16 on CUDA")

@@ -72,6 +72,7 @@ class BenchConfig:
     image: Path = EXAMPLE
     max_queue_delay_us: int | None = None  # the served models' dynamic-batching delay (default: the repository's)
     max_queue_size: int | None = None  # the component models' queue bound (0: no queue policy; default: the repository's)
+    engine_backend: str = "ort"  # the served backends' engines (the core's `--backend`; precision auto)
     quiet: bool = False
     argv: Sequence[str] = field(default_factory=list)
 
@@ -201,6 +202,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "config": {
             "preset": preset.name, "preset_description": preset.description, "methods": methods,
             "backends": backends, "concurrency": levels, "concurrency_backend": config.concurrency_backend,
+            "engine_backend": config.engine_backend,
             "repeats": repeats, "warmup": warmup, "cache": str(cache), "model": config.model,
             "image": str(config.image), "seed": SEED,
         },
@@ -280,7 +282,7 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     served = {*backends, *(concurrency_backends(config) if levels else [])}
     method_model = any(BACKENDS[b].method_model for b in served)
     with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
-                 method_model) as server:
+                 method_model, config.engine_backend) as server:
         if server is not None:
             ctx.server = server
             entry["server"] = _server_info(server, options)
@@ -316,7 +318,7 @@ def _repository_options(config: BenchConfig) -> Any:
 
 @contextlib.contextmanager
 def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, progress: Progress,
-            method_active: int = 1, method_model: bool = False) -> Iterator[Any]:
+            method_active: int = 1, method_model: bool = False, engine_backend: str = "ort") -> Iterator[Any]:
     """The server of one method's components, through the family's engine core (`ti2i.triton_models.core`)
     with as many active requests as the sweep's largest level; with `method_model`, its method model too."""
     if not needed:
@@ -331,7 +333,7 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
     manifest = Manifest.load(engines)
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
         core = CoreOptions(active=method_active, max_queue=max(method_active, options.max_queue_size),
-                           queue_timeout_s=options.queue_timeout_us / 1e6)
+                           queue_timeout_s=options.queue_timeout_us / 1e6, backend=engine_backend)
         repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
                                 methods=[method] if method_model else [], core_options=core)
         if method_model:  # the bench sends plain requests only

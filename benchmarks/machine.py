@@ -10,8 +10,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ti2i.engines.openvino import matrix_units
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tritonclient",
+_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tritonclient",
              "nvidia-pytriton", "numpy", "matplotlib", "tensorrt", "ti2i")
 
 
@@ -71,6 +73,7 @@ def describe_machine() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return {
         "cpu": _cpu_model(),
+        "matrix_units": matrix_units(),  # the bf16 units OpenVINO's bf16 runs on (none: it runs fp32)
         "cores": cores,
         "usable_cores": usable,
         "memory_gib": _memory_gib(),
@@ -87,7 +90,10 @@ def label(machine: dict[str, Any]) -> str:
     """One line naming the machine, for the README table."""
     gpu = machine.get("gpus") or []
     where = f"{gpu[0]['name']} GPU, " if gpu else ""
-    return (f"{where}{machine.get('cpu')}, {machine.get('usable_cores')} cores, {machine.get('memory_gib')} GiB, "
+    units = machine.get("matrix_units")
+    cpu = f"{machine.get('cpu')} ({', '.join(units) if units else 'no bf16 units'})" if units is not None \
+        else machine.get("cpu")
+    return (f"{where}{cpu}, {machine.get('usable_cores')} cores, {machine.get('memory_gib')} GiB, "
             f"{machine.get('os')}")
 
 

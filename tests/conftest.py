@@ -124,7 +124,3 @@ def svd16_engines(svd_model, tmp_path_factory) -> Manifest:
                         precision="fp16")
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio (dB) of two [0, 1] float images or videos."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)

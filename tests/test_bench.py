@@ -159,6 +159,25 @@ def test_method_model_sweep_in_rounds_reads_the_cores_batching(tmp_path, cache):
     assert "2 rounds" in (tmp_path / "results" / "results.md").read_text()
 
 
+def test_openvino_and_diffusers_bf16_are_measured_and_the_machine_names_its_bf16_units(tmp_path, cache):
+    """The CPU anchors: the pipeline in bf16 and our loop on OpenVINO, in-process and served on an openvino core."""
+    from ti2i.engines.openvino import matrix_units, resolve_precision
+
+    out = tmp_path / "results"
+    data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["diffusers-bf16", "openvino",
+                                                                                "triton-method"],
+                                     concurrency=(), out=out, cache=cache, repeats=1, warmup=1, steps=2,
+                                     unet_calls=1, engine_backend="openvino", quiet=True))
+    entry = data["methods"]["sdedit"]
+    assert all(entry["backends"][b]["status"] == "ok" for b in ("diffusers-bf16", "openvino", "triton-method"))
+    assert entry["backends"]["diffusers-bf16"]["details"]["dtype"] == "bfloat16"
+    assert entry["backends"]["openvino"]["details"]["precision"] == resolve_precision("auto")
+    assert data["machine"]["matrix_units"] == matrix_units() and data["config"]["engine_backend"] == "openvino"
+    units = ", ".join(matrix_units()) or "no bf16 units"
+    assert f"({units})" in (out / "results.md").read_text()
+    assert "openvino" in (out / "server-sdedit.log").read_text()
+
+
 def test_batched_in_process_sweep_merges_the_clients_steps(tmp_path, cache):
     """`ort-batched`: the clients of a level share one step scheduler, so 2 clients' UNet calls merge (PNDM: 2
     calls a request); the scheduler's own counts fill the batching columns."""

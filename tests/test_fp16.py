@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import psnr
+from ti2i.client.images import psnr
 from ti2i.client.runners import InProcessRunner
 from ti2i.client.sdedit import sdedit
 from ti2i.client.svd import svd

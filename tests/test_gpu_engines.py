@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import psnr
+from ti2i.client.images import psnr
 from google.protobuf import text_format
 from ti2i.client.runners import InProcessRunner
 from ti2i.client.sdedit import sdedit

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import psnr, server_url
+from conftest import server_url
+from ti2i.client.images import psnr
 from test_method_models import _inputs, _pixels
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import run_remote
@@ -114,3 +115,17 @@ def test_the_engine_core_serves_every_method_on_openvino(engines, svd_engines, e
             for method in names:
                 local = METHODS[method](runner, **_inputs(method, example_image))
                 np.testing.assert_array_equal(_pixels(served[method]), _pixels(local), err_msg=method)
+
+
+def test_the_cli_runs_a_method_on_openvino_and_names_its_precision(engines, tmp_path, capsys):
+    from conftest import EXAMPLE
+    from ti2i.app.cli import main
+
+    edit = ["sdedit", "--image", str(EXAMPLE), "--prompt", "a house", "--steps", "3", "--height", "32", "--width",
+            "32", "--out", str(tmp_path / "edit.png"), "--backend", "openvino"]
+    assert main([*edit, "--engines", str(engines.root)]) == 0
+    assert f"engines: openvino {PRECISION} on " in capsys.readouterr().out
+    assert (tmp_path / "edit.png").is_file()
+    assert main([*edit, "--server", "grpc://127.0.0.1:1"]) == 2  # a server's engines are the server's choice
+    assert "choose in-process engines" in capsys.readouterr().err
+    assert main([*edit[:-1], "ort", "--precision", "bf16", "--engines", str(engines.root)]) == 2

@@ -2,7 +2,8 @@
 
 tiny models -> ONNX export (validated) -> one Triton model repository -> one bundled tritonserver
 on 127.0.0.1 -> each method through the gRPC client -> outputs/, with per-stage latencies; then one
-edit as a single request to its served method model. The image methods share one engine directory;
+edit as a single request to its served method model; last, that edit in-process on ONNX Runtime and on
+OpenVINO side by side (times and PSNR). The image methods share one engine directory;
 SVD (its own VAE, no text encoder) has its own. Both are served by the same server as two model
 families (``sd.*`` and ``svd.*``); each method finds its family.
 """
@@ -15,12 +16,13 @@ from typing import Any
 
 from PIL import Image
 
-from ti2i.client.images import centered_ellipse_mask
+from ti2i.client.images import centered_ellipse_mask, psnr
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import run_remote
 from ti2i.client.results import ImageResult, VideoResult
-from ti2i.client.runners import TritonRunner
+from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.client.video import write_video
+from ti2i.engines.loader import describe_choice, engine_choice
 from ti2i.export.exporter import export_model
 from ti2i.export.tiny import write_tiny_model
 from ti2i.triton_models.families import write_family_repository
@@ -99,7 +101,25 @@ def run_demo(work: Path, out: Path, image: Path = DEMO_IMAGE) -> int:
         save(result, out / f"{remote}-remote.png")
         print(f"wrote {out / f'{remote}-remote.png'} ({result.timings.summary()['remote']['total_s']:.2f} s)")
     print("== server stopped")
+    compare_engines(sd_engines.root, remote, requests[remote], out)
     return 0
+
+
+def compare_engines(engine_dir: Path, method: str, request: dict[str, Any], out: Path) -> None:
+    """The method in-process on ONNX Runtime (the exact fp32 default) and on OpenVINO (bf16 where this CPU has
+    the units): each timed after one warm-up run (OpenVINO compiles then), and the PSNR between the two."""
+    choice = engine_choice("openvino")
+    print(f"== {method} in-process on ort and on {describe_choice(choice)}")
+    results = {}
+    for name, options in (("ort", {}), ("openvino", choice)):
+        with InProcessRunner(engine_dir, **options) as runner:
+            METHODS[method](runner, progress=False, **request)
+            start = time.perf_counter()
+            results[name] = METHODS[method](runner, progress=False, **request)
+            print(f"{name}: {time.perf_counter() - start:.2f} s")
+    save(results["openvino"], out / f"{method}-openvino.png")
+    print(f"PSNR openvino {choice['precision']} vs ort fp32: "
+          f"{psnr(results['openvino'].array, results['ort'].array):.1f} dB; wrote {out / f'{method}-openvino.png'}")
 
 
 def save(result: ImageResult | VideoResult, target: Path) -> None:

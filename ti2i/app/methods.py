@@ -82,7 +82,7 @@ def _runner(args: argparse.Namespace):
 
     if args.engines:
         choice = engine_choice(args.backend, args.precision)
-        if not args.quiet:
+        if args.backend != "ort" and not args.quiet:  # the exact default says nothing; the others, what runs
             print(f"engines: {describe_choice(choice)}")
         return InProcessRunner(parse_engine_dirs(args.engines), family=args.family, **choice)
     return TritonRunner(args.server, family=args.family)
