@@ -28,6 +28,8 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 # /proc/cpuinfo flags of the units bf16 inference runs on (reported with the precision chosen).
 MATRIX_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "amx_fp16")
 CACHE_FOLDER = "openvino_cache"
+# PERFORMANCE_HINT is LATENCY (one stream over every core): the core's callers share one compiled model, and
+# LATENCY beat THROUGHPUT both on its merged calls and on its concurrent halves (docs/design-notes.md).
 
 
 @lru_cache(maxsize=1)
@@ -91,7 +93,7 @@ class OpenVinoEngine(Engine):
     concurrent_calls = True  # one infer request per calling thread; infer releases the GIL while it runs
 
     def __init__(self, onnx_path: str | Path, spec: ComponentSpec, precision: str = "fp32",
-                 threads: int | None = None, cache: Path | None = None, hint: str = "LATENCY"):
+                 threads: int | None = None, cache: Path | None = None):
         super().__init__(spec)
         path = Path(onnx_path)
         if not path.is_file():
@@ -99,7 +101,7 @@ class OpenVinoEngine(Engine):
         if precision not in _HINTS:
             raise InvalidInputError(f"{spec.name}: OpenVINO precision {precision!r} (fp32 or bf16)")
         self.precision = precision
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": hint}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if cache is not None:
