@@ -103,7 +103,7 @@ def cyclediffusion(
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
 
     # 4. Timesteps: DDIM built from the model's scheduler config (the DPM-Encoder needs DDIM's posterior)
-    scheduler = shared.make_scheduler(pipeline, UNET, cls_name="DDIMScheduler")
+    scheduler = shared.make_scheduler(pipeline, UNET, "DDIMScheduler")
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
 
     # 5. Latents: both chains start from the same noised sample of the posterior

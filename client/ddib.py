@@ -28,8 +28,8 @@ UNET = "unet"
 def ddib_timesteps(pipeline: dict, steps: int, strength: float):
     """(DDIM decoder, its timesteps; DDIM inverter, its timesteps): the inversion climbs exactly the
     timesteps the decoding descends, the top one selected by `strength` as in img2img."""
-    decoder = shared.make_scheduler(pipeline, UNET, cls_name="DDIMScheduler")
-    inverter = shared.make_scheduler(pipeline, UNET, cls_name="DDIMInverseScheduler")
+    decoder = shared.make_scheduler(pipeline, UNET, "DDIMScheduler")
+    inverter = shared.make_scheduler(pipeline, UNET, "DDIMInverseScheduler")
     spacing = decoder.config.timestep_spacing
     if spacing not in ("leading", "trailing"):
         raise InvalidInputError(f"DDIM inversion supports 'leading' or 'trailing' timestep spacing; the model's "

@@ -39,6 +39,7 @@ def inpaint(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
+    scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
@@ -55,6 +56,7 @@ def inpaint(
                                 f"masked-image latent); {UNET!r} of these engines has {channels} input channels")
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
+    shared.check_scheduler(scheduler)
     shared.check_finite(guidance=guidance, eta=eta)
     pil = load_image(image, max_pixels)
     mask_pil = load_image(mask, max_pixels, what="mask", convert_rgb=False)
@@ -66,8 +68,8 @@ def inpaint(
     with timings.stage("encode_prompt"):
         prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
 
-    # 3. Timesteps: the tail of the model folder's schedule that `strength` selects (all of it at 1)
-    scheduler = shared.make_scheduler(pipeline, UNET)
+    # 3. Timesteps: the tail of the schedule that `strength` selects (all of it at 1)
+    scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
     is_strength_max = strength == 1.0
 

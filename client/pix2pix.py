@@ -32,6 +32,7 @@ def pix2pix(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
+    scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
@@ -43,7 +44,7 @@ def pix2pix(
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_finite(guidance=guidance, image_guidance=image_guidance, eta=eta)
     pil = load_image(image, max_pixels)
-    scheduler = shared.make_scheduler(pipeline, UNET)
+    scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
     do_cfg = guidance > 1.0 and image_guidance >= 1.0
 
     # 2. Encode the prompt: [text, negative, negative] with guidance
@@ -62,7 +63,7 @@ def pix2pix(
         image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
 
     # 4. Timesteps: the whole schedule
-    scheduler.set_timesteps(steps)
+    shared.set_timesteps(scheduler, steps)
     timesteps = scheduler.timesteps
 
     # 5. Latents: noise × the scheduler's initial sigma

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ti2i.client.schedulers import MODEL_SCHEDULER, scheduler_help
 from ti2i.errors import InvalidInputError
 
 # A method model's streaming (decoupled) twin is served as METHOD + STREAM_SUFFIX.
@@ -209,6 +210,9 @@ def _size(default: str) -> tuple[Param, Param]:
             Param("width", int, None, f"output width (snapped to a multiple of 8; default: {default})", low=1))
 
 
+SCHEDULER = Param("scheduler", str, MODEL_SCHEDULER, f"the sampling scheduler: {scheduler_help()}")
+
+
 def _steps(default: int) -> Param:
     return Param("steps", int, default, "denoising steps", low=1)
 
@@ -233,7 +237,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
-        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE)),
+        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE), SCHEDULER),
         images=(), size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
@@ -241,7 +245,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
-        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE)),
+        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER),
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
                                                                 "guidance_scale": "guidance"})),
@@ -252,7 +256,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
         (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
          _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
-         *_size(_MODEL_SIZE + "; image and mask are resized to it")),
+         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER),
         images=("image", "mask"), image_help={"mask": "mask image file: white repaints, black keeps"},
         size_default=_MODEL_SIZE + "; image and mask are resized to it",
         reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
@@ -264,7 +268,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
         (Param("prompt", str, None, "the edit instruction (may be empty)", required=True), NEGATIVE, _steps(100),
          _guidance(7.5, "text guidance s_T"), Param("image_guidance", float, 1.5, "image guidance s_I"), _seed(),
-         *_size(_IMAGE_SIZE)),
+         *_size(_IMAGE_SIZE), SCHEDULER),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",
                              "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt")),
@@ -315,8 +319,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          Param("alpha", float, 0.0, "temporal merge: 1 = the image model per frame, 0 = the motion modules as "
                                     "trained", low=0.0, high=1.0),
          Param("anchor_first_frame", bool, True, "keep frame 0 on the input image's trajectory (default: on)"),
-         Param("scheduler", str, "model", "the model folder's scheduler, or the linear-beta DDIM the motion "
-                                          "modules were trained with", choices=("model", "linear-ddim")),
+         Param("scheduler", str, MODEL_SCHEDULER, f"the sampling scheduler: {scheduler_help()}, or linear-ddim (the "
+                                                  f"linear-beta DDIM the motion modules were trained with)"),
          Param("fps", float, 8.0, "frames per second of the written video", low=0.0, low_open=True), _seed(),
          *_size(_IMAGE_SIZE)),
         out_help=_VIDEO_OUT, latent_layout="BCFHW"),

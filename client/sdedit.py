@@ -25,6 +25,7 @@ def sdedit(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
+    scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
@@ -35,6 +36,7 @@ def sdedit(
     # 1. Check inputs
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, "unet"))
+    shared.check_scheduler(scheduler)
     shared.check_finite(guidance=guidance, eta=eta)
     pil = load_image(image, max_pixels)
     do_cfg = guidance > 1.0
@@ -47,7 +49,7 @@ def sdedit(
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
 
     # 4. Timesteps: the tail of the schedule that `strength` selects
-    scheduler = shared.make_scheduler(pipeline, "unet")
+    scheduler = shared.make_scheduler(pipeline, "unet", scheduler, seed)
     timesteps = shared.img2img_timesteps(scheduler, steps, strength)
 
     # 5. Latents: a sample of the posterior, scaled, noised once at the first timestep

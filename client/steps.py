@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ti2i.client.registry import SEED
+from ti2i.client.schedulers import MODEL_SCHEDULER, SCHEDULER_NAMES, scheduler_help
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.runner import Runner
 
@@ -141,24 +142,60 @@ def unet_facts(pipeline: dict[str, Any], unet: str) -> dict[str, Any]:
     return pipeline["unets"][unet]
 
 
-def make_scheduler(pipeline: dict[str, Any], unet: str, cls_name: str | None = None, **overrides: Any):
-    """The scheduler `unet`'s model folder ships (or `cls_name` built from its config)."""
+# Schedulers whose noise comes from their own sampler rather than `step`'s generator: seeded from the request.
+SEEDED_BY_CONFIG = {"DPMSolverSDEScheduler": "noise_sampler_seed"}
+
+
+def scheduler_class(name: str) -> tuple[str, dict[str, Any]]:
+    """A user's scheduler name (short name or diffusers class name) -> (class name, settings); one clear error
+    for anything else, before any work is done."""
+    if name in SCHEDULER_NAMES:
+        return SCHEDULER_NAMES[name]
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise InvalidInputError(f"unknown scheduler {name!r}: use {scheduler_help()}")
+    return name, {}
+
+
+def check_scheduler(name: str) -> None:
+    if name != MODEL_SCHEDULER:
+        scheduler_class(name)
+
+
+def make_scheduler(pipeline: dict[str, Any], unet: str, name: str = MODEL_SCHEDULER, seed: int | None = None,
+                   **overrides: Any):
+    """The scheduler `unet`'s model folder ships, or `name` (a short name or class name) built from its config
+    as diffusers' `from_config` does; `seed` seeds a scheduler that draws its own noise."""
     import diffusers
 
     config = dict(unet_facts(pipeline, unet)["scheduler"])
-    name = cls_name or config["_class_name"]
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise InvalidInputError(f"unknown scheduler class {name!r}")
-    if cls_name is not None:  # another class: leave out the settings it has no use for (they would only warn)
+    settings: dict[str, Any] = {}
+    if name != MODEL_SCHEDULER:
+        cls_name, settings = scheduler_class(name)
+        cls = getattr(diffusers, cls_name)
+        # another class: leave out the settings it has no use for (they would only warn)
         accepted = set(inspect.signature(cls.__init__).parameters)
         config = {k: v for k, v in config.items() if k in accepted or k.startswith("_")}
-    return cls.from_config({**config, **overrides})
+    else:
+        cls = getattr(diffusers, config["_class_name"])
+    if cls.__name__ in SEEDED_BY_CONFIG and seed is not None:
+        settings = {**settings, SEEDED_BY_CONFIG[cls.__name__]: seed}
+    return cls.from_config({**config, **settings, **overrides})
+
+
+def set_timesteps(scheduler, steps: int) -> None:
+    """`scheduler.set_timesteps`, its refusals (LCM: more steps than its original schedule) as clear errors."""
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as err:
+        raise InvalidInputError(f"{type(scheduler).__name__} cannot take {steps} steps: {err}") from None
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     """The tail of the schedule that `strength` selects, as diffusers' img2img `get_timesteps`."""
-    scheduler.set_timesteps(steps)
+    set_timesteps(scheduler, steps)
     init_timestep = min(int(steps * strength), steps)
     t_start = max(steps - init_timestep, 0)
     timesteps = scheduler.timesteps[t_start * scheduler.order:]

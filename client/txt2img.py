@@ -21,6 +21,7 @@ def txt2img(
     height: int | None = None,
     width: int | None = None,
     eta: float = 0.0,
+    scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
@@ -31,6 +32,7 @@ def txt2img(
 
     # 1. Check inputs; the size defaults to the model's (UNet sample size × VAE factor: 512 for SD 1.5)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
+    shared.check_scheduler(scheduler)
     shared.check_finite(guidance=guidance, eta=eta)
     factor = pipeline["vae_scale_factor"]
     height, width = requested_size(height, width, facts["default_size"], factor, max_pixels)
@@ -40,9 +42,9 @@ def txt2img(
     with timings.stage("encode_prompt"):
         prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
 
-    # 3. Timesteps: the whole schedule of the model folder's scheduler
-    scheduler = shared.make_scheduler(pipeline, UNET)
-    scheduler.set_timesteps(steps)
+    # 3. Timesteps: the whole schedule of the scheduler asked for (the model folder's by default)
+    scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
+    shared.set_timesteps(scheduler, steps)
 
     # 4. Latents: noise × the scheduler's initial sigma
     generator = shared.generator(seed)

@@ -25,17 +25,16 @@ from ti2i.runner import Runner
 
 UNET = "unet_motion"
 VAE_CHUNK = 16  # frames per VAE call, as the reference's decode_chunk_size
-SCHEDULERS = ("model", "linear-ddim")
 # The schedule AnimateDiff's motion modules were trained with (its inference configs and diffusers' docs).
+LINEAR_DDIM_NAME = "linear-ddim"
 LINEAR_DDIM = dict(beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1)
 
 
-def make_video_scheduler(pipeline: dict, scheduler: str):
-    if scheduler not in SCHEDULERS:
-        raise InvalidInputError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-    if scheduler == "linear-ddim":
-        return shared.make_scheduler(pipeline, UNET, cls_name="DDIMScheduler", **LINEAR_DDIM)
-    return shared.make_scheduler(pipeline, UNET)
+def make_video_scheduler(pipeline: dict, scheduler: str, seed: int):
+    """The model folder's scheduler, any of `steps.make_scheduler`'s names, or linear-beta DDIM."""
+    if scheduler == LINEAR_DDIM_NAME:
+        return shared.make_scheduler(pipeline, UNET, "DDIMScheduler", **LINEAR_DDIM)
+    return shared.make_scheduler(pipeline, UNET, scheduler, seed)
 
 
 def videoldm(
@@ -74,7 +73,7 @@ def videoldm(
     if fps <= 0:
         raise InvalidInputError(f"fps must be positive, got {fps}")
     pil = load_image(image, max_pixels)
-    sched = make_video_scheduler(pipeline, scheduler)
+    sched = make_video_scheduler(pipeline, scheduler, seed)
     do_cfg = guidance > 1.0
 
     # 2. Encode the prompt: [uncond, cond] with guidance

@@ -51,10 +51,10 @@ pytestmark = pytest.mark.timeout(600)
 SMALL = dict(height=32, width=32)
 # each method's request: tiny sizes and few steps keep the suite fast
 REQUESTS = {
-    "txt2img": dict(prompt="hills at dusk", steps=3, seed=3, **SMALL),
+    "txt2img": dict(prompt="hills at dusk", steps=3, seed=3, scheduler="dpm++sde-karras", **SMALL),
     "sdedit": dict(prompt="a watercolor of a house", steps=4, strength=0.5, seed=11),
     "inpaint": dict(prompt="a full moon", steps=3, seed=2, **SMALL),
-    "pix2pix": dict(prompt="make it snowy", steps=3, seed=4),
+    "pix2pix": dict(prompt="make it snowy", steps=3, seed=4, scheduler="euler-a"),
     "cyclediffusion": dict(prompt="a painting of a house", source_prompt="a photo of a house", steps=4, strength=0.5,
                            seed=5),
     "ddib": dict(prompt="a painting of a house", source_prompt="a photo of a house", steps=4, strength=0.5),
@@ -409,6 +409,8 @@ BAD = [
     ("strength out of range", dict(strength=1.5), "strength must be in (0.0, 1.0]"),
     ("steps zero", dict(steps=0), "steps must be a positive integer"),
     ("unknown format", dict(format="bmp"), "format 'bmp' is not one of png"),
+    ("unknown scheduler", dict(scheduler="warp-drive"), "unknown scheduler 'warp-drive'"),
+    ("too many LCM steps", dict(scheduler="lcm", steps=80), "LCMScheduler cannot take 80 steps"),
 ]
 
 

@@ -134,7 +134,7 @@ def test_anchoring_ends_frame_zero_exactly_on_the_input_latent(engines, example_
 
 @pytest.mark.parametrize("bad, words", [
     (dict(frames=1), "frames"), (dict(frames=33), "frames"), (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha"),
-    (dict(strength=0.0), "strength"), (dict(steps=0), "steps"), (dict(scheduler="euler"), "scheduler"),
+    (dict(strength=0.0), "strength"), (dict(steps=0), "steps"), (dict(scheduler="warp-drive"), "scheduler"),
     (dict(fps=0), "fps"),
 ])
 def test_bad_input_is_a_clear_error(bad, words, engines, example_image):

@@ -1,0 +1,91 @@
+"""A choice of scheduler: every short name (and a diffusers class name) on SDEdit and text-to-image equals the
+diffusers pipeline with that scheduler built from the model folder's config, seed for seed."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from conftest import EXAMPLE, max_abs
+from PIL import Image
+from ti2i.client.runners import InProcessRunner
+from ti2i.client.schedulers import SCHEDULER_NAMES
+from ti2i.client.sdedit import sdedit
+from ti2i.client.txt2img import txt2img
+from ti2i.errors import InvalidInputError
+
+TOLERANCE = 2 / 255  # max |Δ| on the [0, 1] float image
+SEED = 7
+
+
+def _with_scheduler(pipe, name: str):
+    cls_name, settings = SCHEDULER_NAMES.get(name, (name, {}))
+    if cls_name == "DPMSolverSDEScheduler":  # its Brownian noise is seeded by config (ti2i: the request's seed)
+        settings = {**settings, "noise_sampler_seed": SEED}
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.model_scheduler_config, **settings)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipelines(sd_model):
+    common = dict(safety_checker=None, requires_safety_checker=False)
+    text = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_model), **common)
+    image = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(sd_model), **common)
+    for pipe in (text, image):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.model_scheduler_config = pipe.scheduler.config  # each test's scheduler is built from the model's
+    return {"txt2img": text, "sdedit": image}
+
+
+@pytest.fixture(scope="module")
+def runner(engines):
+    with InProcessRunner(engines.root) as runner:
+        yield runner
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(SEED)
+
+
+@pytest.mark.parametrize("name", [*SCHEDULER_NAMES, "KDPM2DiscreteScheduler"])
+def test_txt2img_with_each_scheduler_matches_diffusers(name, pipelines, runner):
+    pipe = _with_scheduler(pipelines["txt2img"], name)
+    expected = pipe("hills at dusk", num_inference_steps=5, guidance_scale=7.5, height=32, width=40,
+                    generator=_generator(), output_type="np").images[0]
+    got = txt2img(runner, "hills at dusk", steps=5, guidance=7.5, height=32, width=40, seed=SEED, scheduler=name,
+                  progress=False)
+    error = max_abs(got.array, expected)
+    print(f"\ntxt2img {name}: max |Δ| = {error:.1e}")
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(SCHEDULER_NAMES))
+def test_sdedit_with_each_scheduler_matches_diffusers(name, pipelines, runner):
+    image = Image.open(EXAMPLE).convert("RGB").resize((48, 32))
+    pipe = _with_scheduler(pipelines["sdedit"], name)
+    expected = pipe("a watercolor", image=image, strength=0.6, num_inference_steps=8, guidance_scale=7.5,
+                    generator=_generator(), output_type="np").images[0]
+    got = sdedit(runner, image, "a watercolor", strength=0.6, steps=8, guidance=7.5, seed=SEED, scheduler=name,
+                 progress=False)
+    error = max_abs(got.array, expected)
+    print(f"\nsdedit {name}: max |Δ| = {error:.1e}")
+    assert error <= TOLERANCE
+
+
+def test_the_models_scheduler_stays_the_default(runner):
+    default = txt2img(runner, "hills", steps=3, height=32, width=32, seed=SEED, progress=False)
+    named = txt2img(runner, "hills", steps=3, height=32, width=32, seed=SEED, scheduler="pndm", progress=False)
+    other = txt2img(runner, "hills", steps=3, height=32, width=32, seed=SEED, scheduler="euler", progress=False)
+    assert max_abs(default.array, named.array) == 0.0  # the tiny model ships PNDM
+    assert max_abs(default.array, other.array) > 1e-3
+
+
+@pytest.mark.parametrize("name, words", [
+    ("warp-drive", "unknown scheduler 'warp-drive'"),
+    ("AutoencoderKL", "unknown scheduler 'AutoencoderKL'"),
+    ("SchedulerMixin", "unknown scheduler 'SchedulerMixin'"),
+])
+def test_an_unknown_scheduler_is_one_clear_error(name, words, runner):
+    with pytest.raises(InvalidInputError, match=words) as info:
+        txt2img(runner, "hills", steps=3, height=32, width=32, scheduler=name, progress=False)
+    assert "dpm++2m-karras" in str(info.value)  # it lists what is known
