@@ -39,7 +39,7 @@ def describe_choice(choice: dict[str, str], device: str = "cpu") -> str:
         from ti2i.engines.openvino import describe_precision
 
         return describe_precision(choice["precision"])
-    return f"{choice['backend']} on {device}"
+    return f"{choice['backend']} engines on {device}"
 
 
 def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None = None,
