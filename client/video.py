@@ -68,8 +68,16 @@ def _check_frames(frames: np.ndarray, fps: float) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp unless this is set: a real fork() that runs gRPC's
+# fork handlers in a process with live gRPC channels, which broke the pipe to ffmpeg (1 write in 40 while a
+# client was busy over gRPC; `make demo` failed so). Set, Python spawns ffmpeg without fork handlers.
+SPAWN_WITHOUT_FORK_ENV = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
+
+
 def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
     import imageio_ffmpeg
+
+    os.environ.setdefault(SPAWN_WITHOUT_FORK_ENV, "1")  # read by write_frames when it starts ffmpeg
 
     _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")

@@ -79,6 +79,18 @@ def test_mp4_round_trip(tmp_path):
     assert mean_abs(back, video) < 6.0
 
 
+def test_mp4_writing_forks_nothing(tmp_path):
+    """ffmpeg is spawned without fork(): a fork runs gRPC's fork handlers, which broke the pipe to ffmpeg in a
+    process with a busy gRPC client (`make demo`, 1 write in 40). Python runs at-fork hooks on every fork."""
+    import os
+
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    write_video(moving_square(), tmp_path / "clip.mp4", FPS)
+    assert (tmp_path / "clip.mp4").stat().st_size > 0
+    assert forks == []
+
+
 def test_mp4_odd_size_is_padded_not_resized(tmp_path):
     video = moving_square(frames=5, height=47, width=63)
     back, meta = read_mp4(write_video(video, tmp_path / "odd.mp4", 24))
