@@ -61,11 +61,25 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
     else:
         raise InvalidInputError(f"{what} must be an image file path, its bytes or a PIL image, "
                                 f"got {type(source).__name__}")
+    image = _eight_bit(image)
     if not convert_rgb:
         return image
     if image.mode != "RGB":
         image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
     return image
+
+
+# Pillow's wide single-channel modes: 16-bit grayscale PNGs open as I;16 (or I), whose values Pillow's own
+# conversion to RGB clips at 255, making a full-range image all white. Their 8-bit equivalent is value/257.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit grayscale with the same tones; other modes as they are."""
+    if image.mode not in _WIDE_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def _decode(file: Path | io.BytesIO, label: str, limit: int, what: str) -> Image.Image:
@@ -78,7 +92,8 @@ def _decode(file: Path | io.BytesIO, label: str, limit: int, what: str) -> Image
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         if isinstance(err, InvalidInputError):
             raise
-        raise InvalidInputError(f"{label} is not a readable image: {err}") from None
+        reason = "not a format Pillow reads" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise InvalidInputError(f"{label} is not a readable image: {reason}") from None
 
 
 def snap_size(image: Image.Image, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
@@ -91,11 +106,12 @@ def _snap(height: int | None, width: int | None, default_height: int, default_wi
     for label, value in (("height", height), ("width", width)):
         if value is not None and value <= 0:
             raise InvalidInputError(f"{label} must be positive, got {value}")
-    h = height if height is not None else default_height
-    w = width if width is not None else default_width
-    h, w = h - h % multiple, w - w % multiple
+    asked_h = height if height is not None else default_height
+    asked_w = width if width is not None else default_width
+    h, w = asked_h - asked_h % multiple, asked_w - asked_w % multiple
     if h == 0 or w == 0:
-        raise InvalidInputError(f"image size {w}×{h} is smaller than one latent pixel ({multiple}×{multiple})")
+        raise InvalidInputError(f"size {asked_w}×{asked_h} is smaller than one latent pixel ({multiple}×{multiple}): "
+                                f"give an image or --height/--width of at least {multiple}")
     return h, w
 
 

@@ -548,3 +548,48 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(tokenize_model, bad
     for i in (0, 2):
         assert responses[i].error is None, responses[i].error.message()
         assert responses[i].outputs["input_ids"].shape == (1, 77)
+
+
+# --------------------------------------------------------------------------- images as a newcomer brings them
+
+
+def test_a_16_bit_grayscale_png_keeps_its_tones(tmp_path):
+    """A full-range 16-bit grayscale PNG became an all-white RGB image (Pillow clips I;16 to 255)."""
+    ramp = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(path)
+    rgb = np.asarray(load_image(path), dtype=np.float64)
+    assert rgb.shape == (48, 64, 3)
+    np.testing.assert_allclose(rgb[..., 0], ramp / 257.0, atol=1.0)
+    mask = load_image(path, convert_rgb=False, what="mask")
+    assert np.asarray(mask.convert("L")).max() == 255 and np.asarray(mask.convert("L")).min() == 0
+
+
+def test_an_unreadable_buffer_is_named_without_its_python_repr():
+    with pytest.raises(InvalidInputError) as info:
+        load_image(b"this is no image at all")
+    assert "BytesIO" not in str(info.value) and "0x" not in str(info.value)
+    assert "image (23 bytes) is not a readable image" in str(info.value)
+
+
+def test_a_tiny_image_is_reported_at_its_own_size(runner):
+    with pytest.raises(InvalidInputError) as info:
+        sdedit(runner, Image.new("RGB", (1, 1)), "a cat", steps=2, progress=False)
+    assert "1×1" in str(info.value) and "0×0" not in str(info.value)
+
+
+@pytest.mark.parametrize("wrap", ["newlines", "data-url", "both"])
+def test_base64_wrapped_or_as_a_data_url_is_accepted(wrap):
+    import base64
+    import io
+
+    from ti2i.triton_models.method_io import image_bytes
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    text = base64.b64encode(buffer.getvalue()).decode()
+    if wrap in ("newlines", "both"):
+        text = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"
+    if wrap in ("data-url", "both"):
+        text = "data:image/png;base64," + text
+    assert image_bytes(text.encode(), "image") == buffer.getvalue()

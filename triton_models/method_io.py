@@ -39,12 +39,16 @@ LATENT_RGB = np.array([[0.3512, 0.2297, 0.3227],
 
 
 def image_bytes(value: Any, name: str) -> bytes:
-    """The image file's bytes from a BYTES element: the file itself, or its base64 text."""
+    """The image file's bytes from a BYTES element: the file itself, or its base64 text (wrapped in lines or
+    not, bare or as a ``data:`` URL)."""
     data = value if isinstance(value, bytes) else str(value).encode()
     if data.startswith(MAGIC):
         return data
+    text = data.strip()
+    if text.startswith(b"data:") and b";base64," in text[:100]:
+        text = text.split(b";base64,", 1)[1]
     try:
-        decoded = base64.b64decode(data.strip(), validate=True)
+        decoded = base64.b64decode(b"".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         decoded = b""
     if decoded.startswith(MAGIC):
