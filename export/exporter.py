@@ -33,6 +33,7 @@ from ti2i.export.components import (
     Component,
     ModelSource,
 )
+from ti2i.export.sources import check_exportable, check_reachable
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
 
@@ -42,7 +43,13 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for one file
 
 def detect_kind(model: str) -> str:
     """Which component set a model folder needs, from its UNet's class and input channels."""
-    unet = _load_config(model, "unet", "config.json")
+    check_reachable(model)
+    index = _load_config(model, None, "model_index.json")
+    try:
+        unet = _load_config(model, "unet", "config.json")
+    except ModelNotFoundError:
+        unet = None
+    check_exportable(model, index, unet)
     if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
         return "svd"
     channels = unet.get("in_channels")
@@ -143,6 +150,7 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     detected = detect_kind(model)
     if motion_adapter is not None:
+        check_reachable(motion_adapter, "config.json")
         if detected != "sd":
             raise InvalidInputError(f"a motion adapter needs an SD 1.x image model, but {model!r} is {detected!r}")
         detected = "videoldm"

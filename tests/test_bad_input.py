@@ -593,3 +593,28 @@ def test_base64_wrapped_or_as_a_data_url_is_accepted(wrap):
     if wrap in ("data-url", "both"):
         text = "data:image/png;base64," + text
     assert image_bytes(text.encode(), "image") == buffer.getvalue()
+
+
+def test_a_hub_id_out_of_reach_is_one_line(tmp_path):
+    """Without a network `ti2i export` retried for 25 s and then said the model had no config.json."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-m", "ti2i.app.cli", "export", "--model", "someone/some-model", "--out",
+                           str(tmp_path / "engines")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Hugging Face hub cannot be reached" in lines[0], proc.stderr
+    assert "hf download someone/some-model --local-dir DIR" in lines[0]
+
+
+def test_an_sdxl_folder_is_refused_by_name(tmp_path):
+    from ti2i.export.exporter import detect_kind
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4, "addition_embed_type": "text_time"}))
+    with pytest.raises(InvalidInputError, match="is an SDXL model"):
+        detect_kind(str(tmp_path))
+    (tmp_path / "unet" / "config.json").unlink()
+    (tmp_path / "unet").rmdir()
+    with pytest.raises(InvalidInputError, match="without a UNet"):
+        detect_kind(str(tmp_path))

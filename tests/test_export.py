@@ -370,7 +370,7 @@ def test_missing_model_folder_is_model_not_found(tmp_path: Path):
 def test_folder_without_model_is_model_not_found(tmp_path: Path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelNotFoundError, match="unet"):
+    with pytest.raises(ModelNotFoundError, match="not a diffusers model folder: it has no model_index.json"):
         export_model(str(empty), tmp_path / "out", log=lambda _: None)
     assert cli_main(["export", "--model", str(empty), "--out", str(tmp_path / "out2")]) == 2
     assert "error" in capsys.readouterr().err
@@ -394,6 +394,7 @@ def test_kind_that_does_not_match_the_model_is_invalid_input(sd_model: Path, tmp
 def test_unsupported_unet_channels_is_invalid_input(tmp_path: Path):
     model = tmp_path / "five_channels"
     (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (model / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
                                                              "in_channels": 5, "sample_size": 64}))
     with pytest.raises(InvalidInputError, match=r"\b5\b.*4, 8, 9"):
