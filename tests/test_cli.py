@@ -185,3 +185,33 @@ def test_serve_serves_and_stops_on_signal(sig, cli_engines, tmp_path, capsys):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    from ti2i.app.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.option_strings) for name, command in sub.choices.items() for a in command._actions
+               if a.option_strings and not a.help]
+    assert missing == []
+    with pytest.raises(SystemExit):
+        main(["sdedit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.8)" in text and "(default: 7.5)" in text and "(default: None)" not in text
+
+
+def test_serve_on_a_busy_port_is_one_line(cli_engines, tmp_path, capsys):
+    """Triton printed 48 lines of its log and exited; now the flag to change is named before anything starts."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert main(["serve", "--engines", str(cli_engines), "--repository", str(tmp_path / "repo"),
+                     "--grpc-port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ti2i serve: error: port {port} on 127.0.0.1 is in use: choose another with --grpc-port"]
+    assert not (tmp_path / "repo").exists()

@@ -248,13 +248,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--image", default=d.image, help=f"container image (default {d.image})")
     p.add_argument("--families", default=",".join(d.families),
                    help="comma-separated model families, each an engine directory /engines/NAME on the volume")
-    p.add_argument("--min-replicas", type=int, default=d.min_replicas)
-    p.add_argument("--max-replicas", type=int, default=d.max_replicas)
+    p.add_argument("--min-replicas", type=int, default=d.min_replicas, help="the autoscaler's fewest replicas")
+    p.add_argument("--max-replicas", type=int, default=d.max_replicas, help="the autoscaler's most replicas")
     p.add_argument("--queue-wait-target-ms", type=int, default=d.queue_wait_target_ms,
                    help="mean wait per request in the engine cores' queues the autoscaler holds (ms; default "
                         "%(default)s)")
     p.add_argument("--gpus", type=int, default=d.gpus, help="GPUs per replica")
-    p.add_argument("--namespace", default=None)
+    p.add_argument("--namespace", default=None, help="the manifests' namespace (default: none set)")
     p.add_argument("--engines-claim", default=d.engines_claim, help="PersistentVolumeClaim holding the engines")
     p.add_argument("--existing-claim", action="store_true", help="the claim exists already: do not create it")
     p.set_defaults(func=cmd_kubernetes)

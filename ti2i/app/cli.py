@@ -132,6 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 f"(restricted by default: {', '.join(RESTRICTED_APIS)})")
     if args.http_max_body_mb <= 0:
         raise InvalidInputError(f"--http-max-body-mb must be > 0, got {args.http_max_body_mb}")
+    _check_ports_free(args.host, {"--grpc-port": args.grpc_port, "--http-port": args.http_port,
+                                  "--metrics-port": args.metrics_port})
     repository = _write_families(args, Path(args.repository) if args.repository else None)
     ports = ServerPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
     server = TritonServer(repository, ports=ports, log_path=args.log, api_key=args.api_key,
@@ -139,6 +141,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_http_body_bytes=int(args.http_max_body_mb * 1024 * 1024), supervise=not args.no_supervise,
                           host=args.host)
     return serve_forever(server)
+
+
+def _check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """One line naming the flag for a published port another process holds, before anything starts."""
+    import errno
+    import socket
+
+    for flag, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise InvalidInputError(f"port {port} on {host} is in use: choose another with {flag}") from None
+                raise InvalidInputError(f"cannot bind {host}:{port} ({flag}): {err.strerror}") from None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's default in its help, unless it has none or its help says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -152,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny", help="write a tiny random-weight model folder (offline)")
-    p.add_argument("--kind", default="sd")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", default="sd", help="which model: sd, pix2pix, inpaint, svd or videoldm")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("export", help="export a diffusers model (hub id or folder) to ONNX engines")
@@ -171,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="compile an engine directory's ONNX graphs: TensorRT plans or AOTInductor "
                                      "packages, cached beside them")
     p.add_argument("--engines", required=True, help="engine directory written by `ti2i export`")
-    p.add_argument("--backend", required=True, choices=("tensorrt", "aoti"))
+    p.add_argument("--backend", required=True, choices=("tensorrt", "aoti"),
+                   help="TensorRT plans (GPU) or AOTInductor packages (CPU or CUDA)")
     p.add_argument("--components", default=None, help="comma-separated components (default: every ONNX one)")
     p.add_argument("--limit", default=None, help="cap declared dims for the build, e.g. batch=4,height=128 "
                                                  "(a plan's memory grows with its profile's max)")
@@ -185,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine directory; NAME=DIR, repeated, serves several model families side by side "
                             "(their models named NAME.MODEL)")
         if name == "repository":
-            p.add_argument("--out", required=True)
+            p.add_argument("--out", required=True, help="the model repository folder to write")
             p.add_argument("--backend", choices=("python", "tensorrt", "onnxruntime", "aoti"), default="python",
                            help="python: python-backend models hosting the engines (CPU or GPU); tensorrt: "
                                 "tensorrt_plan models (plans from `ti2i build`); onnxruntime: onnxruntime_onnx "
@@ -198,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host", default="127.0.0.1",
                            help="address the published ports bind to, e.g. 0.0.0.0 in a container (Triton's own "
                                 "HTTP port stays on loopback behind the guard; default %(default)s)")
-            p.add_argument("--grpc-port", type=int, default=8001)
-            p.add_argument("--http-port", type=int, default=8000)
-            p.add_argument("--metrics-port", type=int, default=8002)
+            p.add_argument("--grpc-port", type=int, default=8001, help="published gRPC port")
+            p.add_argument("--http-port", type=int, default=8000, help="published HTTP port (through the guard)")
+            p.add_argument("--metrics-port", type=int, default=8002, help="published Prometheus metrics port")
             p.add_argument("--log", type=Path, default=None, help="server log file")
             p.add_argument("--api-key", default=None,
                            help="key of the restricted APIs, sent as header ti2i-api-key "
@@ -268,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ti2i.kubernetes import add_parser as add_kubernetes_parser
 
     add_kubernetes_parser(sub)  # `ti2i kubernetes`
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
