@@ -448,3 +448,21 @@ def test_an_allocation_floor_is_not_fitted_as_growth_per_token():
         assert estimate >= loaded + growth  # never below what was measured
     at_256 = model.estimate({"batch": 1, "image_height": 264, "image_width": 264})
     assert at_256 < 1.5 * (loaded + 188268544.0), at_256
+
+
+def test_an_over_budget_refusal_names_the_sizes_that_fit():
+    """The refusal suggested only --memory-budget; what the user can change is the size or the frame count."""
+    from ti2i.budget import check_budget
+    from ti2i.errors import OverBudgetError
+
+    model = MemoryModel(base=1000, linear=0.0, quadratic=1.0, token_dims=("height", "width"), item_dims=("batch",),
+                        frames_dim="frames", frames_ref=1, frames_power=1.0)
+    bound = {"batch": 1, "frames": 8, "height": 16, "width": 16}  # 1.25 × 8 × 256² ≈ 655k bytes
+    with pytest.raises(OverBudgetError) as info:
+        check_budget("unet_svd", model, bound, budget=100_000)
+    text = str(info.value)
+    assert "height and width × 0.6" in text  # √(√(99k / 1.25 / 8) / 256) ≈ 0.62
+    assert "at most 1 frame" in text
+    assert text.index("smaller") < text.index("--memory-budget")
+    scale = float(text.split("height and width × ")[1].split(" ")[0])
+    assert model.estimate({**bound, "height": int(16 * scale), "width": int(16 * scale)}) <= 100_000

@@ -200,15 +200,42 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def check_budget(component: str, model: MemoryModel, bound: Mapping[str, int], budget: int) -> None:
-    """Raise `OverBudgetError` (INVALID_ARG when served) when the request's estimate exceeds `budget`."""
+    """Raise `OverBudgetError` (INVALID_ARG when served) when the request's estimate exceeds `budget`, naming
+    the smaller requests that would fit before the budget that would."""
     cost = model.estimate(bound)
     if cost <= budget:
         return
     dims = ", ".join(f"{k}={v}" for k, v in sorted(bound.items()))
-    fit = model.affordable_items(bound, budget)
-    hint = f"; at these sizes a batch of at most {fit} fits" if fit and model.item_dims else ""
+    smaller = _smaller_requests(model, bound, budget)
+    hint = f"make it smaller ({', or '.join(smaller)}), or " if smaller else ""
     raise OverBudgetError(f"{component}: a request of {dims} needs about {format_bytes(cost)}, over the memory "
-                          f"budget of {format_bytes(budget)} per {component} instance (--memory-budget or {BUDGET_ENV}){hint}")
+                          f"budget of {format_bytes(budget)} per {component} instance: {hint}raise the budget "
+                          f"(--memory-budget or {BUDGET_ENV})")
+
+
+def _smaller_requests(model: MemoryModel, bound: Mapping[str, int], budget: int) -> list[str]:
+    """What would fit, each change alone: fewer items, a smaller height and width, fewer frames."""
+    fits = []
+    items = model.affordable_items(bound, budget)
+    if items and model.item_dims and items < math.prod(bound.get(d, 1) for d in model.item_dims):
+        fits.append(f"a batch of at most {items}")
+    if model.token_dims and all(bound.get(d, 1) > 1 for d in model.token_dims):
+        def shrunk(scale: float) -> dict[str, int]:
+            return {**bound, **{d: max(1, int(bound[d] * scale)) for d in model.token_dims}}
+
+        low, high = 0.0, 1.0  # the largest scale of height and width (same aspect) that fits
+        for _ in range(20):
+            middle = (low + high) / 2
+            low, high = (middle, high) if model.estimate(shrunk(middle)) <= budget else (low, middle)
+        if low >= 0.05:
+            fits.append(f"height and width × {math.floor(low * 100) / 100:.2f} or less")
+    frames_dim = model.frames_dim
+    if frames_dim is not None and bound.get(frames_dim, 1) > 1:
+        frames = next((f for f in range(bound[frames_dim] - 1, 0, -1)
+                       if model.estimate({**bound, frames_dim: f}) <= budget), 0)
+        if frames:
+            fits.append(f"at most {frames} frame{'s' if frames > 1 else ''}")
+    return fits
 
 
 def chunk_sizes(model: MemoryModel, bound: Mapping[str, int], sizes: Sequence[int], budget: int) -> list[int]:
