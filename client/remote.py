@@ -119,9 +119,10 @@ class RemoteMethodClient:
         if stream and self.protocol != "grpc":
             raise InvalidInputError("streamed progress needs a grpc:// server URL (over HTTP use generate_stream)")
         tensors = request_tensors(method, **values)
-        model = model or served_name(family, method.name)
         if self._client is None:
             self._module, self._client = _client(self.protocol, self.address, self.timeout_s)
+        model = model or served_name(family if family is not None else self._family_serving(method.name),
+                                     method.name)
         timings = Timings()
         try:
             with timings.stage("remote"):
@@ -140,6 +141,23 @@ class RemoteMethodClient:
             return VideoResult(pixels, pixels.astype(np.float32) / 255.0, fps, timings)
         return ImageResult(Image.fromarray(pixels), pixels.astype(np.float32) / 255.0, timings)
 
+    def _family_serving(self, method: str) -> str | None:
+        """The family serving `method` on a multi-family server (its open `families` model lists them); None
+        on a server of one unnamed family."""
+        from tritonclient.utils import InferenceServerException
+
+        from ti2i.triton_models.directory import DIRECTORY_MODEL, family_serving, listing
+
+        try:
+            if not self._client.is_model_ready(DIRECTORY_MODEL):
+                return None
+            config = self._client.get_model_config(DIRECTORY_MODEL)
+        except InferenceServerException:
+            return None
+        except (OSError, HTTPException) as err:
+            raise ServerUnavailableError(f"the server at {self.address} is unreachable: {err}") from None
+        return family_serving(listing(config if self.protocol == "http" else _config_json(config)), method)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -150,6 +168,13 @@ class RemoteMethodClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    """A gRPC ModelConfigResponse as the JSON the HTTP client returns."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(config.config, preserving_proto_field_name=True)
 
 
 def _client(protocol: str, address: str, timeout_s: float) -> tuple[Any, Any]:

@@ -357,7 +357,16 @@ class TritonRunner(FamilyRoutingRunner):
 
             names = dict.fromkeys(served_name(family, m) for family in dict.fromkeys([None, self.family])
                                   for models in METHOD_MODELS.values() for m in models)
+            names.update(dict.fromkeys(self._directory()))
             return [{"name": n, "state": "READY"} for n in names if self._is_model_ready(n)]
+
+    def _directory(self) -> list[str]:
+        """The served models a multi-family server lists in its open `families` model (none elsewhere)."""
+        from ti2i.triton_models.directory import DIRECTORY_MODEL, listing
+
+        if not self._is_model_ready(DIRECTORY_MODEL):
+            return []
+        return [name for models in listing(self._config(DIRECTORY_MODEL)).values() for name in models]
 
     def _is_model_ready(self, model: str) -> bool:
         try:

@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import max_abs
+from google.protobuf import json_format
 from ti2i.benchmarks.settle import settled
 from ti2i.client.cli import main
 from ti2i.client.methods import components_for
+from ti2i.client.registry import METHODS
+from ti2i.client.remote import run_remote
 from ti2i.client.runners import InProcessRunner, TritonRunner
 from ti2i.client.sdedit import sdedit
 from ti2i.client.svd import svd
 from ti2i.client.txt2img import txt2img
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, parse_engine_dirs, split_served_name
+from ti2i.triton_models.directory import DIRECTORY_MODEL, listing
 from ti2i.triton_models.families import write_family_repository
 from ti2i.triton_models.repository import RepositoryOptions, parse_config, write_repository
 from ti2i.triton_models.server import TritonServer
@@ -28,7 +32,8 @@ SD_METHODS = ["sdedit", "txt2img"]  # enough of the SD family to show both famil
 def family_server(engines, svd_engines, tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
     repository = write_family_repository({"sd": engines, "svd": svd_engines}, root / "repository",
-                                         models={"sd": components_for(SD_METHODS), "svd": None})
+                                         models={"sd": components_for(SD_METHODS), "svd": None},
+                                         methods={"sd": ["sdedit"]})
     # the operator's way: one key in the environment, read by the server and by every runner
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TI2I_API_KEY", "families-test-key")
@@ -38,8 +43,11 @@ def family_server(engines, svd_engines, tmp_path_factory):
 
 def test_named_families_prefix_every_model_and_ensemble_step(engines, svd_engines, tmp_path):
     out = write_family_repository({"sd": engines, "svd": svd_engines}, tmp_path / "repo")
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != DIRECTORY_MODEL)
     assert {split_served_name(n)[0] for n in names} == {"sd", "svd"}
+    served = listing(json_format.MessageToDict(parse_config(out / DIRECTORY_MODEL / "config.pbtxt"),
+                                               preserving_proto_field_name=True))
+    assert sorted(served["sd"] + served["svd"]) == names
     assert "sd.vae_encoder" in names and "svd.vae_encoder" in names  # the names that collide unprefixed
     for name in names:
         config = parse_config(out / name / "config.pbtxt")
@@ -103,6 +111,21 @@ def test_family_choice_and_errors_name_the_families(family_server, engines, exam
         sdedit(InProcessRunner(twins), example_image, "x", steps=1, progress=False)
     with InProcessRunner(twins, family="b") as runner:
         assert sdedit(runner, example_image, "x", steps=2, progress=False).array.shape == (48, 64, 3)
+
+
+def test_a_client_without_the_key_or_a_family_finds_the_methods_family(family_server, example_image, monkeypatch):
+    """The repository index is the key's; a keyless client read it in vain and exited 2 ("no ti2i pipeline
+    facts"), and `--remote` asked for an unprefixed 'sdedit_stream'. The open `families` model lists them."""
+    keyed = sdedit(TritonRunner(f"grpc://{family_server.grpc_url}"), example_image, "x", steps=2, progress=False)
+    monkeypatch.delenv("TI2I_API_KEY")
+    for url in (f"grpc://{family_server.grpc_url}", f"http://{family_server.http_url}"):
+        with TritonRunner(url) as runner:
+            assert set(runner.families) == {"sd", "svd"}
+            assert max_abs(sdedit(runner, example_image, "x", steps=2, progress=False).array, keyed.array) == 0
+        remote = run_remote(url, METHODS["sdedit"], progress=False, image=example_image, prompt="x", steps=2)
+        assert max_abs(remote.array, keyed.array) <= 1 / 255
+        with pytest.raises(ModelNotFoundError, match=r"no family serves 'pix2pix' \(families: sd, svd\)"):
+            run_remote(url, METHODS["pix2pix"], progress=False, image=example_image, prompt="x", steps=2)
 
 
 def _images():

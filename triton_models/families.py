@@ -1,7 +1,8 @@
 """One Triton model repository for several engine directories (model families).
 
 A single unnamed family is written exactly as `write_repository` always has (plain model names);
-named families are written side by side, each model as ``<family>.<model>`` (see `ti2i.families`).
+named families are written side by side, each model as ``<family>.<model>`` (see `ti2i.families`), with a
+`families` model that lists them to clients without the server's key (`directory.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from ti2i.budget import machine_budget
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.core import CoreOptions
-from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, write_repository
+from ti2i.families import SEPARATOR
+from ti2i.triton_models.directory import DIRECTORY_MODEL, directory_config
+from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, _write_model, write_repository
+
+DIRECTORY_FILE = Path(__file__).with_name("directory_model.py")
 
 
 def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: str | Path,
@@ -54,5 +59,7 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
         write_repository(manifest, out, dataclasses.replace(options, memory_budget=share),
                          models=models.get(family), family=family, replace=False, methods=methods.get(family, ()),
                          core_options=core_options)
+    served = {family: [p.name for p in out.iterdir() if p.name.startswith(family + SEPARATOR)] for family in manifests}
+    _write_model(out / DIRECTORY_MODEL, directory_config(served), DIRECTORY_FILE)
     return out
 
