@@ -308,6 +308,25 @@ def test_curl_posts_an_image_and_gets_a_png(method_server, engines, example_imag
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(local.image))
 
 
+@pytest.mark.parametrize("endpoint", ["infer", "generate"])
+def test_json_answers_are_strict_json_with_the_image_as_base64(endpoint, method_server, example_image):
+    """A JSON infer naming no outputs, and `generate`, answered with the raw PNG bytes inside a JSON string:
+    not UTF-8, refused by strict parsers. Raw bytes come only when a request names `encoded`."""
+    values = {**_inputs("sdedit", example_image), "steps": 2}
+    if endpoint == "infer":
+        body = {"inputs": _json_body(values)["inputs"]}  # no outputs named
+    else:
+        body = {i["name"]: i["data"][0] for i in _json_body(values)["inputs"]}
+    request = urllib.request.Request(f"http://{method_server.http_url}/v2/models/sdedit/{endpoint}",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read().decode("utf-8"))  # strict: raises on raw bytes
+    outputs = {o["name"]: o for o in answer["outputs"]} if endpoint == "infer" else answer
+    assert "encoded" not in outputs
+    text = outputs["encoded_base64"]["data"][0] if endpoint == "infer" else outputs["encoded_base64"]
+    assert base64.b64decode(text).startswith(b"\x89PNG")
+
+
 @pytest.mark.skipif(CURL is None, reason="no curl binary on this machine")
 def test_curl_generate_stream_shows_progress_before_the_result(method_server, example_image, tmp_path):
     buffer = io.BytesIO()

@@ -144,13 +144,13 @@ class MethodEntry(_Entry):
         return token if isinstance(token, str) and len(token) == 32 else uuid.uuid4().hex
 
     def _wanted(self, request: Any) -> list[str]:
-        """The result outputs the request names; all of them when it names none, but for a stream (which names
-        none, or all, as `generate_stream` does) the base64 text alone, so that an SSE event stays JSON text."""
+        """The result outputs the request names. One that names none, or all (as `generate` and
+        `generate_stream` do), gets no raw `encoded` bytes, which would put a PNG inside a JSON string: the
+        base64 text (and, but for a stream's events, the pixels)."""
         requested = set(request.requested_output_names())
         names = [n for n in OUTPUTS if n in requested]
-        default = ["encoded_base64"] if self.decoupled else list(OUTPUTS)
-        if not names or (self.decoupled and requested >= {*OUTPUTS, *STREAM_OUTPUTS}):
-            return default
+        if not names or requested >= set(OUTPUTS):
+            return ["encoded_base64"] if self.decoupled else ["encoded_base64", "pixels"]
         return names
 
     def finalize(self) -> None:
