@@ -44,7 +44,7 @@ class KubernetesSettings:
     families: tuple[str, ...] = ("sd15", "svd")  # each served from /engines/<family> on the engines volume
     min_replicas: int = 1
     max_replicas: int = 4
-    # The HPA adds replicas while the mean queue wait per request exceeds this (ms); see README's capacity note.
+    # The HPA adds replicas while the mean queue wait per request exceeds this (ms); see docs/serving.md's capacity note.
     queue_wait_target_ms: int = 500
     gpus: int = 1
     cpu: str = "4"
@@ -53,7 +53,7 @@ class KubernetesSettings:
     engines_claim: str = "ti2i-engines"
     create_claim: bool = True  # False: the claim exists already (filled by `ti2i export`)
     engines_size: str = "200Gi"
-    api_key_secret: str = "ti2i-api-key"  # a Secret with key `key`; see README
+    api_key_secret: str = "ti2i-api-key"  # a Secret with key `key`; see docs/serving.md
     name: str = "ti2i"
     namespace: str | None = None
     # The first start may build TensorRT plans for this GPU before Triton is ready: the startup probe waits

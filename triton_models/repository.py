@@ -46,7 +46,7 @@ class RepositoryOptions:
     memory_budget: int | None = None
     # Bounded queues (every component model): a request that waited `queue_timeout_us` without starting, or that
     # finds `max_queue_size` requests waiting, is refused with UNAVAILABLE (a request's own timeout overrides the default). Sized from
-    # the measured service time: the SD 1.5 UNet serves one request (batch 2, 256²) in 0.93 s on 2 cores (README
+    # the measured service time: the SD 1.5 UNet serves one request (batch 2, 256²) in 0.93 s on 2 cores (docs/benchmarks.md
     # figures), so 32 queued requests take ≈30 s to drain, about the default timeout; a request that cannot
     # start within 30 s is better told at once (an unbounded queue kept 32 clients waiting 34 s median, 52 s
     # p99, and ran requests whose clients had given up). 0: unbounded, no queue policy at all, which is also
