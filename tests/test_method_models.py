@@ -529,8 +529,10 @@ def test_methods_share_one_copy_of_the_engines_and_their_unet_executions(engines
         run_remote(url, METHODS["sdedit"], progress=False, stream=False, **_inputs("sdedit", example_image))
         alone = _pss_mb(server.pid)
         with ThreadPoolExecutor(8) as pool:
+            # a bounded wait: a python-backend stub that crashes mid-stream (Triton 2.51 segfaulted one once)
+            # leaves its stream unanswered, and this test must then fail, not hang the suite
             served = list(pool.map(lambda mv: run_remote(url, METHODS[mv[0]], progress=False, stream=mv[1] % 2 == 1,
-                                                         **mv[2]),
+                                                         timeout_s=300, **mv[2]),
                                    [(m, i, v) for i, (m, v) in enumerate(zip(MIXED * 2, requests))]))
         warm = _pss_mb(server.pid)
         metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)  # sent every 0.5 s
