@@ -110,6 +110,7 @@ class RemoteMethodClient:
         self.timeout_s = timeout_s
         self._module: Any = None
         self._client: Any = None
+        self._families: dict[str, str | None] = {}  # method -> its family on this server, asked once
 
     def run(self, method: Method, progress: bool | Callable[[str, int, int], None] = True,
             stream: bool | None = None, family: str | None = None, model: str | None = None,
@@ -143,38 +144,38 @@ class RemoteMethodClient:
 
     def _family_serving(self, method: str) -> str | None:
         """The family serving `method` on a multi-family server (its open `families` model lists them); None
-        on a server of one unnamed family."""
+        on a server of one unnamed family. Asked once per method and connection."""
         from tritonclient.utils import InferenceServerException
 
         from ti2i.triton_models.directory import DIRECTORY_MODEL, family_serving, listing
 
+        if method in self._families:
+            return self._families[method]
         try:
             if not self._client.is_model_ready(DIRECTORY_MODEL):
-                return None
-            config = self._client.get_model_config(DIRECTORY_MODEL)
+                config = None
+            elif self.protocol == "grpc":
+                config = self._client.get_model_config(DIRECTORY_MODEL, as_json=True)["config"]
+            else:
+                config = self._client.get_model_config(DIRECTORY_MODEL)
         except InferenceServerException:
             return None
         except (OSError, HTTPException) as err:
             raise ServerUnavailableError(f"the server at {self.address} is unreachable: {err}") from None
-        return family_serving(listing(config if self.protocol == "http" else _config_json(config)), method)
+        self._families[method] = None if config is None else family_serving(listing(config), method)
+        return self._families[method]
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._families.clear()  # the next connection may reach a server serving other families
 
     def __enter__(self) -> RemoteMethodClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _config_json(config: Any) -> dict[str, Any]:
-    """A gRPC ModelConfigResponse as the JSON the HTTP client returns."""
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(config.config, preserving_proto_field_name=True)
 
 
 def _client(protocol: str, address: str, timeout_s: float) -> tuple[Any, Any]:

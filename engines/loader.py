@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from ti2i.budget import io_memory, machine_budget
 from ti2i.engines.base import Engine
+from ti2i.engines.openvino import PRECISIONS
 from ti2i.engines.processing import STEPS, ProcessingEngine
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.manifest import ONNX, PROCESSING, Manifest
@@ -18,15 +19,21 @@ BACKENDS = (ONNXRUNTIME, OPENVINO, "tensorrt", "aoti")
 ENGINE_BACKENDS = {"ort": ONNXRUNTIME, "openvino": OPENVINO, "aoti": "aoti", "tensorrt": "tensorrt"}
 
 
+def check_choice(backend: str, precision: str) -> None:
+    """A known `--backend`, and a `--precision` it takes (bf16 is OpenVINO's alone), without asking the CPU."""
+    if backend not in ENGINE_BACKENDS:
+        raise InvalidInputError(f"unknown engine backend {backend!r} (known: {', '.join(ENGINE_BACKENDS)})")
+    if precision not in PRECISIONS or (precision == "bf16" and ENGINE_BACKENDS[backend] != OPENVINO):
+        raise InvalidInputError(f"precision {precision!r}: auto, fp32, or bf16 with the openvino backend (only the "
+                                f"openvino backend runs bf16 (--backend openvino); {backend} runs its engines' own "
+                                f"precision)")
+
+
 def engine_choice(backend: str, precision: str = "auto") -> dict[str, str]:
     """A user's `--backend` and `--precision` as the loader's options. Precision is OpenVINO's to choose (its
     `auto` follows the CPU); the other backends run their graphs' or builds' own precision."""
-    if backend not in ENGINE_BACKENDS:
-        raise InvalidInputError(f"unknown engine backend {backend!r} (known: {', '.join(ENGINE_BACKENDS)})")
+    check_choice(backend, precision)
     if ENGINE_BACKENDS[backend] != OPENVINO:
-        if precision not in ("auto", "fp32"):
-            raise InvalidInputError(f"precision {precision}: only the openvino backend runs bf16 "
-                                    f"(--backend openvino); {backend} runs its engines' own precision")
         return {"backend": ENGINE_BACKENDS[backend], "precision": "fp32"}
     from ti2i.engines.openvino import resolve_precision
 

@@ -84,7 +84,8 @@ def cache_dir(engine_dir: Path, precision: str) -> Path:
             return beside
     except OSError:
         pass
-    fallback = Path.home() / ".cache" / "ti2i" / "openvino" / hashlib.sha256(str(engine_dir.resolve()).encode()).hexdigest()[:16] / precision
+    folder = hashlib.sha256(str(engine_dir.resolve()).encode()).hexdigest()[:16]
+    fallback = Path.home() / ".cache" / "ti2i" / "openvino" / folder / precision
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
 

@@ -25,13 +25,11 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import Method
-from ti2i.engines.loader import ENGINE_BACKENDS, describe_choice, engine_choice
-from ti2i.engines.openvino import PRECISIONS
+from ti2i.engines.loader import check_choice, describe_choice, engine_choice
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import to_numpy
 from ti2i.triton_models.method_io import preview, result_outputs
 from ti2i.work_limits import WorkLimits
-
 
 
 class Cancelled(Exception):
@@ -57,10 +55,7 @@ class CoreOptions:
                 raise InvalidInputError(f"{name.replace('_', ' ')} must be ≥ {low}, got {getattr(self, name)}")
         if not self.queue_timeout_s > 0:
             raise InvalidInputError(f"the queue timeout must be > 0 s, got {self.queue_timeout_s}")
-        if self.backend not in ENGINE_BACKENDS:
-            raise InvalidInputError(f"unknown engine backend {self.backend!r} (known: {', '.join(ENGINE_BACKENDS)})")
-        if self.precision not in PRECISIONS or (self.precision == "bf16" and self.backend != "openvino"):
-            raise InvalidInputError(f"precision {self.precision!r}: auto, fp32, or bf16 with the openvino backend")
+        check_choice(self.backend, self.precision)
 
 
 class Admission:

@@ -17,6 +17,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.errors import ModelNotFoundError
+from ti2i.families import served_name
 
 DIRECTORY_MODEL = "families"
 PARAMETER = "families"
@@ -38,7 +39,7 @@ def listing(config: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def family_serving(families: Mapping[str, Sequence[str]], model: str) -> str:
     """The one family that serves `model` (a plain name such as ``sdedit``), or an error naming the families."""
-    serving = [family for family, models in families.items() if f"{family}.{model}" in models]
+    serving = [family for family, models in families.items() if served_name(family, model) in models]
     if len(serving) == 1:
         return serving[0]
     names = ", ".join(sorted(families))

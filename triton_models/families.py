@@ -16,7 +16,7 @@ from ti2i.budget import machine_budget
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.core import CoreOptions
-from ti2i.families import SEPARATOR
+from ti2i.families import split_served_name
 from ti2i.triton_models.directory import DIRECTORY_MODEL, directory_config
 from ti2i.triton_models.repository import RepositoryOptions, _check_replaceable, _write_model, write_repository
 
@@ -59,7 +59,8 @@ def write_family_repository(manifests: Mapping[str | None, Manifest], out_dir: s
         write_repository(manifest, out, dataclasses.replace(options, memory_budget=share),
                          models=models.get(family), family=family, replace=False, methods=methods.get(family, ()),
                          core_options=core_options)
-    served = {family: [p.name for p in out.iterdir() if p.name.startswith(family + SEPARATOR)] for family in manifests}
+    served = {family: [p.name for p in out.iterdir() if split_served_name(p.name)[0] == family]
+              for family in manifests}
     _write_model(out / DIRECTORY_MODEL, directory_config(served), DIRECTORY_FILE)
     return out
 

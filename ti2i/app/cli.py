@@ -13,8 +13,9 @@ from pathlib import Path
 from ti2i.app.methods import add_method_parser
 from ti2i.client.registry import METHODS
 from ti2i.errors import InvalidInputError, Ti2iError
+from ti2i.engines.loader import ENGINE_BACKENDS
 from ti2i.engines.openvino import PRECISIONS
-from ti2i.triton_models.core import ENGINE_BACKENDS, CoreOptions
+from ti2i.triton_models.core import CoreOptions
 from ti2i.work_limits import WorkLimits
 
 EXIT_USAGE = 2
