@@ -152,7 +152,9 @@ def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_
         url = server_url(server, "grpc")
 
         def one(i: int):
-            return run_remote(url, METHODS["sdedit"], progress=False, stream=i % 2 == 0, **{**values, "seed": i})
+            # bounded, as in the mixed-methods test: a stub that dies mid-stream must fail this, not hang the suite
+            return run_remote(url, METHODS["sdedit"], progress=False, stream=i % 2 == 0, timeout_s=300,
+                              **{**values, "seed": i})
 
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(one, range(96)))
@@ -173,7 +175,7 @@ def test_a_burst_of_requests_is_not_held_by_the_queue(engines, example_image, tm
         with ThreadPoolExecutor(4) as pool:
             for _ in range(6):
                 assert all(_pixels(r).shape == (48, 64, 3) for r in pool.map(
-                    lambda seed: run_remote(url, METHODS["sdedit"], progress=False, stream=False,
+                    lambda seed: run_remote(url, METHODS["sdedit"], progress=False, stream=False, timeout_s=300,
                                             **{**values, "seed": seed}), range(4)))
         stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics(
             "sdedit", headers=server.api_headers, as_json=True)["model_stats"][0]["inference_stats"]
