@@ -208,7 +208,7 @@ def _streamed(module: Any, client: Any, method: Method, model: str, tensors: dic
     from tqdm.auto import tqdm
 
     responses: queue.Queue = queue.Queue()
-    bar = None
+    bar, finished = None, False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         wanted = [module.InferRequestedOutput(n) for n in ("pixels", "stage", "step", "steps")]
@@ -238,6 +238,7 @@ def _streamed(module: Any, client: Any, method: Method, model: str, tensors: dic
             if result.as_numpy("pixels") is not None:
                 pixels = np.array(result.as_numpy("pixels"), copy=True)
             if result.get_response().parameters["triton_final_response"].bool_param:
+                finished = True
                 break
         if pixels is None:
             raise ServerUnavailableError(f"{method.name}: the stream ended without a result")
@@ -245,4 +246,4 @@ def _streamed(module: Any, client: Any, method: Method, model: str, tensors: dic
     finally:
         if bar is not None:
             bar.close()
-        client.stop_stream()
+        client.stop_stream(cancel_requests=not finished)  # a stream left early: closing it would wait for its end

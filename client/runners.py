@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ti2i import errors
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
@@ -624,6 +625,9 @@ def _wire_dtype(value: np.ndarray) -> str:
 def _translate(err: Exception, model: str) -> Exception:
     status = str(err.status() or "")
     message = _message(err)
+    if not status:  # a gRPC stream's error has no code: the server's message names its type (`Type: text`)
+        kind = getattr(errors, message.split(":", 1)[0], None)
+        status = "INVALID_ARG" if isinstance(kind, type) and issubclass(kind, InvalidInputError) else ""
     if "INVALID_ARG" in status or status == "400":
         return InvalidInputError(f"{model}: {message}")
     if "UNAVAILABLE" in status or "DEADLINE" in status:

@@ -207,7 +207,7 @@ def _echo_on(client, module=grpcclient, x=None) -> np.ndarray:
     x = np.array([[1, 2, 3]], dtype=np.float32) if x is None else x
     inp = module.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    return client.infer("echo", [inp]).as_numpy("y")
+    return client.infer("echo", [inp], client_timeout=30).as_numpy("y")  # never waits for good
 
 
 def test_a_kept_grpc_client_answers_soon_after_a_server_comes_up(tmp_path):

@@ -435,14 +435,15 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("protocol,stream", [("grpc", False), ("grpc", True), ("http", False)])
 @pytest.mark.parametrize("case,change,expected", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_one_clear_error_and_the_server_stays_ready(case, change, expected, protocol,
+def test_bad_input_gets_one_clear_error_and_the_server_stays_ready(case, change, expected, protocol, stream,
                                                                    method_server, example_image):
+    """(Streamed, the error once came back as ServerUnavailableError: a gRPC stream's errors carry no code.)"""
     values = {**_inputs("sdedit", example_image), **change}
     values = {k: v for k, v in values.items() if v is not None}
     with pytest.raises(InvalidInputError) as info:
-        run_remote(server_url(method_server, protocol), METHODS["sdedit"], progress=False, stream=False, **values)
+        run_remote(server_url(method_server, protocol), METHODS["sdedit"], progress=False, stream=stream, **values)
     assert expected in str(info.value)
     with httpclient.InferenceServerClient(method_server.http_url) as client:
         assert client.is_server_ready() and client.is_model_ready("sdedit")
@@ -636,3 +637,45 @@ def test_a_killed_engine_core_is_unavailable_then_serves_again(engines, example_
     assert outcomes and all("\n" not in o and "engine core is unavailable" in o for o in outcomes), outcomes
     assert _pixels(result).shape == (48, 64, 3)
     assert any("fault: model 'core'" in e for e in events), events
+
+
+def test_a_stream_whose_reader_stops_frees_its_core_place(engines, example_image, tmp_path):
+    """Original failure: a python-backend stub of a streaming method model died mid-stream (a segfault under
+    load); the core's loop then blocked for good sending that request's next progress response, holding its
+    core place, so with every place held the server answered nothing more, and the streaming client waited
+    for good too (closing its stream waited for the stream's end). Here the stub is stopped mid-stream."""
+    from ti2i.triton_models.core_server import STALL_S
+    from ti2i.triton_models.supervisor import stub_processes
+
+    repository = _sdedit_repository(engines, tmp_path, active=1, max_queue=1, queue_timeout_s=3 * STALL_S)
+    values = {**_inputs("sdedit", example_image), "steps": 999, "strength": 1.0}
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
+        (reader, _), = [v for v in stub_processes(server.pid).values() if v[1] == "sdedit_stream"]
+
+        def stop_the_reader(stage: str, step: int, steps: int) -> None:
+            if step == 2:
+                os.kill(reader, signal.SIGSTOP)
+
+        outcome: list = []
+        streamed = threading.Thread(target=lambda: outcome.append(_outcome(lambda: run_remote(
+            server_url(server, "grpc"), METHODS["sdedit"], progress=stop_the_reader, stream=True,
+            timeout_s=2 * STALL_S, **values))), daemon=True)
+        streamed.start()
+        try:
+            time.sleep(2)
+            after = run_remote(server_url(server, "http"), METHODS["sdedit"], progress=False, stream=False,
+                               timeout_s=4 * STALL_S, **{**values, "steps": 4, "strength": 0.5})
+            assert _pixels(after).shape == (48, 64, 3)
+            streamed.join(timeout=3 * STALL_S)
+        finally:
+            os.kill(reader, signal.SIGKILL)
+        assert not streamed.is_alive(), "the streaming client waits on"
+        assert isinstance(outcome[0], ServerUnavailableError) and "no response within" in str(outcome[0]), outcome
+        assert "took no response" in server.log_tail()
+
+
+def _outcome(call):
+    try:
+        return call()
+    except Exception as err:  # the outcome is what the test looks at
+        return err

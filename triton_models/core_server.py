@@ -7,8 +7,10 @@ Triton's queue, bounds how many run and wait (`core.Admission`). Requests follow
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,9 +65,64 @@ def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
     return pb.InferenceResponse(output_tensors=[pb.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
 
 
+STALL_S = 10.0  # a stream none of whose responses went out for this long has lost its reader
+
+
+class Responses:
+    """One request's responses, then its final one (always sent, with the final flag).
+
+    Sent from the request's thread, unless `off_thread` was called: then a thread of their own sends them in
+    order. A python-backend send waits for the server to take the response, and the server waits for the
+    reader's stub: a reader whose stub died holding its queue (or stopped) holds the send for good. Off the
+    thread, only the sending thread waits; a stream that has taken no response for `STALL_S` cancels its
+    loop, whose core place is freed, and its final response is dropped."""
+
+    def __init__(self, pb: Any, sender: Any, depth: int = 16):
+        self.pb = pb
+        self.sender = sender
+        self.depth = depth
+        self._queue: queue.Queue | None = None
+        self.reader_gone = False
+
+    def off_thread(self) -> None:
+        self._queue = queue.Queue(self.depth)
+        threading.Thread(target=self._send_queued, daemon=True, name="ti2i-responses").start()
+
+    def send(self, response: Any) -> None:
+        if self._queue is None:
+            self.sender.send(response)
+            return
+        try:
+            self._queue.put((response, 0), timeout=0 if self.reader_gone else STALL_S)
+        except queue.Full:
+            self.reader_gone = True
+            raise Cancelled(f"its stream took no response for {STALL_S:g} s (its reader has gone)") from None
+
+    def finish(self, final: Any) -> None:
+        flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if self._queue is None:
+            self.sender.send(final, flags=flag)
+        elif not self.reader_gone:
+            with contextlib.suppress(queue.Full):
+                self._queue.put((final, flag), timeout=STALL_S)
+
+    def _send_queued(self) -> None:
+        assert self._queue is not None
+        while True:
+            response, flags = self._queue.get()
+            try:
+                self.sender.send(response, flags=flags)
+            except Exception as err:  # the request was freed (its client cancelled): the rest go nowhere either
+                self.pb.Logger.log_warn(f"a response could not be sent: {err}")
+                self.reader_gone = True
+                return
+            if flags:
+                return
+
+
 class ThreadPerRequest:
     """What the core and its entry points share: `execute` hands each request to a thread of its own and returns
-    at once; the thread answers through the request's response sender, always with a final response."""
+    at once; the thread answers through the request's `Responses`, always with a final response."""
 
     pb: Any
     name: str
@@ -79,16 +136,16 @@ class ThreadPerRequest:
             thread.start()
 
     def _answer_safely(self, request: Any) -> None:
-        sender = request.get_response_sender()
+        responses = Responses(self.pb, request.get_response_sender())
         try:
-            final = self._answer(request, sender)
+            final = self._answer(request, responses)
         except Exception as err:  # one request's failure never reaches the others or the model
             final = self._failed(err)
         finally:
             self.threads.discard(threading.current_thread())
-        sender.send(final, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        responses.finish(final)
 
-    def _answer(self, request: Any, sender: Any) -> Any:
+    def _answer(self, request: Any, responses: Responses) -> Any:
         """The final response (None: the stream closes without one)."""
         raise NotImplementedError
 
@@ -132,7 +189,7 @@ class TritonPythonModel(ThreadPerRequest):
             self.pb.Logger.log_info(f"{self.name}: {err}")
         return super()._failed(err)
 
-    def _answer(self, request: Any, sender: Any) -> Any:
+    def _answer(self, request: Any, responses: Responses) -> Any:
         env = read_envelope(self._get(request, REQUEST).reshape(-1)[0])
         if not hmac.compare_digest(str(env.get("secret", "")), self.secret):
             raise InvalidInputError(f"{self.name} answers its entry points only: send the request to a method or "
@@ -147,7 +204,10 @@ class TritonPythonModel(ThreadPerRequest):
                 value = self._get(request, image)
                 if value is not None:
                     call[image] = value.reshape(-1)[0]
-            on_step = (lambda tensors: sender.send(response(self.pb, tensors))) if env.get("stream") else None
+            on_step = None
+            if env.get("stream"):
+                responses.off_thread()
+                on_step = lambda tensors: responses.send(response(self.pb, tensors))  # noqa: E731
             out = self.core.run_method(name, call, env["format"], env["outputs"], token, on_step=on_step,
                                        preview_every=int(env.get("preview_every", 0)),
                                        timeout_s=float(env.get("timeout_s", 0.0)))

@@ -3,7 +3,7 @@
 They hold no engines: each request is forwarded by BLS to the family's engine core (`core_server.py`,
 the convention in `core_wire.py`) and its answers sent back, so every model of a family shares one copy of
 the weights and one scheduler. `execute` hands each request to a thread of its own and returns at once;
-the thread waits on the core and answers through the request's response sender.
+the thread waits on the core and answers through the request's `Responses`.
 
 A method model reads and checks the request itself (`method_io.read_request`: a bad one never reaches the
 core). The plain model answers with the result; the `_stream` twin (decoupled) sends a progress response
@@ -26,7 +26,7 @@ from ti2i.client.registry import get_method
 from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
-from ti2i.triton_models.core_server import ThreadPerRequest, relayed_error, response
+from ti2i.triton_models.core_server import Responses, ThreadPerRequest, relayed_error, response
 from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, METHOD, REQUEST, TOKEN_HEADER, component_tensor,
                                          envelope, read_secret)
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
@@ -82,7 +82,7 @@ class MethodEntry(_Entry):
         self.decoupled = self.pb.using_decoupled_model_transaction_policy(self.config)
         self.cancels = CancelWatch(CANCEL_POLL_S)
 
-    def _answer(self, request: Any, sender: Any) -> Any:
+    def _answer(self, request: Any, responses: Responses) -> Any:
         def get(name: str) -> np.ndarray | None:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
@@ -99,7 +99,7 @@ class MethodEntry(_Entry):
                                preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0)
         tensors = {REQUEST: np.array([request_env], dtype=object),
                    **{name: np.array([data], dtype=object) for name, data in images.items()}}
-        cancelled = self.cancels.watch(request, sender if self.decoupled else None,
+        cancelled = self.cancels.watch(request, responses.sender if self.decoupled else None,
                                        on_cancel=lambda: self._cancel_in_core(token))
         final = None
         try:
@@ -108,7 +108,7 @@ class MethodEntry(_Entry):
                 if not out:
                     continue  # the core's closing flag
                 if "stage" in out:
-                    sender.send(response(self.pb, out))
+                    responses.send(response(self.pb, out))
                     continue
                 if "pixels" in out and self.method.output == "image":
                     out["pixels"] = out["pixels"][0]
@@ -166,7 +166,7 @@ class ComponentEntry(_Entry):
         self.spec = Manifest.load(params["engine_dir"]).components[self.component].spec.interface()
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
 
-    def _answer(self, request: Any, sender: Any) -> Any:
+    def _answer(self, request: Any, responses: Responses) -> Any:
         inputs = {}
         for tensor in self.spec.inputs:
             value = self.pb.get_input_tensor_by_name(request, tensor.name)
