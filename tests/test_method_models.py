@@ -679,3 +679,17 @@ def _outcome(call):
         return call()
     except Exception as err:  # the outcome is what the test looks at
         return err
+
+
+def test_a_streamed_request_that_fails_in_the_core_gets_its_error(svd_engines, example_image, tmp_path):
+    """Original failure: a streamed request that failed in the engine core (an SVD at its default size over
+    the memory budget: refused at its first UNet call) got no answer at all; the core's error response
+    never reached the streaming twin, which waited for good (a plain request got the same error at once)."""
+    from ti2i.triton_models.repository import RepositoryOptions
+
+    repository = write_repository(svd_engines, tmp_path / "repository", RepositoryOptions(memory_budget=4 * 2**30),
+                                  methods=["svd"])
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        with pytest.raises(InvalidInputError, match="unet_svd: .* over the memory budget"):
+            run_remote(server_url(server, "grpc"), METHODS["svd"], progress=False, stream=True, timeout_s=60,
+                       image=example_image, frames=4, steps=2, height=512, width=512)

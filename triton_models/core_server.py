@@ -22,7 +22,7 @@ from ti2i import errors
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
 from ti2i.triton_models.core_metrics import CoreMetrics
-from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, IMAGE_INPUTS, METHOD, REQUEST, component_tensor,
+from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, ERROR, IMAGE_INPUTS, METHOD, REQUEST, component_tensor,
                                          read_envelope, read_secret)
 from ti2i.work_limits import WorkLimits
 
@@ -102,7 +102,10 @@ class Responses:
         flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self._queue is None:
             self.sender.send(final, flags=flag)
-        elif not self.reader_gone:
+            return
+        if final is not None and final.has_error():  # a stream's failure travels as a tensor (core_wire.py)
+            final = response(self.pb, {ERROR: np.array([final.error().message().encode()], dtype=object)})
+        if not self.reader_gone:
             with contextlib.suppress(queue.Full):
                 self._queue.put((final, flag), timeout=STALL_S)
 

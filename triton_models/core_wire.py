@@ -15,7 +15,10 @@ which holds the engines once. The core's request is:
   back as ``<component>.<output>``.
 
 Its responses carry the method outputs (`pixels` always with a leading frame dim: [1, H, W, 3] for an image),
-the progress tensors of a stream, or the component's outputs.
+the progress tensors of a stream, or the component's outputs. A failure is an error response, except in a
+stream: there it is a response whose `ERROR` tensor holds the error's text (``Type: message``), because
+Triton 2.51's python backend lost the error response of a streamed request whose loop had begun (an engine
+refusing it at the first step): the BLS caller, and its client, waited for good.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SECRET_FILE = "secret"
 # its client hangs up, it cancels the request in the core by that name (Triton's HTTP frontend does not).
 TOKEN_HEADER = "ti2i-request-token"
 REQUEST = "request"
+ERROR = "error"
 METHOD, COMPONENT, CANCEL = "method", "component", "cancel"
 IMAGE_INPUTS = tuple(sorted({name for method in METHODS.values() for name in method.images}))
 

@@ -27,9 +27,9 @@ from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
 from ti2i.triton_models.core_server import Responses, ThreadPerRequest, relayed_error, response
-from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, METHOD, REQUEST, TOKEN_HEADER, component_tensor,
+from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, ERROR, METHOD, REQUEST, TOKEN_HEADER, component_tensor,
                                          envelope, read_secret)
-from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request
+from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS, read_request, text
 from ti2i.triton_models.python_model import as_spec_rank
 from ti2i.spec import as_float32
 
@@ -37,11 +37,7 @@ CANCEL_POLL_S = 0.02  # how often the watcher asks Triton whether the active req
 
 
 class CoreError(Exception):
-    """The core's error for this request, passed on with its code."""
-
-    def __init__(self, error: Any):
-        super().__init__(error.message())
-        self.error = error
+    """The core's error for this request (its text, ``Type: message``), passed on with its code."""
 
 
 class _Entry(ThreadPerRequest):
@@ -71,8 +67,11 @@ class _Entry(ThreadPerRequest):
     @staticmethod
     def _outputs(core_response: Any) -> dict[str, np.ndarray]:
         if core_response.has_error():
-            raise CoreError(core_response.error())
-        return {t.name(): np.array(t.as_numpy(), copy=True) for t in core_response.output_tensors()}
+            raise CoreError(core_response.error().message())
+        out = {t.name(): np.array(t.as_numpy(), copy=True) for t in core_response.output_tensors()}
+        if ERROR in out:
+            raise CoreError(text(out[ERROR].reshape(-1)[0], ERROR))
+        return out
 
 
 class MethodEntry(_Entry):
@@ -103,7 +102,7 @@ class MethodEntry(_Entry):
                                        on_cancel=lambda: self._cancel_in_core(token))
         final = None
         try:
-            for core_response in self._core_responses(tensors, [*wanted, *(STREAM_OUTPUTS if stream else ())]):
+            for core_response in self._core_responses(tensors, [*wanted, *((*STREAM_OUTPUTS, ERROR) if stream else ())]):
                 out = self._outputs(core_response)
                 if not out:
                     continue  # the core's closing flag

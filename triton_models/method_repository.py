@@ -26,7 +26,7 @@ from ti2i.families import FAMILY_PARAMETER, served_name
 from ti2i.manifest import PIPELINE_PARAMETER, Manifest
 from ti2i.spec import TRITON_DTYPES, ComponentSpec
 from ti2i.triton_models.core import CoreOptions
-from ti2i.triton_models.core_wire import IMAGE_INPUTS, REQUEST, component_tensor, core_name
+from ti2i.triton_models.core_wire import ERROR, IMAGE_INPUTS, REQUEST, component_tensor, core_name
 from ti2i.triton_models.method_io import OUTPUTS, STREAM_OUTPUTS
 
 METHOD_MODEL_FILE = Path(__file__).with_name("method_model.py")
@@ -91,6 +91,7 @@ def core_config(manifest: Manifest, specs: Mapping[str, ComponentSpec], methods:
         config.input.append(_tensor(mc.ModelInput, name, "TYPE_STRING", [1], optional=True))
     config.output.extend(_tensor(mc.ModelOutput, n, *t) for n, t in {**_RESULT_TENSORS, **_STREAM_TENSORS}.items())
     config.output.append(_tensor(mc.ModelOutput, "pixels", "TYPE_UINT8", [-1, -1, -1, 3]))  # [F, H, W, 3]
+    config.output.append(_tensor(mc.ModelOutput, ERROR, "TYPE_STRING", [1]))  # a stream's failure (core_wire.py)
     for spec in specs.values():
         for tensors, cls in ((spec.inputs, mc.ModelInput), (spec.outputs, mc.ModelOutput)):
             for t in tensors:
