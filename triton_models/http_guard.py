@@ -50,6 +50,7 @@ _COPY_CHUNK = 1024 * 1024
 # the guard makes it the 400 it is.
 _PARSE_ERROR = b'"error":"Unable to parse '
 _SMALL_BODY = 64 * 1024
+HEAD_TIMEOUT_S = 30.0  # a connection whose next request head has not come by then is closed (slow clients)
 HANGUP_POLL_S = 0.05  # how often a request waiting for its answer looks whether its client is still there
 _INFERENCE_PATH = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)(?:\?.*)?$")
 _REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
@@ -102,10 +103,13 @@ def _content_length(headers: list[tuple[str, str]]) -> int:
     return int(value)
 
 
-async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
-    """The next request/response head, or None at a clean end of stream."""
+async def _read_head(reader: asyncio.StreamReader, timeout_s: float | None = None) -> bytes | None:
+    """The next request/response head, or None at a clean end of stream (or, with `timeout_s`, when none has
+    come by then: a client that holds a connection without a request is let go)."""
     try:
-        return await reader.readuntil(b"\r\n\r\n")
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+    except asyncio.TimeoutError:
+        return None
     except asyncio.IncompleteReadError as err:
         if err.partial.strip():
             raise _Refused(400, "incomplete request head") from None
@@ -164,11 +168,14 @@ class HttpGuard:
     """The guard's server: ``await HttpGuard(...).serve()``."""
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, repository: Path | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, repository: Path | None = None,
+                 openai: tuple[str, int] | None = None, head_timeout_s: float = HEAD_TIMEOUT_S):
         self.listen = listen
         self.upstream = upstream
         self.max_body_bytes = int(max_body_bytes)
         self.repository = repository  # where the engine cores' secrets are (None: no cancelling)
+        self.openai = openai  # the OpenAI-compatible API's address, for /v1 (None: not served)
+        self.head_timeout_s = head_timeout_s
 
     def _core_secret(self, model: str) -> str | None:
         if self.repository is None:
@@ -179,17 +186,19 @@ class HttpGuard:
             return None  # not a model of a ti2i family: nothing to cancel in
 
     async def _await_reply(self, up_reader: asyncio.StreamReader, reader: asyncio.StreamReader,
-                           cancel: tuple[str, str, str] | None) -> bytes | None:
-        """Triton's response head; if the client hangs up first, its request is cancelled (`cancel`: the
-        family's core, the request's token, the core's secret) and _HungUp raised."""
+                           cancel: tuple[str, str, str] | None, watch: bool) -> bytes | None:
+        """The upstream's response head. If the client hangs up first (`watch`: looked for), its request is
+        cancelled (`cancel`: the family's core, the request's token, the core's secret) and _HungUp raised;
+        closing the upstream connection then tells the OpenAI API, which cancels its own calls."""
         reply = asyncio.ensure_future(_read_head(up_reader))
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=HANGUP_POLL_S)
                 if done:
                     return reply.result()
-                if cancel is not None and (reader.at_eof() or reader.exception() is not None):
-                    await self._cancel(*cancel)
+                if watch and (reader.at_eof() or reader.exception() is not None):
+                    if cancel is not None:
+                        await self._cancel(*cancel)
                     raise _HungUp()
         finally:
             if not reply.done():
@@ -223,10 +232,11 @@ class HttpGuard:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader = up_writer = None
+        up_address: tuple[str, int] | None = None
         try:
             while True:
                 try:
-                    head = await _read_head(reader)
+                    head = await _read_head(reader, self.head_timeout_s)
                     if head is None:
                         return
                     start, headers = _parse_head(head[:-4])
@@ -236,10 +246,13 @@ class HttpGuard:
                     await writer.drain()
                     await _linger(reader, writer)
                     return
-                method, _, version = start.split(" ")
+                method, path, version = start.split(" ")
                 if (_one(headers, "expect") or "").lower() == "100-continue":
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                kept = [(k, v) for k, v in headers if k not in ("expect", TOKEN_HEADER) and not _is_form(k, v)]
+                openai = self.openai is not None and (path == "/v1" or path.startswith(("/v1/", "/v1?")))
+                address = self.openai if openai else self.upstream
+                # libevhtp (Triton's) must never parse a form body; the OpenAI API reads forms itself
+                kept = [(k, v) for k, v in headers if k not in ("expect", TOKEN_HEADER) and (openai or not _is_form(k, v))]
                 cancel = None
                 target = _INFERENCE_PATH.match(start.split(" ")[1]) if method == "POST" else None
                 secret = self._core_secret(target.group(1)) if target else None
@@ -247,22 +260,27 @@ class HttpGuard:
                     cancel = (core_of(target.group(1)), uuid.uuid4().hex, secret)
                     kept.append((TOKEN_HEADER, cancel[1]))
                 out_head = start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in kept) + "\r\n"
+                if up_writer is not None and up_address != address:  # the other upstream: its own connection
+                    up_writer.close()
+                    up_writer = None
                 if up_writer is None:
                     try:
-                        up_reader, up_writer = await asyncio.open_connection(*self.upstream, limit=MAX_HEAD_BYTES)
+                        up_reader, up_writer = await asyncio.open_connection(*address, limit=MAX_HEAD_BYTES)
+                        up_address = address
                     except OSError as err:
-                        _reply(writer, 503, f"the Triton server is not reachable (restarting?): {err}")
+                        _reply(writer, 503, f"the {'OpenAI API' if openai else 'Triton server'} is not reachable "
+                                            f"(restarting?): {err}")
                         await writer.drain()
                         return
                 up_writer.write(out_head.encode("latin-1"))
                 await _copy(reader, up_writer, length)
                 close = version == "HTTP/1.0" or (_one(headers, "connection") or "").lower() == "close"
                 try:
-                    resp_head = await self._await_reply(up_reader, reader, cancel)
+                    resp_head = await self._await_reply(up_reader, reader, cancel, cancel is not None or openai)
                 except (_Refused, ConnectionError):
                     resp_head = None
                 if resp_head is None:
-                    _reply(writer, 502, "the Triton server closed the connection without a reply")
+                    _reply(writer, 502, "the upstream server closed the connection without a reply")
                     await writer.drain()
                     return
                 status, resp_headers = _parse_head(resp_head[:-4])
@@ -305,6 +323,26 @@ class HttpGuard:
             await server.serve_forever()
 
 
+OPENAI_KEY_ENV = "TI2I_OPENAI_API_KEY"
+
+
+async def _serve_openai(repository: Path, grpc: tuple[str, int], port: int, started: asyncio.Event) -> None:
+    import os
+
+    from ti2i.triton_models.openai_api import create_app, serve
+
+    app = create_app(repository, f"{grpc[0]}:{grpc[1]}", os.environ.get(OPENAI_KEY_ENV) or None)
+    await serve(app, port, started)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host or "127.0.0.1", int(port)
@@ -318,10 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=None,
                         help="the model repository (its engine cores' secrets): cancel the requests of clients that "
                              "hang up")
+    parser.add_argument("--openai-grpc", type=_address, default=None,
+                        help="Triton's gRPC HOST:PORT: serve the OpenAI-compatible API under /v1 (needs --repository; "
+                             f"its bearer key, if any, from ${OPENAI_KEY_ENV})")
     args = parser.parse_args(argv)
-    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository)
     loop = asyncio.new_event_loop()
-    task = loop.create_task(guard.serve())
+    openai = ("127.0.0.1", _free_port()) if args.openai_grpc is not None and args.repository is not None else None
+    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository, openai)
+
+    async def run() -> None:
+        if openai is not None:  # up before the guard listens: /v1 answers from the first request
+            started = asyncio.Event()
+            loop.create_task(_serve_openai(args.repository, args.openai_grpc, openai[1], started))
+            await started.wait()
+        await guard.serve()
+
+    task = loop.create_task(run())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):

@@ -452,6 +452,9 @@ class TritonServer:
             repository API stays restricted to the key).
         host: the address the published ports (gRPC, metrics, and HTTP: the guard's) bind to, e.g.
             ``0.0.0.0`` in a container; Triton's own HTTP port behind the guard stays on loopback.
+        openai_api_key: the bearer key the OpenAI-compatible API (``/v1`` on the guard's port,
+            :mod:`ti2i.triton_models.openai_api`) asks of every request; default ``$TI2I_OPENAI_API_KEY``,
+            else none (open, as inference is).
 
     Each server gets its own python-backend shared-memory prefix
     (``--backend-config=python,shm-region-prefix-name=...``, unless ``extra_args`` sets one) so that
@@ -473,6 +476,7 @@ class TritonServer:
         max_http_body_bytes: int | None = None,
         supervise: bool = False,
         host: str = HOST,
+        openai_api_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).expanduser().resolve()
         self._fixed_ports = ports
@@ -497,6 +501,9 @@ class TritonServer:
 
         self.max_http_body_bytes = int(max_http_body_bytes or DEFAULT_MAX_BODY_BYTES)
         self.supervise = bool(supervise)
+        from ti2i.triton_models.http_guard import OPENAI_KEY_ENV
+
+        self.openai_api_key = openai_api_key or os.environ.get(OPENAI_KEY_ENV) or None
         self.supervisor = None  # the Supervisor while supervise=True and started
         self._triton_http: int | None = None  # Triton's own HTTP port (behind the guard)
         self._guard: subprocess.Popen | None = None
@@ -697,9 +704,14 @@ class TritonServer:
             return
         cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={self.host}:{self.ports.http}",
                f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}",
-               f"--repository={self.model_repository}"]
+               f"--repository={self.model_repository}", f"--openai-grpc={self._connect_host}:{self.ports.grpc}"]
+        from ti2i.triton_models.http_guard import OPENAI_KEY_ENV
+
+        env = {k: v for k, v in os.environ.items() if k != OPENAI_KEY_ENV}
+        if self.openai_api_key:
+            env[OPENAI_KEY_ENV] = self.openai_api_key  # not in argv, which every user of the machine reads
         with open(self.guard_log_path, "ab") as log:
-            self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True, close_fds=True,
                                            preexec_fn=_parent_death_signal_fn(umask=_UMASK))
         deadline = time.monotonic() + 30

@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(repository, ports=ports, log_path=args.log, api_key=args.api_key,
                           restricted_apis=[a for a in RESTRICTED_APIS if a not in opened],
                           max_http_body_bytes=int(args.http_max_body_mb * 1024 * 1024), supervise=not args.no_supervise,
-                          host=args.host)
+                          host=args.host, openai_api_key=args.openai_api_key)
     return serve_forever(server)
 
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--api-key", default=None,
                            help="key of the restricted APIs, sent as header ti2i-api-key "
                                 "(default: $TI2I_API_KEY, else a random one, printed at start)")
+            p.add_argument("--openai-api-key", default=None,
+                           help="bearer key the OpenAI-compatible API (/v1 on the HTTP port) asks of every request "
+                                "(default: $TI2I_OPENAI_API_KEY, else none: open, as inference is)")
             p.add_argument("--open-apis", default=None,
                            help="comma-separated API groups to open to every client (restricted by default: "
                                 "shared-memory, model-repository, logging, trace, statistics)")
