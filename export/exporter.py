@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ti2i.export.components import (
     Component,
     ModelSource,
 )
+from ti2i.export.lora import fuse_loras, parse_lora
 from ti2i.export.sources import check_exportable, check_reachable
 from ti2i.manifest import MANIFEST_NAME, ONNX, PROCESSING, ComponentEntry, Manifest
 from ti2i.spec import ComponentSpec, sample_inputs
@@ -135,13 +136,17 @@ def _load_config(model: str, subfolder: str, filename: str) -> dict[str, Any]:
 PRECISIONS = tuple(TORCH_DTYPES)
 
 
+LORA_KINDS = ("sd", "pix2pix", "inpaint")  # the SD 1.x image models an SD 1.x adapter fits
+
+
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                  log: Callable[[str], None] = print, motion_adapter: str | None = None,
-                 precision: str = "fp32") -> Manifest:
+                 precision: str = "fp32", loras: Sequence[str] = ()) -> Manifest:
     """Export `model` (with `motion_adapter`: its Video LDM temporal UNet too) into `out_dir`.
 
     With ``precision="fp16"`` every component whose declaration allows it is loaded in fp16 and
-    exported so, then validated against the fp32 module within its fp16 tolerance.
+    exported so, then validated against the fp32 module within its fp16 tolerance. `loras` (``PATH[:SCALE]``)
+    are fused into the UNet's and the text encoder's weights (`export/lora.py`).
     """
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -159,6 +164,10 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         raise InvalidInputError(f"--kind {kind!r} does not match model {model!r}, which is a {detected!r} model "
                                 f"(kinds: {known}); leave --kind out to detect it")
     kind = detected
+    adapters = tuple(parse_lora(text) for text in loras)
+    if adapters and kind not in LORA_KINDS:
+        raise InvalidInputError(f"--lora fuses SD 1.x adapters into {', '.join(LORA_KINDS)} models, not a {kind!r} "
+                                f"model")
     source = ModelSource(model, motion_adapter)
     facts, tokenizer = pipeline_facts(source, kind)
     if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
@@ -171,14 +180,16 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         manifest = Manifest(out, precision, facts, tool_versions=_tool_versions())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out / facts["tokenizer"]))
-    manifest.sources[kind] = model if motion_adapter is None else f"{model} + {motion_adapter}"
+    manifest.sources[kind] = " + ".join([model, *([motion_adapter] if motion_adapter else []),
+                                         *(f"lora {a}" for a in adapters)])
 
     modules: dict[tuple[str, Any, str], torch.nn.Module] = {}  # the VAE serves two components: load it once
 
     def module(component: Component, dtype: str) -> torch.nn.Module:
         key = (component.subfolder, component.load, dtype)
         if key not in modules:
-            modules[key] = component.load(source, component.subfolder, TORCH_DTYPES[dtype])
+            modules[key] = fuse_loras(component.load(source, component.subfolder, TORCH_DTYPES[dtype]),
+                                      component.name, adapters)
         return modules[key]
 
     for name in KIND_COMPONENTS[kind]:

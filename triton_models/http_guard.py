@@ -367,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         if openai is not None:  # up before the guard listens: /v1 answers from the first request
             started = asyncio.Event()
-            loop.create_task(_serve_openai(args.repository, args.openai_grpc, openai[1], started))
-            await started.wait()
+            api = loop.create_task(_serve_openai(args.repository, args.openai_grpc, openai[1], started))
+            await asyncio.wait({api, loop.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            if api.done():  # it could not start: the guard serves /v2 on, and says why /v1 is missing
+                guard.openai = None
+                print(f"the OpenAI-compatible API did not start: {api.exception()!r}", file=sys.stderr, flush=True)
         await guard.serve()
 
     task = loop.create_task(run())

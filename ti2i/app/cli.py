@@ -32,7 +32,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ti2i.export.exporter import export_model
 
     manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter,
-                            precision=args.precision)
+                            precision=args.precision, loras=args.lora or ())
     print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
     return 0
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="graph precision (fp16: components known to overflow stay fp32; each is validated "
                         "against the fp32 module)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA adapter in diffusers' format (file or folder) fused into the UNet and text encoder "
+                        "at SCALE (default 1); repeated, the adapters add")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="compile an engine directory's ONNX graphs: TensorRT plans or AOTInductor "
