@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,18 @@ def test_large_non_json_bodies_leave_the_server_ready(echo_server, megabytes, co
     assert echo_server.is_alive()
     assert _ready(echo_server.http_url)
     np.testing.assert_array_equal(_echo(echo_server.http_url), [[2, 4, 6]])
+
+
+def test_a_large_form_body_to_the_metrics_port_leaves_the_server_ready(echo_server):
+    """Original failure: the published metrics port was Triton's own, whose HTTP server parses a form-encoded
+    body the same way: one 8 MB POST there killed the server. It is guarded like the HTTP port: metrics
+    take no body, so a large one is refused, and the metrics still read."""
+    address = echo_server.metrics_url.split("//", 1)[1].split("/", 1)[0]
+    status = _post(address, "/metrics", os.urandom(8_000_000), "application/x-www-form-urlencoded")
+    assert status == 413, status
+    assert echo_server.is_alive() and _ready(echo_server.http_url)
+    with urllib.request.urlopen(echo_server.metrics_url, timeout=10) as response:
+        assert b"nv_inference_request_success" in response.read()
 
 
 def test_body_over_the_limit_is_refused_before_it_is_read(echo_server):

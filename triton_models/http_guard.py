@@ -359,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--openai-grpc", type=_address, default=None,
                         help="Triton's gRPC HOST:PORT: serve the OpenAI-compatible API under /v1 (needs --repository; "
                              f"its bearer key, if any, from ${OPENAI_KEY_ENV})")
+    parser.add_argument("--metrics-listen", type=_address, default=None,
+                        help="HOST:PORT of the published metrics port: guarded the same way (Triton's metrics "
+                             "server dies of the same form-encoded body)")
+    parser.add_argument("--metrics-upstream", type=_address, default=None, help="Triton's own metrics HOST:PORT")
     args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
     openai = ("127.0.0.1", _free_port()) if args.openai_grpc is not None and args.repository is not None else None
@@ -372,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             if api.done():  # it could not start: the guard serves /v2 on, and says why /v1 is missing
                 guard.openai = None
                 print(f"the OpenAI-compatible API did not start: {api.exception()!r}", file=sys.stderr, flush=True)
-        await guard.serve()
+        if args.metrics_listen is not None and args.metrics_upstream is not None:
+            metrics = HttpGuard(args.metrics_listen, args.metrics_upstream, max_body_bytes=_SMALL_BODY)
+            await asyncio.gather(guard.serve(), metrics.serve())
+        else:
+            await guard.serve()
 
     task = loop.create_task(run())
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -422,6 +422,14 @@ def server_env(base: dict[str, str] | None = None, bundled: bool = True) -> dict
     return env
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 class TritonServer:
     """A ``tritonserver`` child process serving ``model_repository``; a context manager.
 
@@ -506,6 +514,7 @@ class TritonServer:
         self.openai_api_key = openai_api_key or os.environ.get(OPENAI_KEY_ENV) or None
         self.supervisor = None  # the Supervisor while supervise=True and started
         self._triton_http: int | None = None  # Triton's own HTTP port (behind the guard)
+        self._triton_metrics: int | None = None  # Triton's own metrics port (behind the guard too)
         self._guard: subprocess.Popen | None = None
         self.host = host
         self.binary: Path | None = None  # the tritonserver started (found at start)
@@ -605,8 +614,8 @@ class TritonServer:
             f"--http-address={self._triton_http_host}",
             f"--http-port={http_port}",
             "--allow-metrics=true",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={ports.metrics}",
+            f"--metrics-address={self._triton_http_host}",
+            f"--metrics-port={self._triton_metrics or ports.metrics}",
             "--allow-gpu-metrics=false",
             "--allow-cpu-metrics=true",
             f"--http-header-forward-pattern={TOKEN_HEADER}",  # the guard's request names (http_guard.py)
@@ -635,7 +644,7 @@ class TritonServer:
             for attempt in range(1, attempts + 1):
                 ports = self._fixed_ports or _pick_ports()
                 if self.http_guard:
-                    self._triton_http = find_free_ports(1)[0]
+                    self._triton_http, self._triton_metrics = find_free_ports(2)
                 try:
                     self._launch(ports, backend_dir)
                     self._wait_ready()
@@ -704,7 +713,8 @@ class TritonServer:
             return
         cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={self.host}:{self.ports.http}",
                f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}",
-               f"--repository={self.model_repository}", f"--openai-grpc={self._connect_host}:{self.ports.grpc}"]
+               f"--repository={self.model_repository}", f"--openai-grpc={self._connect_host}:{self.ports.grpc}",
+               f"--metrics-listen={self.host}:{self.ports.metrics}", f"--metrics-upstream={HOST}:{self._triton_metrics}"]
         from ti2i.triton_models.http_guard import OPENAI_KEY_ENV
 
         env = {k: v for k, v in os.environ.items() if k != OPENAI_KEY_ENV}
@@ -719,11 +729,11 @@ class TritonServer:
             if self._guard.poll() is not None:
                 raise ServerUnavailableError(f"the HTTP guard exited with code {self._guard.returncode} "
                                              f"(port {self.ports.http} taken?); log {self.guard_log_path}")
-            with contextlib.suppress(OSError), socket.create_connection((self._connect_host, self.ports.http),
-                                                                          timeout=1):
+            if all(_listening(self._connect_host, port) for port in (self.ports.http, self.ports.metrics)):
                 return
             time.sleep(0.05)
-        raise ServerUnavailableError(f"the HTTP guard did not listen on {self.http_url} within 30 s")
+        raise ServerUnavailableError(f"the HTTP guard did not listen on {self.http_url} and port {self.ports.metrics} "
+                                     f"within 30 s")
 
     def guard_alive(self) -> bool:
         return not self.http_guard or (self._guard is not None and self._guard.poll() is None)
