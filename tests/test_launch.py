@@ -75,11 +75,13 @@ def test_without_one_on_path_the_bundled_tritonserver_serves(tmp_path, monkeypat
 
 @pytest.mark.parametrize("guard", [True, False])
 def test_host_binds_the_published_ports_and_keeps_triton_http_behind_the_guard(tmp_path, guard):
+    """Guarded, Triton's own HTTP and metrics ports stay on loopback (the guard publishes both)."""
     server = TritonServer(tmp_path, log_path=tmp_path / "log", host="0.0.0.0", http_guard=guard,
                           ports=ServerPorts(grpc=8001, http=8000, metrics=8002))
     command = server.command(server.ports, None)
-    assert {"--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(command)
-    assert f"--http-address={'127.0.0.1' if guard else '0.0.0.0'}" in command
+    assert "--grpc-address=0.0.0.0" in command
+    own = "127.0.0.1" if guard else "0.0.0.0"
+    assert {f"--http-address={own}", f"--metrics-address={own}"} <= set(command)
     # this machine reaches a wildcard bind on loopback
     assert (server.grpc_url, server.http_url) == ("127.0.0.1:8001", "127.0.0.1:8000")
     assert server.metrics_url == "http://127.0.0.1:8002/metrics"
