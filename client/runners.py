@@ -430,10 +430,13 @@ class TritonRunner(FamilyRoutingRunner):
             try:
                 result = infer()
             except self._exception_type() as err:
-                if self._shm is None or not _lost_regions(err):
+                if _dead_stub(err) and self._ready_again(model):
+                    result = infer()  # a component call is a pure function: once more, on the reloaded stub
+                elif self._shm is None or not _lost_regions(err):
                     raise
-                self._shm.register_again()  # a restarted server knows none of them: once more, then the call
-                result = infer()
+                else:
+                    self._shm.register_again()  # a restarted server knows none of them: once more, then the call
+                    result = infer()
         except self._exception_type() as err:
             raise self._server_gone(model) or _translate(err, model) from None
         except TimeoutError:  # HTTP: the socket's deadline (gRPC reports DEADLINE_EXCEEDED above)
@@ -456,6 +459,20 @@ class TritonRunner(FamilyRoutingRunner):
         if self._shm is not None and seen:
             self._output_shapes.setdefault(shape_key, {}).update(seen)
         return out
+
+    def _ready_again(self, model: str) -> bool:
+        """Whether `model` is ready again within `STUB_RELOAD_WAIT_S`."""
+        import time
+
+        deadline = time.monotonic() + STUB_RELOAD_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                if self.client.is_model_ready(model):
+                    return True
+            except Exception:  # the server itself is gone: not a stub's death, fail now (a balancer moves on)
+                return False
+        return False
 
     def _server_gone(self, model: str, err: Exception | None = None) -> ServerUnavailableError | None:
         """The error to raise when a failed call is due to the server stopping or being gone
@@ -556,6 +573,13 @@ def _message(err: Exception) -> str:
     return str(err.message()) if hasattr(err, "message") else str(err)
 
 
+def _dead_stub(err: Exception) -> bool:
+    """Whether the call failed because the python-backend stub serving it (or its family's engine core) died:
+    the supervisor reloads the model, and the same call then succeeds."""
+    message = _message(err)
+    return "is not healthy" in message or "engine core is unavailable (restarting?)" in message
+
+
 def _lost_regions(err: Exception) -> bool:
     """Whether the server said it has no such shared-memory region (it restarted since they were registered)."""
     return "Unable to find shared memory region" in _message(err)
@@ -566,6 +590,10 @@ def _client(module: Any, address: str, timeout_s: float) -> Any:
         return module.InferenceServerClient(address, channel_args=grpc_channel_args(module, address))
     return module.InferenceServerClient(address, network_timeout=timeout_s, connection_timeout=10.0)
 
+
+# How long a component call whose stub died waits for its model to be reloaded (a supervised server reloads it in
+# a second or two) before it is tried once more.
+STUB_RELOAD_WAIT_S = 20.0
 
 # gRPC waits longer after each failed connection attempt, up to 120 s: a channel kept while a server was down
 # then went on failing for seconds after it was ready (3.7 s once here). At most this long:

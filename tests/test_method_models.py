@@ -693,3 +693,24 @@ def test_a_streamed_request_that_fails_in_the_core_gets_its_error(svd_engines, e
         with pytest.raises(InvalidInputError, match="unet_svd: .* over the memory budget"):
             run_remote(server_url(server, "grpc"), METHODS["svd"], progress=False, stream=True, timeout_s=60,
                        image=example_image, frames=4, steps=2, height=512, width=512)
+
+
+def test_a_component_call_whose_stub_died_is_answered_once_it_is_reloaded(engines, tmp_path):
+    """Original failure: a client-driven loop's UNet call that reached a stub just killed failed the whole
+    request ("Stub process 'unet_0_0' is not healthy"), though the supervisor had the model serving again a
+    second later. A component call is a pure function: the runner waits for the model to be ready and calls
+    once more."""
+    from ti2i.client.runners import TritonRunner
+    from ti2i.spec import BATCH, sample_inputs
+    from ti2i.triton_models.supervisor import stub_processes
+
+    inputs = sample_inputs(engines.components["unet"].spec, {BATCH: 2, "height": 8, "width": 8}, seed=1)
+    with TritonServer(_sdedit_repository(engines, tmp_path), log_path=tmp_path / "server.log", supervise=True) as server, \
+            TritonRunner(f"grpc://{server.grpc_url}") as runner:
+        first = runner.run("unet", **inputs)
+        (pid, _), = [v for v in stub_processes(server.pid).values() if v[1] == "unet"]
+        os.kill(pid, signal.SIGKILL)
+        again = runner.run("unet", **inputs)
+        events = list(server.supervisor.events)
+    np.testing.assert_array_equal(first["noise_pred"], again["noise_pred"])
+    assert any("fault: model 'unet'" in e for e in events), events
