@@ -45,7 +45,7 @@ def served(engines, svd_engines, tmp_path_factory):
     with open(log, "w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ti2i.client.cli", "serve", "--engines", f"sd={engines.root}", "--engines",
-             f"svd={svd_engines.root}", "--methods", "txt2img,sdedit,pix2pix,inpaint,svd", "--repository",
+             f"svd={svd_engines.root}", "--methods", "txt2img,sdedit,pix2pix,inpaint,svd,videoldm", "--repository",
              str(root / "repo"), "--log", str(root / "triton.log"), "--grpc-port", str(grpc_port), "--http-port",
              str(http_port), "--metrics-port", str(metrics_port)],
             stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -152,6 +152,20 @@ def test_a_video_job_is_created_polled_and_downloaded(client, example_image, tmp
     assert client.videos.delete(video.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.videos.retrieve(video.id)
+
+
+def test_a_videoldm_job_takes_its_prompt_and_the_methods_options(client, example_image, tmp_path):
+    video = client.videos.create_and_poll(model="videoldm", prompt="clouds drifting", size="32x32",
+                                          input_reference=("in.png", _png(example_image)), poll_interval_ms=200,
+                                          extra_body={"frames": 2, "steps": 3, "strength": 0.5, "seed": 6})
+    assert video.status == "completed", video.error
+    mp4 = tmp_path / "video.mp4"
+    mp4.write_bytes(client.videos.download_content(video.id).read())
+    assert iio.imread(mp4, index=None).shape[:3] == (2, 32, 32)
+    failed = client.videos.create_and_poll(model="videoldm", prompt="x", poll_interval_ms=200,
+                                           input_reference=("in.png", _png(example_image)),
+                                           extra_body={"frames": 2, "steps": 100000})
+    assert failed.status == "failed" and "steps" in failed.error.message
 
 
 def test_bad_requests_are_openai_errors_and_the_server_stays_ready(client, served):
