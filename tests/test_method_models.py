@@ -705,7 +705,8 @@ def test_a_component_call_whose_stub_died_is_answered_once_it_is_reloaded(engine
     from ti2i.triton_models.supervisor import stub_processes
 
     inputs = sample_inputs(engines.components["unet"].spec, {BATCH: 2, "height": 8, "width": 8}, seed=1)
-    with TritonServer(_sdedit_repository(engines, tmp_path), log_path=tmp_path / "server.log", supervise=True) as server, \
+    repository = _sdedit_repository(engines, tmp_path)
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server, \
             TritonRunner(f"grpc://{server.grpc_url}") as runner:
         first = runner.run("unet", **inputs)
         (pid, _), = [v for v in stub_processes(server.pid).values() if v[1] == "unet"]

@@ -252,7 +252,8 @@ class HttpGuard:
                 openai = self.openai is not None and (path == "/v1" or path.startswith(("/v1/", "/v1?")))
                 address = self.openai if openai else self.upstream
                 # libevhtp (Triton's) must never parse a form body; the OpenAI API reads forms itself
-                kept = [(k, v) for k, v in headers if k not in ("expect", TOKEN_HEADER) and (openai or not _is_form(k, v))]
+                kept = [(k, v) for k, v in headers
+                        if k not in ("expect", TOKEN_HEADER) and (openai or not _is_form(k, v))]
                 cancel = None
                 target = _INFERENCE_PATH.match(start.split(" ")[1]) if method == "POST" else None
                 secret = self._core_secret(target.group(1)) if target else None
