@@ -179,6 +179,9 @@ def test_bad_requests_are_openai_errors_and_the_server_stays_ready(client, serve
         client.images.generate(model="dall-e-3", prompt="x")
     with pytest.raises(openai.BadRequestError, match="videos endpoint"):
         client.images.generate(model="svd", prompt="x")
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        urllib.request.urlopen(f"http://127.0.0.1:{served[0]}/v1/images/variations/none", timeout=10)
+    assert unknown.value.code == 404 and json.loads(unknown.value.read())["error"]["message"] == "Not Found"
     assert _ready(served[0])
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ti2i.client.registry import METHODS, Method
 from ti2i.client.remote import request_tensors
@@ -411,6 +412,10 @@ def create_app(repository: Path, grpc_address: str, api_key: str | None = None) 
     async def _any_error(request: Request, err: Exception) -> Any:  # OpenAI's error shape, never a traceback
         failure = api_error(err)
         return JSONResponse(failure.body(), status_code=failure.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException) -> Any:  # an unknown path, a bad form, ...
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> Any:
