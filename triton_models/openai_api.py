@@ -36,13 +36,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ti2i.client.registry import METHODS, Method
-from ti2i.client.remote import request_tensors
+from ti2i.client.registry import METHODS, STREAM_SUFFIX, Method
+from ti2i.client.remote import _infer_inputs, request_tensors
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, Ti2iError
-from ti2i.families import served_name, split_served_name
-from ti2i.triton_models.method_io import STREAM_OUTPUTS
+from ti2i.families import split_served_name
+from ti2i.triton_models.method_io import STREAM_OUTPUTS, image_bytes
 
-STREAM_SUFFIX = "_stream"
 MAX_IMAGES = 10  # `n`, as OpenAI's limit
 MAX_PARTIAL_IMAGES = 3
 MAX_VIDEO_JOBS = 32  # finished jobs beyond these are forgotten, oldest first
@@ -64,9 +63,11 @@ class ApiError(Exception):
 
 
 def api_error(err: Exception) -> ApiError:
-    """A ti2i error as the OpenAI error it is: a client's fault 400, an unknown model 404, a full server 503."""
+    """An error as the OpenAI error it is: a client's fault 400, an unknown model 404, a full server 503."""
     if isinstance(err, ApiError):
         return err
+    if isinstance(err, HTTPException):  # Starlette's own: an unknown path, a refused form
+        return ApiError(err.status_code, str(err.detail))
     if isinstance(err, ModelNotFoundError):
         return ApiError(404, str(err), "model")
     if isinstance(err, InvalidInputError):
@@ -85,7 +86,7 @@ def served_methods(repository: Path) -> dict[str, str]:
     plain: dict[str, list[str]] = {}
     for config in sorted(repository.glob("*/config.pbtxt")):
         name = config.parent.name
-        family, method = split_served_name(name)
+        method = split_served_name(name)[1]
         if method not in METHODS:
             continue
         by_id[name] = name
@@ -123,7 +124,6 @@ class ImageRequest:
     output_compression: int | None = None
     stream: bool = False
     partial_images: int = 0
-    size: str | None = None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -206,7 +206,6 @@ def image_request(repository: Path, fields: dict[str, Any], files: dict[str, byt
         request.output_compression = _integer(compression, "output_compression", 0, 100)
     request.stream = _flag(fields.pop("stream", False), "stream")
     request.partial_images = _integer(fields.pop("partial_images", 0), "partial_images", 0, MAX_PARTIAL_IMAGES)
-    request.size = fields.get("size")
     request.values = method_values(method, fields, files)
     return request
 
@@ -227,6 +226,15 @@ def encode_image(pixels: np.ndarray, fmt: str, compression: int | None = None) -
     options = {} if compression is None or fmt == "png" else {"quality": max(compression, 1)}
     Image.fromarray(pixels).save(buffer, format=IMAGE_FORMATS[fmt], **options)
     return buffer.getvalue()
+
+
+NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}  # no tokens are billed here
+
+
+def size_text(pixels: np.ndarray) -> str:
+    """``WxH`` of uint8 [H, W, 3] pixels."""
+    return f"{pixels.shape[1]}x{pixels.shape[0]}"
 
 
 def image_entry(data: bytes, request: ImageRequest) -> dict[str, str]:
@@ -255,33 +263,19 @@ class Triton:
                                                             channel_args=grpc_channel_args(grpcclient, self.address))
         return self._client
 
-    def _inputs(self, method: Method, values: dict[str, Any], fmt: str | None = None) -> list[Any]:
-        import tritonclient.grpc.aio as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
-
-        tensors = request_tensors(method, **values, **({"format": fmt} if fmt else {}))
-        inputs = []
-        for name, value in tensors.items():
-            item = grpcclient.InferInput(name, list(value.shape),
-                                         "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype))
-            item.set_data_from_numpy(value)
-            inputs.append(item)
-        return inputs
-
-    async def run(self, model: str, method: Method, values: dict[str, Any], output: str = "pixels",
-                  fmt: str | None = None) -> np.ndarray:
-        """One request to the method model: its `output` (pixels, or the encoded file)."""
+    async def run(self, model: str, method: Method, values: dict[str, Any]) -> np.ndarray:
+        """One request to the method model: its pixels."""
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
         from ti2i.client.runners import _translate
 
         try:
-            result = await self._get().infer(model, self._inputs(method, values, fmt),
-                                             outputs=[grpcclient.InferRequestedOutput(output)])
+            result = await self._get().infer(model, _infer_inputs(grpcclient, request_tensors(method, **values)),
+                                             outputs=[grpcclient.InferRequestedOutput("pixels")])
         except InferenceServerException as err:
             raise _translate(err, method.name) from None
-        return np.array(result.as_numpy(output), copy=True)
+        return np.array(result.as_numpy("pixels"), copy=True)
 
     async def stream(self, model: str, method: Method, values: dict[str, Any], output: str = "pixels",
                      fmt: str | None = None, preview_every: int = 0) -> AsyncIterator[dict[str, np.ndarray]]:
@@ -292,11 +286,10 @@ class Triton:
 
         from ti2i.client.runners import _translate
 
-        inputs = self._inputs(method, values, fmt)
+        tensors = request_tensors(method, **values, **({"format": fmt} if fmt else {}))
         if preview_every:
-            every = grpcclient.InferInput("preview_every", [1], "INT64")
-            every.set_data_from_numpy(np.array([preview_every], dtype=np.int64))
-            inputs.append(every)
+            tensors["preview_every"] = np.array([preview_every], dtype=np.int64)
+        inputs = _infer_inputs(grpcclient, tensors)
         wanted = [grpcclient.InferRequestedOutput(n) for n in (output, *STREAM_OUTPUTS)]
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -408,23 +401,13 @@ def create_app(repository: Path, grpc_address: str, api_key: str | None = None) 
     if api_key is not None:
         app.add_middleware(BearerKey, key=api_key)
 
-    @app.exception_handler(Exception)
-    async def _any_error(request: Request, err: Exception) -> Any:  # OpenAI's error shape, never a traceback
+    async def openai_error(request: Request, err: Exception) -> Any:  # OpenAI's error shape, never a traceback
         failure = api_error(err)
         return JSONResponse(failure.body(), status_code=failure.status)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, err: HTTPException) -> Any:  # an unknown path, a bad form, ...
-        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, err: ApiError) -> Any:
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(Ti2iError)
-    async def _ti2i_error(request: Request, err: Ti2iError) -> Any:
-        failure = api_error(err)
-        return JSONResponse(failure.body(), status_code=failure.status)
+    # the expected ones by class (no traceback logged), an unknown path or bad form, then anything else
+    for kind in (ApiError, Ti2iError, HTTPException, Exception):
+        app.add_exception_handler(kind, openai_error)
 
     async def until_disconnected(request: Request, work: Any) -> Any:
         """`work` (a coroutine), cancelled when the client hangs up (its Triton requests are cancelled too)."""
@@ -469,71 +452,60 @@ def create_app(repository: Path, grpc_address: str, api_key: str | None = None) 
             if isinstance(value, dict):  # OpenAI's {"image_url": ...} reference
                 value = value.get("image_url")
             if value is not None:
-                from ti2i.triton_models.method_io import image_bytes
-
                 files[name] = image_bytes(value, name)
         return fields, files
 
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "ti2i"}
+
     @app.get("/v1/models")
     async def models() -> Any:
-        served = served_methods(repository)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ti2i"}
-                                           for name in sorted(served)]}
+        return {"object": "list", "data": [model_entry(name) for name in sorted(served_methods(repository))]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> Any:
         if model not in served_methods(repository):
             raise ModelNotFoundError(f"model {model!r} is not served here")
-        return {"id": model, "object": "model", "created": 0, "owned_by": "ti2i"}
+        return model_entry(model)
 
     async def images(request: Request, default: str, event: str) -> Any:
         fields, files = await body(request)
         req = image_request(repository, fields, files, default)
         created = int(time.time())
 
-        async def one(seed: int | None) -> bytes:
-            values = {**req.values, **({"seed": seed} if seed is not None else {})}
-            pixels = await triton.run(req.model, req.method, values)
-            return encode_image(pixels, req.output_format, req.output_compression)
-
-        def size_of(data: bytes) -> str:
-            from PIL import Image
-
-            width, height = Image.open(io.BytesIO(data)).size
-            return f"{width}x{height}"
+        def with_seed(seed: int | None) -> dict[str, Any]:
+            return {**req.values, **({"seed": seed} if seed is not None else {})}
 
         if not req.stream:
-            files_out = await until_disconnected(request, asyncio.gather(*(one(s) for s in seeds(req.values, req.n))))
-            return {"created": created, "data": [image_entry(d, req) for d in files_out], "background": "opaque",
-                    "output_format": req.output_format, "quality": "auto", "size": size_of(files_out[0])}
+            runs = (triton.run(req.model, req.method, with_seed(seed)) for seed in seeds(req.values, req.n))
+            images = await until_disconnected(request, asyncio.gather(*runs))
+            return {"created": created, "background": "opaque", "output_format": req.output_format,
+                    "quality": "auto", "size": size_text(images[0]),
+                    "data": [image_entry(encode_image(p, req.output_format, req.output_compression), req)
+                             for p in images]}
         if req.n != 1:
             raise ApiError(400, "stream takes n=1", "n")
         steps = int(req.values.get("steps") or req.method.param("steps").default or 1)
         every = max(steps // (req.partial_images + 1), 1) if req.partial_images else 0
-        seed = seeds(req.values, 1)[0]
-        values = {**req.values, **({"seed": seed} if seed is not None else {})}
+
+        def sse(kind: str, pixels: np.ndarray, **extra: Any) -> bytes:
+            data = encode_image(pixels, req.output_format, req.output_compression)
+            payload = {"type": f"{event}.{kind}", "b64_json": base64.b64encode(data).decode(),
+                       "created_at": int(time.time()), "size": size_text(pixels), "quality": "auto",
+                       "background": "opaque", "output_format": req.output_format, **extra}
+            return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
         async def events() -> AsyncIterator[bytes]:
             index = 0
             try:
-                async for out in triton.stream(req.model, req.method, values, preview_every=every):
+                async for out in triton.stream(req.model, req.method, with_seed(seeds(req.values, 1)[0]),
+                                               preview_every=every):
                     if "pixels" in out:
-                        data = encode_image(out["pixels"], req.output_format, req.output_compression)
-                        done = {"type": f"{event}.completed", "b64_json": base64.b64encode(data).decode(),
-                                "created_at": int(time.time()), "size": size_of(data), "quality": "auto",
-                                "background": "opaque", "output_format": req.output_format,
-                                "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                                          "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}}
-                        yield f"event: {done['type']}\ndata: {json.dumps(done)}\n\n".encode()
+                        yield sse("completed", out["pixels"], usage=NO_USAGE)
                         return
                     if "preview" in out and index < req.partial_images:
-                        data = encode_image(out["preview"], req.output_format, req.output_compression)
-                        partial = {"type": f"{event}.partial_image", "b64_json": base64.b64encode(data).decode(),
-                                   "created_at": int(time.time()), "size": size_of(data), "quality": "auto",
-                                   "background": "opaque", "output_format": req.output_format,
-                                   "partial_image_index": index}
+                        yield sse("partial_image", out["preview"], partial_image_index=index)
                         index += 1
-                        yield f"event: {partial['type']}\ndata: {json.dumps(partial)}\n\n".encode()
             except Exception as err:  # the stream has begun: the error is its last event
                 failure = api_error(err)
                 yield f"event: error\ndata: {json.dumps({'type': 'error', **failure.body()})}\n\n".encode()
