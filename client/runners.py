@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from http.client import HTTPException
 from pathlib import Path
@@ -20,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ti2i import errors
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
-from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError
+from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, named_error
 from ti2i.families import Family, choose_family, families_from_configs, served_name, split_served_name
 from ti2i.manifest import Manifest
 from ti2i.runner import Runner, to_numpy, to_torch  # Runner re-exported: the interface lives below client/
@@ -462,8 +462,6 @@ class TritonRunner(FamilyRoutingRunner):
 
     def _ready_again(self, model: str) -> bool:
         """Whether `model` is ready again within `STUB_RELOAD_WAIT_S`."""
-        import time
-
         deadline = time.monotonic() + STUB_RELOAD_WAIT_S
         while time.monotonic() < deadline:
             time.sleep(0.2)
@@ -654,8 +652,8 @@ def _translate(err: Exception, model: str) -> Exception:
     status = str(err.status() or "")
     message = _message(err)
     if not status:  # a gRPC stream's error has no code: the server's message names its type (`Type: text`)
-        kind = getattr(errors, message.split(":", 1)[0], None)
-        status = "INVALID_ARG" if isinstance(kind, type) and issubclass(kind, InvalidInputError) else ""
+        kind = named_error(message)
+        status = "INVALID_ARG" if kind is not None and issubclass(kind, InvalidInputError) else ""
     if "INVALID_ARG" in status or status == "400":
         return InvalidInputError(f"{model}: {message}")
     if "UNAVAILABLE" in status or "DEADLINE" in status:

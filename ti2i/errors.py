@@ -35,3 +35,10 @@ class ExportValidationError(Ti2iError, RuntimeError):
 
 class BackendUnavailableError(Ti2iError, RuntimeError):
     """A requested engine backend cannot run here (its library or the GPU it needs is missing)."""
+
+
+def named_error(message: str) -> type[Ti2iError] | None:
+    """The error class a message of the form ``Type: text`` names (how the server's errors cross the wire), or
+    None when it names none of these."""
+    kind = globals().get(message.split(":", 1)[0])
+    return kind if isinstance(kind, type) and issubclass(kind, Ti2iError) else None

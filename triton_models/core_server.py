@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import get_method
-from ti2i import errors
-from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
+from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError, named_error
 from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
 from ti2i.triton_models.core_metrics import CoreMetrics
 from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, ERROR, IMAGE_INPUTS, METHOD, REQUEST, component_tensor,
@@ -46,19 +45,15 @@ def relayed_error(pb: Any, message: str) -> Any:
     (`TYPE: text`, as `error_response` wrote it), so the code is found again from the type's name. An error in
     Triton's own words means the core could not be reached (its stub died and is being reloaded): UNAVAILABLE."""
     prefix = message.split(":", 1)[0]
-    if prefix in ERROR_TYPES:
-        kind: type[BaseException] = ERROR_TYPES[prefix]
+    named = Cancelled if prefix == Cancelled.__name__ else named_error(message)
+    if named is not None:
+        kind: type[BaseException] = named
     elif prefix.isidentifier() and prefix.endswith(("Error", "Exception")):
         kind = Exception  # the core failed on this request
     else:
         kind = ServerUnavailableError
         message = f"ServerUnavailableError: the engine core is unavailable (restarting?): {message}"
     return pb.InferenceResponse(error=pb.TritonError(message, error_code(pb, kind)))
-
-
-ERROR_TYPES: dict[str, type[BaseException]] = {
-    **{name: kind for name, kind in vars(errors).items() if isinstance(kind, type) and issubclass(kind, Ti2iError)},
-    "Cancelled": Cancelled}
 
 
 def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:

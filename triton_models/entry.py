@@ -102,7 +102,8 @@ class MethodEntry(_Entry):
                                        on_cancel=lambda: self._cancel_in_core(token))
         final = None
         try:
-            for core_response in self._core_responses(tensors, [*wanted, *((*STREAM_OUTPUTS, ERROR) if stream else ())]):
+            outputs = [*wanted, *((*STREAM_OUTPUTS, ERROR) if stream else ())]
+            for core_response in self._core_responses(tensors, outputs):
                 out = self._outputs(core_response)
                 if not out:
                     continue  # the core's closing flag

@@ -336,14 +336,6 @@ async def _serve_openai(repository: Path, grpc: tuple[str, int], port: int, star
     await serve(app, port, started)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host or "127.0.0.1", int(port)
@@ -366,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-upstream", type=_address, default=None, help="Triton's own metrics HOST:PORT")
     args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
-    openai = ("127.0.0.1", _free_port()) if args.openai_grpc is not None and args.repository is not None else None
+    from ti2i.triton_models.server import HOST, find_free_ports
+
+    openai = (HOST, find_free_ports(1)[0]) if args.openai_grpc is not None and args.repository is not None else None
     guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository, openai)
 
     async def run() -> None:

@@ -721,8 +721,8 @@ class TritonServer:
         if self.openai_api_key:
             env[OPENAI_KEY_ENV] = self.openai_api_key  # not in argv, which every user of the machine reads
         with open(self.guard_log_path, "ab") as log:
-            self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True, close_fds=True,
+            self._guard = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True, close_fds=True,
                                            preexec_fn=_parent_death_signal_fn(umask=_UMASK))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
