@@ -58,7 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                    help="instead: a soak of this many minutes against one supervised server (benchmarks/soak.py)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak or the adapter sweep")
+    p.add_argument("--adapters", action="store_true",
+                   help="instead: what per-request LoRA adapters cost (benchmarks/adapters.py): --clients SDEdit "
+                        "clients each with its own adapter vs one shared adapter vs none, and one UNet call with an "
+                        "adapter vs without")
     p.set_defaults(func=cmd_bench)
 
 
@@ -73,6 +77,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           log=(lambda _: None) if args.quiet else print)
         print((Path(args.out) / "soak.md").read_text())
         return 0 if report["unexpected_failures"] == 0 else 1
+
+    if args.adapters:
+        from ti2i.benchmarks.adapters import run_adapter_bench
+
+        run_adapter_bench(Path(args.out), preset=args.preset, clients=args.clients, rounds=args.concurrency_rounds,
+                          requests=args.concurrency_requests or 2, cache=Path(args.cache) if args.cache else None,
+                          log=(lambda _: None) if args.quiet else print)
+        print((Path(args.out) / "adapters.md").read_text())
+        return 0
 
     if args.repeats is not None and args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ti2i.benchmarks.clients import run_clients
 from ti2i.benchmarks.server_metrics import by_label, read_metrics
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import RemoteMethodClient
@@ -44,7 +45,6 @@ def mixed_round(url: str, image: Image.Image, clients: int, requests: int, steps
     """Requests per second of `clients` threads sending `requests` mixed requests in all."""
     jobs = iter(itertools.islice(itertools.cycle(MIXED), requests))
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
     def client(index: int) -> None:
         remote = RemoteMethodClient(url)
@@ -55,20 +55,10 @@ def mixed_round(url: str, image: Image.Image, clients: int, requests: int, steps
                 if method is None:
                     return
                 remote.run(METHODS[method], progress=False, stream=False, **request(method, image, index, steps))
-        except BaseException as err:  # reported after the round
-            errors.append(err)
         finally:
             remote.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return requests / (time.perf_counter() - start)
+    return requests / run_clients(client, clients)
 
 
 def main(argv: list[str] | None = None) -> int:

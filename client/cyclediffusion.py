@@ -9,6 +9,7 @@ under the target prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -73,10 +74,11 @@ def cyclediffusion(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("cyclediffusion")
+    runner = shared.with_lora(runner.for_method("cyclediffusion"), lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs

@@ -10,6 +10,7 @@ as the steps grow. DDIB inverts without guidance (source guidance 1); both scale
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,10 +54,11 @@ def ddib(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("ddib")
+    runner = shared.with_lora(runner.for_method("ddib"), lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs

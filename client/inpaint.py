@@ -10,6 +10,7 @@ whatever the scheduler draws at each step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -41,10 +42,11 @@ def inpaint(
     eta: float = 0.0,
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("inpaint")
+    runner = shared.with_lora(runner.for_method("inpaint"), lora)
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

@@ -6,6 +6,7 @@ The 8-channel UNet sees [noise latent ‖ image latent]; with guidance one call 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,10 +35,11 @@ def pix2pix(
     eta: float = 0.0,
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("pix2pix")
+    runner = shared.with_lora(runner.for_method("pix2pix"), lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)

@@ -59,6 +59,7 @@ class Param:
     high: float | None = None
     low_open: bool = False
     choices: tuple[str, ...] = ()
+    many: bool = False  # several values (text): the CLI flag repeats, the served tensor has one element each
 
     @property
     def flag(self) -> str:
@@ -95,6 +96,11 @@ class Param:
         no out-of-range value reaches a scheduler, a generator or an array size."""
         if self.kind is bool:
             return bool(value)
+        if self.many:
+            values = (value,) if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+                raise InvalidInputError(f"{self.name} must be text or a list of texts, got {_shown(repr(value))}")
+            return tuple(values)
         if self.kind is str:
             if not isinstance(value, str):
                 raise InvalidInputError(f"{self.name} must be text, got {type(value).__name__}")
@@ -211,6 +217,9 @@ def _size(default: str) -> tuple[Param, Param]:
 
 
 SCHEDULER = Param("scheduler", str, MODEL_SCHEDULER, f"the sampling scheduler: {scheduler_help()}")
+LORA = Param("lora", str, (), "a LoRA adapter and its weight, NAME[:SCALE] (repeat for several; they add): in-process "
+                             "a .safetensors file or its folder, on a server a name `ti2i serve --lora` registered",
+             many=True)
 
 
 def _steps(default: int) -> Param:
@@ -237,7 +246,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
-        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE), SCHEDULER),
+        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE), SCHEDULER, LORA),
         images=(), size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
@@ -245,7 +254,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
-        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER),
+        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER,
+         LORA),
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
                                                                 "guidance_scale": "guidance"})),
@@ -256,7 +266,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
         (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
          _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
-         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER),
+         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA),
         images=("image", "mask"), image_help={"mask": "mask image file: white repaints, black keeps"},
         size_default=_MODEL_SIZE + "; image and mask are resized to it",
         reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
@@ -268,7 +278,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
         (Param("prompt", str, None, "the edit instruction (may be empty)", required=True), NEGATIVE, _steps(100),
          _guidance(7.5, "text guidance s_T"), Param("image_guidance", float, 1.5, "image guidance s_I"), _seed(),
-         *_size(_IMAGE_SIZE), SCHEDULER),
+         *_size(_IMAGE_SIZE), SCHEDULER, LORA),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",
                              "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt")),
@@ -277,7 +287,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "CycleDiffusion editing from a source to a target prompt", "image", "unet", (*_IMAGE_EDIT, "unet"), "sd",
         (SOURCE, Param("prompt", str, None, "describes the edited image", required=True), _strength(0.8),
          _steps(50), _guidance(7.5), Param("source_guidance", float, 1.0, "guidance of the source chain"),
-         Param("eta", float, 0.1, "DDIM eta, > 0", low=0.0, low_open=True), _seed(), *_size(_IMAGE_SIZE)),
+         Param("eta", float, 0.1, "DDIM eta, > 0", low=0.0, low_open=True), _seed(), *_size(_IMAGE_SIZE), LORA),
         reference=Reference("CycleDiffusionPipeline", {"source_prompt": "source_prompt", "strength": "strength",
                                                         "num_inference_steps": "steps", "guidance_scale": "guidance",
                                                         "source_guidance_scale": "source_guidance", "eta": "eta"},
@@ -290,7 +300,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          _strength(1.0, "how far up to invert (1: all the way)"), _steps(50),
          _guidance(1.0, "guidance of the decoding (target prompt)"),
          Param("source_guidance", float, 1.0, "guidance of the inversion (source prompt)"),
-         *_size(_IMAGE_SIZE))),  # deterministic: no seed; diffusers has no DDIB pipeline
+         *_size(_IMAGE_SIZE), LORA)),  # deterministic: no seed; diffusers has no DDIB pipeline
     Method(
         "svd", "ti2i.client.svd:svd", "Stable Video Diffusion image-to-video", "video", "unet_svd",
         ("image_encoder", "image_preprocess", "vae_encoder", "unet_svd", "vae_decoder_temporal", "image_postprocess"),

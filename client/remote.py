@@ -58,7 +58,9 @@ def request_tensors(method: Method, **values: Any) -> dict[str, np.ndarray]:
         value = values.get(param.name)
         if value is None:
             continue
-        if param.kind is str:
+        if param.many:
+            tensors[param.name] = np.array([v.encode("utf-8") for v in param.check(value)], dtype=object)
+        elif param.kind is str:
             tensors[param.name] = np.array([str(value).encode("utf-8")], dtype=object)
         else:
             try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ti2i.engines.adapters import ADAPTER_MODULES, LORA_DOWN, LORA_UP, AdapterRegistry, with_defaults
 from ti2i.engines.base import Engine
 from ti2i.engines.ensembles import available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError, ServerUnavailableError, named_error
@@ -119,6 +120,7 @@ class InProcessRunner(FamilyRoutingRunner):
         self._children: dict[str, InProcessRunner] = {}
         self._engines: dict[str, Engine] = {}
         self._loading = threading.Lock()
+        self._adapters: AdapterRegistry | None = None
         if isinstance(engine_dir, Mapping):
             if list(engine_dir) != [None]:
                 self._children = {name: InProcessRunner(path, **engine_options) for name, path in engine_dir.items()}
@@ -150,6 +152,26 @@ class InProcessRunner(FamilyRoutingRunner):
             return self.manifest.components[model].spec
         raise ModelNotFoundError(f"no model {model!r} in {self.manifest.root}")
 
+    def _completed(self, model: str, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The inputs, with the engine's "no adapter" where a model that takes adapters was sent none."""
+        try:
+            return with_defaults(self.spec_of(model), inputs)
+        except ModelNotFoundError:
+            return inputs  # the call reports the unknown model
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        """The LoRA adapters requests may name: files, loaded on first use (a server registers names instead)."""
+        if self._children:
+            raise InvalidInputError("per-request adapters need one model family: choose one with --family")
+        if self._adapters is None:
+            self._adapters = AdapterRegistry(self.pipeline.get(ADAPTER_MODULES, {}))
+        return self._adapters
+
+    @adapters.setter
+    def adapters(self, registry: AdapterRegistry) -> None:
+        self._adapters = registry
+
     def engine(self, name: str) -> Engine:
         if name not in self._engines:
             with self._loading:  # threads that run loops side by side load each engine once
@@ -164,6 +186,7 @@ class InProcessRunner(FamilyRoutingRunner):
                 raise ModelNotFoundError(f"no model {model!r}: families are {sorted(self._children)}; "
                                          f"models are named <family>.<model>")
             return self._children[family].run(plain, outputs, **inputs)
+        inputs = self._completed(model, inputs)
         if model in self._ensembles:
             spec, wiring = self._ensembles[model]
             spec.validate_inputs(inputs)
@@ -211,6 +234,7 @@ class InProcessRunner(FamilyRoutingRunner):
                 raise ModelNotFoundError(f"no model {model!r}: families are {sorted(self._children)}; "
                                          f"models are named <family>.<model>")
             return self._children[family]._run_chain(plain, inputs, outputs)
+        inputs = self._completed(model, inputs)
         if model in self._ensembles:
             spec, wiring = self._ensembles[model]
             spec.validate_inputs({k: _probe(v) if hasattr(v, "dim") else v for k, v in inputs.items()})
@@ -391,6 +415,7 @@ class TritonRunner(FamilyRoutingRunner):
         batched = int(config.get("max_batch_size", 0)) > 0
         infer_inputs = []
         declared = {i["name"]: i for i in config.get("input", [])}
+        inputs = _adapter_defaults(declared, inputs)
         for name, value in inputs.items():
             if name not in declared:
                 raise InvalidInputError(f"{model}: unknown input {name!r} (expects {sorted(declared)})")
@@ -640,6 +665,17 @@ def _is_batched_scalar(tensor_config: Mapping[str, Any]) -> bool:
     """A per-sample scalar declared with dims [1] and reshaped to [] comes back as [B]."""
     reshape = tensor_config.get("reshape")
     return _dims(tensor_config) == [1] and reshape is not None and not reshape.get("shape")
+
+
+def _adapter_defaults(declared: Mapping[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """A native network requires its adapter inputs (its python twin fills them): "no adapter" where not sent."""
+    wanted = declared.get(LORA_DOWN)
+    if wanted is None or wanted.get("optional") or LORA_DOWN in inputs or not inputs:
+        return inputs
+    rows = len(next(iter(inputs.values())))
+    down = np.zeros((rows, _dims(wanted)[-2], 1), np.float32)
+    up = np.zeros((rows, 1, _dims(declared[LORA_UP])[-1]), np.float32)
+    return {**inputs, LORA_DOWN: down, LORA_UP: up}
 
 
 def _wire_dtype(value: np.ndarray) -> str:

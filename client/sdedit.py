@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -27,10 +28,11 @@ def sdedit(
     eta: float = 0.0,
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("sdedit")
+    runner = shared.with_lora(runner.for_method("sdedit"), lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs

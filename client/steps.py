@@ -16,6 +16,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ti2i.client.lora import with_lora  # noqa: F401 - a shared step: a request's adapters
 from ti2i.client.registry import SEED
 from ti2i.client.schedulers import MODEL_SCHEDULER, SCHEDULER_NAMES, scheduler_help
 from ti2i.errors import InvalidInputError, ModelNotFoundError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
 from ti2i.client.results import ImageResult
@@ -23,10 +25,11 @@ def txt2img(
     eta: float = 0.0,
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
+    lora: Sequence[str] = (),
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = runner.for_method("txt2img")
+    runner = shared.with_lora(runner.for_method("txt2img"), lora)
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ti2i.budget import MemoryModel, check_budget
+from ti2i.engines.adapters import with_defaults
 from ti2i.spec import ComponentSpec, as_float32
 
 
@@ -45,8 +46,9 @@ class Engine(ABC):
         return bound
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Callers exchange float32 whatever the graph holds: float16 graphs are cast at this boundary."""
-        inputs = self.spec.cast_inputs(inputs)
+        """Callers exchange float32 whatever the graph holds: float16 graphs are cast at this boundary. Adapter
+        inputs left out mean no adapter (`engines/adapters.py`)."""
+        inputs = self.spec.cast_inputs(with_defaults(self.spec, inputs))
         self.check(inputs)
         if self.concurrent_calls:
             outputs = self._run(inputs)

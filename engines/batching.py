@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.budget import chunk_sizes
+from ti2i.engines.adapters import RANK_AXES, pad_rank
 from ti2i.engines.base import Engine
 
 
@@ -20,15 +21,20 @@ def _is_torch(value: Any) -> bool:
 
 
 def merge_requests(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """numpy arrays by `np.concatenate`; torch tensors (on a device) by `torch.cat`, where they are."""
+    """numpy arrays by `np.concatenate`; torch tensors (on a device) by `torch.cat`, where they are. Adapter
+    inputs of different ranks are zero-padded to the largest first (exact: a zero rank adds nothing)."""
     merged = {}
     for name, first in batches[0].items():
+        parts = [b[name] for b in batches]
+        if name in RANK_AXES:
+            rank = max(p.shape[RANK_AXES[name]] for p in parts)
+            parts = [pad_rank(p, name, rank) for p in parts]
         if _is_torch(first):
             import torch
 
-            merged[name] = torch.cat([b[name] for b in batches])
+            merged[name] = torch.cat(parts)
         else:
-            merged[name] = np.concatenate([b[name] for b in batches])
+            merged[name] = np.concatenate(parts)
     return merged
 
 
@@ -43,9 +49,14 @@ def split_outputs(outputs: Mapping[str, Any], sizes: Sequence[int]) -> list[dict
 
 
 def shape_key(inputs: Mapping[str, Any]) -> tuple:
-    """Requests batch together when everything but the batch dimension agrees."""
-    return tuple(sorted((name, tuple(value.shape[1:]), str(value.dtype)) if _is_torch(value) else
-                        (name, np.shape(value)[1:], np.asarray(value).dtype.str) for name, value in inputs.items()))
+    """Requests batch together when everything but the batch dimension (and an adapter's rank) agrees."""
+    def key(name: str, value: Any) -> tuple:
+        shape = list(value.shape[1:] if _is_torch(value) else np.shape(value)[1:])
+        if name in RANK_AXES:
+            del shape[RANK_AXES[name] - 1]
+        return name, tuple(shape), str(value.dtype) if _is_torch(value) else np.asarray(value).dtype.str
+
+    return tuple(sorted(key(name, value) for name, value in inputs.items()))
 
 
 def batch_size(inputs: Mapping[str, np.ndarray]) -> int:

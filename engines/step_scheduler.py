@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ti2i.engines.adapters import with_defaults
 from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import Runner, to_numpy
@@ -95,6 +96,11 @@ class StepScheduler(Runner):
             self._local.in_request = False
 
     @property
+    def adapters(self) -> Any:
+        """The adapters the requests may name (the engines' registry)."""
+        return self.engines.adapters
+
+    @property
     def active(self) -> int:
         return self._active
 
@@ -127,6 +133,10 @@ class StepScheduler(Runner):
         if "sample" in inputs:
             self._local.last_sample = inputs["sample"] if tensors else np.asarray(inputs["sample"])
         tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""
+        try:  # "no adapter" filled in here, so that calls with adapters and without merge
+            inputs = with_defaults(self.engines.spec_of(model), inputs)
+        except Ti2iError:
+            pass  # the call itself reports the unknown model
         call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag, tensors)
         if timeout_s > 0:
             call.deadline = call.since + timeout_s

@@ -90,7 +90,8 @@ def _export(wrapper: torch.nn.Module, spec: ComponentSpec, prof: profiles.Profil
                 sizes[dim] = max(2 * multiple, opt[dim] - opt[dim] % multiple)
                 dims[dim] = multiple * torch.export.Dim(f"{dim}_{multiple}", min=max(1, -(-low // multiple)),
                                                          max=high // multiple)
-            else:  # a range starting at 1 is declared from 2; the package still runs size 1 (tested)
+            else:  # a range starting at 1 is declared (and traced) from 2; the package still runs size 1 (tested)
+                sizes[dim] = max(sizes[dim], 2)
                 dims[dim] = torch.export.Dim(dim, min=max(low, 2), max=high)
         shapes = {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str) and d in dims}
                   for t in spec.inputs}

@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from ti2i.engines.adapters import LORA_DOWN, LORA_RANK, LORA_UP, MAX_RANK
+from ti2i.engines.adapters import totals as lora_totals
 from ti2i.engines.processing import MAX_BATCH, image_dims
 from ti2i.errors import InvalidInputError
+from ti2i.export.lora import attach_lora_slots
 from ti2i.spec import BATCH, ComponentSpec, TensorSpec
 
 UNET_MAX_BATCH = 32  # up to 4 guidance branches × 8 requests batched by the server
@@ -113,12 +116,23 @@ def _load_auto(source: ModelSource, subfolder: str, dtype: torch.dtype = torch.f
 # --- text encoder -----------------------------------------------------------------------------------
 
 class _TextEncoder(torch.nn.Module):
+    """Token ids and each prompt's adapters (`engines/adapters.py`) -> the last hidden states."""
+
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.lora = attach_lora_slots(model)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
+        self.lora.down, self.lora.up = lora_down, lora_up
         return self.model(input_ids.to(torch.int64))[0]
+
+
+def _lora_specs(module: torch.nn.Module) -> tuple[TensorSpec, TensorSpec]:
+    """The per-sample adapter inputs of a component that takes them (`engines/adapters.py`)."""
+    total_in, total_out = lora_totals(module)
+    return (TensorSpec(LORA_DOWN, "float32", (BATCH, total_in, LORA_RANK), (-0.05, 0.05), VALUES),
+            TensorSpec(LORA_UP, "float32", (BATCH, LORA_RANK, total_out), (-0.05, 0.05), VALUES))
 
 
 def _text_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
@@ -126,9 +140,10 @@ def _text_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> 
     seq = pipeline["max_length"]
     return ComponentSpec(
         name="text_encoder",
-        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, cfg.vocab_size), (0, cfg.vocab_size - 1)),),
+        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, cfg.vocab_size), (0, cfg.vocab_size - 1)),
+                *_lora_specs(module)),
         outputs=(TensorSpec("text_embeddings", "float32", (BATCH, seq, cfg.hidden_size)),),
-        dims={BATCH: (1, MAX_BATCH)},
+        dims={BATCH: (1, MAX_BATCH), LORA_RANK: (1, MAX_RANK)},
     )
 
 
@@ -181,11 +196,17 @@ def _vae_decoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> C
 # --- UNet: (sample, per-sample timestep, text embeddings) -> noise prediction ------------------------
 
 class _UNet(torch.nn.Module):
+    """Per-sample timesteps and adapters, so that requests at different steps and with different adapters
+    share one call."""
+
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
+        self.lora = attach_lora_slots(unet)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                lora_down: torch.Tensor, lora_up: torch.Tensor):
+        self.lora.down, self.lora.up = lora_down, lora_up
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
@@ -201,9 +222,10 @@ def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]]
                 TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0), timestep_limits(pipeline, name)),
                 TensorSpec("encoder_hidden_states", "float32",
                            (BATCH, pipeline["max_length"], cfg.cross_attention_dim), limits=VALUES),
+                *_lora_specs(module),
             ),
             outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "height", "width")),),
-            dims={k: v for k, v in dims.items() if k in (BATCH, "height", "width")},
+            dims={**{k: v for k, v in dims.items() if k in (BATCH, "height", "width")}, LORA_RANK: (1, MAX_RANK)},
         )
 
     return spec
@@ -384,9 +406,9 @@ _ADDED_TIME_IDS = ("fps_minus_one", "motion_bucket_id", "noise_aug_strength")
 SVD_MAX_BATCH = 8
 MAX_FRAMES = 64
 
-_IMAGE_SIZES = ({BATCH: 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
-                {BATCH: 1, "image_height": 64, "image_width": 48, "height": 8, "width": 6})
-_TEXT_SIZES = ({BATCH: 2}, {BATCH: 1})
+_IMAGE_SIZES = ({BATCH: 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5, LORA_RANK: 3},
+                {BATCH: 1, "image_height": 64, "image_width": 48, "height": 8, "width": 6, LORA_RANK: 1})
+_TEXT_SIZES = ({BATCH: 2, LORA_RANK: 3}, {BATCH: 1, LORA_RANK: 1})
 _MOTION_SIZES = ({BATCH: 2, "frames": 3, "height": 9, "width": 5}, {BATCH: 1, "frames": 2, "height": 8, "width": 6})
 _VIDEO_SIZES = ({BATCH: 2, "frames": 3, "image_height": 72, "image_width": 40, "height": 9, "width": 5},
                 {BATCH: 1, "frames": 2, "image_height": 64, "image_width": 48, "height": 8, "width": 6})

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ti2i.budget import format_bytes
+from ti2i.engines.adapters import ADAPTER_MODULES, module_facts, takes_adapters
 from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
@@ -234,6 +235,8 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
     log(f"{component.name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
     manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory,
                                                          precision)
+    if takes_adapters(spec):  # what per-request adapters are loaded into (engines/adapters.py)
+        manifest.pipeline.setdefault(ADAPTER_MODULES, {})[component.name] = module_facts(module)
 
 
 def _quiet_libraries() -> None:

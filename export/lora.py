@@ -82,3 +82,49 @@ def _merge(module: torch.nn.Module, scale: float) -> None:
             if scale != 1.0:
                 layer.scale_layer(scale)
             layer.merge()
+
+
+# --- per-request adapters: the graph side (engines/adapters.py packs what these layers read) -----------
+
+class LoraSlots:
+    """The current call's packed adapter inputs, read by every `PerSampleLora` layer of one module."""
+
+    down: torch.Tensor  # [batch, Σ in, rank]
+    up: torch.Tensor  # [batch, rank, Σ out]
+
+
+class PerSampleLora(torch.nn.Module):
+    """A linear layer or 1×1 convolution plus each sample's low-rank update, read from its rows of the slots."""
+
+    def __init__(self, base: torch.nn.Module, slots: LoraSlots, rows: tuple[int, int], cols: tuple[int, int]):
+        super().__init__()
+        self.base = base
+        self.slots = slots
+        self.rows, self.cols = rows, cols
+        self.conv = isinstance(base, torch.nn.Conv2d)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        down = self.slots.down[:, self.rows[0]:self.rows[1]]  # [batch, in, rank]
+        up = self.slots.up[:, :, self.cols[0]:self.cols[1]]  # [batch, rank, out]
+        tokens = x.flatten(2).transpose(1, 2) if self.conv else x.reshape(x.shape[0], -1, x.shape[-1])
+        update = torch.bmm(torch.bmm(tokens.to(down.dtype), down), up).to(out.dtype)
+        if self.conv:
+            return out + update.transpose(1, 2).reshape(out.shape)
+        return out + update.reshape(out.shape)
+
+
+def attach_lora_slots(module: torch.nn.Module) -> LoraSlots:
+    """Put a `PerSampleLora` in place of every layer `lora_layers` names; the returned slots feed them all."""
+    from ti2i.engines.adapters import layer_features, lora_layers
+
+    slots = LoraSlots()
+    row = col = 0
+    for name, layer in lora_layers(module):
+        features_in, features_out = layer_features(layer)
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, PerSampleLora(layer, slots, (row, row + features_in), (col, col + features_out)))
+        row += features_in
+        col += features_out
+    return slots

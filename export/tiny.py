@@ -492,3 +492,32 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     _save_quietly(pipe, out)
     _write_vocab_files(out / "tokenizer")
     return out
+
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+# What LCM-LoRA trains: attention, feed-forward, the ResNets' convolutions and time projections as well.
+LCM_TARGETS = (*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+               "time_emb_proj")
+
+
+def write_random_lora(model: str | Path, out: str | Path, seed: int, text_encoder: bool = True, rank: int = 4,
+                      unet_targets: tuple[str, ...] = ATTENTION) -> Path:
+    """A random LoRA adapter for `model`'s UNet layers `unet_targets` (and its text encoder's attention), saved
+    as diffusers' `save_lora_weights` writes one: peft layers with random weights (`init_lora_weights=False`),
+    so that it changes the result, for tests and the adapter benchmark."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(unet_targets)))
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+    StableDiffusionPipeline.save_lora_weights(out, **layers)
+    return Path(out)

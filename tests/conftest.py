@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from ti2i.export.exporter import export_model
-from ti2i.export.tiny import write_tiny_model
+from ti2i.export.tiny import write_random_lora, write_tiny_model
 from ti2i.triton_models.repository import write_repository
 from ti2i.triton_models.server import TritonServer
 
@@ -41,6 +41,15 @@ def inpaint_model(tmp_path_factory) -> Path:
 def motion_adapter(tmp_path_factory) -> Path:
     """A tiny AnimateDiff motion adapter matching `sd_model` (whose weights `videoldm`'s sd/ repeats)."""
     return write_tiny_model("videoldm", tmp_path_factory.mktemp("models") / "videoldm") / "motion_adapter"
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(sd_model, tmp_path_factory) -> tuple[Path, Path]:
+    """Two random LoRA adapters of `sd_model` (`write_random_lora`): "style" on the UNet and the text encoder,
+    "detail" on the UNet only."""
+    root = tmp_path_factory.mktemp("loras")
+    return (write_random_lora(sd_model, root / "style", 1, text_encoder=True),
+            write_random_lora(sd_model, root / "detail", 2, text_encoder=False))
 
 
 @pytest.fixture(scope="session")

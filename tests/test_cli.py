@@ -106,7 +106,7 @@ def test_repository_writes_the_core_and_its_entry_points(cli_engines, tmp_path, 
     assert set(configs) == COMPONENTS | ENSEMBLES | methods | {f"{m}_stream" for m in methods} | {"core"}
     sdedit = configs["sdedit"]
     assert [i.name for i in sdedit.input] == ["image", "prompt", "negative_prompt", "strength", "steps", "guidance",
-                                              "seed", "height", "width", "scheduler", "format"]
+                                              "seed", "height", "width", "scheduler", "lora", "format"]
     assert all(i.optional for i in sdedit.input)
     assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
     assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled

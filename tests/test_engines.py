@@ -22,7 +22,7 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.manifest import Manifest
 from ti2i.spec import BATCH, ComponentSpec, TensorSpec, sample_inputs
 
-SIZES = {BATCH: 2, "frames": 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5}
+SIZES = {BATCH: 2, "frames": 2, "image_height": 72, "image_width": 40, "height": 9, "width": 5, "lora_rank": 3}
 PROMPTS = ["a photo of a cat", "", "the dog and the cat in the photo " * 20, "Ünïcode ✓ and   spaces"]
 
 

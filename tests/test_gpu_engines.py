@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from ti2i.client.runners import InProcessRunner
 from ti2i.client.sdedit import sdedit
 from ti2i.engines import builds, profiles
+from ti2i.engines.adapters import LORA_RANK
 from ti2i.engines.aoti import AotiEngine
 from ti2i.engines.loader import load_engine
 from ti2i.engines.ort import OrtEngine
@@ -86,7 +87,7 @@ def test_limits_cap_the_maximum_and_keep_opt_inside(sd_engines: Manifest):
 
 def test_a_spec_whose_range_is_one_size_has_a_static_profile(sd_engines: Manifest):
     spec = sd_engines.components["unet"].spec
-    static = replace(spec, dims={BATCH: (2, 2), "height": (8, 8), "width": (8, 8)})
+    static = replace(spec, dims={BATCH: (2, 2), "height": (8, 8), "width": (8, 8), LORA_RANK: (1, 1)})
     prof = profiles.profile(static)
     assert profiles.is_static(prof)
     assert profiles.from_json(profiles.to_json(prof)) == prof
@@ -177,11 +178,12 @@ def test_tensorrt_plan_config_keeps_max_batch_within_the_profile(sd16_engines: M
     assert not config.optimization.cuda.graphs  # dynamic shapes: no CUDA graphs
     types = {t.name: mc.DataType.Name(t.data_type) for t in (*config.input, *config.output)}
     assert types == {"sample": "TYPE_FP16", "timestep": "TYPE_FP32", "encoder_hidden_states": "TYPE_FP16",
-                     "noise_pred": "TYPE_FP16"}
+                     "lora_down": "TYPE_FP16", "lora_up": "TYPE_FP16", "noise_pred": "TYPE_FP16"}
 
 
 def test_cuda_graphs_only_for_static_profiles(sd16_engines: Manifest, tmp_path: Path):
-    spec = replace(sd16_engines.components["unet"].spec, dims={BATCH: (2, 2), "height": (8, 8), "width": (6, 6)})
+    spec = replace(sd16_engines.components["unet"].spec,
+                   dims={BATCH: (2, 2), "height": (8, 8), "width": (6, 6), LORA_RANK: (1, 1)})
     prof = profiles.profile(spec)
     config = _roundtrip(native_config(spec, "tensorrt", sd16_engines, RepositoryOptions(), NativeOptions(), prof),
                         tmp_path)
@@ -319,7 +321,7 @@ def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
     """The device-loop building block, on the CPU: the same values as the numpy path, as torch tensors."""
     inputs = sample_inputs(aoti_engines.components["text_encoder"].spec, {BATCH: 2})
     with InProcessRunner(aoti_engines.root, backend="aoti") as runner:
-        expected = runner.run("text_encoder", **inputs)["text_embeddings"]
+        expected = runner.run("text_encoder", input_ids=inputs["input_ids"])["text_embeddings"]  # no adapter
         got = runner.run_tensors("text_encoder", input_ids=torch.from_numpy(inputs["input_ids"]))["text_embeddings"]
         unet_inputs = sample_inputs(aoti_engines.components["unet"].spec, {BATCH: 2, "height": 8, "width": 6})
         via_ort = runner.run_tensors("unet", **{k: torch.from_numpy(v) for k, v in unet_inputs.items()})
@@ -343,7 +345,9 @@ def test_aoti_repository_serves_packages_by_position(aoti_engines: Manifest, tmp
     assert native.max_batch_size == 0 and native.dynamic_batching.max_queue_delay_microseconds == 0
     assert native.dynamic_batching.default_queue_policy.max_queue_size == RepositoryOptions().max_queue_size
     assert [g.kind for g in native.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]  # built for the CPU
-    assert [(t.name, list(t.dims)) for t in native.input] == [("INPUT__0", [-1, 77])]
+    features = spec.input("lora_down").shape[1]  # the adapter inputs follow the ids (engines/adapters.py)
+    assert [(t.name, list(t.dims)) for t in native.input] == [("INPUT__0", [-1, 77]), ("INPUT__1", [-1, features, -1]),
+                                                              ("INPUT__2", [-1, -1, features])]
     assert [t.name for t in native.output] == ["OUTPUT__0"]
     package = repo / "text_encoder_aoti" / "1" / "model.pt2"
     index = builds.BuildIndex.load(aoti_engines.root, "aoti")
@@ -355,7 +359,8 @@ def test_aoti_repository_serves_packages_by_position(aoti_engines: Manifest, tmp
     alias = configs["text_encoder"]
     assert alias.platform == "ensemble" and alias.max_batch_size == spec.max_batch
     (step,) = alias.ensemble_scheduling.step
-    assert step.model_name == "text_encoder_aoti" and dict(step.input_map) == {"INPUT__0": "input_ids"}
+    assert step.model_name == "text_encoder_aoti" and dict(step.input_map) == {
+        "INPUT__0": "input_ids", "INPUT__1": "lora_down", "INPUT__2": "lora_up"}
     assert not any((repo / "text_encoder" / "1").iterdir())
     (step, encode) = configs["encode_prompt"].ensemble_scheduling.step
     assert (step.model_name, encode.model_name) == ("tokenize", "text_encoder_aoti")

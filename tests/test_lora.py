@@ -19,42 +19,16 @@ from ti2i.client.sdedit import sdedit
 from ti2i.client.txt2img import txt2img
 from ti2i.errors import InvalidInputError
 from ti2i.export.exporter import export_model
+from ti2i.export.tiny import LCM_TARGETS, write_random_lora
 from ti2i.manifest import Manifest
 
 TOLERANCE = 2 / 255  # max |Δ| on the [0, 1] image (the issue's bound; fusing reorders float sums)
-
-
-def _random_lora(model: Path, out: Path, seed: int, text_encoder: bool) -> Path:
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
-    if text_encoder:
-        encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-        encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-    StableDiffusionPipeline.save_lora_weights(out, **layers)
-    return out
+PROMPT = "a photo of a cat"
 
 
 @pytest.fixture(scope="module")
-def adapters(sd_model, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("loras")
-    return (_random_lora(sd_model, root / "style", 1, text_encoder=True),
-            _random_lora(sd_model, root / "detail", 2, text_encoder=False))
-
-
-@pytest.fixture(scope="module")
-def fused(sd_model, adapters, tmp_path_factory) -> Manifest:
-    style, detail = adapters
+def fused(sd_model, lora_adapters, tmp_path_factory) -> Manifest:
+    style, detail = lora_adapters
     return export_model(str(sd_model), tmp_path_factory.mktemp("fused") / "engines", log=lambda _: None,
                         loras=[f"{style}:0.7", f"{detail}:0.5"])
 
@@ -68,8 +42,8 @@ def _reference(sd_model: Path, adapters: dict[Path, float]) -> StableDiffusionPi
     return pipe
 
 
-def test_fused_adapters_match_diffusers_with_them_loaded(fused, sd_model, adapters, engines):
-    style, detail = adapters
+def test_fused_adapters_match_diffusers_with_them_loaded(fused, sd_model, lora_adapters, engines):
+    style, detail = lora_adapters
     pipe = _reference(sd_model, {style: 0.7, detail: 0.5})
     expected = pipe("a photo of a cat", num_inference_steps=6, guidance_scale=7.5,
                     generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
@@ -87,8 +61,8 @@ def test_fused_adapters_match_diffusers_with_them_loaded(fused, sd_model, adapte
     assert fused.components["vae_decoder"].fingerprint == engines.components["vae_decoder"].fingerprint
 
 
-def test_a_fused_adapter_reaches_every_method_on_the_unet(fused, sd_model, adapters, example_image):
-    style, _ = adapters
+def test_a_fused_adapter_reaches_every_method_on_the_unet(fused, sd_model, lora_adapters, example_image):
+    style, _ = lora_adapters
     pipe = _reference(sd_model, {style: 1.0})
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -101,8 +75,8 @@ def test_a_fused_adapter_reaches_every_method_on_the_unet(fused, sd_model, adapt
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
-def test_bad_adapters_are_one_clear_error(sd_model, svd_model, adapters, tmp_path, capsys):
-    style, _ = adapters
+def test_bad_adapters_are_one_clear_error(sd_model, svd_model, lora_adapters, tmp_path, capsys):
+    style, _ = lora_adapters
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     cases = [([str(tmp_path / "missing.safetensors")], "does not exist"),
              ([f"{style}:strong"], "scale"),
@@ -122,7 +96,7 @@ def test_an_adapter_of_another_base_model_is_refused(sd_model, tmp_path):
     wider layer) is refused, naming the component, and no UNet engine is written."""
     from safetensors.torch import load_file, save_file
 
-    lora = _random_lora(sd_model, tmp_path / "ok", 5, text_encoder=False)
+    lora = write_random_lora(sd_model, tmp_path / "ok", 5, text_encoder=False)
     weights = load_file(lora / "pytorch_lora_weights.safetensors")
     wider = {k: (torch.randn(v.shape[0], v.shape[1] * 2) if "lora_A" in k or "lora.down" in k else v)
              for k, v in weights.items()}
@@ -131,3 +105,21 @@ def test_an_adapter_of_another_base_model_is_refused(sd_model, tmp_path):
     with pytest.raises(InvalidInputError, match="does not fit"):
         export_model(str(sd_model), tmp_path / "out", log=lambda _: None, loras=[str(tmp_path / "other")])
     assert not (tmp_path / "out" / "unet.onnx").exists()
+
+
+def test_a_fused_lcm_style_adapter_runs_few_step_with_the_lcm_scheduler(sd_model, tmp_path):
+    """LCM-LoRA's recipe: an adapter on the ResNets' convolutions and time projections too (which only fusing
+    takes), the LCM scheduler, 4 steps, guidance 1.5: equal to diffusers with the same adapter and scheduler."""
+    from diffusers import LCMScheduler
+
+    lcm = write_random_lora(sd_model, tmp_path / "lcm", 7, text_encoder=False, unet_targets=LCM_TARGETS)
+    pipe = _reference(sd_model, {lcm: 1.0})
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    expected = pipe(PROMPT, num_inference_steps=4, guidance_scale=1.5,
+                    generator=torch.Generator("cpu").manual_seed(8), output_type="np").images[0]
+    engines = export_model(str(sd_model), tmp_path / "engines", log=lambda _: None, loras=[str(lcm)])
+    with InProcessRunner(engines.root) as runner:
+        got = txt2img(runner, PROMPT, steps=4, guidance=1.5, seed=8, scheduler="lcm", progress=False)
+    assert max_abs(got.array, expected) <= TOLERANCE
+    with InProcessRunner(engines.root) as runner, pytest.raises(InvalidInputError, match="ti2i export --lora"):
+        txt2img(runner, PROMPT, steps=2, progress=False, lora=[str(lcm)])  # per request: attention blocks only

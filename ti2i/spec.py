@@ -232,8 +232,10 @@ def _by_name(tensors: tuple[TensorSpec, ...], name: str, component: str) -> Tens
 
 
 def sample_inputs(spec: ComponentSpec, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the given symbolic sizes, drawn from each tensor's sample range."""
+    """Random inputs of the given symbolic sizes (a dim not given: its opt size, else its minimum), drawn from
+    each tensor's sample range."""
     rng = np.random.default_rng(seed)
+    sizes = {**{dim: spec.opt.get(dim, low) for dim, (low, _) in spec.dims.items()}, **sizes}
     out: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import Method
+from ti2i.engines.adapters import ADAPTER_MODULES, AdapterRegistry
 from ti2i.engines.loader import check_choice, describe_choice, engine_choice
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import to_numpy
@@ -48,8 +49,10 @@ class CoreOptions:
     precision: str = "auto"  # openvino: auto (bf16 where the CPU has bf16 units), fp32 or bf16
     device: str = "cpu"
     limits: WorkLimits = WorkLimits()
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, path) of each LoRA requests may name (`--lora NAME=PATH`)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple((str(n), str(p)) for n, p in self.adapters))  # JSON: lists
         for name, low in (("active", 1), ("max_queue", 0), ("threads", 0)):
             if getattr(self, name) < low:
                 raise InvalidInputError(f"{name.replace('_', ' ')} must be ≥ {low}, got {getattr(self, name)}")
@@ -120,6 +123,8 @@ class EngineCore:
         self.choice = engine_choice(options.backend, options.precision)
         self.engines = engines or InProcessRunner(engine_dir, budget=budgets, threads=options.threads or None,
                                                   device=options.device, **self.choice)
+        modules = self.engines.pipeline.get(ADAPTER_MODULES, {})
+        self.engines.adapters = AdapterRegistry(modules, dict(options.adapters) if modules else {})
         self.scheduler = StepScheduler(self.engines)
         self.admission = Admission(options.active, options.max_queue, options.queue_timeout_s)
         # client-driven component calls are bounded like method requests: as many in flight as run and wait

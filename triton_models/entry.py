@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ti2i.client.registry import get_method
+from ti2i.engines.adapters import RANK_AXES
 from ti2i.errors import InvalidInputError, ServerUnavailableError
 from ti2i.manifest import Manifest
 from ti2i.triton_models.cancel_watch import CancelWatch
@@ -170,6 +171,8 @@ class ComponentEntry(_Entry):
         inputs = {}
         for tensor in self.spec.inputs:
             value = self.pb.get_input_tensor_by_name(request, tensor.name)
+            if value is None and tensor.name in RANK_AXES:
+                continue  # no adapter: the core fills it
             if value is None:
                 raise InvalidInputError(f"{self.component}: missing input {tensor.name!r}")
             inputs[tensor.name] = as_spec_rank(self.spec, tensor.name, value.as_numpy())

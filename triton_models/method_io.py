@@ -92,6 +92,11 @@ def read_request(method: Method, get: Callable[[str], np.ndarray | None]) -> tup
             raise InvalidInputError(f"missing input {name!r} (the {name} file's bytes or base64 text)")
         call[name] = image_bytes(value, name)
     for param in method.params:
+        if param.many:
+            values = get(param.name)
+            if values is not None:
+                call[param.name] = param.check([text(v, param.name) for v in np.asarray(values).reshape(-1)])
+            continue
         value = param_value(param, one_value(get(param.name), param.name))
         if value is None and param.required:
             raise InvalidInputError(f"missing input {param.name!r} ({param.help})")

@@ -64,7 +64,8 @@ def method_config(method: Method, manifest: Manifest, stream: bool = False,
     for name in method.images:
         config.input.append(_tensor(mc.ModelInput, name, "TYPE_STRING", [1], optional=True))
     for param in method.params:
-        config.input.append(_tensor(mc.ModelInput, param.name, _DTYPES[param.kind], [1], optional=True))
+        config.input.append(_tensor(mc.ModelInput, param.name, _DTYPES[param.kind], [-1 if param.many else 1],
+                                    optional=True))
     config.input.append(_tensor(mc.ModelInput, "format", "TYPE_STRING", [1], optional=True))
     pixel_dims = [-1, -1, 3] if method.output == "image" else [-1, -1, -1, 3]
     config.output.extend(_tensor(mc.ModelOutput, n, *t) for n, t in _RESULT_TENSORS.items())

@@ -202,7 +202,7 @@ def write_native_repository(manifest: Manifest, out_dir: str | Path, backend: st
             config = component_config(steps[name], manifest, options)
         (model_dir / "config.pbtxt").write_text(text_format.MessageToString(config))
     for ensemble in available_ensembles(steps):
-        config = ensemble_config(ensemble, steps, manifest)
+        config = ensemble_config(ensemble, steps, manifest, adapter_inputs=True)
         if backend == "aoti":
             _call_by_position(config, graph_specs)
         (out / ensemble.name / "config.pbtxt").write_text(text_format.MessageToString(config))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ti2i.engines.adapters import RANK_AXES, with_defaults
 from ti2i.engines.batching import batch_size, budget_chunks, merge_requests, shape_key, split_outputs
 from ti2i.engines.loader import load_engine
 from ti2i.errors import InvalidInputError, Ti2iError
@@ -51,8 +52,9 @@ class TritonPythonModel:
         bounds: dict[Any, dict[str, int]] = {}
         for i, request in enumerate(requests):
             try:
-                inputs = as_float32({t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name))
-                                     for t in self.spec.inputs})
+                inputs = with_defaults(self.spec, as_float32({
+                    t.name: as_spec_rank(self.spec, t.name, self._input(request, t.name)) for t in self.spec.inputs
+                    if t.name not in RANK_AXES or self.pb.get_input_tensor_by_name(request, t.name) is not None}))
                 bound = self.engine.check(inputs, self.spec)
             except Ti2iError as err:
                 responses[i] = self._error(err, self.pb.TritonError.INVALID_ARG)

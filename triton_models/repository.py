@@ -20,6 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ti2i.budget import machine_budget
+from ti2i.engines.adapters import RANK_AXES
 from ti2i.engines.ensembles import Ensemble, available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.families import FAMILY_PARAMETER, served_name
@@ -58,9 +59,11 @@ class RepositoryOptions:
     queue_timeout_us: int = 30_000_000
 
 
-def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, reshape: bool = True):
+def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, reshape: bool = True,
+                  optional: bool = False):
     """Triton dims leave out the batch dimension; a per-sample scalar travels as [1], reshaped to [] for a
-    model (ensembles take it as [1]: Triton infers their tensors' shapes from the composing models)."""
+    model (ensembles take it as [1]: Triton infers their tensors' shapes from the composing models).
+    `optional`: the model fills what a request leaves out (the "no adapter" of adapter inputs)."""
     dims = [d if isinstance(d, int) else -1 for d in tensor.shape]
     if batched:
         assert tensor.shape[0] == BATCH, f"{tensor.name}: batched tensors start with the batch dim"
@@ -70,14 +73,21 @@ def tensor_config(tensor: TensorSpec, batched: bool, output: bool = False, resha
                  dims=dims or [1])
     if not dims and reshape:
         config.reshape.SetInParent()  # shape [] : the model sees [B]
+    if optional and not output:
+        config.optional = True
     return config
+
+
+def _inputs(spec: ComponentSpec) -> list:
+    """A python model's input configs: adapter inputs optional (the engine core fills "no adapter")."""
+    return [tensor_config(t, spec.batched, optional=t.name in RANK_AXES) for t in spec.inputs]
 
 
 def entry_config(spec: ComponentSpec, manifest: Manifest, family: str | None = None) -> mc.ModelConfig:
     """A component's entry point: the declared tensors, its calls forwarded to the family's core (which bounds
     and batches them: no Triton queue here)."""
     config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
-    config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
+    config.input.extend(_inputs(spec))
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _parameters(config, engine_dir=str(manifest.root), component=spec.name, core=core_name(family),
@@ -91,7 +101,7 @@ def component_config(spec: ComponentSpec, manifest: Manifest, options: Repositor
     """A python model hosting the component's engine (a native repository's python steps). `budget`: bytes per
     instance (None: the stub's machine budget); `spec`'s batch range fits it (`budgeted_spec`)."""
     config = mc.ModelConfig(name=served_name(family, spec.name), backend="python", max_batch_size=spec.max_batch)
-    config.input.extend(tensor_config(t, spec.batched) for t in spec.inputs)
+    config.input.extend(_inputs(spec))
     config.output.extend(tensor_config(t, spec.batched, output=True) for t in spec.outputs)
     bounded_queue(config, options, spec.batched)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)
@@ -160,15 +170,18 @@ def budgeted_spec(spec: ComponentSpec, manifest: Manifest, budget: int) -> Compo
 
 
 def ensemble_config(ensemble: Ensemble, specs: dict[str, ComponentSpec], manifest: Manifest,
-                    family: str | None = None) -> mc.ModelConfig:
+                    family: str | None = None, adapter_inputs: bool = False) -> mc.ModelConfig:
+    """`adapter_inputs`: the chain takes its steps' adapter inputs (native networks require them); else they are
+    left to the steps, which fill "no adapter" (adapters reach a text encoder in a method's request)."""
     spec = ensemble.spec(specs)
     config = mc.ModelConfig(name=served_name(family, ensemble.name), platform="ensemble",
                             max_batch_size=spec.max_batch)
-    config.input.extend(tensor_config(t, spec.batched, reshape=False) for t in spec.inputs)
+    kept = {t.name for t in spec.inputs if adapter_inputs or t.name not in RANK_AXES}
+    config.input.extend(tensor_config(t, spec.batched, reshape=False) for t in spec.inputs if t.name in kept)
     config.output.extend(tensor_config(t, spec.batched, output=True, reshape=False) for t in spec.outputs)
     for model, inputs, outputs in ensemble.wiring(specs):
         step = config.ensemble_scheduling.step.add(model_name=served_name(family, model), model_version=-1)
-        step.input_map.update({name: name for name in inputs})
+        step.input_map.update({name: name for name in inputs if name in kept or name not in RANK_AXES})
         step.output_map.update({name: name for name in outputs})
     _parameters(config, **{PIPELINE_PARAMETER: json.dumps(manifest.pipeline)})
     _family_parameter(config, family)

@@ -60,7 +60,34 @@ def _core_options(args: argparse.Namespace) -> CoreOptions:
     return CoreOptions(active=args.active, max_queue=args.max_queue_size, queue_timeout_s=args.queue_timeout_s,
                        threads=args.threads, backend=args.engine_backend, precision=args.precision,
                        device=args.device,
-                       limits=WorkLimits(max_steps=args.max_steps, max_pixels=args.max_pixels))
+                       limits=WorkLimits(max_steps=args.max_steps, max_pixels=args.max_pixels),
+                       adapters=_adapters(args.lora or ()))
+
+
+def _adapters(texts: list[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` of each ``--lora``: the name requests use, the adapter file or folder (absolute)."""
+    named: dict[str, str] = {}
+    for text in texts:
+        name, sep, path = text.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise InvalidInputError(f"--lora {text!r}: give NAME=PATH (the name requests use, the adapter file)")
+        if any(c in name for c in ",:") or name in named:
+            raise InvalidInputError(f"--lora {text!r}: a name is unique and holds no ',' or ':' (they separate "
+                                    f"adapters and scales in a request)")
+        if not Path(path).exists():
+            raise InvalidInputError(f"--lora {text!r}: {path} does not exist")
+        named[name] = str(Path(path).resolve())
+    return tuple(named.items())
+
+
+def _check_adapters(options: CoreOptions, manifests: dict) -> None:
+    """Each registered adapter read and fitted to every family that takes adapters: a bad one fails here."""
+    from ti2i.engines.adapters import ADAPTER_MODULES, AdapterRegistry
+
+    for manifest in manifests.values():
+        if options.adapters and manifest.pipeline.get(ADAPTER_MODULES):
+            AdapterRegistry(manifest.pipeline[ADAPTER_MODULES], dict(options.adapters))
 
 
 def _models(args: argparse.Namespace, manifest) -> list[str] | None:
@@ -101,8 +128,10 @@ def _write_families(args: argparse.Namespace, out: Path | None):
     else:
         models = components_by_family(args.methods.split(","), manifests) if args.methods else None
     first = next(iter(manifests.values())).root
+    options = _core_options(args)
+    _check_adapters(options, manifests)
     return write_family_repository(manifests, out or first / "model_repository", _repository_options(args), models,
-                                   methods=_method_models(args, manifests), core_options=_core_options(args))
+                                   methods=_method_models(args, manifests), core_options=options)
 
 
 def cmd_repository(args: argparse.Namespace) -> int:
@@ -281,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=CoreOptions.device, help="the engines' device (default %(default)s)")
         p.add_argument("--no-method-models", action="store_true",
                        help="only the components and ensembles (clients run the loops)")
+        p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                       help="register a LoRA adapter (diffusers' format, or kohya's) that method requests may name in "
+                            "their `lora` input (NAME or NAME:SCALE); repeat for several")
         if name == "repository":
             p.add_argument("--instances", type=int, default=1,
                            help="native backends: instances per component model (default %(default)s)")

@@ -51,6 +51,8 @@ def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
         p.add_argument(param.flag, action=argparse.BooleanOptionalAction, default=param.default, help=help_text)
     elif param.choices:
         p.add_argument(param.flag, choices=param.choices, default=param.default, help=help_text)
+    elif param.many:
+        p.add_argument(param.flag, action="append", default=None, metavar=param.name.upper(), help=help_text)
     else:
         p.add_argument(param.flag, type=param.kind, default=param.default, required=param.required,
                        help=help_text or None)
