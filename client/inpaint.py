@@ -43,6 +43,11 @@ def inpaint(
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     lora: Sequence[str] = (),
+    control_image: str | Path | bytes | Image.Image | None = None,
+    controlnet: str | None = None,
+    control_scale: float = 0.5,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -51,7 +56,7 @@ def inpaint(
     facts = shared.unet_facts(pipeline, UNET)
 
     # 1. Check inputs; the size defaults to the model's (as the reference: not the image's), and the
-    #    image and the mask are each resized to it
+    #    image, the mask and the control image are each resized to it
     channels = facts.get("in_channels", UNET_CHANNELS)
     if channels != UNET_CHANNELS:
         raise InvalidInputError(f"inpainting needs a {UNET_CHANNELS}-channel inpainting UNet (latent ‖ mask ‖ "
@@ -59,12 +64,14 @@ def inpaint(
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_scheduler(scheduler)
-    shared.check_finite(guidance=guidance, eta=eta)
+    shared.check_finite(guidance=guidance, eta=eta, control_scale=control_scale)
     pil = load_image(image, max_pixels)
     mask_pil = load_image(mask, max_pixels, what="mask", convert_rgb=False)
     factor = pipeline["vae_scale_factor"]
     height, width = requested_size(height, width, facts["default_size"], factor, max_pixels)
     do_cfg = guidance > 1.0
+    control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
+                                     height, width, 2 if do_cfg else 1, max_pixels)
 
     # 2. Encode the prompt: [uncond, cond] with guidance
     with timings.stage("encode_prompt"):
@@ -104,10 +111,11 @@ def inpaint(
 
     # 7. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in shared.progress_steps(timesteps, "inpaint", progress):
+    for i, t in enumerate(shared.progress_steps(timesteps, "inpaint", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance,
-                                                  do_cfg, extra_channels=conditions)
+                                                  do_cfg, extra_channels=conditions, control=control,
+                                                  step=(i, len(timesteps)))
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 8. Decode

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from ti2i.client.registry import METHODS
+from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX, METHODS
 from ti2i.engines.ensembles import ENSEMBLES
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
@@ -13,14 +13,20 @@ from ti2i.manifest import Manifest
 METHOD_MODELS: dict[str, tuple[str, ...]] = {name: method.models for name, method in METHODS.items()}
 
 
-def components_for(methods: Iterable[str]) -> list[str]:
-    """The components (ensembles expanded into their steps) the given methods call."""
+def components_for(methods: Iterable[str], available: Iterable[str] = ()) -> list[str]:
+    """The components (ensembles expanded into their steps) the given methods call; of `available` (an engine
+    directory's), also the ControlNets and the UNet taking their residuals that a method's control image uses."""
     chains = {e.name: e.steps for e in ENSEMBLES}
+    available = list(available)
     names: list[str] = []
     for method in methods:
         if method not in METHOD_MODELS:
             raise InvalidInputError(f"unknown method {method!r} (known: {', '.join(METHOD_MODELS)})")
-        for model in METHOD_MODELS[method]:
+        models = list(METHOD_MODELS[method])
+        if "control_image" in METHODS[method].optional_images:
+            models += [n for n in available if n.startswith(CONTROLNET_PREFIX)
+                       or n == CONTROLLED_UNETS.get(METHODS[method].unet)]
+        for model in models:
             for component in chains.get(model, (model,)):
                 if component not in names:
                     names.append(component)
@@ -32,11 +38,12 @@ def components_by_family(methods: Iterable[str], manifests: Mapping[str, Manifes
     methods = [m.strip() for m in methods if m.strip()]
     served: dict[str, list[str]] = {name: [] for name in manifests}
     for method in methods:
-        needed = components_for([method])
+        needed = components_for([method])  # a ControlNet is optional: a family that has one serves it
         able = [name for name, manifest in manifests.items() if all(n in manifest.components for n in needed)]
         if not able:
             raise InvalidInputError(f"no engine directory ({', '.join(manifests)}) has every component {method} "
                                     f"needs ({needed})")
         for name in able:
-            served[name] += [n for n in needed if n not in served[name]]
+            wanted = components_for([method], manifests[name].components)
+            served[name] += [n for n in wanted if n not in served[name]]
     return served

@@ -168,6 +168,7 @@ class Method:
     params: tuple[Param, ...]
     images: tuple[str, ...] = ("image",)  # image inputs, in call order
     image_help: Mapping[str, str] = field(default_factory=dict)
+    optional_images: tuple[str, ...] = ()  # image inputs a request may leave out (a ControlNet's control image)
     size_default: str = "the input image's"
     out_help: str = ""
     reference: Reference | None = None
@@ -176,6 +177,10 @@ class Method:
     def func(self) -> Callable[..., Any]:
         module, name = self.function.split(":")
         return getattr(importlib.import_module(module), name)
+
+    @property
+    def all_images(self) -> tuple[str, ...]:
+        return (*self.images, *self.optional_images)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -234,6 +239,18 @@ def _guidance(default: float, text: str = "classifier-free guidance scale (≤ 1
     return Param("guidance", float, default, text)
 
 
+def _control(scale: float) -> tuple[Param, ...]:
+    """A ControlNet's parameters (its image is the optional image input `control_image`)."""
+    return (Param("controlnet", str, None, "the ControlNet to use (`ti2i export --controlnet`; default: the only one)"),
+            Param("control_scale", float, scale, "how strongly the control image steers (the residuals' scale)"),
+            Param("control_start", float, 0.0, "fraction of the steps before the ControlNet starts", low=0.0, high=1.0),
+            Param("control_end", float, 1.0, "fraction of the steps after which it stops", low=0.0, high=1.0))
+
+
+CONTROLNET_PREFIX = "controlnet_"  # a ControlNet is served as controlnet_<name> (`ti2i export --controlnet`)
+# The UNet that takes a ControlNet's residuals, by the UNet a method calls without one.
+CONTROLLED_UNETS = {"unet": "unet_control", "unet_inpaint": "unet_inpaint_control"}
+CONTROL_IMAGE = {"control_image": "a ControlNet's control image (a canny, depth or pose map you made)"}
 PROMPT = Param("prompt", str, None, "describes the output", required=True)
 NEGATIVE = Param("negative_prompt", str, None, "what to steer away from (the unconditional prompt)")
 SOURCE = Param("source_prompt", str, None, "describes the input image", required=True)
@@ -246,8 +263,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
-        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE), SCHEDULER, LORA),
-        images=(), size_default=_MODEL_SIZE,
+        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE + " or the control image's"),
+         SCHEDULER, LORA, *_control(1.0)),
+        images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
                                                          "width": "width"})),
@@ -255,7 +273,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
         (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER,
-         LORA),
+         LORA, *_control(0.8)),
+        optional_images=("control_image",), image_help=CONTROL_IMAGE,
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
                                                                 "guidance_scale": "guidance"})),
@@ -266,8 +285,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
         (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
          _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
-         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA),
-        images=("image", "mask"), image_help={"mask": "mask image file: white repaints, black keeps"},
+         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA, *_control(0.5)),
+        images=("image", "mask"), optional_images=("control_image",),
+        image_help={"mask": "mask image file: white repaints, black keeps", **CONTROL_IMAGE},
         size_default=_MODEL_SIZE + "; image and mask are resized to it",
         reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",

@@ -54,6 +54,9 @@ def request_tensors(method: Method, **values: Any) -> dict[str, np.ndarray]:
         if values.get(name) is None:
             raise InvalidInputError(f"{method.name} needs --{name}")
         tensors[name] = np.array([file_bytes(values[name], name)], dtype=object)
+    for name in method.optional_images:
+        if values.get(name) is not None:
+            tensors[name] = np.array([file_bytes(values[name], name)], dtype=object)
     for param in method.params:
         value = values.get(param.name)
         if value is None:
@@ -70,7 +73,7 @@ def request_tensors(method: Method, **values: Any) -> dict[str, np.ndarray]:
                 raise
     if values.get("format") is not None:
         tensors["format"] = np.array([str(values["format"]).encode()], dtype=object)
-    unknown = set(values) - set(method.images) - {p.name for p in method.params} - {"format"}
+    unknown = set(values) - set(method.all_images) - {p.name for p in method.params} - {"format"}
     if unknown:
         raise InvalidInputError(f"{method.name} has no input {sorted(unknown)}")
     return tensors

@@ -29,6 +29,11 @@ def sdedit(
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     lora: Sequence[str] = (),
+    control_image: str | Path | bytes | Image.Image | None = None,
+    controlnet: str | None = None,
+    control_scale: float = 0.8,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -39,9 +44,11 @@ def sdedit(
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, "unet"))
     shared.check_scheduler(scheduler)
-    shared.check_finite(guidance=guidance, eta=eta)
+    shared.check_finite(guidance=guidance, eta=eta, control_scale=control_scale)
     pil = load_image(image, max_pixels)
     do_cfg = guidance > 1.0
+    control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
+                                     height, width, 2 if do_cfg else 1, max_pixels)
 
     # 2. Encode the prompt: [uncond, cond] with guidance
     with timings.stage("encode_prompt"):
@@ -49,6 +56,8 @@ def sdedit(
 
     # 3. Preprocess the image: snapped to the VAE factor, resized like the reference
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
+    if control is not None:
+        control.check_size(*pixels.shape[1:3])
 
     # 4. Timesteps: the tail of the schedule that `strength` selects
     scheduler = shared.make_scheduler(pipeline, "unet", scheduler, seed)
@@ -64,10 +73,10 @@ def sdedit(
 
     # 6. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in shared.progress_steps(timesteps, "sdedit", progress):
+    for i, t in enumerate(shared.progress_steps(timesteps, "sdedit", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, "unet", scheduler, latents, t, prompt_embeds, guidance,
-                                                  do_cfg)
+                                                  do_cfg, control=control, step=(i, len(timesteps)))
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 7. Decode

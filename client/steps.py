@@ -16,6 +16,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ti2i.client.control import Control, controlled, prepare_control  # noqa: F401 - shared steps
 from ti2i.client.lora import with_lora  # noqa: F401 - a shared step: a request's adapters
 from ti2i.client.registry import SEED
 from ti2i.client.schedulers import MODEL_SCHEDULER, SCHEDULER_NAMES, scheduler_help
@@ -124,12 +125,19 @@ def run_unet(runner: Runner, model: str, sample: torch.Tensor, t: torch.Tensor |
 
 def guided_noise_pred(runner: Runner, model: str, scheduler, latents: torch.Tensor, t: torch.Tensor | float,
                       prompt_embeds: torch.Tensor, guidance: float, do_cfg: bool,
-                      extra_channels: torch.Tensor | None = None, **conditions: torch.Tensor) -> torch.Tensor:
+                      extra_channels: torch.Tensor | None = None, control: Control | None = None,
+                      step: tuple[int, int] = (0, 1), **conditions: torch.Tensor) -> torch.Tensor:
     """One denoiser evaluation as the reference loops write it: the [uncond, cond] batch with guidance,
     the scheduler-scaled latents (then `extra_channels`, unscaled, concatenated after them), guidance.
-    `conditions` are further UNet inputs, already laid out for the batch (e.g. Video LDM's α)."""
+    `conditions` are further UNet inputs, already laid out for the batch (e.g. Video LDM's α); with `control`,
+    its ControlNet's residuals for the scaled latents at `step` (index, count) join them."""
     model_input = torch.cat([latents] * 2) if do_cfg else latents
     model_input = scheduler.scale_model_input(model_input, t)
+    if control is not None:
+        timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=model_input.device)
+        conditions = {**control.residuals(runner, model_input.contiguous(), timestep, prompt_embeds.contiguous(),
+                                          *step), **conditions}
+        model = controlled(model, control)
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)
     noise_pred = run_unet(runner, model, model_input, t, prompt_embeds, **conditions)

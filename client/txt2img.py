@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
 
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
@@ -26,6 +29,11 @@ def txt2img(
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     lora: Sequence[str] = (),
+    control_image: str | Path | bytes | Image.Image | None = None,
+    controlnet: str | None = None,
+    control_scale: float = 1.0,
+    control_start: float = 0.0,
+    control_end: float = 1.0,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -33,13 +41,17 @@ def txt2img(
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 
-    # 1. Check inputs; the size defaults to the model's (UNet sample size × VAE factor: 512 for SD 1.5)
+    # 1. Check inputs; the size defaults to the control image's, else the model's (UNet sample size × VAE
+    #    factor: 512 for SD 1.5)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_scheduler(scheduler)
-    shared.check_finite(guidance=guidance, eta=eta)
+    shared.check_finite(guidance=guidance, eta=eta, control_scale=control_scale)
     factor = pipeline["vae_scale_factor"]
-    height, width = requested_size(height, width, facts["default_size"], factor, max_pixels)
     do_cfg = guidance > 1.0
+    control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
+                                     height, width, 2 if do_cfg else 1, max_pixels)
+    height, width = control.size if control else requested_size(height, width, facts["default_size"], factor,
+                                                                 max_pixels)
 
     # 2. Encode the prompt: [uncond, cond] with guidance
     with timings.stage("encode_prompt"):
@@ -56,9 +68,11 @@ def txt2img(
 
     # 5. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    for t in shared.progress_steps(scheduler.timesteps, "txt2img", progress):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(shared.progress_steps(timesteps, "txt2img", progress)):
         with timings.stage("unet"):
-            noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg)
+            noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg,
+                                                  control=control, step=(i, len(timesteps)))
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 6. Decode

@@ -39,7 +39,7 @@ MAX_RANK = 128
 TEXT_ENCODER = "text_encoder"
 # The pipeline fact (manifest) that holds, per component taking adapters, its `module_facts`.
 ADAPTER_MODULES = "adapter_modules"
-UNETS = ("unet", "unet_pix2pix", "unet_inpaint")
+UNETS = ("unet", "unet_pix2pix", "unet_inpaint", "unet_control", "unet_inpaint_control")
 # The served models whose calls carry a request's adapters, and the component that takes them.
 ADAPTED_MODELS = {"encode_prompt": TEXT_ENCODER, TEXT_ENCODER: TEXT_ENCODER, **{u: u for u in UNETS}}
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX
 from ti2i.engines.adapters import LORA_DOWN, LORA_RANK, LORA_UP, MAX_RANK
 from ti2i.engines.adapters import totals as lora_totals
 from ti2i.engines.processing import MAX_BATCH, image_dims
 from ti2i.errors import InvalidInputError
 from ti2i.export.lora import attach_lora_slots
-from ti2i.spec import BATCH, ComponentSpec, TensorSpec
+from ti2i.spec import BATCH, ComponentSpec, TensorSpec, derived_sizes
 
 UNET_MAX_BATCH = 32  # up to 4 guidance branches × 8 requests batched by the server
 # Limit on the magnitude of latents, images and embeddings a network accepts: far beyond anything the pipelines
@@ -41,7 +42,7 @@ class ModelSource:
 @dataclass(frozen=True)
 class Component:
     name: str
-    subfolder: str
+    subfolder: str | None  # in the model folder (None: the folder is the component's own, a ControlNet's)
     load: Callable[..., torch.nn.Module]  # (source, subfolder, dtype=torch.float32) -> module
     wrap: Callable[[torch.nn.Module], torch.nn.Module]
     spec: Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]
@@ -92,6 +93,7 @@ def _opt_sizes(spec: ComponentSpec, pipeline: Mapping[str, Any], batch: int) -> 
               "width": width // scale, "frames": frames or 1}
     if "unet_motion" in spec.name:
         wanted["frames"] = 16  # AnimateDiff's usual clip length
+    wanted.update(derived_sizes(spec.dims, wanted))
     return {dim: min(max(wanted[dim], low), high) for dim, (low, high) in spec.dims.items() if dim in wanted}
 
 
@@ -210,23 +212,125 @@ class _UNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+def _denoiser_inputs(cfg: Any, pipeline: Mapping[str, Any], unet: str) -> tuple[TensorSpec, ...]:
+    """(latents, per-sample timestep, text embeddings): the inputs a UNet and its ControlNet share; `unet` is
+    the denoiser whose scheduler bounds the timesteps."""
+    return (TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "height", "width"), (-3.0, 3.0), VALUES),
+            TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0), timestep_limits(pipeline, unet)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, pipeline["max_length"], cfg.cross_attention_dim),
+                       limits=VALUES))
+
+
+def _denoiser_dims(pipeline: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    dims = image_dims(pipeline["vae_scale_factor"])
+    dims[BATCH] = (1, UNET_MAX_BATCH)
+    return dims
+
+
 def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
     def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
         cfg = module.config
-        dims = image_dims(pipeline["vae_scale_factor"])
-        dims[BATCH] = (1, UNET_MAX_BATCH)
+        dims = _denoiser_dims(pipeline)
         return ComponentSpec(
             name=name,
-            inputs=(
-                TensorSpec("sample", "float32", (BATCH, cfg.in_channels, "height", "width"), (-3.0, 3.0), VALUES),
-                TensorSpec("timestep", "float32", (BATCH,), (0.0, 1000.0), timestep_limits(pipeline, name)),
-                TensorSpec("encoder_hidden_states", "float32",
-                           (BATCH, pipeline["max_length"], cfg.cross_attention_dim), limits=VALUES),
-                *_lora_specs(module),
-            ),
+            inputs=(*_denoiser_inputs(cfg, pipeline, name), *_lora_specs(module)),
             outputs=(TensorSpec("noise_pred", "float32", (BATCH, cfg.out_channels, "height", "width")),),
             dims={**{k: v for k, v in dims.items() if k in (BATCH, "height", "width")}, LORA_RANK: (1, MAX_RANK)},
         )
+
+    return spec
+
+
+# --- ControlNet: (latents, timestep, text, control image) -> the residuals a UNet adds to its skips -------
+
+def control_residuals(config: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(name, channels, downsampling) of each residual a ControlNet of this UNet config returns, in order: the
+    input convolution's, each down block's layers' and its downsampler's (all but the last block), the mid
+    block's (SD 1.5: 12 down residuals and the mid one)."""
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    out = [("down_0", channels[0], 1)]
+    for i, width in enumerate(channels):
+        out += [(f"down_{len(out) + j}", width, 2 ** i) for j in range(layers if isinstance(layers, int) else
+                                                                        layers[i])]
+        if i < len(channels) - 1:
+            out.append((f"down_{len(out)}", width, 2 ** (i + 1)))
+    out.append(("mid", channels[-1], 2 ** (len(channels) - 1)))
+    return out
+
+
+def _residual_specs(config: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, "float32", (BATCH, width, _scaled("height", factor), _scaled("width", factor)),
+                            limits=VALUES) for name, width, factor in control_residuals(config))
+
+
+def _scaled(dim: str, factor: int) -> str:
+    """The symbolic size of a latent dim after `factor`× downsampling (stride-2 convolutions round up)."""
+    return dim if factor == 1 else f"{dim}/{factor}"
+
+
+def _scaled_dims(dims: Mapping[str, tuple[int, int]], config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    factors = {factor for _, _, factor in control_residuals(config) if factor > 1}
+    return {_scaled(dim, f): (-(-dims[dim][0] // f), -(-dims[dim][1] // f)) for dim in ("height", "width")
+            for f in factors}
+
+
+class _ControlNet(torch.nn.Module):
+    """The residuals unscaled: each request's conditioning scale multiplies them in its loop."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        down, mid = self.net(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             controlnet_cond=controlnet_cond, conditioning_scale=1.0, return_dict=False)
+        return (*down, mid)
+
+
+def _controlnet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+        cfg = module.config
+        dims = _denoiser_dims(pipeline)
+        return ComponentSpec(
+            name=name,
+            inputs=(
+                *_denoiser_inputs(cfg, pipeline, next(iter(pipeline["unets"]))),
+                TensorSpec("controlnet_cond", "float32", (BATCH, cfg.conditioning_channels, "image_height",
+                                                          "image_width"), (0.0, 1.0), (0.0, 1.0)),
+            ),
+            outputs=_residual_specs(cfg),
+            dims={**dims, **_scaled_dims(dims, cfg)},
+        )
+
+    return spec
+
+
+class _UNetControlled(_UNet):
+    """The UNet with a ControlNet's residuals added to its skip connections and mid block."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        self.residuals = len(control_residuals(unet.config))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        residuals, (lora_down, lora_up) = rest[:self.residuals], rest[self.residuals:]
+        self.lora.down, self.lora.up = lora_down, lora_up
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         return_dict=False)[0]
+
+
+def _controlled_spec_named(name: str, plain: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    """The spec of the UNet `plain` (its timesteps), named `name`, with the residuals after the text."""
+    def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+        base = _unet_spec_named(plain)(module, pipeline)
+        inputs = list(base.inputs)
+        inputs[3:3] = _residual_specs(module.config)  # after the text, before the adapters
+        return replace(base, name=name, inputs=tuple(inputs),
+                       dims={**base.dims, **_scaled_dims(base.dims, module.config)})
 
     return spec
 
@@ -435,8 +539,19 @@ COMPONENTS: dict[str, Component] = {
                   _VIDEO_SIZES, fp16=False, bf16=False),
         Component("unet_motion", "unet", _load_motion_unet, _UNetMotion, _unet_motion_spec, _MOTION_SIZES,
                   opt_batch=2),
+        # with a ControlNet's residuals (`ti2i export --controlnet`)
+        Component("unet_control", "unet", _load_auto, _UNetControlled, _controlled_spec_named("unet_control", "unet"),
+                  _IMAGE_SIZES, opt_batch=2),
+        Component("unet_inpaint_control", "unet", _load_auto, _UNetControlled,
+                  _controlled_spec_named("unet_inpaint_control", "unet_inpaint"), _IMAGE_SIZES, opt_batch=2),
     )
 }
+
+def controlnet_component(name: str) -> Component:
+    """A ControlNet, served as ``controlnet_<name>``; its weights come from the folder its source names."""
+    full = CONTROLNET_PREFIX + name
+    return Component(full, None, _load("diffusers.ControlNetModel"), _ControlNet, _controlnet_spec_named(full),
+                     _IMAGE_SIZES, opt_batch=2)
 
 # Which components each model kind exports, its denoiser last (the kind is detected from the model folder).
 KIND_COMPONENTS: dict[str, tuple[str, ...]] = {

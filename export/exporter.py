@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
+from ti2i.client.registry import CONTROLLED_UNETS
 from ti2i.export.components import (
     COMPONENTS,
     KIND_BY_UNET_CHANNELS,
@@ -33,6 +35,7 @@ from ti2i.export.components import (
     TORCH_DTYPES,
     Component,
     ModelSource,
+    controlnet_component,
 )
 from ti2i.export.lora import fuse_loras, parse_lora
 from ti2i.export.sources import check_exportable, check_reachable
@@ -142,12 +145,13 @@ LORA_KINDS = ("sd", "pix2pix", "inpaint")  # the SD 1.x image models an SD 1.x a
 
 def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                  log: Callable[[str], None] = print, motion_adapter: str | None = None,
-                 precision: str = "fp32", loras: Sequence[str] = ()) -> Manifest:
+                 precision: str = "fp32", loras: Sequence[str] = (), controlnets: Sequence[str] = ()) -> Manifest:
     """Export `model` (with `motion_adapter`: its Video LDM temporal UNet too) into `out_dir`.
 
     With ``precision="fp16"`` every component whose declaration allows it is loaded in fp16 and
     exported so, then validated against the fp32 module within its fp16 tolerance. `loras` (``PATH[:SCALE]``)
-    are fused into the UNet's and the text encoder's weights (`export/lora.py`).
+    are fused into the UNet's and the text encoder's weights (`export/lora.py`). `controlnets` (diffusers
+    ControlNet folders or hub ids) add each as ``controlnet_<name>`` and the UNet that takes their residuals.
     """
     if precision not in PRECISIONS:
         raise InvalidInputError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -166,6 +170,10 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                                 f"(kinds: {known}); leave --kind out to detect it")
     kind = detected
     adapters = tuple(parse_lora(text) for text in loras)
+    named_controlnets = controlnet_names(controlnets)
+    if named_controlnets and KIND_COMPONENTS[kind][-1] not in CONTROLLED_UNETS:
+        raise InvalidInputError(f"--controlnet pairs with an SD 1.x text-to-image or inpainting model, not a "
+                                f"{kind!r} model")
     if adapters and kind not in LORA_KINDS:
         raise InvalidInputError(f"--lora fuses SD 1.x adapters into {', '.join(LORA_KINDS)} models, not a {kind!r} "
                                 f"model")
@@ -193,17 +201,40 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                                       component.name, adapters)
         return modules[key]
 
-    for name in KIND_COMPONENTS[kind]:
+    names = [*KIND_COMPONENTS[kind], *([CONTROLLED_UNETS[KIND_COMPONENTS[kind][-1]]] if named_controlnets else [])]
+    for name in names:
         component = COMPONENTS[name]
         graph = component.precision(precision)
         exported = module(component, graph) if graph != "fp32" else None
         _export_component(manifest, component, module(component, "fp32"), manifest.sources[kind], log, exported)
+    for name, folder in named_controlnets.items():
+        component = controlnet_component(name)
+        graph = component.precision(precision)
+        net = component.load(ModelSource(folder), None)
+        exported = component.load(ModelSource(folder), None, TORCH_DTYPES[graph]) if graph != "fp32" else None
+        _export_component(manifest, component, net, folder, log, exported)
+        served = manifest.pipeline.setdefault("controlnets", [])
+        served[:] = sorted({*served, name})
 
     for step in STEPS.values():
         if step.applies(manifest.pipeline):
             manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
+
+
+def controlnet_names(folders: Sequence[str]) -> dict[str, str]:
+    """Each ControlNet folder (or hub id) by the name it is served as: its last path part, lowercased, other
+    characters than letters and digits as '_' (``lllyasviel/sd-controlnet-canny`` -> ``sd_controlnet_canny``)."""
+    named: dict[str, str] = {}
+    for folder in folders:
+        check_reachable(folder, "config.json")
+        name = re.sub(r"[^a-z0-9]+", "_", Path(folder.rstrip("/")).name.lower()).strip("_") or "controlnet"
+        if name in named:
+            raise InvalidInputError(f"--controlnet {folder} and {named[name]} would both be served as "
+                                    f"controlnet_{name}: rename one folder")
+        named[name] = folder
+    return named
 
 
 def _export_component(manifest: Manifest, component: Component, module: torch.nn.Module, origin: str,

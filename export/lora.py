@@ -118,6 +118,9 @@ def attach_lora_slots(module: torch.nn.Module) -> LoraSlots:
     """Put a `PerSampleLora` in place of every layer `lora_layers` names; the returned slots feed them all."""
     from ti2i.engines.adapters import layer_features, lora_layers
 
+    for layer in module.modules():  # wrapped already (one module, two wrappers: the UNet with and without a
+        if isinstance(layer, PerSampleLora):  # ControlNet's residuals): the same slots feed both
+            return layer.slots
     slots = LoraSlots()
     row = col = 0
     for name, layer in lora_layers(module):

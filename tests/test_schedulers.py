@@ -89,3 +89,38 @@ def test_an_unknown_scheduler_is_one_clear_error(name, words, runner):
     with pytest.raises(InvalidInputError, match=words) as info:
         txt2img(runner, "hills", steps=3, height=32, width=32, scheduler=name, progress=False)
     assert "dpm++2m-karras" in str(info.value)  # it lists what is known
+
+
+def test_a_turbo_style_model_runs_one_step_without_guidance(sd_model, tmp_path):
+    """SD-Turbo's shape: an SD 2.x UNet (linear projections in its attention blocks), an Euler scheduler with
+    trailing timesteps, one step, no guidance: equal to diffusers through the same methods."""
+    import json
+    import shutil
+
+    from ti2i.export.exporter import export_model
+    from ti2i.export.tiny import build_unet
+
+    model = tmp_path / "turbo"
+    shutil.copytree(sd_model, model)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        unet = diffusers.UNet2DConditionModel.from_config({**build_unet(4).config, "use_linear_projection": True})
+    shutil.rmtree(model / "unet")
+    unet.save_pretrained(model / "unet")
+    diffusers.EulerDiscreteScheduler(timestep_spacing="trailing").save_pretrained(model / "scheduler")
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
+    engines = export_model(str(model), tmp_path / "engines", log=lambda _: None)
+    common = dict(safety_checker=None, requires_safety_checker=False)
+    text = diffusers.StableDiffusionPipeline.from_pretrained(str(model), **common)
+    image = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(str(model), **common)
+    example = Image.open(EXAMPLE).convert("RGB").resize((64, 48))
+    expected_text = text("a fox", num_inference_steps=1, guidance_scale=0.0, generator=_generator(),
+                         output_type="np").images[0]
+    expected_edit = image("a fox", image=example, strength=0.5, num_inference_steps=2, guidance_scale=0.0,
+                          generator=_generator(), output_type="np").images[0]
+    with InProcessRunner(engines.root) as runner:
+        got_text = txt2img(runner, "a fox", steps=1, guidance=0.0, seed=SEED, progress=False)
+        got_edit = sdedit(runner, example, "a fox", strength=0.5, steps=2, guidance=0.0, seed=SEED, progress=False)
+    assert max_abs(got_text.array, expected_text) <= TOLERANCE
+    assert max_abs(got_edit.array, expected_edit) <= TOLERANCE

@@ -231,11 +231,24 @@ def _by_name(tensors: tuple[TensorSpec, ...], name: str, component: str) -> Tens
     raise KeyError(f"{component} has no tensor named {name!r}")
 
 
+def derived_sizes(dims: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, int]:
+    """The sizes of the dims named ``DIM/F`` (DIM downsampled F×, rounded up, as stride-2 convolutions do:
+    a ControlNet's residuals) from the size of DIM, where `sizes` gives it."""
+    out = {}
+    for dim in dims:
+        base, sep, factor = dim.partition("/")
+        if sep and base in sizes:
+            out[dim] = -(-sizes[base] // int(factor))
+    return out
+
+
 def sample_inputs(spec: ComponentSpec, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the given symbolic sizes (a dim not given: its opt size, else its minimum), drawn from
-    each tensor's sample range."""
+    """Random inputs of the given symbolic sizes (a dim not given: derived from the one it downsamples, else
+    its opt size, else its minimum), drawn from each tensor's sample range."""
     rng = np.random.default_rng(seed)
-    sizes = {**{dim: spec.opt.get(dim, low) for dim, (low, _) in spec.dims.items()}, **sizes}
+    given = dict(sizes)
+    sizes = {**{dim: spec.opt.get(dim, low) for dim, (low, _) in spec.dims.items()}, **given}
+    sizes.update({dim: size for dim, size in derived_sizes(spec.dims, sizes).items() if dim not in given})
     out: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
         shape = tuple(d if isinstance(d, int) else sizes[d] for d in tensor.shape)

@@ -39,7 +39,7 @@ TOKEN_HEADER = "ti2i-request-token"
 REQUEST = "request"
 ERROR = "error"
 METHOD, COMPONENT, CANCEL = "method", "component", "cancel"
-IMAGE_INPUTS = tuple(sorted({name for method in METHODS.values() for name in method.images}))
+IMAGE_INPUTS = tuple(sorted({name for method in METHODS.values() for name in method.all_images}))
 
 
 def core_name(family: str | None) -> str:

@@ -88,7 +88,7 @@ class MethodEntry(_Entry):
             return None if tensor is None else tensor.as_numpy()
 
         call, fmt = read_request(self.method, get)
-        images = {name: call.pop(name) for name in self.method.images if name in call}
+        images = {name: call.pop(name) for name in self.method.all_images if name in call}
         token = self._token(request)
         stream = self.decoupled
         wanted = self._wanted(request)

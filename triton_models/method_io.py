@@ -91,6 +91,10 @@ def read_request(method: Method, get: Callable[[str], np.ndarray | None]) -> tup
         if value is None:
             raise InvalidInputError(f"missing input {name!r} (the {name} file's bytes or base64 text)")
         call[name] = image_bytes(value, name)
+    for name in method.optional_images:
+        value = one_value(get(name), name)
+        if value is not None:
+            call[name] = image_bytes(value, name)
     for param in method.params:
         if param.many:
             values = get(param.name)

@@ -61,7 +61,7 @@ def method_config(method: Method, manifest: Manifest, stream: bool = False,
     name = method.name + (STREAM_SUFFIX if stream else "")
     config = mc.ModelConfig(name=served_name(family, name), backend="python", max_batch_size=0)
     # every input optional: the model names what is missing, and parameters left out take the record's defaults
-    for name in method.images:
+    for name in method.all_images:
         config.input.append(_tensor(mc.ModelInput, name, "TYPE_STRING", [1], optional=True))
     for param in method.params:
         config.input.append(_tensor(mc.ModelInput, param.name, _DTYPES[param.kind], [-1 if param.many else 1],

@@ -181,7 +181,10 @@ def method_values(method: Method, fields: Mapping[str, Any], files: Mapping[str,
         if name not in files:
             raise ApiError(400, f"{method.name} needs the {name!r} file", name)
         values[name] = files[name]
-    extra = set(files) - set(method.images)
+    for name in method.optional_images:
+        if name in files:
+            values[name] = files[name]
+    extra = set(files) - set(method.all_images)
     if extra:
         raise ApiError(400, f"{method.name} takes no {', '.join(sorted(extra))} file", sorted(extra)[0])
     request_tensors(method, **values)  # every name known, every value of its kind: one clear error otherwise

@@ -32,7 +32,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ti2i.export.exporter import export_model
 
     manifest = export_model(args.model, args.out, kind=args.kind, motion_adapter=args.motion_adapter,
-                            precision=args.precision, loras=args.lora or ())
+                            precision=args.precision, loras=args.lora or (), controlnets=args.controlnet or ())
     print(f"wrote {manifest.root / 'manifest.json'} ({', '.join(manifest.components)})")
     return 0
 
@@ -96,7 +96,7 @@ def _models(args: argparse.Namespace, manifest) -> list[str] | None:
 
     if not args.methods:
         return None
-    names = components_for(m.strip() for m in args.methods.split(","))
+    names = components_for((m.strip() for m in args.methods.split(",")), manifest.components)
     missing = [n for n in names if n not in manifest.components]
     if missing:
         raise InvalidInputError(f"{manifest.root} lacks {missing} needed by --methods {args.methods}")
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                    help="a LoRA adapter in diffusers' format (file or folder) fused into the UNet and text encoder "
                         "at SCALE (default 1); repeated, the adapters add")
+    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                   help="a diffusers ControlNet folder or hub id (repeatable): served as controlnet_<its name>, with "
+                        "the UNet that takes its residuals (txt2img, sdedit and inpaint then take --control-image)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build", help="compile an engine directory's ONNX graphs: TensorRT plans or AOTInductor "

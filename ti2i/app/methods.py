@@ -22,6 +22,8 @@ def add_method_parser(sub: argparse._SubParsersAction, method: Method) -> None:
     p = sub.add_parser(method.name, help=method.help)
     for name in method.images:
         p.add_argument(f"--{name}", required=True, help=method.image_help.get(name, "input image file"))
+    for name in method.optional_images:
+        p.add_argument("--" + name.replace("_", "-"), help=method.image_help.get(name, "input image file"))
     for param in method.params:
         _add_param(p, param)
     p.add_argument("--out", required=True,
@@ -94,7 +96,7 @@ def run_method_command(method: Method, args: argparse.Namespace) -> int:
     from ti2i.client.video import check_video_out
 
     out = check_image_out(args.out) if method.output == "image" else check_out_parent(check_video_out(args.out))
-    inputs: dict[str, Any] = {name: getattr(args, name) for name in method.images}
+    inputs: dict[str, Any] = {name: getattr(args, name) for name in method.all_images}
     params = {p.name: getattr(args, p.name) for p in method.params}
     if args.server and (args.backend, args.precision) != ("ort", "auto"):
         raise InvalidInputError("--backend and --precision choose in-process engines (--engines); a server runs "
