@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES",
                    help="instead: a soak of this many minutes against one supervised server (benchmarks/soak.py)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients of the soak or the adapter sweep")
+    p.add_argument("--controlnet", action="store_true",
+                   help="instead: what a ControlNet costs one denoising step (benchmarks/controlnet.py)")
     p.add_argument("--adapters", action="store_true",
                    help="instead: what per-request LoRA adapters cost (benchmarks/adapters.py): --clients SDEdit "
                         "clients each with its own adapter vs one shared adapter vs none, and one UNet call with an "
@@ -85,6 +87,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           requests=args.concurrency_requests or 2, cache=Path(args.cache) if args.cache else None,
                           log=(lambda _: None) if args.quiet else print)
         print((Path(args.out) / "adapters.md").read_text())
+        return 0
+
+    if args.controlnet:
+        from ti2i.benchmarks.controlnet import run_controlnet_bench
+
+        run_controlnet_bench(Path(args.out), preset=args.preset, rounds=args.concurrency_rounds,
+                             calls=args.unet_calls or 10, cache=Path(args.cache) if args.cache else None,
+                             log=(lambda _: None) if args.quiet else print)
+        print((Path(args.out) / "controlnet.md").read_text())
         return 0
 
     if args.repeats is not None and args.repeats < 1:

@@ -523,7 +523,7 @@ def write_random_lora(model: str | Path, out: str | Path, seed: int, text_encode
     return Path(out)
 
 
-def write_tiny_controlnet(model: str | Path, out: str | Path, seed: int = 0) -> Path:
+def write_random_controlnet(model: str | Path, out: str | Path, seed: int = 0) -> Path:
     """A ControlNet for `model`'s UNet (`ControlNetModel.from_unet`: its encoder copied) saved with
     `save_pretrained`. A trained ControlNet's zero convolutions start at zero, so an untrained one changes
     nothing: here they are random, so that the control image changes the result (tests)."""
@@ -532,7 +532,7 @@ def write_tiny_controlnet(model: str | Path, out: str | Path, seed: int = 0) -> 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+        net = ControlNetModel.from_unet(unet)
         for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
             torch.nn.init.normal_(conv.weight, std=0.1)
             torch.nn.init.normal_(conv.bias, std=0.1)

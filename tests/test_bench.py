@@ -360,3 +360,20 @@ def test_queue_stall_probe_serves_its_three_queue_kinds(tmp_path):
     assert not configs["unbounded"].dynamic_batching.HasField("default_queue_policy")
     results = queue_stall.measure(requests=5, busy_cores=0)
     assert set(results) == set(queue_stall.QUEUES) and all(r["requests"] == 5 for r in results.values())
+
+
+def test_the_adapter_and_controlnet_benchmarks_measure_side_by_side(tmp_path, cache):
+    """`ti2i bench --adapters` and `--controlnet` on the tiny preset: each mode measured, ratios from one run."""
+    from ti2i.app.cli import main
+
+    assert main(["bench", "--adapters", "--preset", "tiny", "--clients", "2", "--concurrency-requests", "1",
+                 "--out", str(tmp_path / "adapters"), "--cache", str(cache), "--quiet"]) == 0
+    report = json.loads((tmp_path / "adapters" / "adapters.json").read_text())
+    assert set(report["throughput_rps"]) == {"none", "same", "different"}
+    assert all(rate > 0 for rate in report["throughput_rps"].values())
+    assert set(report["unet_s"]) == {"adapter", "none", "bare"} and report["adapter_vs_none_call"] > 0
+    assert "Different adapters vs the same one" in (tmp_path / "adapters" / "adapters.md").read_text()
+    assert main(["bench", "--controlnet", "--preset", "tiny", "--unet-calls", "2", "--out", str(tmp_path / "cn"),
+                 "--cache", str(cache), "--quiet"]) == 0
+    report = json.loads((tmp_path / "cn" / "controlnet.json").read_text())
+    assert report["step_s"]["controlnet_and_unet"] > report["step_s"]["unet"] > 0  # the ControlNet adds a call

@@ -1,7 +1,7 @@
 """ControlNet (`ti2i export --controlnet DIR`): txt2img, sdedit and inpaint with a control image equal diffusers'
 StableDiffusionControlNetPipeline, ...Img2ImgPipeline and ...InpaintPipeline seed for seed, in-process and served.
 
-The ControlNet is a tiny random one made from the tiny SD UNet (`write_tiny_controlnet`: its zero convolutions
+The ControlNet is a tiny random one made from the tiny SD UNet (`write_random_controlnet`: its zero convolutions
 random, so that the control image matters); the control image is the user's own map, here any picture.
 """
 
@@ -33,7 +33,7 @@ from ti2i.client.sdedit import sdedit
 from ti2i.client.txt2img import txt2img
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.export.exporter import export_model
-from ti2i.export.tiny import write_tiny_controlnet
+from ti2i.export.tiny import write_random_controlnet
 from ti2i.manifest import Manifest
 from ti2i.triton_models.core import CoreOptions
 from ti2i.triton_models.repository import write_repository
@@ -45,7 +45,7 @@ SIZE = (64, 48)  # width, height
 
 @pytest.fixture(scope="module")
 def controlnet(sd_model, tmp_path_factory) -> Path:
-    return write_tiny_controlnet(sd_model, tmp_path_factory.mktemp("controlnets") / "tiny-canny", seed=3)
+    return write_random_controlnet(sd_model, tmp_path_factory.mktemp("controlnets") / "tiny-canny", seed=3)
 
 
 @pytest.fixture(scope="module")
