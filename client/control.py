@@ -20,7 +20,6 @@ from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.runner import Runner
 
 
-
 @dataclass(frozen=True)
 class Control:
     """The served ControlNet, its image ([uncond, cond] rows with guidance), scale and active fraction."""

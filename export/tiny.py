@@ -534,7 +534,7 @@ def write_random_controlnet(model: str | Path, out: str | Path, seed: int = 0) -
         torch.manual_seed(seed)
         net = ControlNetModel.from_unet(unet)
         for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
-            torch.nn.init.normal_(conv.weight, std=0.1)
-            torch.nn.init.normal_(conv.bias, std=0.1)
+            torch.nn.init.normal_(conv.weight, std=0.3)
+            torch.nn.init.normal_(conv.bias, std=0.3)
     _save_quietly(net.eval(), Path(out))
     return Path(out)

@@ -105,8 +105,9 @@ def test_repository_writes_the_core_and_its_entry_points(cli_engines, tmp_path, 
     methods = {"txt2img", "sdedit", "cyclediffusion", "ddib"}  # those a plain SD engine directory serves
     assert set(configs) == COMPONENTS | ENSEMBLES | methods | {f"{m}_stream" for m in methods} | {"core"}
     sdedit = configs["sdedit"]
-    assert [i.name for i in sdedit.input] == ["image", "prompt", "negative_prompt", "strength", "steps", "guidance",
-                                              "seed", "height", "width", "scheduler", "lora", "format"]
+    assert [i.name for i in sdedit.input] == ["image", "control_image", "prompt", "negative_prompt", "strength",
+                                              "steps", "guidance", "seed", "height", "width", "scheduler", "lora",
+                                              "controlnet", "control_scale", "control_start", "control_end", "format"]
     assert all(i.optional for i in sdedit.input)
     assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
     assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled
