@@ -191,3 +191,24 @@ def test_the_cli_takes_repeated_adapters(engines, sd_model, lora_adapters, tmp_p
 
     expected = _expected_txt2img(sd_model, {style: 0.7, detail: 0.5})
     assert max_abs(np.asarray(Image.open(out)) / 255.0, expected) <= TOLERANCE + 1 / 255
+
+
+def test_a_kohya_file_gives_what_its_diffusers_twin_gives(engines, lora_adapters, tmp_path):
+    """The same adapter in kohya's key format (what A1111 users have: `lora_unet_…` keys with `.alpha`), read
+    through diffusers' converter, is the same update per request."""
+    from safetensors.torch import load_file, save_file
+
+    _, detail = lora_adapters
+    weights = load_file(detail / "pytorch_lora_weights.safetensors")
+    kohya = {}
+    for key, value in weights.items():
+        path, kind = key.removeprefix("unet.").rsplit(".lora.", 1)
+        name = "lora_unet_" + path.replace(".", "_")
+        kohya[f"{name}.lora_{kind.split('.')[0]}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0] if kind.startswith("down") else value.shape[1]))
+    save_file(kohya, tmp_path / "detail_kohya.safetensors")
+    with InProcessRunner(engines.root) as runner:
+        diffusers_format = txt2img(runner, PROMPT, steps=3, seed=4, progress=False, lora=[f"{detail}:0.6"])
+        kohya_format = txt2img(runner, PROMPT, steps=3, seed=4, progress=False,
+                               lora=[f"{tmp_path / 'detail_kohya.safetensors'}:0.6"])
+    assert max_abs(kohya_format.array, diffusers_format.array) <= 1e-5
