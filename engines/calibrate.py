@@ -24,7 +24,7 @@ from typing import Any
 
 from ti2i.budget import MemoryModel, fit_growth
 from ti2i.errors import ExportValidationError
-from ti2i.spec import BATCH, ComponentSpec, sample_inputs
+from ti2i.spec import BATCH, ComponentSpec, derived_sizes, sample_inputs
 
 TARGET_ENV = "TI2I_CALIBRATION_BYTES"
 TARGET_BYTES = 1024**3  # stop the ladder once one item's run grows the process by this much
@@ -115,6 +115,10 @@ def _status(key: str) -> int:
 def _sizes(spec: ComponentSpec, job: Mapping[str, Any], side: int, items: int, frames: int) -> dict[str, int]:
     sizes = {d: lo for d, (lo, _) in spec.dims.items()}
     sizes.update({d: side for d in job["token_dims"]})
+    for pixels, latent in (("image_height", "height"), ("image_width", "width")):
+        if pixels in spec.dims and latent in job["token_dims"]:  # a ControlNet's image: the latent × the VAE factor
+            sizes[pixels] = side * (spec.dims[pixels][1] // spec.dims[latent][1])
+    sizes.update(derived_sizes(spec.dims, sizes))  # the downsampled sizes of a ControlNet's residuals
     sizes.update({d: items for d in job["item_dims"]})
     if job["frames_dim"] is not None:
         sizes[job["frames_dim"]] = frames

@@ -157,3 +157,16 @@ def test_bad_control_inputs_are_one_clear_error(controlled, engines, example_ima
     assert "control image" in capsys.readouterr().err and not out.exists()
     assert main(["export", "--model", str(tmp_path / "svd"), "--out", str(tmp_path / "e"), "--controlnet",
                  str(tmp_path / "missing")]) == 2
+
+
+def test_a_controlnet_is_calibrated_at_consistent_sizes(controlled):
+    """Memory calibration runs a ControlNet with its image at the latent size × 8 and the UNet taking its
+    residuals with them at their downsampled sizes (with the image at its minimum, SD 1.5's ControlNet was
+    fitted to a floor and predicted 30 GiB for a 256² request, refusing it)."""
+    from ti2i.engines.calibrate import _sizes, layout
+
+    spec = controlled.components["controlnet_tiny_canny"].spec
+    sizes = _sizes(spec, layout(spec), 20, 1, 2)
+    assert (sizes["height"], sizes["image_height"], sizes["image_width"]) == (20, 160, 160)
+    spec = controlled.components["unet_control"].spec
+    assert _sizes(spec, layout(spec), 21, 1, 2)["height/2"] == 11
