@@ -212,3 +212,18 @@ def test_a_kohya_file_gives_what_its_diffusers_twin_gives(engines, lora_adapters
         kohya_format = txt2img(runner, PROMPT, steps=3, seed=4, progress=False,
                                lora=[f"{tmp_path / 'detail_kohya.safetensors'}:0.6"])
     assert max_abs(kohya_format.array, diffusers_format.array) <= 1e-5
+
+
+def test_the_cli_registers_served_adapters_by_name(engines, lora_adapters, tmp_path, monkeypatch):
+    """`ti2i repository|serve --lora NAME=PATH`: the core's options carry each name with its absolute path."""
+    import json
+
+    from ti2i.triton_models.repository import parse_config
+
+    style, detail = lora_adapters
+    monkeypatch.chdir(style.parent)
+    repo = tmp_path / "repo"
+    assert main(["repository", "--engines", str(engines.root), "--out", str(repo), "--methods", "txt2img",
+                 "--lora", f"style={style.name}", "--lora", f"detail={detail}"]) == 0
+    options = json.loads(parse_config(repo / "core" / "config.pbtxt").parameters["options"].string_value)
+    assert options["adapters"] == [["style", str(style.resolve())], ["detail", str(detail.resolve())]]
