@@ -63,6 +63,10 @@ def fit_memory(growths: list[tuple[float, float]], base: int) -> tuple[int, floa
     rising = [p for p in fit_points if p[1] >= 2 * floor]
     if len(rising) >= 2 and len(rising) < len(fit_points):
         base, fit_points = base + int(floor), rising
+    elif len(fit_points) >= 3 and fit_points[1][1] <= 1.05 * fit_points[0][1]:
+        # flat from the smallest sizes on and rising less than twice the floor by the end (SD 1.5's ControlNet:
+        # 1 GiB at every size to 47², 1.7 GiB at 66²): the floor joins the base, the growth is what rises above it
+        base, fit_points = base + int(floor), [(t, y - floor) for t, y in fit_points]
     linear, quadratic = fit_growth(fit_points)
     return base, linear, quadratic
 

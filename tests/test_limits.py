@@ -450,6 +450,24 @@ def test_an_allocation_floor_is_not_fitted_as_growth_per_token():
     assert at_256 < 1.5 * (loaded + 188268544.0), at_256
 
 
+def test_a_floor_that_never_doubles_is_not_fitted_as_growth_per_token():
+    """SD 1.5's ControlNet's ladder: 1 GiB of growth at every size to 47², 1.7 GiB at 66². Fitted through the
+    floor, a 256² request (32² latents, batch 2) was estimated at 40 GiB and refused; the floor now joins the base
+    and the estimate stays on or above every measured point."""
+    from ti2i.budget import MemoryModel
+    from ti2i.engines.calibrate import fit_memory
+
+    floor = 1039278080.0
+    points = [(float(t), floor) for t in (64, 121, 256, 529, 1089, 2209)] + [(4356.0, 1739128832.0)]
+    loaded = 1637519360
+    base, linear, quadratic = fit_memory(points, loaded)
+    model = MemoryModel(base, linear, quadratic, ("height", "width"), ("batch",))
+    for tokens, growth in points:
+        side = int(tokens ** 0.5)
+        assert model.estimate({"batch": 1, "height": side, "width": side}) >= loaded + growth
+    assert model.estimate({"batch": 2, "height": 32, "width": 32}) < 2 * (loaded + floor)
+
+
 def test_an_over_budget_refusal_names_the_sizes_that_fit():
     """The refusal suggested only --memory-budget; what the user can change is the size or the frame count."""
     from ti2i.budget import check_budget
