@@ -1,9 +1,11 @@
-"""LoRA adapters fused into the exported weights (`ti2i export --lora PATH[:SCALE]`).
+"""LoRA in the exported graphs: per-request adapter layers, and adapters fused into the weights.
 
-An adapter in diffusers' LoRA format (what `save_lora_weights` writes; kohya/A1111 files through diffusers'
-converters) is loaded into the UNet and the text encoder as `load_lora_weights` does, merged at its scale,
-and its layers removed: the engines hold `W + scale · ΔW` and cost what the base model's do. Several adapters
-add, as diffusers' `set_adapters` with one weight each gives them.
+Every exported UNet and text encoder takes per-sample adapters as inputs (`PerSampleLora`, `attach_lora_slots`;
+`engines/adapters.py` packs what they read). `ti2i export --lora PATH[:SCALE]` instead fuses adapters: an adapter
+in diffusers' LoRA format (what `save_lora_weights` writes; kohya/A1111 files through diffusers' converters) is
+loaded into the UNet and the text encoder as `load_lora_weights` does, merged at its scale, and its layers
+removed: the engines hold `W + scale · ΔW`. Several adapters add, as diffusers' `set_adapters` with one weight
+each gives them.
 """
 
 from __future__ import annotations
