@@ -128,9 +128,10 @@ def _write_families(args: argparse.Namespace, out: Path | None):
     else:
         models = components_by_family(args.methods.split(","), manifests) if args.methods else None
     first = next(iter(manifests.values())).root
+    repository = _repository_options(args)
     options = _core_options(args)
     _check_adapters(options, manifests)
-    return write_family_repository(manifests, out or first / "model_repository", _repository_options(args), models,
+    return write_family_repository(manifests, out or first / "model_repository", repository, models,
                                    methods=_method_models(args, manifests), core_options=options)
 
 
