@@ -72,6 +72,7 @@ def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, exam
 def test_each_engine_call_counts_the_samples_of_each_method(engines, example_image):
     """Loops of two methods share the UNet's engine calls; the count says which methods' samples each held."""
     scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=5.0)  # a tick waits for every loop
+    scheduler.SPLIT_FROM = 99  # one execution per merged group (halves could each hold one method's pair)
     gate = threading.Barrier(4)
     names = ["sdedit", "sdedit", "txt2img", "txt2img"]
 
