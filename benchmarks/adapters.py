@@ -25,6 +25,7 @@ from PIL import Image
 from ti2i.benchmarks.clients import run_clients
 from ti2i.benchmarks.machine import describe_machine, label
 from ti2i.benchmarks.presets import default_cache_dir, engine_dir, get_preset, model_dir
+from ti2i.benchmarks.stats import interleaved_medians
 from ti2i.client.registry import METHODS
 from ti2i.engines.adapters import LORA_RANK, RANK_AXES
 from ti2i.errors import InvalidInputError
@@ -105,16 +106,7 @@ def _unet_calls(core: Any, engines: Path, request: Any, calls: int, rounds: int,
     bare = _bare_unet(engines, tmp, log)
     runs = {"adapter": lambda: runner.run("unet", **adapted), "none": lambda: runner.run("unet", **plain),
             "bare": lambda: bare.run(plain)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_medians(runs, calls, rounds)
 
 
 def _bare_unet(engines: Path, tmp: Path, log: Callable[[str], None]) -> Any:

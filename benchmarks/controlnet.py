@@ -9,14 +9,14 @@ alternate round by round; each figure is the median of its rounds. Results: cont
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ti2i.benchmarks.machine import describe_machine, label
 from ti2i.benchmarks.presets import BUILD_VERSION, default_cache_dir, get_preset, model_dir
+from ti2i.benchmarks.stats import interleaved_medians
+from ti2i.engines.adapters import RANK_AXES
 from ti2i.errors import InvalidInputError
 
 
@@ -44,16 +44,7 @@ def run_controlnet_bench(out: Path, preset: str = "tiny", calls: int = 10, round
             runner.run("unet_control", **unet, **residuals)
 
         runs = {"unet": lambda: runner.run("unet", **unet), "controlnet_and_unet": controlled}
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for run in runs.values():
-            run()
-        for _ in range(rounds):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    run()
-                times[name].append((time.perf_counter() - start) / calls)
-    step_s = {name: statistics.median(t) for name, t in times.items()}
+        step_s = interleaved_medians(runs, calls, rounds)
     report = {"preset": preset, "size": [request.height, request.width], "calls": calls, "rounds": rounds,
               "machine": describe_machine(), "step_s": step_s,
               "controlnet_vs_plain_step": step_s["controlnet_and_unet"] / step_s["unet"]}
@@ -64,7 +55,7 @@ def run_controlnet_bench(out: Path, preset: str = "tiny", calls: int = 10, round
 
 def _plain(inputs: dict[str, Any]) -> dict[str, Any]:
     """The UNet's inputs without adapters (what a request without any sends)."""
-    return {k: v for k, v in inputs.items() if not k.startswith("lora_")}
+    return {k: v for k, v in inputs.items() if k not in RANK_AXES}
 
 
 def _engines(preset: Any, cache: Path, log: Callable[[str], None]) -> Path:
