@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -185,18 +187,42 @@ def test_bad_requests_are_openai_errors_and_the_server_stays_ready(client, serve
     assert _ready(served[0])
 
 
+@contextlib.contextmanager
+def _running(serve: Callable[[asyncio.Event], Awaitable[None]]) -> Iterator[None]:
+    """Run `serve(started)` on its own loop in a thread until the block ends, then stop it the way the guard
+    stops (cancelled) and close the loop: nothing of it is left for the garbage collector to finish later, in
+    the middle of another test."""
+    loop = asyncio.new_event_loop()
+    started = asyncio.Event()
+    task = loop.create_task(serve(started))
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not started.is_set() and not task.done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert started.is_set(), "the server did not start"
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop"
+        assert not asyncio.all_tasks(loop), "the server left tasks running"
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
 def test_with_a_key_every_request_must_send_it(tmp_path):
     from ti2i.triton_models.openai_api import create_app, serve
 
     port, = find_free_ports(1)
-    loop = asyncio.new_event_loop()
-    started = asyncio.Event()
     app = create_app(tmp_path, "127.0.0.1:1", api_key="sk-right")
-    threading.Thread(target=lambda: loop.run_until_complete(serve(app, port, started)), daemon=True).start()
-    deadline = time.monotonic() + 30
-    while not started.is_set() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
+    with _running(lambda started: serve(app, port, started)):
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0) as c:
             with pytest.raises(openai.AuthenticationError, match="API key"):
                 c.models.list()
@@ -205,8 +231,6 @@ def test_with_a_key_every_request_must_send_it(tmp_path):
         assert refused.value.code == 401 and json.loads(refused.value.read())["error"]["type"] == "authentication_error"
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-right", max_retries=0) as c:
             assert list(c.models.list()) == []
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def _readme_blocks(language: str) -> list[str]:
@@ -253,21 +277,13 @@ def test_the_guard_lets_go_of_a_connection_that_sends_no_request_head():
     from ti2i.triton_models.http_guard import HttpGuard
 
     port, upstream = find_free_ports(2)
-    loop = asyncio.new_event_loop()
-    started = asyncio.Event()
     guard = HttpGuard(("127.0.0.1", port), ("127.0.0.1", upstream), head_timeout_s=1.0)
-    threading.Thread(target=lambda: loop.run_until_complete(guard.serve(started)), daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not started.is_set() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
+    with _running(guard.serve):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
             slow.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
             start = time.monotonic()
             assert slow.recv(1024) == b""  # closed by the guard
             assert time.monotonic() - start < 5
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def test_a_client_that_hangs_up_cancels_its_request(served, example_image):

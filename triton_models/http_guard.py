@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository, openai)
 
     async def run() -> None:
+        api = None
         if openai is not None:  # up before the guard listens: /v1 answers from the first request
             started = asyncio.Event()
             api = loop.create_task(_serve_openai(args.repository, args.openai_grpc, openai[1], started))
@@ -371,11 +372,16 @@ def main(argv: list[str] | None = None) -> int:
             if api.done():  # it could not start: the guard serves /v2 on, and says why /v1 is missing
                 guard.openai = None
                 print(f"the OpenAI-compatible API did not start: {api.exception()!r}", file=sys.stderr, flush=True)
-        if args.metrics_listen is not None and args.metrics_upstream is not None:
-            metrics = HttpGuard(args.metrics_listen, args.metrics_upstream, max_body_bytes=_SMALL_BODY)
-            await asyncio.gather(guard.serve(), metrics.serve())
-        else:
-            await guard.serve()
+        try:
+            if args.metrics_listen is not None and args.metrics_upstream is not None:
+                metrics = HttpGuard(args.metrics_listen, args.metrics_upstream, max_body_bytes=_SMALL_BODY)
+                await asyncio.gather(guard.serve(), metrics.serve())
+            else:
+                await guard.serve()
+        finally:  # a SIGTERM: the API shuts down too (its open requests answered, not cut)
+            if api is not None and not api.done():
+                api.cancel()
+                await asyncio.wait({api})
 
     task = loop.create_task(run())
     for sig in (signal.SIGTERM, signal.SIGINT):

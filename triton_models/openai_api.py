@@ -599,7 +599,8 @@ async def serve(app: Any, port: int, started: asyncio.Event | None = None) -> No
     import uvicorn
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                            timeout_keep_alive=30, access_log=False)
+                            timeout_keep_alive=30, access_log=False,
+                            timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the guard's loop owns them
     task = asyncio.ensure_future(server.serve())
@@ -607,5 +608,12 @@ async def serve(app: Any, port: int, started: asyncio.Event | None = None) -> No
         await asyncio.sleep(0.02)
     if started is not None:
         started.set()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():  # uvicorn itself stopped
+            return
+        server.should_exit = True  # we are stopped: uvicorn's own shutdown, so no task of it outlives the loop
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
