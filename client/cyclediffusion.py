@@ -78,7 +78,7 @@ def cyclediffusion(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("cyclediffusion"), lora)
+    runner = shared.method_runner(runner, "cyclediffusion", lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs

@@ -58,7 +58,7 @@ def ddib(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("ddib"), lora)
+    runner = shared.method_runner(runner, "ddib", lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs

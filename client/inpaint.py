@@ -51,7 +51,7 @@ def inpaint(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("inpaint"), lora)
+    runner = shared.method_runner(runner, "inpaint", lora)
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 
@@ -75,7 +75,7 @@ def inpaint(
 
     # 2. Encode the prompt: [uncond, cond] with guidance
     with timings.stage("encode_prompt"):
-        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+        prompt_embeds, _ = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
 
     # 3. Timesteps: the tail of the schedule that `strength` selects (all of it at 1)
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX, METHODS
-from ti2i.engines.ensembles import ENSEMBLES
+from ti2i.engines.ensembles import ENSEMBLES, chain_steps
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
 
@@ -16,8 +16,8 @@ METHOD_MODELS: dict[str, tuple[str, ...]] = {name: method.models for name, metho
 def components_for(methods: Iterable[str], available: Iterable[str] = ()) -> list[str]:
     """The components (ensembles expanded into their steps) the given methods call; of `available` (an engine
     directory's), also the ControlNets and the UNet taking their residuals that a method's control image uses."""
-    chains = {e.name: e.steps for e in ENSEMBLES}
     available = list(available)
+    chains = {e.name: chain_steps(e.name, available) for e in ENSEMBLES}
     names: list[str] = []
     for method in methods:
         if method not in METHOD_MODELS:
@@ -33,16 +33,25 @@ def components_for(methods: Iterable[str], available: Iterable[str] = ()) -> lis
     return names
 
 
+SDXL_MARK = "tokenize_2"  # only SDXL engine directories tokenize twice (two text encoders)
+
+
+def runs_on(method: str, components: Collection[str]) -> bool:
+    """Whether an engine directory (or family) with `components` serves `method`: it has every model the method
+    calls, and an SDXL one only the methods written for SDXL's UNet."""
+    have = set(components)
+    return set(components_for([method], have)) <= have and (METHODS[method].sdxl or SDXL_MARK not in have)
+
+
 def components_by_family(methods: Iterable[str], manifests: Mapping[str, Manifest]) -> dict[str, list[str]]:
     """Per family, the components of the methods it can serve; every method must be served by one family."""
     methods = [m.strip() for m in methods if m.strip()]
     served: dict[str, list[str]] = {name: [] for name in manifests}
     for method in methods:
-        needed = components_for([method])  # a ControlNet is optional: a family that has one serves it
-        able = [name for name, manifest in manifests.items() if all(n in manifest.components for n in needed)]
-        if not able:
-            raise InvalidInputError(f"no engine directory ({', '.join(manifests)}) has every component {method} "
-                                    f"needs ({needed})")
+        able = [name for name, manifest in manifests.items() if runs_on(method, manifest.components)]
+        if not able:  # a ControlNet is optional: a family that has one serves it
+            raise InvalidInputError(f"no engine directory ({', '.join(manifests)}) serves {method} (it needs "
+                                    f"{components_for([method])})")
         for name in able:
             wanted = components_for([method], manifests[name].components)
             served[name] += [n for n in wanted if n not in served[name]]

@@ -39,7 +39,7 @@ def pix2pix(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("pix2pix"), lora)
+    runner = shared.method_runner(runner, "pix2pix", lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)

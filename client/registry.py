@@ -173,6 +173,7 @@ class Method:
     out_help: str = ""
     reference: Reference | None = None
     latent_layout: str = "BCHW"  # the UNet sample's layout (previews take its first frame's 4 latent channels)
+    sdxl: bool = False  # also runs on SDXL models (their two text encoders and text-time UNet)
 
     def func(self) -> Callable[..., Any]:
         module, name = self.function.split(":")
@@ -268,7 +269,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
-                                                         "width": "width"})),
+                                                         "width": "width"}), sdxl=True),
     Method(
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
@@ -277,7 +278,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         optional_images=("control_image",), image_help=CONTROL_IMAGE,
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
-                                                                "guidance_scale": "guidance"})),
+                                                                "guidance_scale": "guidance"}), sdxl=True),
     Method(
         "inpaint", "ti2i.client.inpaint:inpaint",
         "inpainting with a 9-channel inpainting UNet (mask white = repaint)", "image", "unet_inpaint",

@@ -37,7 +37,7 @@ def sdedit(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("sdedit"), lora)
+    runner = shared.method_runner(runner, "sdedit", lora)
     pipeline = runner.pipeline
 
     # 1. Check inputs
@@ -50,14 +50,15 @@ def sdedit(
     control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
                                      height, width, 2 if do_cfg else 1, max_pixels)
 
-    # 2. Encode the prompt: [uncond, cond] with guidance
-    with timings.stage("encode_prompt"):
-        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-
-    # 3. Preprocess the image: snapped to the VAE factor, resized like the reference
+    # 2. Preprocess the image: snapped to the VAE factor, resized like the reference
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
     if control is not None:
         control.check_size(*pixels.shape[1:3])
+
+    # 3. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
+    with timings.stage("encode_prompt"):
+        prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+    added = shared.size_conditions(added, *pixels.shape[1:3])
 
     # 4. Timesteps: the tail of the schedule that `strength` selects
     scheduler = shared.make_scheduler(pipeline, "unet", scheduler, seed)
@@ -76,7 +77,7 @@ def sdedit(
     for i, t in enumerate(shared.progress_steps(timesteps, "sdedit", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, "unet", scheduler, latents, t, prompt_embeds, guidance,
-                                                  do_cfg, control=control, step=(i, len(timesteps)))
+                                                  do_cfg, control=control, step=(i, len(timesteps)), **added)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 7. Decode

@@ -17,8 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ti2i.client.control import Control, controlled, prepare_control  # noqa: F401 - shared steps
-from ti2i.client.lora import with_lora  # noqa: F401 - a shared step: a request's adapters
-from ti2i.client.registry import SEED
+from ti2i.client.lora import with_lora
+from ti2i.client.registry import METHODS, SEED
 from ti2i.client.schedulers import MODEL_SCHEDULER, SCHEDULER_NAMES, scheduler_help
 from ti2i.errors import InvalidInputError, ModelNotFoundError
 from ti2i.runner import Runner
@@ -56,11 +56,39 @@ def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
     return runner.run_tensors("encode_prompt", text=text)["text_embeddings"]
 
 
-def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool) -> torch.Tensor:
-    """[uncond, cond] embeddings with guidance (uncond = the negative prompt or ""), else [cond]."""
-    if not guidance:
-        return encode_prompts(runner, [prompt])
-    return encode_prompts(runner, [negative_prompt or "", prompt])
+def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[uncond, cond] embeddings with guidance (uncond = the negative prompt or ""), else [cond]; and the further
+    UNet inputs the prompt gives, laid out the same (SDXL: its pooled text `text_embeds`; a left-out negative
+    prompt is zeros, not "", where the SDXL model says so, as `StableDiffusionXLPipeline.encode_prompt`)."""
+    zeros = guidance and negative_prompt is None and runner.pipeline.get("force_zeros_for_empty_prompt", False)
+    texts = [prompt] if not guidance or zeros else [negative_prompt or "", prompt]
+    out = runner.run_tensors("encode_prompt", text=np.array([t.encode("utf-8") for t in texts], dtype=object))
+    tensors = {name: out[name] for name in ("text_embeddings", "text_embeds") if name in out}
+    if zeros:
+        tensors = {name: torch.cat([torch.zeros_like(value), value]) for name, value in tensors.items()}
+    return tensors.pop("text_embeddings"), tensors
+
+
+def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
+    """The prompt's UNet inputs with SDXL's size conditioning for a height×width output (`time_ids`: original
+    size, crop corner, target size, as the SDXL pipelines' defaults: the output's size, uncropped), one row per
+    prompt row; other models' unchanged."""
+    if "text_embeds" not in conditions:
+        return conditions
+    pooled = conditions["text_embeds"]
+    ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+    return {**conditions, "time_ids": ids.expand(pooled.shape[0], -1).contiguous()}
+
+
+def method_runner(runner: Runner, method: str, lora: Sequence[str] = ()) -> Runner:
+    """The runner `method`'s loop calls: bound to the model family that serves it, with the request's adapters.
+    An SDXL family (two tokenizers) serves the methods written for SDXL's UNet only."""
+    runner = runner.for_method(method)
+    if runner.pipeline.get("tokenizer_2") and not METHODS[method].sdxl:
+        raise InvalidInputError(f"{method} does not run on an SDXL model (on SDXL: "
+                                f"{', '.join(m.name for m in METHODS.values() if m.sdxl)})")
+    return with_lora(runner, lora)
 
 
 def encode_image(runner: Runner, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

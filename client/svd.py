@@ -67,7 +67,7 @@ def svd(
     progress: shared.Progress = True,
 ) -> VideoResult:
     timings = Timings()
-    runner = runner.for_method("svd")
+    runner = shared.method_runner(runner, "svd")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 

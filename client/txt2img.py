@@ -37,7 +37,7 @@ def txt2img(
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
-    runner = shared.with_lora(runner.for_method("txt2img"), lora)
+    runner = shared.method_runner(runner, "txt2img", lora)
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 
@@ -53,9 +53,10 @@ def txt2img(
     height, width = control.size if control else requested_size(height, width, facts["default_size"], factor,
                                                                  max_pixels)
 
-    # 2. Encode the prompt: [uncond, cond] with guidance
+    # 2. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
-        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+        prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+    added = shared.size_conditions(added, height, width)
 
     # 3. Timesteps: the whole schedule of the scheduler asked for (the model folder's by default)
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
@@ -72,7 +73,7 @@ def txt2img(
     for i, t in enumerate(shared.progress_steps(timesteps, "txt2img", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg,
-                                                  control=control, step=(i, len(timesteps)))
+                                                  control=control, step=(i, len(timesteps)), **added)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 6. Decode

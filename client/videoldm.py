@@ -58,7 +58,7 @@ def videoldm(
     progress: shared.Progress = True,
 ) -> VideoResult:
     timings = Timings()
-    runner = runner.for_method("videoldm")
+    runner = shared.method_runner(runner, "videoldm")
     pipeline = runner.pipeline
     facts = shared.unet_facts(pipeline, UNET)
 
@@ -78,7 +78,7 @@ def videoldm(
 
     # 2. Encode the prompt: [uncond, cond] with guidance
     with timings.stage("encode_prompt"):
-        prompt_embeds = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+        prompt_embeds, _ = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
 
     # 3. Timesteps: the tail of the schedule that `strength` selects
     timesteps = shared.img2img_timesteps(sched, steps, strength)

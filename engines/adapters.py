@@ -295,8 +295,7 @@ def adapter_inputs(chosen: Chosen, component: str, rows: int, like: Any = None) 
 
 def _rows(down: np.ndarray, up: np.ndarray, rows: int, like: Any) -> dict[str, Any]:
     """down and up repeated for `rows` samples: torch tensors on `like`'s device if it is one, else numpy."""
-    down = np.ascontiguousarray(np.broadcast_to(down, (rows, *down.shape)))
-    up = np.ascontiguousarray(np.broadcast_to(up, (rows, *up.shape)))
+    down, up = np.repeat(down[None], rows, axis=0), np.repeat(up[None], rows, axis=0)  # writable copies
     if _is_torch(like):
         import torch
 

@@ -7,7 +7,7 @@ config and drives the in-process runner, so both run exactly the same steps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from ti2i.spec import ComponentSpec
@@ -18,7 +18,7 @@ class Ensemble:
     steps: tuple[str, ...]
     outputs: tuple[str, ...]
 
-    def available(self, models: Mapping[str, ComponentSpec]) -> bool:
+    def available(self, models: Mapping[str, ComponentSpec] | Collection[str]) -> bool:
         return all(step in models for step in self.steps)
 
     def spec(self, models: Mapping[str, ComponentSpec]) -> ComponentSpec:
@@ -44,11 +44,27 @@ class Ensemble:
         """(model, its input names, its output names) per step, in order."""
         return [(s, [t.name for t in models[s].inputs], [t.name for t in models[s].outputs]) for s in self.steps]
 
+# A name may have several declarations: an engine directory runs the first whose steps it has (SDXL tokenizes
+# twice for its two text encoders, and its prompt encoding also gives the pooled text `text_embeds`).
 ENSEMBLES: tuple[Ensemble, ...] = (
+    Ensemble("encode_prompt", ("tokenize", "tokenize_2", "text_encoder"), ("text_embeddings", "text_embeds")),
     Ensemble("encode_prompt", ("tokenize", "text_encoder"), ("text_embeddings",)),
     Ensemble("encode_image", ("image_preprocess", "vae_encoder"), ("latent_mean", "latent_logvar")),
     Ensemble("decode_image", ("vae_decoder", "image_postprocess"), ("image", "image_float")),
 )
 
-def available_ensembles(models: Mapping[str, ComponentSpec]) -> list[Ensemble]:
-    return [e for e in ENSEMBLES if e.available(models)]
+
+def available_ensembles(models: Mapping[str, ComponentSpec] | Collection[str]) -> list[Ensemble]:
+    """The ensembles an engine directory with `models` runs: one per name, its first declaration it has."""
+    chosen: dict[str, Ensemble] = {}
+    for ensemble in ENSEMBLES:
+        if ensemble.name not in chosen and ensemble.available(models):
+            chosen[ensemble.name] = ensemble
+    return list(chosen.values())
+
+
+def chain_steps(name: str, models: Collection[str] = ()) -> tuple[str, ...]:
+    """The steps of ensemble `name` as an engine directory with `models` runs them (without: its plain
+    declaration, the last)."""
+    declared = [e for e in ENSEMBLES if e.name == name]
+    return next((e.steps for e in declared if e.available(models)), declared[-1].steps)

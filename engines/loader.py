@@ -97,7 +97,7 @@ def _openvino_engine(manifest: Manifest, name: str, threads: int | None, precisi
     from ti2i.engines.openvino import OpenVinoEngine, cache_dir
     from ti2i.export.components import COMPONENTS
 
-    declared = COMPONENTS.get(name)
+    declared = COMPONENTS.get(manifest.components[name].declared_as)
     if precision == "bf16" and declared is not None and not declared.bf16:
         precision = "fp32"
     return OpenVinoEngine(manifest.path_of(name), manifest.components[name].spec, precision, threads=threads,

@@ -44,30 +44,37 @@ class ProcessingStep:
     applies: Callable[[Mapping[str, Any]], bool] = lambda pipeline: True  # does the pipeline need this step?
 
 
-# --- tokenize: text -> token ids -----------------------------------------------------------------
+# --- tokenize: text -> token ids (SDXL: tokenize_2 too, for its second text encoder) ------------------
 
-def _tokenize_spec(pipeline: Mapping[str, Any]) -> ComponentSpec:
-    return ComponentSpec(
-        name="tokenize",
-        inputs=(TensorSpec("text", "object", (BATCH,)),),
-        outputs=(TensorSpec("input_ids", "int32", (BATCH, pipeline["max_length"])),),
-        dims={BATCH: (1, MAX_BATCH)},
-    )
+def _tokenize_spec_of(name: str, ids: str) -> Callable[[Mapping[str, Any]], ComponentSpec]:
+    def spec(pipeline: Mapping[str, Any]) -> ComponentSpec:
+        return ComponentSpec(
+            name=name,
+            inputs=(TensorSpec("text", "object", (BATCH,)),),
+            outputs=(TensorSpec(ids, "int32", (BATCH, pipeline["max_length"])),),
+            dims={BATCH: (1, MAX_BATCH)},
+        )
+
+    return spec
 
 
-def _make_tokenize(pipeline: Mapping[str, Any], root: Path):
-    from transformers import CLIPTokenizer
+def _make_tokenize_of(folder: str, ids: str):
+    """The step that tokenizes with the tokenizer saved in the engine directory's `pipeline[folder]`."""
+    def make(pipeline: Mapping[str, Any], root: Path):
+        from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(root / pipeline["tokenizer"]))
-    max_length = pipeline["max_length"]
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / pipeline[folder]))
+        max_length = pipeline["max_length"]
 
-    def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [_as_text(t) for t in inputs["text"].reshape(-1)]
-        ids = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="np").input_ids
-        return {"input_ids": ids.astype(np.int32)}
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            texts = [_as_text(t) for t in inputs["text"].reshape(-1)]
+            tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                               return_tensors="np").input_ids
+            return {ids: tokens.astype(np.int32)}
 
-    return run
+        return run
+
+    return make
 
 
 def _as_text(value: Any) -> str:
@@ -135,7 +142,10 @@ def _make_postprocess(pipeline: Mapping[str, Any], root: Path):
 STEPS: dict[str, ProcessingStep] = {
     step.name: step
     for step in (
-        ProcessingStep("tokenize", _tokenize_spec, _make_tokenize, lambda pipeline: "tokenizer" in pipeline),
+        ProcessingStep("tokenize", _tokenize_spec_of("tokenize", "input_ids"),
+                       _make_tokenize_of("tokenizer", "input_ids"), lambda pipeline: "tokenizer" in pipeline),
+        ProcessingStep("tokenize_2", _tokenize_spec_of("tokenize_2", "input_ids_2"),
+                       _make_tokenize_of("tokenizer_2", "input_ids_2"), lambda pipeline: "tokenizer_2" in pipeline),
         ProcessingStep("image_preprocess", _preprocess_spec, _make_preprocess),
         ProcessingStep("image_postprocess", _postprocess_spec, _make_postprocess),
     )

@@ -53,7 +53,7 @@ def build_packages(manifest: Manifest, names: list[str] | None = None, device: s
         if index.fresh(name, key) is not None:
             log(f"{name}: AOTInductor package up to date")
             continue
-        component = COMPONENTS[name]
+        component = COMPONENTS[entry.declared_as]
         module = component.load(source_of(entry.source or ""), component.subfolder, TORCH_DTYPES[precision])
         wrapper = component.wrap(module).eval().to(device)
         log(f"{name}: compiling with AOTInductor for {device} ({precision}) ...")

@@ -41,7 +41,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Component:
-    name: str
+    name: str  # the declaration's own name (COMPONENTS' key)
     subfolder: str | None  # in the model folder (None: the folder is the component's own, a ControlNet's)
     load: Callable[..., torch.nn.Module]  # (source, subfolder, dtype=torch.float32) -> module
     wrap: Callable[[torch.nn.Module], torch.nn.Module]
@@ -59,6 +59,13 @@ class Component:
     fp32_inputs: frozenset[str] = frozenset({"timestep"})
     # OpenVINO bf16 (`--precision bf16|auto`): whether the CPU may run this component in bf16 (else fp32).
     bf16: bool = True
+    # The name it is served and called by, when that is another declaration's too (SDXL's UNet is the "unet"
+    # its family's methods call, with SDXL's own inputs); None: its own name.
+    served: str | None = None
+
+    @property
+    def served_name(self) -> str:
+        return self.served or self.name
 
     def precision(self, requested: str) -> str:
         """The precision this component is exported in when `requested` is asked for."""
@@ -135,6 +142,44 @@ def _lora_specs(module: torch.nn.Module) -> tuple[TensorSpec, TensorSpec]:
     total_in, total_out = lora_totals(module)
     return (TensorSpec(LORA_DOWN, "float32", (BATCH, total_in, LORA_RANK), (-0.05, 0.05), VALUES),
             TensorSpec(LORA_UP, "float32", (BATCH, LORA_RANK, total_out), (-0.05, 0.05), VALUES))
+
+
+class _TextEncodersXL(torch.nn.Module):
+    """SDXL's two text encoders, as `StableDiffusionXLPipeline.encode_prompt` uses them: each one's penultimate
+    hidden states, concatenated, and the second's pooled projection."""
+
+    def __init__(self, encoders: torch.nn.ModuleList):
+        super().__init__()
+        self.first, self.second = encoders
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.first(input_ids.to(torch.int64), output_hidden_states=True).hidden_states[-2]
+        second = self.second(input_ids_2.to(torch.int64), output_hidden_states=True)
+        return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def _load_text_encoders_xl(source: ModelSource, subfolder: str, dtype: torch.dtype = torch.float32
+                           ) -> torch.nn.Module:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=False)
+    return torch.nn.ModuleList([
+        CLIPTextModel.from_pretrained(source.model, subfolder=subfolder, **kwargs).eval(),
+        CLIPTextModelWithProjection.from_pretrained(source.model, subfolder=subfolder + "_2", **kwargs).eval()])
+
+
+def _text_encoder_xl_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    first, second = module[0].config, module[1].config
+    seq = pipeline["max_length"]
+    return ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", (BATCH, seq), (0, first.vocab_size), (0, first.vocab_size - 1)),
+                TensorSpec("input_ids_2", "int32", (BATCH, seq), (0, second.vocab_size),
+                           (0, second.vocab_size - 1))),
+        outputs=(TensorSpec("text_embeddings", "float32", (BATCH, seq, first.hidden_size + second.hidden_size)),
+                 TensorSpec("text_embeds", "float32", (BATCH, second.projection_dim))),
+        dims={BATCH: (1, MAX_BATCH)},
+    )
 
 
 def _text_encoder_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
@@ -239,6 +284,31 @@ def _unet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]]
         )
 
     return spec
+
+
+class _UNetXL(_UNet):
+    """SDXL's UNet: its text-time conditioning (the pooled text `text_embeds` and the six size numbers
+    `time_ids`: original size, crop corner, target size) as per-sample inputs."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor):
+        self.lora.down, self.lora.up = lora_down, lora_up
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+
+
+# SDXL's size conditioning: up to 8192 pixels a side (any crop corner within), as a request can ask for them
+TIME_ID_LIMITS = (0.0, 8192.0)
+
+
+def _unet_xl_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+    cfg = module.config
+    time_ids = (cfg.projection_class_embeddings_input_dim - pipeline["text_embeds_dim"]) // cfg.addition_time_embed_dim
+    base = _unet_spec_named("unet")(module, pipeline)
+    inputs = list(base.inputs)
+    inputs[3:3] = (TensorSpec("text_embeds", "float32", (BATCH, pipeline["text_embeds_dim"]), limits=VALUES),
+                   TensorSpec("time_ids", "float32", (BATCH, time_ids), (64.0, 1024.0), TIME_ID_LIMITS))
+    return replace(base, inputs=tuple(inputs))
 
 
 # --- ControlNet: (latents, timestep, text, control image) -> the residuals a UNet adds to its skips -------
@@ -544,6 +614,15 @@ COMPONENTS: dict[str, Component] = {
                   _IMAGE_SIZES, opt_batch=2),
         Component("unet_inpaint_control", "unet", _load_auto, _UNetControlled,
                   _controlled_spec_named("unet_inpaint_control", "unet_inpaint"), _IMAGE_SIZES, opt_batch=2),
+        # SDXL: served under the SD names its family's methods call
+        Component("text_encoder_xl", "text_encoder", _load_text_encoders_xl, _TextEncodersXL, _text_encoder_xl_spec,
+                  _TEXT_SIZES, opt_batch=2, served="text_encoder"),
+        # SDXL's VAE overflows in fp16 (NaN images): fp32 in an fp16 export, as diffusers upcasts it
+        Component("vae_encoder_xl", "vae", _load_auto, _VaeEncoder, _vae_encoder_spec, _IMAGE_SIZES, fp16=False,
+                  served="vae_encoder"),
+        Component("vae_decoder_xl", "vae", _load_auto, _VaeDecoder, _vae_decoder_spec, _IMAGE_SIZES, fp16=False,
+                  served="vae_decoder"),
+        Component("unet_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec, _IMAGE_SIZES, opt_batch=2, served="unet"),
     )
 }
 
@@ -560,5 +639,6 @@ KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "inpaint": ("text_encoder", "vae_encoder", "vae_decoder", "unet_inpaint"),
     "svd": ("image_encoder", "vae_encoder", "vae_decoder_temporal", "unet_svd"),
     "videoldm": ("text_encoder", "vae_encoder", "vae_decoder", "unet", "unet_motion"),
+    "sdxl": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_xl"),
 }
 KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix", 9: "inpaint"}

@@ -57,6 +57,8 @@ def detect_kind(model: str) -> str:
     check_exportable(model, index, unet)
     if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
         return "svd"
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
     channels = unet.get("in_channels")
     if channels not in KIND_BY_UNET_CHANNELS:
         raise InvalidInputError(f"model {model!r}: a UNet with {channels} input channels is not supported "
@@ -66,11 +68,11 @@ def detect_kind(model: str) -> str:
 
 # Facts every model sharing an engine directory must agree on (they share its encoders and VAE).
 SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "max_length", "tokenizer_sha256",
-                "image_processor")
+                "image_processor", "tokenizer_2", "text_embeds_dim")
 
 
 def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]:
-    """Everything the sampling loops need besides the networks, and the model's tokenizer (if it has one)."""
+    """Everything the sampling loops need besides the networks, and the model's tokenizers (SDXL: two)."""
     model = source.model
     components = KIND_COMPONENTS[kind]
     vae = _load_config(model, "vae", "config.json")
@@ -86,24 +88,33 @@ def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]
         "vae_scale_factor": vae_scale_factor,
         "latent_channels": int(vae.get("latent_channels", 4)),
         # per denoiser: its model folder's scheduler (and for video: frame counts, default size)
-        "unets": {name: dict(denoiser) for name in components if name.startswith("unet")},
+        "unets": {COMPONENTS[name].served_name: dict(denoiser) for name in components if name.startswith("unet")},
     }
     if kind == "videoldm":
         adapter = _load_config(source.motion_adapter, None, "config.json")
         facts["unets"]["unet_motion"]["max_frames"] = int(adapter.get("motion_max_seq_length", 32))
-    tokenizer = None
-    if "text_encoder" in components:
+    tokenizers = []
+    if "text_encoder" in components or "text_encoder_xl" in components:
         from transformers import CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
-        facts.update(tokenizer="tokenizer", max_length=int(tokenizer.model_max_length),
+        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer"))
+        vocab = json.dumps(sorted(tokenizers[0].get_vocab().items())).encode()
+        facts.update(tokenizer="tokenizer", max_length=int(tokenizers[0].model_max_length),
                      tokenizer_sha256=hashlib.sha256(vocab).hexdigest())
+    if kind == "sdxl":  # the second tokenizer (it pads with "!"), the pooled text's width, the empty negative
+        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+        text_2 = _load_config(model, "text_encoder_2", "config.json")
+        facts.update(tokenizer_2="tokenizer_2", text_embeds_dim=int(text_2["projection_dim"]),
+                     force_zeros_for_empty_prompt=bool(index_facts(model).get("force_zeros_for_empty_prompt", True)))
     if "image_encoder" in components:
         processor = _load_config(model, "feature_extractor", "preprocessor_config.json")
         facts["image_processor"] = {"image_mean": processor["image_mean"], "image_std": processor["image_std"]}
         facts["image_encoder_size"] = 224  # the reference resizes to 224² whatever the encoder's config says
-    return facts, tokenizer
+    return facts, tokenizers
+
+
+def index_facts(model: str) -> dict[str, Any]:
+    return _load_config(model, None, "model_index.json")
 
 
 def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str) -> None:
@@ -178,7 +189,7 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         raise InvalidInputError(f"--lora fuses SD 1.x adapters into {', '.join(LORA_KINDS)} models, not a {kind!r} "
                                 f"model")
     source = ModelSource(model, motion_adapter)
-    facts, tokenizer = pipeline_facts(source, kind)
+    facts, tokenizers = pipeline_facts(source, kind)
     if (out / MANIFEST_NAME).is_file():  # another model joins: it must share the text encoder and VAE
         manifest = Manifest.load(out)
         if manifest.precision != precision:
@@ -187,8 +198,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         _merge_facts(manifest, facts, model)
     else:
         manifest = Manifest(out, precision, facts, tool_versions=_tool_versions())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out / facts["tokenizer"]))
+        for tokenizer, folder in zip(tokenizers, ("tokenizer", "tokenizer_2")):
+            tokenizer.save_pretrained(str(out / facts[folder]))
     manifest.sources[kind] = " + ".join([model, *([motion_adapter] if motion_adapter else []),
                                          *(f"lora {a}" for a in adapters)])
 
@@ -243,31 +254,32 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
 
     `module` is the fp32 reference; `exported`, when given, the same weights in the graph's precision."""
     weights = fingerprint(module)
-    existing = manifest.components.get(component.name)
+    name = component.served_name
+    existing = manifest.components.get(name)
     if existing is not None:
         if existing.fingerprint != weights:
-            raise InvalidInputError(f"{manifest.root} already holds a different {component.name} (from "
+            raise InvalidInputError(f"{manifest.root} already holds a different {name} (from "
                                     f"{existing.source}); export {origin} into another directory")
-        log(f"{component.name}: same weights as the engine already in {manifest.root}, kept")
+        log(f"{name}: same weights as the engine already in {manifest.root}, kept")
         return
     precision = component.precision(manifest.precision)
     spec = component.declared_spec(module, manifest.pipeline, precision)
     wrapper = component.wrap(module).eval()
     graph = component.wrap(exported).eval() if exported is not None else wrapper
-    file = f"{component.name}.onnx"
+    file = f"{name}.onnx"
     export_onnx(graph, spec, component.sample_sizes[0], manifest.root / file)
     tolerance = component.fp16_tolerance if precision == "fp16" else component.tolerance
     validation = validate(wrapper, spec, manifest.root / file, component, tolerance)
-    log(f"{component.name}: exported {file} ({precision}), max relative error {validation['max_rel_error']:.2e} "
+    log(f"{name}: exported {file} ({precision}), max relative error {validation['max_rel_error']:.2e} "
         f"against torch fp32 (tolerance {tolerance:.0e})")
     memory = calibrate(manifest.root / file, spec)
     tokens, growth = memory.points[-1]
     at = f" at {int(tokens)} tokens ({'×'.join(memory.token_dims)})" if memory.token_dims else ""
-    log(f"{component.name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
-    manifest.components[component.name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory,
-                                                         precision)
+    log(f"{name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
+    manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory, precision,
+                                               component.name if component.served else None)
     if takes_adapters(spec):  # what per-request adapters are loaded into (engines/adapters.py)
-        manifest.pipeline.setdefault(ADAPTER_MODULES, {})[component.name] = module_facts(module)
+        manifest.pipeline.setdefault(ADAPTER_MODULES, {})[name] = module_facts(module)
 
 
 def _quiet_libraries() -> None:

@@ -42,12 +42,17 @@ def check_reachable(model: str, probe_file: str = "model_index.json") -> None:
 
 
 def check_exportable(model: str, index: dict, unet: dict | None) -> None:
-    """A UNet pipeline of the SD 1.x/2.x or SVD families (`index`: model_index.json; `unet`: its UNet's config,
-    None when it has none)."""
+    """A UNet pipeline of the SD 1.x/2.x, SDXL or SVD families (`index`: model_index.json; `unet`: its UNet's
+    config, None when it has none)."""
     pipeline = index.get("_class_name", "an unknown pipeline")
     if unet is None:
         raise InvalidInputError(f"model {model!r} is a {pipeline} without a UNet: ti2i exports SD 1.x/2.x (text-to-"
-                                f"image, InstructPix2Pix, inpainting, with a motion adapter) and Stable Video "
-                                f"Diffusion models")
+                                f"image, InstructPix2Pix, inpainting, with a motion adapter), SDXL text-to-image "
+                                f"and Stable Video Diffusion models")
     if unet.get("addition_embed_type") == "text_time":
-        raise InvalidInputError(f"model {model!r} is an SDXL model ({pipeline}): ti2i does not export SDXL yet")
+        if not index.get("text_encoder") or index["text_encoder"][0] is None:
+            raise InvalidInputError(f"model {model!r} is an SDXL refiner ({pipeline}, one text encoder): ti2i exports "
+                                    f"SDXL base models (and Turbo) only")
+        if unet.get("in_channels") != 4:
+            raise InvalidInputError(f"model {model!r} is an SDXL model with a {unet.get('in_channels')}-channel UNet "
+                                    f"({pipeline}): ti2i exports SDXL text-to-image models (4 channels) only")

@@ -31,6 +31,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     StableVideoDiffusionPipeline,
     UNet2DConditionModel,
     UNetSpatioTemporalConditionModel,
@@ -40,6 +41,7 @@ from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -47,7 +49,7 @@ from transformers import (
 
 from ti2i.errors import InvalidInputError
 
-TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint")
+TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint", "sdxl")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -59,6 +61,13 @@ VAE_SCALING_FACTOR = 0.18215
 UNET_BLOCK_OUT_CHANNELS = (32, 64)
 UNET_LAYERS_PER_BLOCK = 1
 UNET_NORM_GROUPS = 8
+
+# SDXL: two text encoders whose penultimate states are concatenated (the UNet's cross-attention width), the
+# second's pooled projection and six size numbers (each embedded in SDXL_TIME_EMBED_DIM) as its text-time input.
+SDXL_TEXT_HIDDEN_2 = 48
+SDXL_POOLED_DIM = 40
+SDXL_TIME_EMBED_DIM = 8
+SDXL_VAE_SCALING_FACTOR = 0.13025
 
 # Stable Video Diffusion: frame count, micro-conditioning embedding size and the CLIP image side.
 SVD_NUM_FRAMES = 8  # the UNet's default frame count (the real img2vid has 14, img2vid-xt 25)
@@ -108,8 +117,8 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, list(_MERGES)
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer that pads with EOS to 77 tokens, like SD 1.5's."""
+def build_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer that pads with EOS to 77 tokens, like SD 1.5's (SDXL's second pads with "!")."""
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(
         vocab=vocab,
@@ -117,26 +126,56 @@ def build_tokenizer() -> CLIPTokenizer:
         unk_token=EOS_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         model_max_length=MAX_LENGTH,
+    )
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden: int, projection: int, layers: int = 2) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A 2-layer CLIP text transformer; token ids match the tokenizer so pooling finds EOS."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        projection_dim=TEXT_HIDDEN,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config).eval()
+    return CLIPTextModel(_text_config(tokenizer, TEXT_HIDDEN, TEXT_HIDDEN)).eval()
+
+
+def build_text_encoder_2(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """SDXL's second encoder: wider, three layers (SDXL takes the penultimate), with the pooled projection."""
+    return CLIPTextModelWithProjection(_text_config(tokenizer, SDXL_TEXT_HIDDEN_2, SDXL_POOLED_DIM, 3)).eval()
+
+
+def build_sdxl_unet() -> UNet2DConditionModel:
+    """A two-level SDXL UNet: text-time conditioning (pooled text + six size numbers), cross-attention over both
+    encoders' states, several transformer layers in the deeper block (as SDXL's 1/2/10)."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=UNET_BLOCK_OUT_CHANNELS,
+        layers_per_block=UNET_LAYERS_PER_BLOCK,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=TEXT_HIDDEN + SDXL_TEXT_HIDDEN_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM,
+        norm_num_groups=UNET_NORM_GROUPS,
+    ).eval()
 
 
 def build_unet(in_channels: int) -> UNet2DConditionModel:
@@ -159,7 +198,7 @@ def build_unet(in_channels: int) -> UNet2DConditionModel:
     ).eval()
 
 
-def build_vae() -> AutoencoderKL:
+def build_vae(scaling_factor: float = VAE_SCALING_FACTOR) -> AutoencoderKL:
     """A four-level KL autoencoder: three downsamples give SD's vae_scale_factor of 8."""
     vae = AutoencoderKL(
         in_channels=3,
@@ -171,7 +210,7 @@ def build_vae() -> AutoencoderKL:
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=VAE_SCALING_FACTOR,
+        scaling_factor=scaling_factor,
     ).eval()
     _calibrate_vae_posterior(vae)
     return vae
@@ -299,6 +338,25 @@ SVD_FEATURE_EXTRACTOR_CONFIG: dict[str, object] = {
     "resample": 3,
     "rescale_factor": 0.00392156862745098,
     "size": {"shortest_edge": CLIP_IMAGE_SIZE},
+}
+
+
+# scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0
+SDXL_EULER_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
 }
 
 
@@ -439,15 +497,33 @@ def _write_videoldm(out: Path, seed: int) -> Path:
     return out
 
 
+def _write_sdxl(out: Path, seed: int) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
+        text_encoder = build_text_encoder(tokenizer)
+        text_encoder_2 = build_text_encoder_2(tokenizer_2)
+        vae = build_vae(SDXL_VAE_SCALING_FACTOR)
+        unet = build_sdxl_unet()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+                                     force_zeros_for_empty_prompt=True)
+    _save_quietly(pipe, out)
+    for folder in ("tokenizer", "tokenizer_2"):
+        _write_vocab_files(out / folder)
+    return out
+
+
 def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random-weight diffusers folder of the given kind and return its path.
 
     kind "sd" loads with StableDiffusionPipeline / StableDiffusionImg2ImgPipeline,
     kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None),
     kind "inpaint" with StableDiffusionInpaintPipeline (same text encoder and VAE as "sd" for the seed),
-    kind "svd" with StableVideoDiffusionPipeline. Kind "videoldm" writes two folders: out_dir/sd
-    (exactly the "sd" model for that seed) and out_dir/motion_adapter (a MotionAdapter for
-    UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
+    kind "svd" with StableVideoDiffusionPipeline, kind "sdxl" with the StableDiffusionXL pipelines.
+    Kind "videoldm" writes two folders: out_dir/sd (exactly the "sd" model for that seed) and
+    out_dir/motion_adapter (a MotionAdapter for UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
     The same seed always gives the same weights; the global torch RNG state is left untouched.
     """
     if kind not in TINY_KINDS:
@@ -457,6 +533,8 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         return _write_svd(out, seed)
     if kind == "videoldm":
         return _write_videoldm(out, seed)
+    if kind == "sdxl":
+        return _write_sdxl(out, seed)
     scheduler: SchedulerMixin
     pipeline_cls: (type[StableDiffusionPipeline] | type[StableDiffusionInstructPix2PixPipeline]
                    | type[StableDiffusionInpaintPipeline])

@@ -76,6 +76,16 @@ def triton_server(engines, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory) -> Path:
+    return write_tiny_model("sdxl", tmp_path_factory.mktemp("models") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def sdxl_engines(sdxl_model, tmp_path_factory) -> Manifest:
+    return export_model(str(sdxl_model), tmp_path_factory.mktemp("engines") / "sdxl", log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
 def example_image() -> Image.Image:
     """The shipped example, at 64×48 so the tiny pipelines stay fast (non-square on purpose)."""
     return Image.open(EXAMPLE).convert("RGB").resize((64, 48), Image.LANCZOS)

@@ -148,7 +148,7 @@ def test_cli_serves_methods_per_family_and_rejects_unnamed_pairs(engines, svd_en
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "NAME=DIR" in err
     assert main(["repository", "--engines", f"sd={engines.root}", "--methods", "svd", "--out", str(tmp_path / "y")]) == 2
-    assert "no engine directory (sd) has every component svd needs" in capsys.readouterr().err
+    assert "no engine directory (sd) serves svd (it needs" in capsys.readouterr().err
 
 
 def test_capacity_counts_the_autoscalers_signal_from_the_servers_metrics(family_server):

@@ -36,11 +36,18 @@ class ComponentEntry:
     fingerprint: str | None = None  # sha256 of its weights
     memory: MemoryModel | None = None  # peak memory against request size, measured at export
     precision: str | None = None  # "fp32" or "fp16": the graph's float type (None: fp32, older manifests)
+    declaration: str | None = None  # the component declaration it was exported from, when not its name (SDXL's)
+
+    @property
+    def declared_as(self) -> str:
+        """Its declaration's name in `export/components.py` (the served name unless it says otherwise)."""
+        return self.declaration or self.spec.name
 
     def to_json(self) -> dict[str, Any]:
         data = {"spec": self.spec.to_json(), "backend": self.backend, "file": self.file,
                 "validation": self.validation, "source": self.source, "fingerprint": self.fingerprint,
-                **({"precision": self.precision} if self.precision else {})}
+                **({"precision": self.precision} if self.precision else {}),
+                **({"declaration": self.declaration} if self.declaration else {})}
         if self.memory is not None:
             data["memory"] = self.memory.to_json()
         return data
@@ -50,7 +57,7 @@ class ComponentEntry:
         memory = data.get("memory")  # manifests written before memory calibration have none
         return cls(ComponentSpec.from_json(data["spec"]), data["backend"], data.get("file"), data.get("validation"),
                    data.get("source"), data.get("fingerprint"), None if memory is None else MemoryModel.from_json(memory),
-                   data.get("precision"))
+                   data.get("precision"), data.get("declaration"))
 
 
 @dataclass

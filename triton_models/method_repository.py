@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ti2i.client.methods import components_for
+from ti2i.client.methods import components_for, runs_on
 from ti2i.client.registry import METHODS, STREAM_SUFFIX, Method
 from ti2i.errors import InvalidInputError
 from ti2i.families import FAMILY_PARAMETER, served_name
@@ -38,9 +38,9 @@ assert set(_RESULT_TENSORS) | {"pixels"} == set(OUTPUTS) and set(_STREAM_TENSORS
 
 
 def servable_methods(components: Iterable[str]) -> list[str]:
-    """The methods whose every model is among `components`."""
+    """The methods an engine directory with `components` serves (`client.methods.runs_on`)."""
     have = set(components)
-    return [name for name in METHODS if set(components_for([name])) <= have]
+    return [name for name in METHODS if runs_on(name, have)]
 
 
 def _tensor(cls, name: str, dtype: str, dims: list[int], optional: bool = False):
@@ -119,9 +119,12 @@ def write_method_models(out: Path, manifest: Manifest, methods: Iterable[str], f
     for name in methods:
         if name not in METHODS:
             raise InvalidInputError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
-        missing = [c for c in components_for([name]) if served_name(family, c) not in served]
+        missing = [c for c in components_for([name], manifest.components) if served_name(family, c) not in served]
         if missing:
             raise InvalidInputError(f"method {name} needs the models {missing}, which the repository lacks")
+        if not runs_on(name, manifest.components):
+            raise InvalidInputError(f"method {name} does not run on the SDXL models of {manifest.root} (they serve "
+                                    f"{', '.join(servable_methods(manifest.components))})")
         for stream in (False, True):
             config = method_config(METHODS[name], manifest, stream, family)
             model_dir = Path(out) / config.name
