@@ -73,9 +73,10 @@ def inpaint(
     control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
                                      height, width, 2 if do_cfg else 1, max_pixels)
 
-    # 2. Encode the prompt: [uncond, cond] with guidance
+    # 2. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
-        prompt_embeds, _ = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+        prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+    added = shared.size_conditions(added, height, width)
 
     # 3. Timesteps: the tail of the schedule that `strength` selects (all of it at 1)
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
@@ -115,7 +116,7 @@ def inpaint(
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance,
                                                   do_cfg, extra_channels=conditions, control=control,
-                                                  step=(i, len(timesteps)))
+                                                  step=(i, len(timesteps)), **added)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
     # 8. Decode

@@ -49,18 +49,20 @@ def pix2pix(
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
     do_cfg = guidance > 1.0 and image_guidance >= 1.0
 
-    # 2. Encode the prompt: [text, negative, negative] with guidance
-    with timings.stage("encode_prompt"):
-        if do_cfg:
-            text, negative = shared.encode_prompts(runner, [prompt, negative_prompt or ""]).chunk(2)
-            prompt_embeds = torch.cat([text, negative, negative])
-        else:
-            prompt_embeds = shared.encode_prompts(runner, [prompt])
-
-    # 3. Encode the image: the posterior's mode, unscaled; [c_I, c_I, 0] with guidance
+    # 2. Encode the prompt: [text, negative, negative] with guidance (SDXL: with its pooled text and size
+    #    conditioning, laid out the same)
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
+    with timings.stage("encode_prompt"):
+        prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
+    added = shared.size_conditions(added, *pixels.shape[1:3])
+    if do_cfg:
+        prompt_embeds, added = _text_first(prompt_embeds), {k: _text_first(v) for k, v in added.items()}
+
+    # 3. Encode the image: the posterior's mode, unscaled (CosXL Edit: scaled); [c_I, c_I, 0] with guidance
     with timings.stage("encode_image"):
         image_latents, _ = shared.encode_image(runner, pixels)
+    if shared.unet_facts(pipeline, UNET).get("scaled_image_latents"):
+        image_latents = image_latents * pipeline["vae_scaling_factor"]
     if do_cfg:
         image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
 
@@ -78,7 +80,7 @@ def pix2pix(
         model_input = torch.cat([latents] * 3) if do_cfg else latents
         model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=1)
         with timings.stage("unet"):
-            noise_pred = shared.run_unet(runner, UNET, model_input, t, prompt_embeds)
+            noise_pred = shared.run_unet(runner, UNET, model_input, t, prompt_embeds, **added)
         if do_cfg:
             e_text, e_image, e_uncond = noise_pred.chunk(3)
             noise_pred = e_uncond + guidance * (e_text - e_image) + image_guidance * (e_image - e_uncond)
@@ -88,3 +90,9 @@ def pix2pix(
     with timings.stage("decode_image"):
         images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
     return ImageResult(to_pil(images[0]), arrays[0], timings, latents.cpu())
+
+
+def _text_first(pair: torch.Tensor) -> torch.Tensor:
+    """[negative, text] rows -> [text, negative, negative]: the three guidance branches' text conditioning."""
+    negative, text = pair.chunk(2)
+    return torch.cat([text, negative, negative])

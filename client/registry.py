@@ -293,7 +293,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
                                                                 "guidance_scale": "guidance", "height": "height",
-                                                                "width": "width"})),
+                                                                "width": "width"}), sdxl=True),
     Method(
         "pix2pix", "ti2i.client.pix2pix:pix2pix", "InstructPix2Pix editing by instruction", "image", "unet_pix2pix",
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
@@ -302,7 +302,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          *_size(_IMAGE_SIZE), SCHEDULER, LORA),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                             "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt")),
+                             "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt"), sdxl=True),
     Method(
         "cyclediffusion", "ti2i.client.cyclediffusion:cyclediffusion",
         "CycleDiffusion editing from a source to a target prompt", "image", "unet", (*_IMAGE_EDIT, "unet"), "sd",

@@ -301,14 +301,19 @@ class _UNetXL(_UNet):
 TIME_ID_LIMITS = (0.0, 8192.0)
 
 
-def _unet_xl_spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
-    cfg = module.config
-    time_ids = (cfg.projection_class_embeddings_input_dim - pipeline["text_embeds_dim"]) // cfg.addition_time_embed_dim
-    base = _unet_spec_named("unet")(module, pipeline)
-    inputs = list(base.inputs)
-    inputs[3:3] = (TensorSpec("text_embeds", "float32", (BATCH, pipeline["text_embeds_dim"]), limits=VALUES),
-                   TensorSpec("time_ids", "float32", (BATCH, time_ids), (64.0, 1024.0), TIME_ID_LIMITS))
-    return replace(base, inputs=tuple(inputs))
+def _unet_xl_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    """The spec of the SD UNet `name` with SDXL's text-time inputs after the text."""
+    def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
+        cfg = module.config
+        pooled = pipeline["text_embeds_dim"]
+        time_ids = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
+        base = _unet_spec_named(name)(module, pipeline)
+        inputs = list(base.inputs)
+        inputs[3:3] = (TensorSpec("text_embeds", "float32", (BATCH, pooled), limits=VALUES),
+                       TensorSpec("time_ids", "float32", (BATCH, time_ids), (64.0, 1024.0), TIME_ID_LIMITS))
+        return replace(base, inputs=tuple(inputs))
+
+    return spec
 
 
 # --- ControlNet: (latents, timestep, text, control image) -> the residuals a UNet adds to its skips -------
@@ -622,7 +627,12 @@ COMPONENTS: dict[str, Component] = {
                   served="vae_encoder"),
         Component("vae_decoder_xl", "vae", _load_auto, _VaeDecoder, _vae_decoder_spec, _IMAGE_SIZES, fp16=False,
                   served="vae_decoder"),
-        Component("unet_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec, _IMAGE_SIZES, opt_batch=2, served="unet"),
+        Component("unet_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet"), _IMAGE_SIZES, opt_batch=2,
+                  served="unet"),
+        Component("unet_pix2pix_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet_pix2pix"), _IMAGE_SIZES,
+                  opt_batch=3, served="unet_pix2pix"),
+        Component("unet_inpaint_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet_inpaint"), _IMAGE_SIZES,
+                  opt_batch=2, served="unet_inpaint"),
     )
 }
 
@@ -640,5 +650,8 @@ KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "svd": ("image_encoder", "vae_encoder", "vae_decoder_temporal", "unet_svd"),
     "videoldm": ("text_encoder", "vae_encoder", "vae_decoder", "unet", "unet_motion"),
     "sdxl": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_xl"),
+    "sdxl_pix2pix": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_pix2pix_xl"),
+    "sdxl_inpaint": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_inpaint_xl"),
 }
 KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix", 9: "inpaint"}
+SDXL_KIND_BY_UNET_CHANNELS = {4: "sdxl", 8: "sdxl_pix2pix", 9: "sdxl_inpaint"}

@@ -31,6 +31,7 @@ from ti2i.client.registry import CONTROLLED_UNETS
 from ti2i.export.components import (
     COMPONENTS,
     KIND_BY_UNET_CHANNELS,
+    SDXL_KIND_BY_UNET_CHANNELS,
     KIND_COMPONENTS,
     TORCH_DTYPES,
     Component,
@@ -57,13 +58,12 @@ def detect_kind(model: str) -> str:
     check_exportable(model, index, unet)
     if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
         return "svd"
-    if unet.get("addition_embed_type") == "text_time":
-        return "sdxl"
+    kinds = SDXL_KIND_BY_UNET_CHANNELS if unet.get("addition_embed_type") == "text_time" else KIND_BY_UNET_CHANNELS
     channels = unet.get("in_channels")
-    if channels not in KIND_BY_UNET_CHANNELS:
+    if channels not in kinds:
         raise InvalidInputError(f"model {model!r}: a UNet with {channels} input channels is not supported "
-                                f"(supported: {sorted(KIND_BY_UNET_CHANNELS)})")
-    return KIND_BY_UNET_CHANNELS[channels]
+                                f"(supported: {sorted(kinds)})")
+    return kinds[channels]
 
 
 # Facts every model sharing an engine directory must agree on (they share its encoders and VAE).
@@ -101,20 +101,19 @@ def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]
         vocab = json.dumps(sorted(tokenizers[0].get_vocab().items())).encode()
         facts.update(tokenizer="tokenizer", max_length=int(tokenizers[0].model_max_length),
                      tokenizer_sha256=hashlib.sha256(vocab).hexdigest())
-    if kind == "sdxl":  # the second tokenizer (it pads with "!"), the pooled text's width, the empty negative
-        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+    if kind in SDXL_KIND_BY_UNET_CHANNELS.values():  # the second tokenizer (it pads with "!"), the pooled text's
+        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))  # width, the empty negative
         text_2 = _load_config(model, "text_encoder_2", "config.json")
+        index = _load_config(model, None, "model_index.json")
         facts.update(tokenizer_2="tokenizer_2", text_embeds_dim=int(text_2["projection_dim"]),
-                     force_zeros_for_empty_prompt=bool(index_facts(model).get("force_zeros_for_empty_prompt", True)))
+                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+        if index.get("is_cosxl_edit"):  # CosXL Edit: its image latents are scaled
+            facts["unets"]["unet_pix2pix"]["scaled_image_latents"] = True
     if "image_encoder" in components:
         processor = _load_config(model, "feature_extractor", "preprocessor_config.json")
         facts["image_processor"] = {"image_mean": processor["image_mean"], "image_std": processor["image_std"]}
         facts["image_encoder_size"] = 224  # the reference resizes to 224² whatever the encoder's config says
     return facts, tokenizers
-
-
-def index_facts(model: str) -> dict[str, Any]:
-    return _load_config(model, None, "model_index.json")
 
 
 def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str) -> None:

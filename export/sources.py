@@ -47,12 +47,12 @@ def check_exportable(model: str, index: dict, unet: dict | None) -> None:
     pipeline = index.get("_class_name", "an unknown pipeline")
     if unet is None:
         raise InvalidInputError(f"model {model!r} is a {pipeline} without a UNet: ti2i exports SD 1.x/2.x (text-to-"
-                                f"image, InstructPix2Pix, inpainting, with a motion adapter), SDXL text-to-image "
-                                f"and Stable Video Diffusion models")
+                                f"image, InstructPix2Pix, inpainting, with a motion adapter), SDXL and Stable "
+                                f"Video Diffusion models")
     if unet.get("addition_embed_type") == "text_time":
         if not index.get("text_encoder") or index["text_encoder"][0] is None:
             raise InvalidInputError(f"model {model!r} is an SDXL refiner ({pipeline}, one text encoder): ti2i exports "
-                                    f"SDXL base models (and Turbo) only")
-        if unet.get("in_channels") != 4:
-            raise InvalidInputError(f"model {model!r} is an SDXL model with a {unet.get('in_channels')}-channel UNet "
-                                    f"({pipeline}): ti2i exports SDXL text-to-image models (4 channels) only")
+                                    f"SDXL base models (and Turbo, InstructPix2Pix, inpainting) only")
+        if index.get("requires_aesthetics_score"):
+            raise InvalidInputError(f"model {model!r} conditions on aesthetic scores ({pipeline}), as SDXL refiners "
+                                    f"do: ti2i exports SDXL base models (and Turbo, InstructPix2Pix, inpainting) only")

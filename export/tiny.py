@@ -31,6 +31,8 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
     StableDiffusionXLPipeline,
     StableVideoDiffusionPipeline,
     UNet2DConditionModel,
@@ -49,7 +51,7 @@ from transformers import (
 
 from ti2i.errors import InvalidInputError
 
-TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint", "sdxl")
+TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint", "sdxl", "sdxl_pix2pix", "sdxl_inpaint")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -156,12 +158,13 @@ def build_text_encoder_2(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjectio
     return CLIPTextModelWithProjection(_text_config(tokenizer, SDXL_TEXT_HIDDEN_2, SDXL_POOLED_DIM, 3)).eval()
 
 
-def build_sdxl_unet() -> UNet2DConditionModel:
+def build_sdxl_unet(in_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     """A two-level SDXL UNet: text-time conditioning (pooled text + six size numbers), cross-attention over both
-    encoders' states, several transformer layers in the deeper block (as SDXL's 1/2/10)."""
+    encoders' states, several transformer layers in the deeper block (as SDXL's 1/2/10). `in_channels` as
+    `build_unet`'s."""
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=LATENT_CHANNELS,
+        in_channels=in_channels,
         out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -497,18 +500,24 @@ def _write_videoldm(out: Path, seed: int) -> Path:
     return out
 
 
-def _write_sdxl(out: Path, seed: int) -> Path:
+_SDXL_PIPELINES = {"sdxl": (4, StableDiffusionXLPipeline),
+                   "sdxl_pix2pix": (8, StableDiffusionXLInstructPix2PixPipeline),
+                   "sdxl_inpaint": (9, StableDiffusionXLInpaintPipeline)}
+
+
+def _write_sdxl(kind: str, out: Path, seed: int) -> Path:
+    in_channels, pipeline_cls = _SDXL_PIPELINES[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer(pad_token="!")
         text_encoder = build_text_encoder(tokenizer)
         text_encoder_2 = build_text_encoder_2(tokenizer_2)
         vae = build_vae(SDXL_VAE_SCALING_FACTOR)
-        unet = build_sdxl_unet()
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
-                                     force_zeros_for_empty_prompt=True)
+        unet = build_sdxl_unet(in_channels)  # drawn last: the three kinds share the encoders and the VAE
+    pipe = pipeline_cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                        tokenizer_2=tokenizer_2, unet=unet,
+                        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+                        force_zeros_for_empty_prompt=True)
     _save_quietly(pipe, out)
     for folder in ("tokenizer", "tokenizer_2"):
         _write_vocab_files(out / folder)
@@ -521,7 +530,8 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     kind "sd" loads with StableDiffusionPipeline / StableDiffusionImg2ImgPipeline,
     kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None),
     kind "inpaint" with StableDiffusionInpaintPipeline (same text encoder and VAE as "sd" for the seed),
-    kind "svd" with StableVideoDiffusionPipeline, kind "sdxl" with the StableDiffusionXL pipelines.
+    kind "svd" with StableVideoDiffusionPipeline, kinds "sdxl", "sdxl_pix2pix" and "sdxl_inpaint" with the
+    StableDiffusionXL (Img2Img), InstructPix2Pix and Inpaint pipelines (sharing encoders and VAE for the seed).
     Kind "videoldm" writes two folders: out_dir/sd (exactly the "sd" model for that seed) and
     out_dir/motion_adapter (a MotionAdapter for UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
     The same seed always gives the same weights; the global torch RNG state is left untouched.
@@ -533,8 +543,8 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         return _write_svd(out, seed)
     if kind == "videoldm":
         return _write_videoldm(out, seed)
-    if kind == "sdxl":
-        return _write_sdxl(out, seed)
+    if kind in _SDXL_PIPELINES:
+        return _write_sdxl(kind, out, seed)
     scheduler: SchedulerMixin
     pipeline_cls: (type[StableDiffusionPipeline] | type[StableDiffusionInstructPix2PixPipeline]
                    | type[StableDiffusionInpaintPipeline])

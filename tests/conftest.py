@@ -81,8 +81,20 @@ def sdxl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sdxl_engines(sdxl_model, tmp_path_factory) -> Manifest:
-    return export_model(str(sdxl_model), tmp_path_factory.mktemp("engines") / "sdxl", log=lambda _: None)
+def sdxl_models(sdxl_model, tmp_path_factory) -> dict[str, Path]:
+    """The tiny SDXL base, InstructPix2Pix and inpainting folders: one seed, so one text encoder pair and VAE."""
+    root = tmp_path_factory.mktemp("models")
+    return {"sdxl": sdxl_model, **{kind: write_tiny_model(kind, root / kind) for kind in ("sdxl_pix2pix",
+                                                                                         "sdxl_inpaint")}}
+
+
+@pytest.fixture(scope="session")
+def sdxl_engines(sdxl_models, tmp_path_factory) -> Manifest:
+    """One SDXL engine directory: the shared encoders and VAE, and the 4-, 8- and 9-channel UNets."""
+    root = tmp_path_factory.mktemp("engines") / "sdxl"
+    for model in sdxl_models.values():
+        manifest = export_model(str(model), root, log=lambda _: None)
+    return manifest
 
 
 @pytest.fixture(scope="session")

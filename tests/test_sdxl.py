@@ -1,5 +1,6 @@
-"""SDXL text-to-image and SDEdit match diffusers' StableDiffusionXL pipelines seed for seed, in-process and served
-as whole methods by a real Triton, on a tiny random SDXL model (two text encoders, text-time UNet)."""
+"""SDXL text-to-image, SDEdit, InstructPix2Pix and inpainting match diffusers' StableDiffusionXL pipelines seed for
+seed, in-process and served as whole methods by a real Triton, on tiny random SDXL models (two text encoders, a
+text-time UNet of 4, 8 and 9 input channels) exported into one engine directory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import max_abs, server_url
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
+    StableDiffusionXLPipeline,
+)
+from ti2i.client.images import centered_ellipse_mask
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import run_remote
 from ti2i.client.runners import InProcessRunner
@@ -23,13 +30,15 @@ SERVED = 1 / 255  # served against in-process
 
 
 @pytest.fixture(scope="module")
-def references(sdxl_model):
-    text = StableDiffusionXLPipeline.from_pretrained(str(sdxl_model))
-    image = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(sdxl_model))
-    for pipe in (text, image):
+def references(sdxl_models):
+    pipes = {"txt2img": StableDiffusionXLPipeline.from_pretrained(str(sdxl_models["sdxl"])),
+             "sdedit": StableDiffusionXLImg2ImgPipeline.from_pretrained(str(sdxl_models["sdxl"])),
+             "pix2pix": StableDiffusionXLInstructPix2PixPipeline.from_pretrained(str(sdxl_models["sdxl_pix2pix"])),
+             "inpaint": StableDiffusionXLInpaintPipeline.from_pretrained(str(sdxl_models["sdxl_inpaint"]))}
+    for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
         assert pipe.watermark is None  # no invisible-watermark here: the outputs compare as they are
-    return {"txt2img": text, "sdedit": image}
+    return pipes
 
 
 def _expected(pipe, seed: int, **kwargs) -> np.ndarray:
@@ -47,6 +56,19 @@ TXT2IMG = {  # (ours, diffusers')
 }
 SDEDIT = (dict(prompt="a photo of a dog", strength=0.6, steps=5, guidance=5.0),
           dict(prompt="a photo of a dog", strength=0.6, num_inference_steps=5, guidance_scale=5.0))
+# the XL InstructPix2Pix pipeline sizes to the model's default unless told: both are told the image's size
+PIX2PIX = (dict(prompt="make it snowy", steps=4, guidance=6.0, image_guidance=1.4, height=48, width=64),
+           dict(prompt="make it snowy", num_inference_steps=4, guidance_scale=6.0, image_guidance_scale=1.4,
+                height=48, width=64))
+INPAINT = {  # strength 1: from pure noise; below: the image noised
+    "from_noise": (dict(prompt="a red door", steps=4, guidance=5.0, strength=1.0, height=48, width=64),
+                   dict(prompt="a red door", num_inference_steps=4, guidance_scale=5.0, strength=1.0, height=48,
+                        width=64)),
+    "from_image": (dict(prompt="a red door", negative_prompt="dark", steps=5, guidance=4.0, strength=0.7, height=64,
+                        width=48),
+                   dict(prompt="a red door", negative_prompt="dark", num_inference_steps=5, guidance_scale=4.0,
+                        strength=0.7, height=64, width=48)),
+}
 
 
 def test_an_sdxl_folder_exports_as_sdxl(sdxl_model, sdxl_engines):
@@ -58,7 +80,9 @@ def test_an_sdxl_folder_exports_as_sdxl(sdxl_model, sdxl_engines):
     text = sdxl_engines.components["text_encoder"].spec
     assert [t.name for t in text.outputs] == ["text_embeddings", "text_embeds"]
     assert text.outputs[0].shape[-1] == 32 + 48  # both encoders' widths, concatenated
-    assert servable_methods(sdxl_engines.components) == ["txt2img", "sdedit"]
+    assert servable_methods(sdxl_engines.components) == ["txt2img", "sdedit", "inpaint", "pix2pix"]
+    assert [t.name for t in sdxl_engines.components["unet_pix2pix"].spec.inputs][3:5] == ["text_embeds", "time_ids"]
+    assert sdxl_engines.components["unet_inpaint"].spec.inputs[0].shape[1] == 9
 
 
 @pytest.mark.parametrize("case", sorted(TXT2IMG))
@@ -77,6 +101,26 @@ def test_sdedit_matches_diffusers(references, sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["sdedit"](runner, image=example_image, seed=4, **ours)
     assert got.array.shape == expected.shape == (48, 64, 3)
+    assert max_abs(got.array, expected) <= TOLERANCE
+
+
+def test_pix2pix_matches_diffusers(references, sdxl_engines, example_image):
+    ours, theirs = PIX2PIX
+    expected = _expected(references["pix2pix"], 5, image=example_image, **theirs)
+    with InProcessRunner(sdxl_engines.root) as runner:
+        got = METHODS["pix2pix"](runner, image=example_image, seed=5, **ours)
+    assert got.array.shape == expected.shape == (48, 64, 3)
+    assert max_abs(got.array, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", sorted(INPAINT))
+def test_inpaint_matches_diffusers(case, references, sdxl_engines, example_image):
+    ours, theirs = INPAINT[case]
+    mask = centered_ellipse_mask(example_image.size)
+    expected = _expected(references["inpaint"], 6, image=example_image, mask_image=mask, **theirs)
+    with InProcessRunner(sdxl_engines.root) as runner:
+        got = METHODS["inpaint"](runner, image=example_image, mask=mask, seed=6, **ours)
+    assert got.array.shape == expected.shape
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
@@ -113,9 +157,12 @@ def sdxl_server(sdxl_engines, tmp_path_factory):
 
 
 def test_served_methods_equal_in_process(sdxl_server, sdxl_engines, example_image):
-    """txt2img and sdedit as whole method models (gRPC, streamed; HTTP), equal to the in-process loops."""
+    """Each SDXL method as a whole method model (gRPC, streamed; HTTP), equal to the in-process loop."""
     calls = {"txt2img": dict(TXT2IMG["negative"][0], seed=5),
-             "sdedit": dict(SDEDIT[0], image=example_image, seed=6)}
+             "sdedit": dict(SDEDIT[0], image=example_image, seed=6),
+             "pix2pix": dict(PIX2PIX[0], image=example_image, seed=7),
+             "inpaint": dict(INPAINT["from_image"][0], image=example_image,
+                             mask=centered_ellipse_mask(example_image.size), seed=8)}
     with InProcessRunner(sdxl_engines.root) as runner:
         local = {name: METHODS[name](runner, **values) for name, values in calls.items()}
     for name, values in calls.items():
