@@ -81,6 +81,12 @@ def sdxl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl16_engines(sdxl_model, tmp_path_factory) -> Manifest:
+    return export_model(str(sdxl_model), tmp_path_factory.mktemp("engines") / "sdxl16", log=lambda _: None,
+                        precision="fp16")
+
+
+@pytest.fixture(scope="session")
 def sdxl_models(sdxl_model, tmp_path_factory) -> dict[str, Path]:
     """The tiny SDXL base, InstructPix2Pix and inpainting folders: one seed, so one text encoder pair and VAE."""
     root = tmp_path_factory.mktemp("models")

@@ -13,6 +13,7 @@ from ti2i.client.images import psnr
 from ti2i.client.runners import InProcessRunner
 from ti2i.client.sdedit import sdedit
 from ti2i.client.svd import svd
+from ti2i.client.txt2img import txt2img
 from ti2i.export.components import COMPONENTS
 from ti2i.export.exporter import export_model
 from ti2i.export.fp16 import ALWAYS_FLOAT_INPUTS
@@ -32,12 +33,12 @@ def _onnx_entries(manifest: Manifest):
     return {n: e for n, e in manifest.components.items() if e.backend == ONNX}
 
 
-@pytest.mark.parametrize("engines_name", ["sd16_engines", "svd16_engines"])
+@pytest.mark.parametrize("engines_name", ["sd16_engines", "svd16_engines", "sdxl16_engines"])
 def test_manifest_records_precision_and_error_against_fp32(engines_name, request):
     manifest: Manifest = request.getfixturevalue(engines_name)
     assert manifest.precision == "fp16"
     for name, entry in _onnx_entries(manifest).items():
-        component = COMPONENTS[name]
+        component = COMPONENTS[entry.declared_as]
         expected = "fp16" if component.fp16 else "fp32"
         assert entry.precision == expected == entry.validation["precision"], name
         assert entry.validation["reference"] == "torch fp32"
@@ -46,9 +47,13 @@ def test_manifest_records_precision_and_error_against_fp32(engines_name, request
     # SVD's temporal VAE decoder is declared fp32 (as NVIDIA's demo keeps it)
     if "vae_decoder_temporal" in manifest.components:
         assert manifest.components["vae_decoder_temporal"].precision == "fp32"
+    # and SDXL's VAE (it overflows in fp16), as diffusers upcasts it
+    if "tokenize_2" in manifest.components:
+        assert {manifest.components[n].precision for n in ("vae_encoder", "vae_decoder")} == {"fp32"}
+        assert {manifest.components[n].precision for n in ("text_encoder", "unet")} == {"fp16"}
 
 
-@pytest.mark.parametrize("engines_name", ["sd16_engines", "svd16_engines"])
+@pytest.mark.parametrize("engines_name", ["sd16_engines", "svd16_engines", "sdxl16_engines"])
 def test_graph_types_are_the_spec_dtypes(engines_name, request):
     """fp16 graphs hold float16 tensors at their boundary except the declared float32 inputs (the timestep)."""
     manifest: Manifest = request.getfixturevalue(engines_name)
@@ -60,7 +65,7 @@ def test_graph_types_are_the_spec_dtypes(engines_name, request):
         assert actual == declared, name
         if entry.precision == "fp16":
             floats = {n: d for n, d in declared.items() if d.startswith("float")}
-            assert {n for n, d in floats.items() if d == "float32"} <= COMPONENTS[name].fp32_inputs, name
+            assert {n for n, d in floats.items() if d == "float32"} <= COMPONENTS[entry.declared_as].fp32_inputs, name
             assert "float16" in floats.values()
             weights = [i.data_type for i in graph.graph.initializer if i.data_type in ONNX_TYPES]
             assert onnx.TensorProto.FLOAT16 in weights and onnx.TensorProto.FLOAT not in weights, name
@@ -96,6 +101,19 @@ def test_sdedit_on_fp16_engines_matches_fp32_engines(sd16_engines: Manifest, sd_
     db = psnr(half, full)
     print(f"\nSDEdit tiny 64x48, 8 steps: fp16 engines vs fp32 engines PSNR {db:.1f} dB")
     assert not np.array_equal(half, full)  # really another graph
+    assert db >= MIN_PSNR_DB
+
+
+def test_sdxl_txt2img_on_fp16_engines_matches_fp32_engines(sdxl16_engines: Manifest, sdxl_engines: Manifest):
+    def run(root: Path):
+        with InProcessRunner(root) as runner:
+            return txt2img(runner, "a lighthouse", steps=8, guidance=5.0, seed=3, height=48, width=64,
+                           progress=False).array
+
+    full, half = run(sdxl_engines.root), run(sdxl16_engines.root)
+    db = psnr(half, full)
+    print(f"\nSDXL txt2img tiny 64x48, 8 steps: fp16 engines vs fp32 engines PSNR {db:.1f} dB")
+    assert not np.array_equal(half, full)
     assert db >= MIN_PSNR_DB
 
 
