@@ -48,6 +48,10 @@ def inpaint(
     control_scale: float = 0.5,
     control_start: float = 0.0,
     control_end: float = 1.0,
+    original_height: int | None = None,
+    original_width: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -76,7 +80,8 @@ def inpaint(
     # 2. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
         prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-    added = shared.size_conditions(added, height, width)
+    added = shared.size_conditions(added, height, width, shared.SizeConditioning(
+        original_height, original_width, crop_top, crop_left))
 
     # 3. Timesteps: the tail of the schedule that `strength` selects (all of it at 1)
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)

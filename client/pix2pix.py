@@ -36,6 +36,10 @@ def pix2pix(
     scheduler: str = shared.MODEL_SCHEDULER,
     max_pixels: int | None = None,
     lora: Sequence[str] = (),
+    original_height: int | None = None,
+    original_width: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -54,7 +58,8 @@ def pix2pix(
     pixels = prepare_image(pil, height, width, pipeline["vae_scale_factor"], max_pixels)
     with timings.stage("encode_prompt"):
         prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-    added = shared.size_conditions(added, *pixels.shape[1:3])
+    added = shared.size_conditions(added, *pixels.shape[1:3], shared.SizeConditioning(
+        original_height, original_width, crop_top, crop_left))
     if do_cfg:
         prompt_embeds, added = _text_first(prompt_embeds), {k: _text_first(v) for k, v in added.items()}
 

@@ -248,6 +248,16 @@ def _control(scale: float) -> tuple[Param, ...]:
             Param("control_end", float, 1.0, "fraction of the steps after which it stops", low=0.0, high=1.0))
 
 
+# SDXL's size conditioning (`steps.SizeConditioning`), up to the 8192 px a side its UNet inputs allow
+SDXL_SIZES = (
+    Param("original_height", int, None, "SDXL: the height the image is said to have had before resizing (size "
+                                        "conditioning; default: the output's)", low=1, high=8192),
+    Param("original_width", int, None, "SDXL: the width it is said to have had (default: the output's)", low=1,
+          high=8192),
+    Param("crop_top", int, None, "SDXL: the top of the crop it is said to have been cut at (default 0)", low=0,
+          high=8192),
+    Param("crop_left", int, None, "SDXL: the left of that crop (default 0)", low=0, high=8192))
+
 CONTROLNET_PREFIX = "controlnet_"  # a ControlNet is served as controlnet_<name> (`ti2i export --controlnet`)
 # The UNet that takes a ControlNet's residuals, by the UNet a method calls without one.
 CONTROLLED_UNETS = {"unet": "unet_control", "unet_inpaint": "unet_inpaint_control"}
@@ -265,7 +275,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
         (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE + " or the control image's"),
-         SCHEDULER, LORA, *_control(1.0)),
+         SCHEDULER, LORA, *_control(1.0), *SDXL_SIZES),
         images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
@@ -274,7 +284,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
         (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER,
-         LORA, *_control(0.8)),
+         LORA, *_control(0.8), *SDXL_SIZES),
         optional_images=("control_image",), image_help=CONTROL_IMAGE,
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
@@ -286,7 +296,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
         (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
          _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
-         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA, *_control(0.5)),
+         *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA, *_control(0.5), *SDXL_SIZES),
         images=("image", "mask"), optional_images=("control_image",),
         image_help={"mask": "mask image file: white repaints, black keeps", **CONTROL_IMAGE},
         size_default=_MODEL_SIZE + "; image and mask are resized to it",
@@ -299,7 +309,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
         (Param("prompt", str, None, "the edit instruction (may be empty)", required=True), NEGATIVE, _steps(100),
          _guidance(7.5, "text guidance s_T"), Param("image_guidance", float, 1.5, "image guidance s_I"), _seed(),
-         *_size(_IMAGE_SIZE), SCHEDULER, LORA),
+         *_size(_IMAGE_SIZE), SCHEDULER, LORA, *SDXL_SIZES),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",
                              "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt"), sdxl=True),

@@ -34,6 +34,10 @@ def sdedit(
     control_scale: float = 0.8,
     control_start: float = 0.0,
     control_end: float = 1.0,
+    original_height: int | None = None,
+    original_width: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -58,7 +62,8 @@ def sdedit(
     # 3. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
         prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-    added = shared.size_conditions(added, *pixels.shape[1:3])
+    added = shared.size_conditions(added, *pixels.shape[1:3], shared.SizeConditioning(
+        original_height, original_width, crop_top, crop_left))
 
     # 4. Timesteps: the tail of the schedule that `strength` selects
     scheduler = shared.make_scheduler(pipeline, "unet", scheduler, seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar, Union
 
@@ -70,14 +71,34 @@ def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, 
     return tensors.pop("text_embeddings"), tensors
 
 
-def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:
-    """The prompt's UNet inputs with SDXL's size conditioning for a height×width output (`time_ids`: original
-    size, crop corner, target size, as the SDXL pipelines' defaults: the output's size, uncropped), one row per
-    prompt row; other models' unchanged."""
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning a request may set: the size the image is said to have had before resizing and
+    the corner it is said to have been cropped at (None: the output's size, uncropped, as the pipelines' defaults).
+    Models without size conditioning (SD 1.x) refuse them."""
+
+    original_height: int | None = None
+    original_width: int | None = None
+    crop_top: int | None = None
+    crop_left: int | None = None
+
+    def time_ids(self, height: int, width: int) -> list[int]:
+        """original size + crop corner + target size (the output's), as `_get_add_time_ids` lays them out."""
+        return [self.original_height or height, self.original_width or width, self.crop_top or 0,
+                self.crop_left or 0, height, width]
+
+
+def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int,
+                    sizes: SizeConditioning = SizeConditioning()) -> dict[str, torch.Tensor]:
+    """The prompt's UNet inputs with SDXL's size conditioning for a height×width output (`time_ids`), one row per
+    prompt row; other models' unchanged (and a size condition asked of them is an error)."""
     if "text_embeds" not in conditions:
+        given = [name for name, value in vars(sizes).items() if value is not None]
+        if given:
+            raise InvalidInputError(f"{given[0]} is an SDXL size condition: this model has no size conditioning")
         return conditions
     pooled = conditions["text_embeds"]
-    ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+    ids = torch.tensor(sizes.time_ids(height, width), dtype=pooled.dtype, device=pooled.device)
     return {**conditions, "time_ids": ids.expand(pooled.shape[0], -1).contiguous()}
 
 

@@ -34,6 +34,10 @@ def txt2img(
     control_scale: float = 1.0,
     control_start: float = 0.0,
     control_end: float = 1.0,
+    original_height: int | None = None,
+    original_width: int | None = None,
+    crop_top: int | None = None,
+    crop_left: int | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -56,7 +60,8 @@ def txt2img(
     # 2. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
         prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-    added = shared.size_conditions(added, height, width)
+    added = shared.size_conditions(added, height, width, shared.SizeConditioning(
+        original_height, original_width, crop_top, crop_left))
 
     # 3. Timesteps: the whole schedule of the scheduler asked for (the model folder's by default)
     scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)

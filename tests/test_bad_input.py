@@ -606,13 +606,20 @@ def test_a_hub_id_out_of_reach_is_one_line(tmp_path):
     assert "hf download someone/some-model --local-dir DIR" in lines[0]
 
 
-def test_an_sdxl_folder_is_refused_by_name(tmp_path):
+def test_an_sdxl_refiner_folder_is_refused_by_name(tmp_path):
+    """A refiner (one text encoder, aesthetic-score conditioning) is not exported: said so, by name."""
     from ti2i.export.exporter import detect_kind
 
     (tmp_path / "unet").mkdir()
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "requires_aesthetics_score": True}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4, "addition_embed_type": "text_time"}))
-    with pytest.raises(InvalidInputError, match="is an SDXL model"):
+    with pytest.raises(InvalidInputError, match="is an SDXL refiner"):
+        detect_kind(str(tmp_path))
+    index["text_encoder"] = ["transformers", "CLIPTextModel"]  # two encoders, but still aesthetic scores
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidInputError, match="conditions on aesthetic scores"):
         detect_kind(str(tmp_path))
     (tmp_path / "unet" / "config.json").unlink()
     (tmp_path / "unet").rmdir()

@@ -107,7 +107,8 @@ def test_repository_writes_the_core_and_its_entry_points(cli_engines, tmp_path, 
     sdedit = configs["sdedit"]
     assert [i.name for i in sdedit.input] == ["image", "control_image", "prompt", "negative_prompt", "strength",
                                               "steps", "guidance", "seed", "height", "width", "scheduler", "lora",
-                                              "controlnet", "control_scale", "control_start", "control_end", "format"]
+                                              "controlnet", "control_scale", "control_start", "control_end",
+                                              "original_height", "original_width", "crop_top", "crop_left", "format"]
     assert all(i.optional for i in sdedit.input)
     assert {o.name for o in sdedit.output} == {"encoded", "encoded_base64", "pixels"}
     assert configs["sdedit_stream"].model_transaction_policy.decoupled and not sdedit.model_transaction_policy.decoupled

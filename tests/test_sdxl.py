@@ -53,6 +53,10 @@ TXT2IMG = {  # (ours, diffusers')
                       height=48, width=64)),
     "no_guidance": (dict(prompt="hills", steps=3, guidance=1.0, height=32, width=32),
                     dict(prompt="hills", num_inference_steps=3, guidance_scale=1.0, height=32, width=32)),
+    "size_conditioning": (dict(prompt="a cat", steps=3, guidance=5.0, height=48, width=48, original_height=512,
+                               original_width=384, crop_top=64, crop_left=16),
+                          dict(prompt="a cat", num_inference_steps=3, guidance_scale=5.0, height=48, width=48,
+                               original_size=(512, 384), crops_coords_top_left=(64, 16))),
 }
 SDEDIT = (dict(prompt="a photo of a dog", strength=0.6, steps=5, guidance=5.0),
           dict(prompt="a photo of a dog", strength=0.6, num_inference_steps=5, guidance_scale=5.0))
@@ -124,6 +128,21 @@ def test_inpaint_matches_diffusers(case, references, sdxl_engines, example_image
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
+def test_size_conditioning_changes_the_image(sdxl_engines):
+    """The size conditions reach the UNet (the parity case above would pass if they were ignored only by chance)."""
+    with InProcessRunner(sdxl_engines.root) as runner:
+        plain = METHODS["txt2img"](runner, seed=3, **TXT2IMG["size_conditioning"][0] | dict(
+            original_height=None, original_width=None, crop_top=None, crop_left=None))
+        cropped = METHODS["txt2img"](runner, seed=3, **TXT2IMG["size_conditioning"][0])
+    assert max_abs(plain.array, cropped.array) > 10 * SERVED
+
+
+def test_size_conditions_on_an_sd_model_are_one_clear_error(sd_engines):
+    with InProcessRunner(sd_engines.root) as runner:
+        with pytest.raises(InvalidInputError, match="crop_left is an SDXL size condition"):
+            METHODS["txt2img"](runner, prompt="a cat", steps=2, crop_left=8)
+
+
 def test_a_method_not_written_for_sdxl_is_one_clear_error(sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         with pytest.raises(InvalidInputError, match="cyclediffusion does not run on an SDXL model"):
@@ -158,7 +177,7 @@ def sdxl_server(sdxl_engines, tmp_path_factory):
 
 def test_served_methods_equal_in_process(sdxl_server, sdxl_engines, example_image):
     """Each SDXL method as a whole method model (gRPC, streamed; HTTP), equal to the in-process loop."""
-    calls = {"txt2img": dict(TXT2IMG["negative"][0], seed=5),
+    calls = {"txt2img": dict(TXT2IMG["size_conditioning"][0], seed=5),
              "sdedit": dict(SDEDIT[0], image=example_image, seed=6),
              "pix2pix": dict(PIX2PIX[0], image=example_image, seed=7),
              "inpaint": dict(INPAINT["from_image"][0], image=example_image,
