@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 
-from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX, METHODS
+from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX, METHODS, REFINER
 from ti2i.engines.ensembles import ENSEMBLES, chain_steps
 from ti2i.errors import InvalidInputError
 from ti2i.manifest import Manifest
@@ -26,6 +26,8 @@ def components_for(methods: Iterable[str], available: Iterable[str] = ()) -> lis
         if "control_image" in METHODS[method].optional_images:
             models += [n for n in available if n.startswith(CONTROLNET_PREFIX)
                        or n == CONTROLLED_UNETS.get(METHODS[method].unet)]
+        if any(p.name == "refine" for p in METHODS[method].params) and REFINER in available:
+            models.append(REFINER)
         for model in models:
             for component in chains.get(model, (model,)):
                 if component not in names:

@@ -258,6 +258,14 @@ SDXL_SIZES = (
           high=8192),
     Param("crop_left", int, None, "SDXL: the left of that crop (default 0)", low=0, high=8192))
 
+REFINE = (
+    Param("refine", float, None, "SDXL: hand the rest of the schedule to the family's refiner after this fraction "
+                                 "of it (diffusers' denoising_end/denoising_start; default: no refiner)",
+          low=0.0, high=1.0, low_open=True),
+    Param("aesthetic_score", float, None, "SDXL refiner: the aesthetic score it is conditioned on (default 6)"),
+    Param("negative_aesthetic_score", float, None, "SDXL refiner: the unconditional branch's score (default 2.5)"))
+REFINER = "unet_refiner"  # an SDXL refiner's UNet (`ti2i export` into its base's directory)
+
 CONTROLNET_PREFIX = "controlnet_"  # a ControlNet is served as controlnet_<name> (`ti2i export --controlnet`)
 # The UNet that takes a ControlNet's residuals, by the UNet a method calls without one.
 CONTROLLED_UNETS = {"unet": "unet_control", "unet_inpaint": "unet_inpaint_control"}
@@ -275,7 +283,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
         (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE + " or the control image's"),
-         SCHEDULER, LORA, *_control(1.0), *SDXL_SIZES),
+         SCHEDULER, LORA, *_control(1.0), *SDXL_SIZES, *REFINE),
         images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",

@@ -57,12 +57,15 @@ def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
     return runner.run_tensors("encode_prompt", text=text)["text_embeddings"]
 
 
-def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool,
+                      force_zeros: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """[uncond, cond] embeddings with guidance (uncond = the negative prompt or ""), else [cond]; and the further
     UNet inputs the prompt gives, laid out the same (SDXL: its pooled text `text_embeds`; a left-out negative
-    prompt is zeros, not "", where the SDXL model says so, as `StableDiffusionXLPipeline.encode_prompt`)."""
-    zeros = guidance and negative_prompt is None and runner.pipeline.get("force_zeros_for_empty_prompt", False)
+    prompt is zeros, not "", where the SDXL model says so (`force_zeros`: where the caller's UNet does), as
+    `StableDiffusionXLPipeline.encode_prompt`)."""
+    if force_zeros is None:
+        force_zeros = runner.pipeline.get("force_zeros_for_empty_prompt", False)
+    zeros = guidance and negative_prompt is None and force_zeros
     texts = [prompt] if not guidance or zeros else [negative_prompt or "", prompt]
     out = runner.run_tensors("encode_prompt", text=np.array([t.encode("utf-8") for t in texts], dtype=object))
     tensors = {name: out[name] for name in ("text_embeddings", "text_embeds") if name in out}
@@ -82,10 +85,12 @@ class SizeConditioning:
     crop_top: int | None = None
     crop_left: int | None = None
 
-    def time_ids(self, height: int, width: int) -> list[int]:
-        """original size + crop corner + target size (the output's), as `_get_add_time_ids` lays them out."""
-        return [self.original_height or height, self.original_width or width, self.crop_top or 0,
-                self.crop_left or 0, height, width]
+    def time_ids(self, height: int, width: int, aesthetic_score: float | None = None) -> list[float]:
+        """original size + crop corner + target size (the output's), as `_get_add_time_ids` lays them out; for a
+        refiner, the aesthetic score in place of the target size."""
+        corner = [self.original_height or height, self.original_width or width, self.crop_top or 0,
+                  self.crop_left or 0]
+        return [*corner, aesthetic_score] if aesthetic_score is not None else [*corner, height, width]
 
 
 def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int,

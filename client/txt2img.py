@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ti2i.client import refiner
 from ti2i.client import steps as shared
 from ti2i.client.images import requested_size, to_pil
 from ti2i.client.results import ImageResult
@@ -38,6 +39,9 @@ def txt2img(
     original_width: int | None = None,
     crop_top: int | None = None,
     crop_left: int | None = None,
+    refine: float | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
     progress: shared.Progress = True,
 ) -> ImageResult:
     timings = Timings()
@@ -50,6 +54,7 @@ def txt2img(
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))
     shared.check_scheduler(scheduler)
     shared.check_finite(guidance=guidance, eta=eta, control_scale=control_scale)
+    refiner.check_refine(pipeline, refine, aesthetic_score, negative_aesthetic_score)
     factor = pipeline["vae_scale_factor"]
     do_cfg = guidance > 1.0
     control = shared.prepare_control(runner, control_image, controlnet, control_scale, control_start, control_end,
@@ -60,12 +65,14 @@ def txt2img(
     # 2. Encode the prompt: [uncond, cond] with guidance (SDXL: with its pooled text and size conditioning)
     with timings.stage("encode_prompt"):
         prompt_embeds, added = shared.encode_prompt_cfg(runner, prompt, negative_prompt, do_cfg)
-    added = shared.size_conditions(added, height, width, shared.SizeConditioning(
-        original_height, original_width, crop_top, crop_left))
+    sizes = shared.SizeConditioning(original_height, original_width, crop_top, crop_left)
+    added = shared.size_conditions(added, height, width, sizes)
 
-    # 3. Timesteps: the whole schedule of the scheduler asked for (the model folder's by default)
-    scheduler = shared.make_scheduler(pipeline, UNET, scheduler, seed)
+    # 3. Timesteps: the whole schedule of the scheduler asked for (the model folder's by default); with a
+    #    refiner, the part before the handoff
+    scheduler_name, scheduler = scheduler, shared.make_scheduler(pipeline, UNET, scheduler, seed)
     shared.set_timesteps(scheduler, steps)
+    timesteps = scheduler.timesteps if refine is None else refiner.base_timesteps(scheduler, refine)
 
     # 4. Latents: noise × the scheduler's initial sigma
     generator = shared.generator(seed)
@@ -74,14 +81,19 @@ def txt2img(
 
     # 5. Denoising loop
     extra = shared.step_kwargs(scheduler, generator, eta)
-    timesteps = scheduler.timesteps
     for i, t in enumerate(shared.progress_steps(timesteps, "txt2img", progress)):
         with timings.stage("unet"):
             noise_pred = shared.guided_noise_pred(runner, UNET, scheduler, latents, t, prompt_embeds, guidance, do_cfg,
                                                   control=control, step=(i, len(timesteps)), **added)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
-    # 6. Decode
+    # 6. Refine: the refiner denoises the rest of the schedule (SDXL's ensemble of experts), same generator
+    if refine is not None:
+        latents = refiner.refine_latents(runner, latents, prompt, negative_prompt, steps, refine, guidance,
+                                         scheduler_name, seed, generator, eta, sizes, aesthetic_score,
+                                         negative_aesthetic_score, timings, progress)
+
+    # 7. Decode
     with timings.stage("decode_image"):
         images, arrays = shared.decode_latents(runner, latents, pipeline["vae_scaling_factor"])
     return ImageResult(to_pil(images[0]), arrays[0], timings, latents.cpu())

@@ -633,6 +633,9 @@ COMPONENTS: dict[str, Component] = {
                   opt_batch=3, served="unet_pix2pix"),
         Component("unet_inpaint_xl", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet_inpaint"), _IMAGE_SIZES,
                   opt_batch=2, served="unet_inpaint"),
+        # the SDXL refiner's UNet: the second encoder's text only, aesthetic scores for the target size
+        Component("unet_refiner", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet_refiner"), _IMAGE_SIZES,
+                  opt_batch=2),
     )
 }
 
@@ -652,6 +655,8 @@ KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sdxl": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_xl"),
     "sdxl_pix2pix": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_pix2pix_xl"),
     "sdxl_inpaint": ("text_encoder_xl", "vae_encoder_xl", "vae_decoder_xl", "unet_inpaint_xl"),
+    # joins its base's directory: the base's second text encoder (the same weights) serves it
+    "sdxl_refiner": ("vae_encoder_xl", "vae_decoder_xl", "unet_refiner"),
 }
 KIND_BY_UNET_CHANNELS = {4: "sd", 8: "pix2pix", 9: "inpaint"}
 SDXL_KIND_BY_UNET_CHANNELS = {4: "sdxl", 8: "sdxl_pix2pix", 9: "sdxl_inpaint"}

@@ -58,6 +58,8 @@ def detect_kind(model: str) -> str:
     check_exportable(model, index, unet)
     if unet.get("_class_name") == "UNetSpatioTemporalConditionModel":
         return "svd"
+    if unet.get("addition_embed_type") == "text_time" and not (index.get("text_encoder") or [None])[0]:
+        return "sdxl_refiner"  # the second text encoder only (`check_exportable`)
     kinds = SDXL_KIND_BY_UNET_CHANNELS if unet.get("addition_embed_type") == "text_time" else KIND_BY_UNET_CHANNELS
     channels = unet.get("in_channels")
     if channels not in kinds:
@@ -68,7 +70,8 @@ def detect_kind(model: str) -> str:
 
 # Facts every model sharing an engine directory must agree on (they share its encoders and VAE).
 SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "max_length", "tokenizer_sha256",
-                "image_processor", "tokenizer_2", "text_embeds_dim")
+                "image_processor", "tokenizer_2", "tokenizer_2_sha256", "text_embeds_dim")
+SDXL_KINDS = (*SDXL_KIND_BY_UNET_CHANNELS.values(), "sdxl_refiner")
 
 
 def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]:
@@ -101,12 +104,22 @@ def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]
         vocab = json.dumps(sorted(tokenizers[0].get_vocab().items())).encode()
         facts.update(tokenizer="tokenizer", max_length=int(tokenizers[0].model_max_length),
                      tokenizer_sha256=hashlib.sha256(vocab).hexdigest())
-    if kind in SDXL_KIND_BY_UNET_CHANNELS.values():  # the second tokenizer (it pads with "!"), the pooled text's
-        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))  # width, the empty negative
+    if kind in SDXL_KINDS:  # the second tokenizer (it pads with "!"), the pooled text's width, the empty negative
+        from transformers import CLIPTokenizer
+
+        tokenizers.append(CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2"))
+        vocab = json.dumps(sorted(tokenizers[-1].get_vocab().items())).encode()
         text_2 = _load_config(model, "text_encoder_2", "config.json")
         index = _load_config(model, None, "model_index.json")
+        zeros = bool(index.get("force_zeros_for_empty_prompt", True))
         facts.update(tokenizer_2="tokenizer_2", text_embeds_dim=int(text_2["projection_dim"]),
-                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+                     tokenizer_2_sha256=hashlib.sha256(vocab).hexdigest(),
+                     max_length=int(tokenizers[-1].model_max_length))
+        if kind == "sdxl_refiner":  # its own way with an empty negative prompt; aesthetic scores, not target sizes
+            facts["unets"]["unet_refiner"].update(force_zeros_for_empty_prompt=zeros, aesthetic_scores=True,
+                                                  text_width=int(unet["cross_attention_dim"]))
+        else:
+            facts["force_zeros_for_empty_prompt"] = zeros
         if index.get("is_cosxl_edit"):  # CosXL Edit: its image latents are scaled
             facts["unets"]["unet_pix2pix"]["scaled_image_latents"] = True
     if "image_encoder" in components:
@@ -116,8 +129,13 @@ def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]
     return facts, tokenizers
 
 
-def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str) -> None:
+def _merge_facts(manifest: Manifest, facts: dict[str, Any], model: str, kind: str) -> None:
+    if kind == "sdxl_refiner" and "tokenize_2" not in manifest.components:
+        raise InvalidInputError(f"{model} is an SDXL refiner: it joins its base's engine directory, and "
+                                f"{manifest.root} holds no SDXL base; export the base into it first")
     for key in SHARED_FACTS:
+        if kind == "sdxl_refiner" and key == "tokenizer_sha256":  # it has the second tokenizer only
+            continue
         if manifest.pipeline.get(key) != facts.get(key):
             raise InvalidInputError(
                 f"{model} cannot join engine directory {manifest.root}: its {key} is {facts.get(key)!r}, the "
@@ -194,7 +212,10 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         if manifest.precision != precision:
             raise InvalidInputError(f"{out} holds {manifest.precision} engines; export {precision} engines into "
                                     f"another directory")
-        _merge_facts(manifest, facts, model)
+        _merge_facts(manifest, facts, model, kind)
+    elif kind == "sdxl_refiner":
+        raise InvalidInputError(f"{model} is an SDXL refiner: it joins its base's engine directory (export the base "
+                                f"into {out} first)")
     else:
         manifest = Manifest(out, precision, facts, tool_versions=_tool_versions())
         for tokenizer, folder in zip(tokenizers, ("tokenizer", "tokenizer_2")):
@@ -211,12 +232,16 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
                                       component.name, adapters)
         return modules[key]
 
+    if kind == "sdxl_refiner":  # before any export: its prompts are encoded with the base's graph
+        _check_second_text_encoder(manifest, source)
     names = [*KIND_COMPONENTS[kind], *([CONTROLLED_UNETS[KIND_COMPONENTS[kind][-1]]] if named_controlnets else [])]
     for name in names:
         component = COMPONENTS[name]
         graph = component.precision(precision)
         exported = module(component, graph) if graph != "fp32" else None
         _export_component(manifest, component, module(component, "fp32"), manifest.sources[kind], log, exported)
+    if "text_encoder_xl" in names:  # a refiner that joins must have the same second encoder
+        manifest.pipeline["text_encoder_2_sha256"] = fingerprint(module(COMPONENTS["text_encoder_xl"], "fp32")[1])
     for name, folder in named_controlnets.items():
         component = controlnet_component(name)
         graph = component.precision(precision)
@@ -231,6 +256,16 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
             manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
+
+
+def _check_second_text_encoder(manifest: Manifest, source: ModelSource) -> None:
+    """A refiner's text encoder must be its base's second (by weights): the base's graph encodes its prompts."""
+    from transformers import CLIPTextModelWithProjection
+
+    encoder = CLIPTextModelWithProjection.from_pretrained(source.model, subfolder="text_encoder_2")
+    if fingerprint(encoder) != manifest.pipeline.get("text_encoder_2_sha256"):
+        raise InvalidInputError(f"{source.model}: its second text encoder is not its base's (the one in "
+                                f"{manifest.root}): a refiner joins the base it was made for")
 
 
 def controlnet_names(folders: Sequence[str]) -> dict[str, str]:

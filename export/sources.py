@@ -50,9 +50,11 @@ def check_exportable(model: str, index: dict, unet: dict | None) -> None:
                                 f"image, InstructPix2Pix, inpainting, with a motion adapter), SDXL and Stable "
                                 f"Video Diffusion models")
     if unet.get("addition_embed_type") == "text_time":
-        if not index.get("text_encoder") or index["text_encoder"][0] is None:
-            raise InvalidInputError(f"model {model!r} is an SDXL refiner ({pipeline}, one text encoder): ti2i exports "
-                                    f"SDXL base models (and Turbo, InstructPix2Pix, inpainting) only")
+        if not (index.get("text_encoder") or [None])[0]:  # a refiner: the second text encoder only
+            if unet.get("in_channels") != 4 or not index.get("text_encoder_2"):
+                raise InvalidInputError(f"model {model!r} ({pipeline}) has no first text encoder, but is not an SDXL "
+                                        f"refiner (4 channels, the second encoder)")
+            return
         if index.get("requires_aesthetics_score"):
             raise InvalidInputError(f"model {model!r} conditions on aesthetic scores ({pipeline}), as SDXL refiners "
                                     f"do: ti2i exports SDXL base models (and Turbo, InstructPix2Pix, inpainting) only")

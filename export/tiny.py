@@ -31,6 +31,7 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionInstructPix2PixPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLInstructPix2PixPipeline,
     StableDiffusionXLPipeline,
@@ -51,7 +52,8 @@ from transformers import (
 
 from ti2i.errors import InvalidInputError
 
-TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint", "sdxl", "sdxl_pix2pix", "sdxl_inpaint")
+TINY_KINDS = ("sd", "pix2pix", "svd", "videoldm", "inpaint", "sdxl", "sdxl_pix2pix", "sdxl_inpaint",
+              "sdxl_refiner")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -158,10 +160,11 @@ def build_text_encoder_2(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjectio
     return CLIPTextModelWithProjection(_text_config(tokenizer, SDXL_TEXT_HIDDEN_2, SDXL_POOLED_DIM, 3)).eval()
 
 
-def build_sdxl_unet(in_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
+def build_sdxl_unet(in_channels: int = LATENT_CHANNELS, refiner: bool = False) -> UNet2DConditionModel:
     """A two-level SDXL UNet: text-time conditioning (pooled text + six size numbers), cross-attention over both
     encoders' states, several transformer layers in the deeper block (as SDXL's 1/2/10). `in_channels` as
-    `build_unet`'s."""
+    `build_unet`'s. The refiner's attends to the second encoder's states only and takes five numbers (the
+    aesthetic score in place of the target size)."""
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=in_channels,
@@ -173,10 +176,10 @@ def build_sdxl_unet(in_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=TEXT_HIDDEN + SDXL_TEXT_HIDDEN_2,
+        cross_attention_dim=SDXL_TEXT_HIDDEN_2 if refiner else TEXT_HIDDEN + SDXL_TEXT_HIDDEN_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + (5 if refiner else 6) * SDXL_TIME_EMBED_DIM,
         norm_num_groups=UNET_NORM_GROUPS,
     ).eval()
 
@@ -502,10 +505,12 @@ def _write_videoldm(out: Path, seed: int) -> Path:
 
 _SDXL_PIPELINES = {"sdxl": (4, StableDiffusionXLPipeline),
                    "sdxl_pix2pix": (8, StableDiffusionXLInstructPix2PixPipeline),
-                   "sdxl_inpaint": (9, StableDiffusionXLInpaintPipeline)}
+                   "sdxl_inpaint": (9, StableDiffusionXLInpaintPipeline),
+                   "sdxl_refiner": (4, StableDiffusionXLImg2ImgPipeline)}
 
 
 def _write_sdxl(kind: str, out: Path, seed: int) -> Path:
+    refiner = kind == "sdxl_refiner"
     in_channels, pipeline_cls = _SDXL_PIPELINES[kind]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -513,13 +518,20 @@ def _write_sdxl(kind: str, out: Path, seed: int) -> Path:
         text_encoder = build_text_encoder(tokenizer)
         text_encoder_2 = build_text_encoder_2(tokenizer_2)
         vae = build_vae(SDXL_VAE_SCALING_FACTOR)
-        unet = build_sdxl_unet(in_channels)  # drawn last: the three kinds share the encoders and the VAE
-    pipe = pipeline_cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                        tokenizer_2=tokenizer_2, unet=unet,
-                        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
-                        force_zeros_for_empty_prompt=True)
+        # drawn last: the kinds share the encoders and the VAE (the refiner: the second encoder and the VAE)
+        unet = build_sdxl_unet(in_channels, refiner)
+    if refiner:  # as stable-diffusion-xl-refiner-1.0: one text encoder, aesthetic scores, "" for no negative
+        pipe = pipeline_cls(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+                            tokenizer_2=tokenizer_2, unet=unet,
+                            scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+                            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    else:
+        pipe = pipeline_cls(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                            tokenizer_2=tokenizer_2, unet=unet,
+                            scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+                            force_zeros_for_empty_prompt=True)
     _save_quietly(pipe, out)
-    for folder in ("tokenizer", "tokenizer_2"):
+    for folder in ("tokenizer_2",) if refiner else ("tokenizer", "tokenizer_2"):
         _write_vocab_files(out / folder)
     return out
 
@@ -531,7 +543,8 @@ def write_tiny_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     kind "pix2pix" with StableDiffusionInstructPix2PixPipeline (both with safety_checker=None),
     kind "inpaint" with StableDiffusionInpaintPipeline (same text encoder and VAE as "sd" for the seed),
     kind "svd" with StableVideoDiffusionPipeline, kinds "sdxl", "sdxl_pix2pix" and "sdxl_inpaint" with the
-    StableDiffusionXL (Img2Img), InstructPix2Pix and Inpaint pipelines (sharing encoders and VAE for the seed).
+    StableDiffusionXL (Img2Img), InstructPix2Pix and Inpaint pipelines (sharing encoders and VAE for the seed),
+    kind "sdxl_refiner" (the base's second encoder and VAE for the seed) with StableDiffusionXLImg2ImgPipeline.
     Kind "videoldm" writes two folders: out_dir/sd (exactly the "sd" model for that seed) and
     out_dir/motion_adapter (a MotionAdapter for UNetMotionModel.from_unet2d / the AnimateDiff pipelines).
     The same seed always gives the same weights; the global torch RNG state is left untouched.

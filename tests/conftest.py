@@ -88,15 +88,16 @@ def sdxl16_engines(sdxl_model, tmp_path_factory) -> Manifest:
 
 @pytest.fixture(scope="session")
 def sdxl_models(sdxl_model, tmp_path_factory) -> dict[str, Path]:
-    """The tiny SDXL base, InstructPix2Pix and inpainting folders: one seed, so one text encoder pair and VAE."""
+    """The tiny SDXL base, InstructPix2Pix, inpainting and refiner folders: one seed, so one text encoder pair
+    and VAE."""
     root = tmp_path_factory.mktemp("models")
-    return {"sdxl": sdxl_model, **{kind: write_tiny_model(kind, root / kind) for kind in ("sdxl_pix2pix",
-                                                                                         "sdxl_inpaint")}}
+    kinds = ("sdxl_pix2pix", "sdxl_inpaint", "sdxl_refiner")
+    return {"sdxl": sdxl_model, **{kind: write_tiny_model(kind, root / kind) for kind in kinds}}
 
 
 @pytest.fixture(scope="session")
 def sdxl_engines(sdxl_models, tmp_path_factory) -> Manifest:
-    """One SDXL engine directory: the shared encoders and VAE, and the 4-, 8- and 9-channel UNets."""
+    """One SDXL engine directory: the shared encoders and VAE, the 4-, 8- and 9-channel UNets, the refiner's."""
     root = tmp_path_factory.mktemp("engines") / "sdxl"
     for model in sdxl_models.values():
         manifest = export_model(str(model), root, log=lambda _: None)

@@ -606,20 +606,22 @@ def test_a_hub_id_out_of_reach_is_one_line(tmp_path):
     assert "hf download someone/some-model --local-dir DIR" in lines[0]
 
 
-def test_an_sdxl_refiner_folder_is_refused_by_name(tmp_path):
-    """A refiner (one text encoder, aesthetic-score conditioning) is not exported: said so, by name."""
+def test_sdxl_folders_ti2i_does_not_export_are_refused_by_name(tmp_path):
+    """Aesthetic-score conditioning beside two text encoders, or one encoder on an 8-channel UNet: said so."""
     from ti2i.export.exporter import detect_kind
 
     (tmp_path / "unet").mkdir()
-    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "requires_aesthetics_score": True}
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4, "addition_embed_type": "text_time"}))
-    with pytest.raises(InvalidInputError, match="is an SDXL refiner"):
-        detect_kind(str(tmp_path))
-    index["text_encoder"] = ["transformers", "CLIPTextModel"]  # two encoders, but still aesthetic scores
-    (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(InvalidInputError, match="conditions on aesthetic scores"):
+        detect_kind(str(tmp_path))
+    index["text_encoder"] = [None, None]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert detect_kind(str(tmp_path)) == "sdxl_refiner"
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 8, "addition_embed_type": "text_time"}))
+    with pytest.raises(InvalidInputError, match="but is not an SDXL refiner"):
         detect_kind(str(tmp_path))
     (tmp_path / "unet" / "config.json").unlink()
     (tmp_path / "unet").rmdir()
