@@ -150,15 +150,31 @@ def load_adapter(name: str, path: str | Path, modules: Mapping[str, Mapping[str,
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
         raise InvalidInputError(f"{where}: a DoRA adapter; per-request adapters are plain LoRA "
                                 f"(fuse it with `ti2i export --lora`)")
+    unreached = sorted({key.split(".")[0] for key in state} - {"unet", *(TEXT_ENCODER for c in modules
+                                                                         if c == TEXT_ENCODER)})
+    if unreached:  # SDXL's text encoders: a request's adapter would be applied in part, silently
+        raise InvalidInputError(f"{where} adapts {', '.join(unreached)}, which per-request adapters do not reach "
+                                f"on this model")
     parts: dict[str, Packed] = {}
+    misfits: list[_Misfit] = []
     for component, facts in modules.items():
-        packed = _pack(where, component, facts, state, alphas)
+        try:
+            packed = _pack(where, component, facts, state, alphas)
+        except _Misfit as err:  # another architecture (SDXL's refiner beside its base): not adapted
+            misfits.append(err)
+            continue
         if packed is not None:
             parts[component] = packed
     if not parts:
+        if misfits:
+            raise misfits[0]
         raise InvalidInputError(f"{where}: none of its weights reach {', '.join(modules)} (an adapter of another "
                                 f"model family?)")
     return Adapter(name, parts)
+
+
+class _Misfit(InvalidInputError):
+    """The adapter's weights do not fit one component's shapes."""
 
 
 def _pack(where: str, component: str, facts: Mapping[str, Any], state: dict[str, Any], alphas: Any) -> Packed | None:
@@ -175,8 +191,8 @@ def _pack(where: str, component: str, facts: Mapping[str, Any], state: dict[str,
             warnings.simplefilter("ignore")  # peft's notes on a fresh module's config: nothing for a user to do
             _load_into(module, component, state, alphas, loaded)
     except Exception as err:  # noqa: BLE001 - a size mismatch or keys of another architecture
-        raise InvalidInputError(f"{where} does not fit this model's {component} (an adapter of another base "
-                                f"model?): {_first_line(err)}") from None
+        raise _Misfit(f"{where} does not fit this model's {component} (an adapter of another base "
+                      f"model?): {_first_line(err)}") from None
     layers = lora_layers(module)
     reached = {name for name, layer in module.named_modules() if isinstance(layer, LoraLayer)}
     outside = sorted(reached - {name for name, _ in layers})
@@ -206,13 +222,20 @@ def _pack(where: str, component: str, facts: Mapping[str, Any], state: dict[str,
 
 
 def _load_into(module: Any, component: str, state: dict[str, Any], alphas: Any, name: str) -> None:
-    """`load_lora_weights`' own loading of one component."""
+    """`load_lora_weights`' own loading of one component (a misfit raises, once, not also logs every tensor)."""
+    import logging
+
     from diffusers import StableDiffusionPipeline
 
-    if component == TEXT_ENCODER:
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=module, adapter_name=name)
-    else:
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=module, adapter_name=name)
+    log = logging.getLogger("diffusers.loaders.peft")
+    was, log.disabled = log.disabled, True
+    try:
+        if component == TEXT_ENCODER:
+            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder=module, adapter_name=name)
+        else:
+            StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=module, adapter_name=name)
+    finally:
+        log.disabled = was
 
 
 def _first_line(err: BaseException) -> str:

@@ -143,6 +143,56 @@ def test_size_conditions_on_an_sd_model_are_one_clear_error(sd_engines):
             METHODS["txt2img"](runner, prompt="a cat", steps=2, crop_left=8)
 
 
+@pytest.fixture(scope="module")
+def sdxl_lora(sdxl_model, tmp_path_factory):
+    from ti2i.export.tiny import write_random_lora
+
+    return write_random_lora(sdxl_model, tmp_path_factory.mktemp("sdxl-lora") / "unet", 1, text_encoder=False)
+
+
+def test_a_per_request_lora_matches_load_lora_weights(sdxl_model, sdxl_engines, sdxl_lora):
+    """A UNet adapter of the base, chosen per request: equal to diffusers with it loaded (the refiner beside the
+    base, another architecture, is left as it is)."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_model))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(sdxl_lora))
+    expected = _expected(pipe, 2, prompt="a cat", num_inference_steps=3, guidance_scale=5.0, height=48, width=48)
+    with InProcessRunner(sdxl_engines.root) as runner:
+        got = METHODS["txt2img"](runner, prompt="a cat", steps=3, guidance=5.0, height=48, width=48, seed=2,
+                                 lora=[str(sdxl_lora)])
+        plain = METHODS["txt2img"](runner, prompt="a cat", steps=3, guidance=5.0, height=48, width=48, seed=2)
+    assert max_abs(got.array, expected) <= TOLERANCE
+    assert max_abs(plain.array, expected) > 2 * TOLERANCE
+
+
+def test_a_lora_of_the_text_encoders_is_one_clear_error(sdxl_model, sdxl_engines, tmp_path):
+    from ti2i.export.tiny import write_random_lora
+
+    adapter = write_random_lora(sdxl_model, tmp_path / "with-text", 2, text_encoder=True)
+    with InProcessRunner(sdxl_engines.root) as runner:
+        with pytest.raises(InvalidInputError, match="adapts text_encoder, which per-request adapters do not reach"):
+            METHODS["txt2img"](runner, prompt="a cat", steps=2, lora=[str(adapter)])
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++2m-karras", "euler-a"])
+def test_a_chosen_scheduler_matches_diffusers(scheduler, references, sdxl_engines):
+    import diffusers
+    from ti2i.client.schedulers import SCHEDULER_NAMES
+
+    pipe = references["txt2img"]
+    cls_name, settings = SCHEDULER_NAMES[scheduler]
+    default = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(default.config, **settings)
+    try:
+        expected = _expected(pipe, 4, prompt="a cat", num_inference_steps=4, guidance_scale=5.0, height=48, width=48)
+    finally:
+        pipe.scheduler = default
+    with InProcessRunner(sdxl_engines.root) as runner:
+        got = METHODS["txt2img"](runner, prompt="a cat", steps=4, guidance=5.0, height=48, width=48, seed=4,
+                                 scheduler=scheduler)
+    assert max_abs(got.array, expected) <= TOLERANCE
+
+
 def test_a_method_not_written_for_sdxl_is_one_clear_error(sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         with pytest.raises(InvalidInputError, match="cyclediffusion does not run on an SDXL model"):
