@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny", help="write a tiny random-weight model folder (offline)")
-    p.add_argument("--kind", default="sd", help="which model: sd, pix2pix, inpaint, svd or videoldm")
+    p.add_argument("--kind", default="sd", help="which model: sd, pix2pix, inpaint, svd, videoldm, sdxl, "
+                                                "sdxl_pix2pix, sdxl_inpaint or sdxl_refiner")
     p.add_argument("--out", required=True, help="the model folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny)
