@@ -33,7 +33,7 @@ def inpaint(
     mask: str | Path | Image.Image,
     prompt: str = "",
     negative_prompt: str | None = None,
-    strength: float = 1.0,
+    strength: float | None = None,
     steps: int = 50,
     guidance: float = 7.5,
     seed: int = 0,
@@ -57,6 +57,7 @@ def inpaint(
     timings = Timings()
     runner = shared.method_runner(runner, "inpaint", lora)
     pipeline = runner.pipeline
+    strength = shared.model_default(pipeline, "inpaint", "strength", strength)
     facts = shared.unet_facts(pipeline, UNET)
 
     # 1. Check inputs; the size defaults to the model's (as the reference: not the image's), and the

@@ -27,7 +27,7 @@ def pix2pix(
     prompt: str,
     negative_prompt: str | None = None,
     steps: int = 100,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     image_guidance: float = 1.5,
     seed: int = 0,
     height: int | None = None,
@@ -45,6 +45,7 @@ def pix2pix(
     timings = Timings()
     runner = shared.method_runner(runner, "pix2pix", lora)
     pipeline = runner.pipeline
+    guidance = shared.model_default(pipeline, "pix2pix", "guidance", guidance)
 
     # 1. Check inputs (an empty instruction is allowed, as in the reference)
     shared.check_steps(steps, at_most=shared.most_steps(pipeline, UNET))

@@ -60,6 +60,9 @@ class Param:
     low_open: bool = False
     choices: tuple[str, ...] = ()
     many: bool = False  # several values (text): the CLI flag repeats, the served tensor has one element each
+    # SDXL's pipelines' default where it differs: then a left-out value is the method function's to choose, as it
+    # knows the model (`steps.model_default`)
+    sdxl_default: Any = None
 
     @property
     def flag(self) -> str:
@@ -190,7 +193,8 @@ class Method:
         raise KeyError(name)
 
     def defaults(self) -> dict[str, Any]:
-        return {p.name: p.default for p in self.params}
+        """Each parameter's default (None: the method function's, by model)."""
+        return {p.name: None if p.sdxl_default is not None else p.default for p in self.params}
 
     @property
     def size_from_image(self) -> bool:
@@ -232,12 +236,19 @@ def _steps(default: int) -> Param:
     return Param("steps", int, default, "denoising steps", low=1)
 
 
-def _strength(default: float, text: str = "how much of the schedule runs (noise added to the input)") -> Param:
-    return Param("strength", float, default, text, low=0.0, high=1.0, low_open=True)
+def _by_model(text: str, default: float, sdxl: float | None) -> str:
+    return text if sdxl is None else f"{text} (default: {default:g}; on SDXL models {sdxl:g}, the SDXL pipeline's)"
 
 
-def _guidance(default: float, text: str = "classifier-free guidance scale (≤ 1: no guidance)") -> Param:
-    return Param("guidance", float, default, text)
+def _strength(default: float, text: str = "how much of the schedule runs (noise added to the input)",
+              sdxl: float | None = None) -> Param:
+    return Param("strength", float, default, _by_model(text, default, sdxl), low=0.0, high=1.0, low_open=True,
+                 sdxl_default=sdxl)
+
+
+def _guidance(default: float, text: str = "classifier-free guidance scale (≤ 1: no guidance)",
+              sdxl: float | None = None) -> Param:
+    return Param("guidance", float, default, _by_model(text, default, sdxl), sdxl_default=sdxl)
 
 
 def _control(scale: float) -> tuple[Param, ...]:
@@ -282,7 +293,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "txt2img", "ti2i.client.txt2img:txt2img", "text-to-image", "image", "unet",
         ("encode_prompt", "decode_image", "unet"), "sd",
-        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5), _seed(), *_size(_MODEL_SIZE + " or the control image's"),
+        (PROMPT, NEGATIVE, _steps(50), _guidance(7.5, sdxl=5.0), _seed(),
+         *_size(_MODEL_SIZE + " or the control image's"),
          SCHEDULER, LORA, *_control(1.0), *SDXL_SIZES, *REFINE),
         images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
@@ -291,7 +303,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
-        (PROMPT, NEGATIVE, _strength(0.8), _steps(50), _guidance(7.5), _seed(), *_size(_IMAGE_SIZE), SCHEDULER,
+        (PROMPT, NEGATIVE, _strength(0.8, sdxl=0.3), _steps(50), _guidance(7.5, sdxl=5.0), _seed(),
+         *_size(_IMAGE_SIZE), SCHEDULER,
          LORA, *_control(0.8), *SDXL_SIZES),
         optional_images=("control_image",), image_help=CONTROL_IMAGE,
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
@@ -303,7 +316,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         # the masked image is edited in pixels, then encoded: the ensemble's two steps are called one by one
         ("encode_prompt", "image_preprocess", "vae_encoder", "decode_image", "unet_inpaint"), "inpaint",
         (Param("prompt", str, "", "what to paint into the masked region"), NEGATIVE,
-         _strength(1.0, "1 starts from pure noise"), _steps(50), _guidance(7.5), _seed(),
+         _strength(1.0, "1 starts from pure noise", sdxl=0.9999), _steps(50), _guidance(7.5), _seed(),
          *_size(_MODEL_SIZE + "; image and mask are resized to it"), SCHEDULER, LORA, *_control(0.5), *SDXL_SIZES),
         images=("image", "mask"), optional_images=("control_image",),
         image_help={"mask": "mask image file: white repaints, black keeps", **CONTROL_IMAGE},
@@ -316,7 +329,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "pix2pix", "ti2i.client.pix2pix:pix2pix", "InstructPix2Pix editing by instruction", "image", "unet_pix2pix",
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
         (Param("prompt", str, None, "the edit instruction (may be empty)", required=True), NEGATIVE, _steps(100),
-         _guidance(7.5, "text guidance s_T"), Param("image_guidance", float, 1.5, "image guidance s_I"), _seed(),
+         _guidance(7.5, "text guidance s_T", sdxl=5.0), Param("image_guidance", float, 1.5, "image guidance s_I"),
+         _seed(),
          *_size(_IMAGE_SIZE), SCHEDULER, LORA, *SDXL_SIZES),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",

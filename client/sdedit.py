@@ -19,9 +19,9 @@ def sdedit(
     image: str | Path | Image.Image,
     prompt: str,
     negative_prompt: str | None = None,
-    strength: float = 0.8,
+    strength: float | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -43,6 +43,8 @@ def sdedit(
     timings = Timings()
     runner = shared.method_runner(runner, "sdedit", lora)
     pipeline = runner.pipeline
+    strength = shared.model_default(pipeline, "sdedit", "strength", strength)
+    guidance = shared.model_default(pipeline, "sdedit", "guidance", guidance)
 
     # 1. Check inputs
     shared.check_range("strength", strength, 0.0, 1.0, low_open=True)

@@ -107,6 +107,16 @@ def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int
     return {**conditions, "time_ids": ids.expand(pooled.shape[0], -1).contiguous()}
 
 
+def model_default(pipeline: dict[str, Any], method: str, name: str, value: Any) -> Any:
+    """`value`, or when left out `method`'s default of parameter `name` for this model (the SDXL pipelines
+    default some parameters otherwise than SD's)."""
+    if value is not None:
+        return value
+    param = METHODS[method].param(name)
+    xl = pipeline.get("tokenizer_2") and param.sdxl_default is not None
+    return param.sdxl_default if xl else param.default
+
+
 def method_runner(runner: Runner, method: str, lora: Sequence[str] = ()) -> Runner:
     """The runner `method`'s loop calls: bound to the model family that serves it, with the request's adapters.
     An SDXL family (two tokenizers) serves the methods written for SDXL's UNet only."""

@@ -22,7 +22,7 @@ def txt2img(
     prompt: str,
     negative_prompt: str | None = None,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -47,6 +47,7 @@ def txt2img(
     timings = Timings()
     runner = shared.method_runner(runner, "txt2img", lora)
     pipeline = runner.pipeline
+    guidance = shared.model_default(pipeline, "txt2img", "guidance", guidance)
     facts = shared.unet_facts(pipeline, UNET)
 
     # 1. Check inputs; the size defaults to the control image's, else the model's (UNet sample size × VAE

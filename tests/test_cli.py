@@ -201,7 +201,8 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["sdedit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0.8)" in text and "(default: 7.5)" in text and "(default: None)" not in text
+    assert "(default: 50)" in text and "(default: 0.8; on SDXL models 0.3" in text  # steps; strength by model
+    assert "(default: 7.5; on SDXL models 5" in text and "(default: None)" not in text
 
 
 def test_serve_on_a_busy_port_is_one_line(cli_engines, tmp_path, capsys):

@@ -128,6 +128,17 @@ def test_inpaint_matches_diffusers(case, references, sdxl_engines, example_image
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
+def test_left_out_parameters_take_the_sdxl_pipelines_defaults(references, sdxl_engines, example_image):
+    """guidance 5 (not SD's 7.5) and SDEdit's strength 0.3 (not 0.8), as the SDXL pipelines default them."""
+    expected = _expected(references["sdedit"], 4, image=example_image, prompt="a dog", num_inference_steps=10)
+    with InProcessRunner(sdxl_engines.root) as runner:
+        got = METHODS["sdedit"](runner, image=example_image, prompt="a dog", steps=10, seed=4)
+        sd_defaults = METHODS["sdedit"](runner, image=example_image, prompt="a dog", steps=10, seed=4,
+                                        guidance=7.5, strength=0.8)
+    assert max_abs(got.array, expected) <= TOLERANCE
+    assert max_abs(sd_defaults.array, expected) > 2 * TOLERANCE
+
+
 def test_size_conditioning_changes_the_image(sdxl_engines):
     """The size conditions reach the UNet (the parity case above would pass if they were ignored only by chance)."""
     with InProcessRunner(sdxl_engines.root) as runner:

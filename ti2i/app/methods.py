@@ -56,7 +56,8 @@ def _add_param(p: argparse.ArgumentParser, param: Param) -> None:
     elif param.many:
         p.add_argument(param.flag, action="append", default=None, metavar=param.name.upper(), help=help_text)
     else:
-        p.add_argument(param.flag, type=param.kind, default=param.default, required=param.required,
+        p.add_argument(param.flag, type=param.kind, required=param.required,
+                       default=None if param.sdxl_default is not None else param.default,
                        help=help_text or None)
 
 
