@@ -45,11 +45,14 @@ class Control:
         return 1.0 - float(step / steps < self.start or (step + 1) / steps > self.end)
 
     def residuals(self, runner: Runner, sample: torch.Tensor, timestep: torch.Tensor,
-                  encoder_hidden_states: torch.Tensor, step: int, steps: int) -> dict[str, torch.Tensor]:
-        """The ControlNet's residuals for this UNet input, times the step's conditioning scale."""
+                  encoder_hidden_states: torch.Tensor, step: int, steps: int, **conditions: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+        """The ControlNet's residuals for this UNet input (and its `conditions`: SDXL's text-time inputs), times
+        the step's conditioning scale."""
         scale = self.scale * self.keep(step, steps)
         out = runner.run_tensors(self.model, sample=sample, timestep=timestep,
-                                 encoder_hidden_states=encoder_hidden_states, controlnet_cond=self.image)
+                                 encoder_hidden_states=encoder_hidden_states, controlnet_cond=self.image,
+                                 **conditions)
         return {name: value * scale for name, value in out.items()}
 
 

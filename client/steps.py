@@ -200,7 +200,7 @@ def guided_noise_pred(runner: Runner, model: str, scheduler, latents: torch.Tens
     if control is not None:
         timestep = torch.full((model_input.shape[0],), float(t), dtype=torch.float32, device=model_input.device)
         conditions = {**control.residuals(runner, model_input.contiguous(), timestep, prompt_embeds.contiguous(),
-                                          *step), **conditions}
+                                          *step, **conditions), **conditions}
         model = controlled(model, control)
     if extra_channels is not None:
         model_input = torch.cat([model_input, extra_channels], dim=1)

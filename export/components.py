@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ti2i.client.registry import CONTROLLED_UNETS, CONTROLNET_PREFIX
+from ti2i.client.registry import CONTROLNET_PREFIX
 from ti2i.engines.adapters import LORA_DOWN, LORA_RANK, LORA_UP, MAX_RANK
 from ti2i.engines.adapters import totals as lora_totals
 from ti2i.engines.processing import MAX_BATCH, image_dims
@@ -301,19 +301,28 @@ class _UNetXL(_UNet):
 TIME_ID_LIMITS = (0.0, 8192.0)
 
 
-def _unet_xl_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
-    """The spec of the SD UNet `name` with SDXL's text-time inputs after the text."""
+def _text_time_specs(cfg: Any, pipeline: Mapping[str, Any]) -> tuple[TensorSpec, TensorSpec]:
+    """SDXL's text-time inputs of a UNet (or its ControlNet) of config `cfg`: the pooled text, the size numbers."""
+    pooled = pipeline["text_embeds_dim"]
+    time_ids = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
+    return (TensorSpec("text_embeds", "float32", (BATCH, pooled), limits=VALUES),
+            TensorSpec("time_ids", "float32", (BATCH, time_ids), (64.0, 1024.0), TIME_ID_LIMITS))
+
+
+def _with_text_time(plain: Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]
+                    ) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    """The spec `plain` gives (a UNet's, a ControlNet's) with SDXL's text-time inputs after the text."""
     def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
-        cfg = module.config
-        pooled = pipeline["text_embeds_dim"]
-        time_ids = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
-        base = _unet_spec_named(name)(module, pipeline)
+        base = plain(module, pipeline)
         inputs = list(base.inputs)
-        inputs[3:3] = (TensorSpec("text_embeds", "float32", (BATCH, pooled), limits=VALUES),
-                       TensorSpec("time_ids", "float32", (BATCH, time_ids), (64.0, 1024.0), TIME_ID_LIMITS))
+        inputs[3:3] = _text_time_specs(module.config, pipeline)
         return replace(base, inputs=tuple(inputs))
 
     return spec
+
+
+def _unet_xl_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    return _with_text_time(_unet_spec_named(name))
 
 
 # --- ControlNet: (latents, timestep, text, control image) -> the residuals a UNet adds to its skips -------
@@ -382,6 +391,18 @@ def _controlnet_spec_named(name: str) -> Callable[[torch.nn.Module, Mapping[str,
     return spec
 
 
+class _ControlNetXL(_ControlNet):
+    """An SDXL ControlNet: the UNet's text-time conditioning too."""
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, controlnet_cond: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.net(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             controlnet_cond=controlnet_cond, conditioning_scale=1.0, return_dict=False,
+                             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+        return (*down, mid)
+
+
 class _UNetControlled(_UNet):
     """The UNet with a ControlNet's residuals added to its skip connections and mid block."""
 
@@ -398,12 +419,31 @@ class _UNetControlled(_UNet):
                          return_dict=False)[0]
 
 
-def _controlled_spec_named(name: str, plain: str) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
-    """The spec of the UNet `plain` (its timesteps), named `name`, with the residuals after the text."""
+class _UNetControlledXL(_UNet):
+    """SDXL's UNet with a ControlNet's residuals (after its text-time inputs)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        self.residuals = len(control_residuals(unet.config))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor, time_ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        residuals, (lora_down, lora_up) = rest[:self.residuals], rest[self.residuals:]
+        self.lora.down, self.lora.up = lora_down, lora_up
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+
+
+def _controlled_spec_named(name: str, plain: str, xl: bool = False
+                           ) -> Callable[[torch.nn.Module, Mapping[str, Any]], ComponentSpec]:
+    """The spec of the UNet `plain` (its timesteps; `xl`: SDXL's), named `name`, with the residuals after the
+    text (and SDXL's text-time inputs), before the adapters."""
     def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
-        base = _unet_spec_named(plain)(module, pipeline)
+        base = (_unet_xl_spec_named if xl else _unet_spec_named)(plain)(module, pipeline)
         inputs = list(base.inputs)
-        inputs[3:3] = _residual_specs(module.config)  # after the text, before the adapters
+        at = 5 if xl else 3
+        inputs[at:at] = _residual_specs(module.config)
         return replace(base, name=name, inputs=tuple(inputs),
                        dims={**base.dims, **_scaled_dims(base.dims, module.config)})
 
@@ -636,14 +676,27 @@ COMPONENTS: dict[str, Component] = {
         # the SDXL refiner's UNet: the second encoder's text only, aesthetic scores for the target size
         Component("unet_refiner", "unet", _load_auto, _UNetXL, _unet_xl_spec_named("unet_refiner"), _IMAGE_SIZES,
                   opt_batch=2),
+        Component("unet_control_xl", "unet", _load_auto, _UNetControlledXL,
+                  _controlled_spec_named("unet_control", "unet", xl=True), _IMAGE_SIZES, opt_batch=2,
+                  served="unet_control"),
+        Component("unet_inpaint_control_xl", "unet", _load_auto, _UNetControlledXL,
+                  _controlled_spec_named("unet_inpaint_control", "unet_inpaint", xl=True), _IMAGE_SIZES, opt_batch=2,
+                  served="unet_inpaint_control"),
     )
 }
 
-def controlnet_component(name: str) -> Component:
-    """A ControlNet, served as ``controlnet_<name>``; its weights come from the folder its source names."""
+def controlnet_component(name: str, xl: bool = False) -> Component:
+    """A ControlNet (`xl`: of an SDXL model), served as ``controlnet_<name>``; its weights come from the folder
+    its source names."""
     full = CONTROLNET_PREFIX + name
-    return Component(full, None, _load("diffusers.ControlNetModel"), _ControlNet, _controlnet_spec_named(full),
-                     _IMAGE_SIZES, opt_batch=2)
+    spec = _controlnet_spec_named(full)
+    wrap, spec = (_ControlNetXL, _with_text_time(spec)) if xl else (_ControlNet, spec)
+    return Component(full, None, _load("diffusers.ControlNetModel"), wrap, spec, _IMAGE_SIZES, opt_batch=2)
+
+
+# The declaration of the UNet that takes a ControlNet's residuals, by the kind's denoiser declaration.
+CONTROLLED_DECLARATIONS = {"unet": "unet_control", "unet_inpaint": "unet_inpaint_control",
+                           "unet_xl": "unet_control_xl", "unet_inpaint_xl": "unet_inpaint_control_xl"}
 
 # Which components each model kind exports, its denoiser last (the kind is detected from the model folder).
 KIND_COMPONENTS: dict[str, tuple[str, ...]] = {

@@ -27,7 +27,6 @@ from ti2i.engines.calibrate import calibrate
 from ti2i.engines.ort import OrtEngine
 from ti2i.engines.processing import STEPS
 from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
-from ti2i.client.registry import CONTROLLED_UNETS
 from ti2i.export.components import (
     COMPONENTS,
     KIND_BY_UNET_CHANNELS,
@@ -36,6 +35,7 @@ from ti2i.export.components import (
     TORCH_DTYPES,
     Component,
     ModelSource,
+    CONTROLLED_DECLARATIONS,
     controlnet_component,
 )
 from ti2i.export.lora import fuse_loras, parse_lora
@@ -199,8 +199,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     kind = detected
     adapters = tuple(parse_lora(text) for text in loras)
     named_controlnets = controlnet_names(controlnets)
-    if named_controlnets and KIND_COMPONENTS[kind][-1] not in CONTROLLED_UNETS:
-        raise InvalidInputError(f"--controlnet pairs with an SD 1.x text-to-image or inpainting model, not a "
+    if named_controlnets and KIND_COMPONENTS[kind][-1] not in CONTROLLED_DECLARATIONS:
+        raise InvalidInputError(f"--controlnet pairs with an SD 1.x or SDXL text-to-image or inpainting model, not a "
                                 f"{kind!r} model")
     if adapters and kind not in LORA_KINDS:
         raise InvalidInputError(f"--lora fuses SD 1.x adapters into {', '.join(LORA_KINDS)} models, not a {kind!r} "
@@ -234,7 +234,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
 
     if kind == "sdxl_refiner":  # before any export: its prompts are encoded with the base's graph
         _check_second_text_encoder(manifest, source)
-    names = [*KIND_COMPONENTS[kind], *([CONTROLLED_UNETS[KIND_COMPONENTS[kind][-1]]] if named_controlnets else [])]
+    names = [*KIND_COMPONENTS[kind], *([CONTROLLED_DECLARATIONS[KIND_COMPONENTS[kind][-1]]] if named_controlnets
+                                       else [])]
     for name in names:
         component = COMPONENTS[name]
         graph = component.precision(precision)
@@ -243,7 +244,7 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     if "text_encoder_xl" in names:  # a refiner that joins must have the same second encoder
         manifest.pipeline["text_encoder_2_sha256"] = fingerprint(module(COMPONENTS["text_encoder_xl"], "fp32")[1])
     for name, folder in named_controlnets.items():
-        component = controlnet_component(name)
+        component = controlnet_component(name, xl=kind in SDXL_KINDS)
         graph = component.precision(precision)
         net = component.load(ModelSource(folder), None)
         exported = component.load(ModelSource(folder), None, TORCH_DTYPES[graph]) if graph != "fp32" else None

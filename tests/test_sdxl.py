@@ -204,6 +204,57 @@ def test_a_chosen_scheduler_matches_diffusers(scheduler, references, sdxl_engine
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def control(sdxl_models, tmp_path_factory):
+    """A random ControlNet of the SDXL base, exported with the base and the inpainting model into one directory."""
+    from diffusers import ControlNetModel
+    from ti2i.export.tiny import write_random_controlnet
+
+    root = tmp_path_factory.mktemp("sdxl-control")
+    folder = write_random_controlnet(sdxl_models["sdxl"], root / "canny", 3)
+    for kind in ("sdxl", "sdxl_inpaint"):
+        manifest = export_model(str(sdxl_models[kind]), root / "engines", controlnets=[str(folder)],
+                                log=lambda _: None)
+    image = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    from PIL import Image
+    return manifest, ControlNetModel.from_pretrained(str(folder)), Image.fromarray(image)
+
+
+CONTROLLED = {  # method: (its diffusers pipeline, the model kind, ours, theirs)
+    "txt2img": ("StableDiffusionXLControlNetPipeline", "sdxl", dict(steps=3, height=64, width=48),
+                dict(num_inference_steps=3, height=64, width=48)),
+    "sdedit": ("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl", dict(strength=0.6, steps=5),
+               dict(strength=0.6, num_inference_steps=5)),
+    "inpaint": ("StableDiffusionXLControlNetInpaintPipeline", "sdxl_inpaint",
+                dict(strength=0.7, steps=5, height=64, width=48),
+                dict(strength=0.7, num_inference_steps=5, height=64, width=48, controlnet_conditioning_scale=0.5)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CONTROLLED))
+def test_controlnet_matches_the_sdxl_controlnet_pipelines(method, control, sdxl_models, example_image):
+    import diffusers
+
+    manifest, net, control_image = control
+    pipeline, kind, ours, theirs = CONTROLLED[method]
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(sdxl_models[kind]), controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    image = example_image.resize(control_image.size)
+    inputs = {"txt2img": {}, "sdedit": {"image": image},
+              "inpaint": {"image": image, "mask": centered_ellipse_mask(image.size)}}[method]
+    reference_inputs = {"mask_image": inputs["mask"], "image": image} if method == "inpaint" else inputs
+    control_key = "image" if method == "txt2img" else "control_image"
+    expected = _expected(pipe, 2, prompt="a house", guidance_scale=5.0, **{control_key: control_image},
+                         **reference_inputs, **theirs)
+    with InProcessRunner(manifest.root) as runner:
+        got = METHODS[method](runner, prompt="a house", guidance=5.0, seed=2, control_image=control_image, **inputs,
+                              **ours)
+        uncontrolled = METHODS[method](runner, prompt="a house", guidance=5.0, seed=2, **inputs, **ours)
+    assert got.array.shape == expected.shape
+    assert max_abs(got.array, expected) <= TOLERANCE
+    assert max_abs(uncontrolled.array, expected) > 2 * TOLERANCE
+
+
 def test_a_method_not_written_for_sdxl_is_one_clear_error(sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         with pytest.raises(InvalidInputError, match="cyclediffusion does not run on an SDXL model"):
