@@ -236,6 +236,8 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
         _check_second_text_encoder(manifest, source)
     names = [*KIND_COMPONENTS[kind], *([CONTROLLED_DECLARATIONS[KIND_COMPONENTS[kind][-1]]] if named_controlnets
                                        else [])]
+    if kind in SDXL_KINDS and precision == "fp16":
+        names = _sdxl_vae(model, names, log)
     for name in names:
         component = COMPONENTS[name]
         graph = component.precision(precision)
@@ -257,6 +259,17 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
             manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
+
+
+def _sdxl_vae(model: str, names: list[str], log: Callable[[str], None]) -> list[str]:
+    """SDXL's VAE overflows in fp16 (diffusers upcasts it: `force_upcast`): its declarations keep it fp32, unless
+    the folder's VAE says it is safe in fp16 (the fp16-fix VAE: `force_upcast` false), which SD's declarations
+    then export in fp16. Says which."""
+    if _load_config(model, "vae", "config.json").get("force_upcast", True):
+        log("vae: kept fp32 (SDXL's VAE overflows in fp16: its config says force_upcast)")
+        return names
+    log("vae: fp16 (its config says force_upcast false: an fp16-safe VAE)")
+    return [{"vae_encoder_xl": "vae_encoder", "vae_decoder_xl": "vae_decoder"}.get(name, name) for name in names]
 
 
 def _check_second_text_encoder(manifest: Manifest, source: ModelSource) -> None:

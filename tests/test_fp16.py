@@ -117,6 +117,18 @@ def test_sdxl_txt2img_on_fp16_engines_matches_fp32_engines(sdxl16_engines: Manif
     assert db >= MIN_PSNR_DB
 
 
+def test_an_fp16_safe_sdxl_vae_is_exported_in_fp16(sdxl_model: Path, tmp_path: Path):
+    """The fp16-fix VAE says `force_upcast: false`: then the VAE is fp16 too, and the export says so."""
+    model = tmp_path / "sdxl-vae-fix"
+    shutil.copytree(sdxl_model, model)
+    config = json.loads((model / "vae" / "config.json").read_text())
+    (model / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    lines: list[str] = []
+    manifest = export_model(str(model), tmp_path / "engines", log=lines.append, precision="fp16")
+    assert {manifest.components[n].precision for n in ("vae_encoder", "vae_decoder", "unet")} == {"fp16"}
+    assert "vae: fp16 (its config says force_upcast false: an fp16-safe VAE)" in lines
+
+
 def test_svd_on_fp16_engines_matches_fp32_engines(svd16_engines: Manifest, svd_engines: Manifest, example_image):
     def run(root: Path):
         with InProcessRunner(root) as runner:
