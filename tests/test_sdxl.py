@@ -4,6 +4,8 @@ text-time UNet of 4, 8 and 9 input channels) exported into one engine directory.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -318,7 +320,8 @@ def sdxl_server(sdxl_engines, tmp_path_factory):
 
 
 def test_served_methods_equal_in_process(sdxl_server, sdxl_engines, example_image):
-    """Each SDXL method as a whole method model (gRPC, streamed; HTTP), equal to the in-process loop."""
+    """Each SDXL method as a whole method model (gRPC, streamed, all at once: their UNet steps batch together
+    in the core with their own text-time inputs; then HTTP), equal to the in-process loop."""
     calls = {"txt2img": dict(TXT2IMG["size_conditioning"][0], seed=5),
              "sdedit": dict(SDEDIT[0], image=example_image, seed=6),
              "pix2pix": dict(PIX2PIX[0], image=example_image, seed=7),
@@ -328,9 +331,14 @@ def test_served_methods_equal_in_process(sdxl_server, sdxl_engines, example_imag
                                      aesthetic_score=7.0, seed=9)}
     with InProcessRunner(sdxl_engines.root) as runner:
         local = {name: METHODS[name.split("_")[0]](runner, **values) for name, values in calls.items()}
+    def grpc(name: str):
+        return run_remote(server_url(sdxl_server, "grpc"), METHODS[name.split("_")[0]], progress=False,
+                          **calls[name])
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        streamed = dict(zip(calls, pool.map(grpc, calls)))
     for name, values in calls.items():
-        method = METHODS[name.split("_")[0]]
-        grpc = run_remote(server_url(sdxl_server, "grpc"), method, progress=False, **values)
-        http = run_remote(server_url(sdxl_server, "http"), method, progress=False, stream=False, **values)
-        for served in (grpc, http):
+        http = run_remote(server_url(sdxl_server, "http"), METHODS[name.split("_")[0]], progress=False,
+                          stream=False, **values)
+        for served in (streamed[name], http):
             assert max_abs(np.asarray(served.image) / 255.0, local[name].array) <= SERVED, name
