@@ -130,6 +130,33 @@ def test_inpaint_matches_diffusers(case, references, sdxl_engines, example_image
     assert max_abs(got.array, expected) <= TOLERANCE
 
 
+def test_an_sdxl_turbo_style_model_runs_one_step_without_guidance(sdxl_model, tmp_path, example_image):
+    """SDXL-Turbo's shape: the SDXL folder with Euler ancestral on trailing timesteps, one step, no guidance."""
+    import json
+    import shutil
+
+    import diffusers
+
+    model = tmp_path / "turbo"
+    shutil.copytree(sdxl_model, model)
+    diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="trailing").save_pretrained(model / "scheduler")
+    index = json.loads((model / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    engines = export_model(str(model), tmp_path / "engines", log=lambda _: None)
+    text, image = (cls.from_pretrained(str(model)) for cls in (StableDiffusionXLPipeline,
+                                                                 StableDiffusionXLImg2ImgPipeline))
+    expected_text = _expected(text, 1, prompt="a fox", num_inference_steps=1, guidance_scale=0.0)
+    expected_edit = _expected(image, 1, prompt="a fox", image=example_image, strength=0.5, num_inference_steps=2,
+                              guidance_scale=0.0)
+    with InProcessRunner(engines.root) as runner:
+        got_text = METHODS["txt2img"](runner, prompt="a fox", steps=1, guidance=0.0, seed=1)
+        got_edit = METHODS["sdedit"](runner, prompt="a fox", image=example_image, strength=0.5, steps=2,
+                                     guidance=0.0, seed=1)
+    assert max_abs(got_text.array, expected_text) <= TOLERANCE
+    assert max_abs(got_edit.array, expected_edit) <= TOLERANCE
+
+
 def test_left_out_parameters_take_the_sdxl_pipelines_defaults(references, sdxl_engines, example_image):
     """guidance 5 (not SD's 7.5) and SDEdit's strength 0.3 (not 0.8), as the SDXL pipelines default them."""
     expected = _expected(references["sdedit"], 4, image=example_image, prompt="a dog", num_inference_steps=10)
