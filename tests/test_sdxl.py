@@ -43,6 +43,12 @@ def references(sdxl_models):
     return pipes
 
 
+def _assert_close(got: np.ndarray, expected: np.ndarray, tolerance: float = TOLERANCE) -> None:
+    error = max_abs(got, expected)
+    print(f"\nmax |Δ| = {error:.1e}")
+    assert error <= tolerance
+
+
 def _expected(pipe, seed: int, **kwargs) -> np.ndarray:
     return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images[0]
 
@@ -98,7 +104,7 @@ def test_txt2img_matches_diffusers(case, references, sdxl_engines):
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["txt2img"](runner, seed=3, **ours)
     assert got.array.shape == expected.shape
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
 
 
 def test_sdedit_matches_diffusers(references, sdxl_engines, example_image):
@@ -107,7 +113,7 @@ def test_sdedit_matches_diffusers(references, sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["sdedit"](runner, image=example_image, seed=4, **ours)
     assert got.array.shape == expected.shape == (48, 64, 3)
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
 
 
 def test_pix2pix_matches_diffusers(references, sdxl_engines, example_image):
@@ -116,7 +122,7 @@ def test_pix2pix_matches_diffusers(references, sdxl_engines, example_image):
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["pix2pix"](runner, image=example_image, seed=5, **ours)
     assert got.array.shape == expected.shape == (48, 64, 3)
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
 
 
 @pytest.mark.parametrize("case", sorted(INPAINT))
@@ -127,7 +133,7 @@ def test_inpaint_matches_diffusers(case, references, sdxl_engines, example_image
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["inpaint"](runner, image=example_image, mask=mask, seed=6, **ours)
     assert got.array.shape == expected.shape
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
 
 
 def test_an_sdxl_turbo_style_model_runs_one_step_without_guidance(sdxl_model, tmp_path, example_image):
@@ -153,8 +159,8 @@ def test_an_sdxl_turbo_style_model_runs_one_step_without_guidance(sdxl_model, tm
         got_text = METHODS["txt2img"](runner, prompt="a fox", steps=1, guidance=0.0, seed=1)
         got_edit = METHODS["sdedit"](runner, prompt="a fox", image=example_image, strength=0.5, steps=2,
                                      guidance=0.0, seed=1)
-    assert max_abs(got_text.array, expected_text) <= TOLERANCE
-    assert max_abs(got_edit.array, expected_edit) <= TOLERANCE
+    _assert_close(got_text.array, expected_text)
+    _assert_close(got_edit.array, expected_edit)
 
 
 def test_left_out_parameters_take_the_sdxl_pipelines_defaults(references, sdxl_engines, example_image):
@@ -164,7 +170,7 @@ def test_left_out_parameters_take_the_sdxl_pipelines_defaults(references, sdxl_e
         got = METHODS["sdedit"](runner, image=example_image, prompt="a dog", steps=10, seed=4)
         sd_defaults = METHODS["sdedit"](runner, image=example_image, prompt="a dog", steps=10, seed=4,
                                         guidance=7.5, strength=0.8)
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
     assert max_abs(sd_defaults.array, expected) > 2 * TOLERANCE
 
 
@@ -201,7 +207,7 @@ def test_a_per_request_lora_matches_load_lora_weights(sdxl_model, sdxl_engines, 
         got = METHODS["txt2img"](runner, prompt="a cat", steps=3, guidance=5.0, height=48, width=48, seed=2,
                                  lora=[str(sdxl_lora)])
         plain = METHODS["txt2img"](runner, prompt="a cat", steps=3, guidance=5.0, height=48, width=48, seed=2)
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
     assert max_abs(plain.array, expected) > 2 * TOLERANCE
 
 
@@ -230,7 +236,7 @@ def test_a_chosen_scheduler_matches_diffusers(scheduler, references, sdxl_engine
     with InProcessRunner(sdxl_engines.root) as runner:
         got = METHODS["txt2img"](runner, prompt="a cat", steps=4, guidance=5.0, height=48, width=48, seed=4,
                                  scheduler=scheduler)
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +286,7 @@ def test_controlnet_matches_the_sdxl_controlnet_pipelines(method, control, sdxl_
                               **ours)
         uncontrolled = METHODS[method](runner, prompt="a house", guidance=5.0, seed=2, **inputs, **ours)
     assert got.array.shape == expected.shape
-    assert max_abs(got.array, expected) <= TOLERANCE
+    _assert_close(got.array, expected)
     assert max_abs(uncontrolled.array, expected) > 2 * TOLERANCE
 
 
@@ -308,7 +314,7 @@ def test_base_and_refiner_equal_the_ensemble_of_experts(sdxl_models, sdxl_engine
                                      guidance=5.0, height=64, width=48, seed=9)
             unrefined = METHODS["txt2img"](runner, prompt="a cat", negative_prompt=negative, steps=6, guidance=5.0,
                                            height=64, width=48, seed=9)
-        assert max_abs(got.array, expected) <= TOLERANCE
+        _assert_close(got.array, expected)
         assert max_abs(unrefined.array, expected) > 2 * TOLERANCE  # the refiner really ran
 
 
