@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 import numpy as np
@@ -51,10 +51,19 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 # that a runner whose engines live on a GPU keeps a whole loop there; a numpy runner (Triton, ONNX Runtime on
 # the CPU) sees exactly the arrays it always did.
 
+def _encode(runner: Runner, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`encode_prompt`'s outputs for the prompts, one request for all of them."""
+    return runner.run_tensors("encode_prompt", text=np.array([p.encode("utf-8") for p in prompts], dtype=object))
+
+
 def encode_prompts(runner: Runner, prompts: Sequence[str]) -> torch.Tensor:
     """Text embeddings [N, S, D] of the prompts, one request for all of them."""
-    text = np.array([p.encode("utf-8") for p in prompts], dtype=object)
-    return runner.run_tensors("encode_prompt", text=text)["text_embeddings"]
+    return _encode(runner, prompts)["text_embeddings"]
+
+
+def is_sdxl(pipeline: dict[str, Any]) -> bool:
+    """An SDXL model's facts (its second tokenizer)."""
+    return "tokenizer_2" in pipeline
 
 
 def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, guidance: bool,
@@ -67,7 +76,7 @@ def encode_prompt_cfg(runner: Runner, prompt: str, negative_prompt: str | None, 
         force_zeros = runner.pipeline.get("force_zeros_for_empty_prompt", False)
     zeros = guidance and negative_prompt is None and force_zeros
     texts = [prompt] if not guidance or zeros else [negative_prompt or "", prompt]
-    out = runner.run_tensors("encode_prompt", text=np.array([t.encode("utf-8") for t in texts], dtype=object))
+    out = _encode(runner, texts)
     tensors = {name: out[name] for name in ("text_embeddings", "text_embeds") if name in out}
     if zeros:
         tensors = {name: torch.cat([torch.zeros_like(value), value]) for name, value in tensors.items()}
@@ -113,15 +122,14 @@ def model_default(pipeline: dict[str, Any], method: str, name: str, value: Any) 
     if value is not None:
         return value
     param = METHODS[method].param(name)
-    xl = pipeline.get("tokenizer_2") and param.sdxl_default is not None
-    return param.sdxl_default if xl else param.default
+    return param.sdxl_default if is_sdxl(pipeline) and param.sdxl_default is not None else param.default
 
 
 def method_runner(runner: Runner, method: str, lora: Sequence[str] = ()) -> Runner:
     """The runner `method`'s loop calls: bound to the model family that serves it, with the request's adapters.
     An SDXL family (two tokenizers) serves the methods written for SDXL's UNet only."""
     runner = runner.for_method(method)
-    if runner.pipeline.get("tokenizer_2") and not METHODS[method].sdxl:
+    if is_sdxl(runner.pipeline) and not METHODS[method].sdxl:
         raise InvalidInputError(f"{method} does not run on an SDXL model (on SDXL: "
                                 f"{', '.join(m.name for m in METHODS.values() if m.sdxl)})")
     return with_lora(runner, lora)
