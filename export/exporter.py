@@ -29,13 +29,13 @@ from ti2i.engines.processing import STEPS
 from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
 from ti2i.export.components import (
     COMPONENTS,
+    CONTROLLED_DECLARATIONS,
     KIND_BY_UNET_CHANNELS,
-    SDXL_KIND_BY_UNET_CHANNELS,
     KIND_COMPONENTS,
+    SDXL_KIND_BY_UNET_CHANNELS,
     TORCH_DTYPES,
     Component,
     ModelSource,
-    CONTROLLED_DECLARATIONS,
     controlnet_component,
 )
 from ti2i.export.lora import fuse_loras, parse_lora
@@ -74,7 +74,7 @@ SHARED_FACTS = ("vae_scaling_factor", "vae_scale_factor", "latent_channels", "ma
 SDXL_KINDS = (*SDXL_KIND_BY_UNET_CHANNELS.values(), "sdxl_refiner")
 
 
-def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], Any]:
+def pipeline_facts(source: ModelSource, kind: str) -> tuple[dict[str, Any], list[Any]]:
     """Everything the sampling loops need besides the networks, and the model's tokenizers (SDXL: two)."""
     model = source.model
     components = KIND_COMPONENTS[kind]
