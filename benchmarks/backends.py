@@ -15,6 +15,7 @@ the harness measures it like the others, without any change to the harness.
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -192,7 +193,7 @@ def load_engines(runner: Any, method: str) -> None:
     """Load the engines of an in-process runner that `method` calls."""
     from ti2i.client.methods import components_for
 
-    for name in components_for([method]):
+    for name in components_for([method], runner.manifest.components):
         if name in runner.manifest.components:
             runner.engine(name)
 
@@ -406,6 +407,11 @@ class _StageTimers:
         return timed
 
 
+def _is_sdxl_folder(model_dir: Any) -> bool:
+    index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
 class _Reference:
     """One diffusers pipeline per method, shared by the eager and the compiled backend (one copy of the weights).
 
@@ -423,10 +429,13 @@ class _Reference:
         if ref is None:
             raise RuntimeError(f"{ctx.method} has no diffusers reference pipeline")
         prompt_fn, clip_fn = ref.prompt_fn, ref.clip_fn
-        cls = getattr(diffusers, ref.pipeline)
         kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
-        if ref.prompt_fn is not None:  # the text-conditioned pipelines carry a safety checker slot
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if _is_sdxl_folder(ctx.model_dir):
+            cls, prompt_fn = getattr(diffusers, ref.sdxl_pipeline), "encode_prompt"
+        else:
+            cls = getattr(diffusers, ref.pipeline)
+            if ref.prompt_fn is not None:  # the text-conditioned SD pipelines carry a safety checker slot
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(str(ctx.model_dir), **kwargs)
         if ref.scheduler is not None:
             pipe.scheduler = getattr(diffusers, ref.scheduler).from_config(pipe.scheduler.config)

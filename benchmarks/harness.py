@@ -334,7 +334,8 @@ def _server(engines: Path, method: str, out: Path, needed: bool, options: Any, p
     with tempfile.TemporaryDirectory(prefix="ti2i-bench-") as tmp:
         core = CoreOptions(active=method_active, max_queue=max(method_active, options.max_queue_size),
                            queue_timeout_s=options.queue_timeout_us / 1e6, backend=engine_backend)
-        repo = write_repository(manifest, Path(tmp) / "repository", options, models=components_for([method]),
+        repo = write_repository(manifest, Path(tmp) / "repository", options,
+                                models=components_for([method], manifest.components),
                                 methods=[method] if method_model else [], core_options=core)
         if method_model:  # the bench sends plain requests only
             shutil.rmtree(repo / (method + STREAM_SUFFIX))

@@ -10,6 +10,10 @@ directories next to them, so a rerun starts measuring at once.
   (random weights: the compute profile is the real one), PNDM as SD 1.5, run at 256×256.
 * ``svd-small``: the real ``UNetSpatioTemporalConditionModel`` / temporal VAE / CLIP vision block
   structure, scaled down in width so one run takes minutes on 2 cores.
+* ``sdxl-tiny``: the ``ti2i tiny`` SDXL models (base, InstructPix2Pix, inpainting) for the same methods.
+* ``sdxl-512``: SDXL 1.0 base's UNet (2.57 G parameters), VAE and both text encoders at their real sizes,
+  random weights, at 512×512: an fp32 export holds the UNet about twice (module and graph, ~20 GiB), so it
+  needs a host with more memory than the 24 GiB development machines.
 
 ``--model`` takes a real diffusers folder instead: its kind is detected and it is exported into the
 cache like a preset's (keyed by the folder's absolute path).
@@ -164,6 +168,65 @@ def _sd15(in_channels: int) -> Callable[[Path], None]:
     return build
 
 
+# --- sdxl-512: SDXL 1.0 base's architecture at its real size, random weights ------------------------------
+
+# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (2.57 G parameters)
+SDXL_UNET = dict(
+    sample_size=128,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+# OpenCLIP ViT-bigG/14's text tower (text_encoder_2/config.json of SDXL 1.0); the first encoder is CLIP ViT-L's.
+CLIP_BIGG_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=1280,
+)
+
+
+def _sdxl(out: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ti2i.export import tiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer, tokenizer_2 = tiny.build_tokenizer(), tiny.build_tokenizer(pad_token="!")
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **ids, pad_token_id=tokenizer.pad_token_id))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT, **ids,
+                                                                    pad_token_id=tokenizer_2.pad_token_id))
+        vae = AutoencoderKL(**SDXL_VAE).eval()
+        tiny._calibrate_vae_posterior(vae)
+        unet = UNet2DConditionModel(in_channels=4, **SDXL_UNET).eval()
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(tiny.SDXL_EULER_CONFIG))
+    pipe.save_pretrained(out, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        tiny._write_vocab_files(out / folder)
+
+
 # --- svd-small: SVD's block structure, narrower ----------------------------------------------------------
 
 def _svd_small(out: Path) -> None:
@@ -225,6 +288,21 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
          "ddib": Request(256, 256, 10, strength=0.5, guidance=1.0),
          "cyclediffusion": Request(256, 256, 10, strength=0.5),
          "pix2pix": Request(256, 256, 5)},
+        repeats=3, warmup=1, concurrency_requests=1),
+    Preset(
+        "sdxl-tiny", "the `ti2i tiny` SDXL models (two text encoders, text-time UNets), 64×64",
+        {"sd": _tiny("sdxl"), "pix2pix": _tiny("sdxl_pix2pix"), "inpaint": _tiny("sdxl_inpaint")},
+        {"txt2img": Request(64, 64, 10, guidance=5.0),
+         "sdedit": Request(64, 64, 10, strength=0.8, guidance=5.0),
+         "inpaint": Request(64, 64, 10, strength=1.0, guidance=5.0),
+         "pix2pix": Request(64, 64, 8, guidance=5.0)},
+        repeats=10, warmup=2, concurrency_requests=12),
+    Preset(
+        "sdxl-512", "SDXL 1.0 base's UNet, VAE and both text encoders at their real sizes (random weights), "
+                    "512×512",
+        {"sd": _sdxl},
+        {"txt2img": Request(512, 512, 10, guidance=5.0),
+         "sdedit": Request(512, 512, 10, strength=0.5, guidance=5.0)},
         repeats=3, warmup=1, concurrency_requests=1),
     Preset(
         "svd-small", "SVD's spatio-temporal UNet, temporal VAE and CLIP vision layouts at 1/5 width, "

@@ -157,6 +157,7 @@ class Reference:
     clip_fn: str | None = None
     scheduler: str | None = None
     output: str = "images"  # the pipeline output's field: "images" or "frames"
+    sdxl_pipeline: str | None = None  # the SDXL counterpart (its prompt encoding is `encode_prompt`)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         images=(), optional_images=("control_image",), image_help=CONTROL_IMAGE, size_default=_MODEL_SIZE,
         reference=Reference("StableDiffusionPipeline", {"num_inference_steps": "steps",
                                                          "guidance_scale": "guidance", "height": "height",
-                                                         "width": "width"}), sdxl=True),
+                                                         "width": "width"},
+                            sdxl_pipeline="StableDiffusionXLPipeline"), sdxl=True),
     Method(
         "sdedit", "ti2i.client.sdedit:sdedit", "SDEdit image-to-image", "image", "unet",
         (*_IMAGE_EDIT, "unet"), "sd",
@@ -309,7 +311,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         optional_images=("control_image",), image_help=CONTROL_IMAGE,
         reference=Reference("StableDiffusionImg2ImgPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
-                                                                "guidance_scale": "guidance"}), sdxl=True),
+                                                                "guidance_scale": "guidance"},
+                            sdxl_pipeline="StableDiffusionXLImg2ImgPipeline"), sdxl=True),
     Method(
         "inpaint", "ti2i.client.inpaint:inpaint",
         "inpainting with a 9-channel inpainting UNet (mask white = repaint)", "image", "unet_inpaint",
@@ -324,7 +327,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         reference=Reference("StableDiffusionInpaintPipeline", {"strength": "strength",
                                                                 "num_inference_steps": "steps",
                                                                 "guidance_scale": "guidance", "height": "height",
-                                                                "width": "width"}), sdxl=True),
+                                                                "width": "width"},
+                            sdxl_pipeline="StableDiffusionXLInpaintPipeline"), sdxl=True),
     Method(
         "pix2pix", "ti2i.client.pix2pix:pix2pix", "InstructPix2Pix editing by instruction", "image", "unet_pix2pix",
         (*_IMAGE_EDIT, "unet_pix2pix"), "pix2pix",
@@ -334,7 +338,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
          *_size(_IMAGE_SIZE), SCHEDULER, LORA, *SDXL_SIZES),
         reference=Reference("StableDiffusionInstructPix2PixPipeline",
                             {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                             "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt"), sdxl=True),
+                             "image_guidance_scale": "image_guidance"}, prompt_fn="_encode_prompt",
+                            sdxl_pipeline="StableDiffusionXLInstructPix2PixPipeline"), sdxl=True),
     Method(
         "cyclediffusion", "ti2i.client.cyclediffusion:cyclediffusion",
         "CycleDiffusion editing from a source to a target prompt", "image", "unet", (*_IMAGE_EDIT, "unet"), "sd",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,31 @@ def test_batched_in_process_sweep_merges_the_clients_steps(tmp_path, cache):
     assert single["server"]["unet"]["avg_requests_per_execution"] == 1.0
     assert double["server"]["unet"]["avg_requests_per_execution"] > 1.2, double["server"]
     assert entry["backends"]["ort-batched"]["status"] == "ok" and entry["summary"]["ort-batched"]["end_to_end_s"]["n"]
+
+
+def test_sdxl_presets_measure_the_sdxl_pipelines_beside_ours(tmp_path, cache):
+    """`sdxl-tiny`: diffusers' SDXL pipelines (the records' SDXL counterparts) beside our loops, same images."""
+    from ti2i.benchmarks.presets import PRESETS
+
+    data = run_benchmark(BenchConfig(methods="txt2img", preset="sdxl-tiny", backends=["diffusers", "ort"],
+                                     concurrency=(), out=tmp_path / "results", cache=cache, repeats=1, warmup=1,
+                                     steps=2, unet_calls=1, quiet=True))
+    entry = data["methods"]["txt2img"]
+    assert entry["status"] == "done" and entry["backends"]["ort"]["max_abs_vs_diffusers"] < 1e-2
+    index = json.loads((Path(entry["model_dir"]) / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert set(PRESETS["sdxl-512"].requests) <= set(PRESETS["sdxl-tiny"].requests)
+
+
+def test_the_sdxl_512_preset_has_sdxl_10s_architecture():
+    """Built on the meta device (no weights): the preset's UNet is SDXL 1.0 base's, parameter for parameter."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from ti2i.benchmarks.presets import SDXL_UNET
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(in_channels=4, **SDXL_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stable-diffusion-xl-base-1.0's UNet
 
 
 def test_an_in_process_sweep_client_has_its_engines_loaded_before_the_clock_starts(engines):
