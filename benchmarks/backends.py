@@ -15,7 +15,6 @@ the harness measures it like the others, without any change to the harness.
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -407,11 +406,6 @@ class _StageTimers:
         return timed
 
 
-def _is_sdxl_folder(model_dir: Any) -> bool:
-    index = json.loads((Path(model_dir) / "model_index.json").read_text(encoding="utf-8"))
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
-
-
 class _Reference:
     """One diffusers pipeline per method, shared by the eager and the compiled backend (one copy of the weights).
 
@@ -425,12 +419,15 @@ class _Reference:
         import diffusers
         import torch
 
+        from ti2i.client.steps import is_sdxl
+        from ti2i.manifest import Manifest
+
         ref = METHODS[ctx.method].reference
         if ref is None:
             raise RuntimeError(f"{ctx.method} has no diffusers reference pipeline")
         prompt_fn, clip_fn = ref.prompt_fn, ref.clip_fn
         kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
-        if _is_sdxl_folder(ctx.model_dir):
+        if is_sdxl(Manifest.load(ctx.engine_dir).pipeline):
             cls, prompt_fn = getattr(diffusers, ref.sdxl_pipeline), "encode_prompt"
         else:
             cls = getattr(diffusers, ref.pipeline)

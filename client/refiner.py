@@ -81,9 +81,7 @@ def refine_latents(runner: Runner, latents: torch.Tensor, prompt: str, negative_
     if do_cfg:
         negative = negative_aesthetic_score
         scores.insert(0, negative if negative is not None else NEGATIVE_AESTHETIC_SCORE)
-    pooled = added["text_embeds"]
-    added["time_ids"] = torch.tensor([sizes.time_ids(height, width, score) for score in scores], dtype=pooled.dtype,
-                                     device=pooled.device)
+    added = shared.size_conditions(added, height, width, sizes, scores)
 
     # 3. Timesteps: the rest of its own schedule
     scheduler = shared.make_scheduler(pipeline, REFINER, scheduler_name, seed)

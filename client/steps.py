@@ -103,17 +103,19 @@ class SizeConditioning:
 
 
 def size_conditions(conditions: dict[str, torch.Tensor], height: int, width: int,
-                    sizes: SizeConditioning = SizeConditioning()) -> dict[str, torch.Tensor]:
+                    sizes: SizeConditioning = SizeConditioning(),
+                    aesthetic_scores: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The prompt's UNet inputs with SDXL's size conditioning for a height×width output (`time_ids`), one row per
-    prompt row; other models' unchanged (and a size condition asked of them is an error)."""
+    prompt row (a refiner's: each row its aesthetic score); other models' unchanged (and a size condition asked
+    of them is an error)."""
     if "text_embeds" not in conditions:
         given = [name for name, value in vars(sizes).items() if value is not None]
         if given:
             raise InvalidInputError(f"{given[0]} is an SDXL size condition: this model has no size conditioning")
         return conditions
     pooled = conditions["text_embeds"]
-    ids = torch.tensor(sizes.time_ids(height, width), dtype=pooled.dtype, device=pooled.device)
-    return {**conditions, "time_ids": ids.expand(pooled.shape[0], -1).contiguous()}
+    rows = [sizes.time_ids(height, width, score) for score in aesthetic_scores or [None] * pooled.shape[0]]
+    return {**conditions, "time_ids": torch.tensor(rows, dtype=pooled.dtype, device=pooled.device)}
 
 
 def model_default(pipeline: dict[str, Any], method: str, name: str, value: Any) -> Any:

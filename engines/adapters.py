@@ -150,8 +150,7 @@ def load_adapter(name: str, path: str | Path, modules: Mapping[str, Mapping[str,
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
         raise InvalidInputError(f"{where}: a DoRA adapter; per-request adapters are plain LoRA "
                                 f"(fuse it with `ti2i export --lora`)")
-    unreached = sorted({key.split(".")[0] for key in state} - {"unet", *(TEXT_ENCODER for c in modules
-                                                                         if c == TEXT_ENCODER)})
+    unreached = sorted({key.split(".")[0] for key in state} - {"unet", *({TEXT_ENCODER} & set(modules))})
     if unreached:  # SDXL's text encoders: a request's adapter would be applied in part, silently
         raise InvalidInputError(f"{where} adapts {', '.join(unreached)}, which per-request adapters do not reach "
                                 f"on this model")

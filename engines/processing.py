@@ -46,7 +46,8 @@ class ProcessingStep:
 
 # --- tokenize: text -> token ids (SDXL: tokenize_2 too, for its second text encoder) ------------------
 
-def _tokenize_spec_of(name: str, ids: str) -> Callable[[Mapping[str, Any]], ComponentSpec]:
+def _tokenize_step(name: str, folder: str, ids: str) -> ProcessingStep:
+    """Text -> `ids`, with the tokenizer saved in the engine directory's `pipeline[folder]` (when it has one)."""
     def spec(pipeline: Mapping[str, Any]) -> ComponentSpec:
         return ComponentSpec(
             name=name,
@@ -55,11 +56,6 @@ def _tokenize_spec_of(name: str, ids: str) -> Callable[[Mapping[str, Any]], Comp
             dims={BATCH: (1, MAX_BATCH)},
         )
 
-    return spec
-
-
-def _make_tokenize_of(folder: str, ids: str):
-    """The step that tokenizes with the tokenizer saved in the engine directory's `pipeline[folder]`."""
     def make(pipeline: Mapping[str, Any], root: Path):
         from transformers import CLIPTokenizer
 
@@ -74,7 +70,7 @@ def _make_tokenize_of(folder: str, ids: str):
 
         return run
 
-    return make
+    return ProcessingStep(name, spec, make, lambda pipeline: folder in pipeline)
 
 
 def _as_text(value: Any) -> str:
@@ -142,10 +138,8 @@ def _make_postprocess(pipeline: Mapping[str, Any], root: Path):
 STEPS: dict[str, ProcessingStep] = {
     step.name: step
     for step in (
-        ProcessingStep("tokenize", _tokenize_spec_of("tokenize", "input_ids"),
-                       _make_tokenize_of("tokenizer", "input_ids"), lambda pipeline: "tokenizer" in pipeline),
-        ProcessingStep("tokenize_2", _tokenize_spec_of("tokenize_2", "input_ids_2"),
-                       _make_tokenize_of("tokenizer_2", "input_ids_2"), lambda pipeline: "tokenizer_2" in pipeline),
+        _tokenize_step("tokenize", "tokenizer", "input_ids"),
+        _tokenize_step("tokenize_2", "tokenizer_2", "input_ids_2"),
         ProcessingStep("image_preprocess", _preprocess_spec, _make_preprocess),
         ProcessingStep("image_postprocess", _postprocess_spec, _make_postprocess),
     )

@@ -406,33 +406,26 @@ class _ControlNetXL(_ControlNet):
 class _UNetControlled(_UNet):
     """The UNet with a ControlNet's residuals added to its skip connections and mid block."""
 
+    TEXT_TIME: tuple[str, ...] = ()  # inputs between the text and the residuals (SDXL's text-time conditioning)
+
     def __init__(self, unet: torch.nn.Module):
         super().__init__(unet)
         self.residuals = len(control_residuals(unet.config))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *rest: torch.Tensor) -> torch.Tensor:
+        added, rest = dict(zip(self.TEXT_TIME, rest)), rest[len(self.TEXT_TIME):]
         residuals, (lora_down, lora_up) = rest[:self.residuals], rest[self.residuals:]
         self.lora.down, self.lora.up = lora_down, lora_up
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                          down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
-                         return_dict=False)[0]
+                         added_cond_kwargs=added or None, return_dict=False)[0]
 
 
-class _UNetControlledXL(_UNet):
+class _UNetControlledXL(_UNetControlled):
     """SDXL's UNet with a ControlNet's residuals (after its text-time inputs)."""
 
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__(unet)
-        self.residuals = len(control_residuals(unet.config))
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                text_embeds: torch.Tensor, time_ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        residuals, (lora_down, lora_up) = rest[:self.residuals], rest[self.residuals:]
-        self.lora.down, self.lora.up = lora_down, lora_up
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+    TEXT_TIME = ("text_embeds", "time_ids")
 
 
 def _controlled_spec_named(name: str, plain: str, xl: bool = False
@@ -442,7 +435,7 @@ def _controlled_spec_named(name: str, plain: str, xl: bool = False
     def spec(module: torch.nn.Module, pipeline: Mapping[str, Any]) -> ComponentSpec:
         base = (_unet_xl_spec_named if xl else _unet_spec_named)(plain)(module, pipeline)
         inputs = list(base.inputs)
-        at = 5 if xl else 3
+        at = 3 + len((_UNetControlledXL if xl else _UNetControlled).TEXT_TIME)
         inputs[at:at] = _residual_specs(module.config)
         return replace(base, name=name, inputs=tuple(inputs),
                        dims={**base.dims, **_scaled_dims(base.dims, module.config)})

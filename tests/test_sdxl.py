@@ -107,20 +107,12 @@ def test_txt2img_matches_diffusers(case, references, sdxl_engines):
     _assert_close(got.array, expected)
 
 
-def test_sdedit_matches_diffusers(references, sdxl_engines, example_image):
-    ours, theirs = SDEDIT
-    expected = _expected(references["sdedit"], 4, image=example_image, **theirs)
+@pytest.mark.parametrize("method, seed", [("sdedit", 4), ("pix2pix", 5)])
+def test_image_edits_match_diffusers(method, seed, references, sdxl_engines, example_image):
+    ours, theirs = {"sdedit": SDEDIT, "pix2pix": PIX2PIX}[method]
+    expected = _expected(references[method], seed, image=example_image, **theirs)
     with InProcessRunner(sdxl_engines.root) as runner:
-        got = METHODS["sdedit"](runner, image=example_image, seed=4, **ours)
-    assert got.array.shape == expected.shape == (48, 64, 3)
-    _assert_close(got.array, expected)
-
-
-def test_pix2pix_matches_diffusers(references, sdxl_engines, example_image):
-    ours, theirs = PIX2PIX
-    expected = _expected(references["pix2pix"], 5, image=example_image, **theirs)
-    with InProcessRunner(sdxl_engines.root) as runner:
-        got = METHODS["pix2pix"](runner, image=example_image, seed=5, **ours)
+        got = METHODS[method](runner, image=example_image, seed=seed, **ours)
     assert got.array.shape == expected.shape == (48, 64, 3)
     _assert_close(got.array, expected)
 
