@@ -192,6 +192,10 @@ def test_the_pod_command_serves_guarded_and_exports_the_autoscaler_series(engine
             assert proc.poll() is None, f"ti2i serve exited with {proc.returncode}:\n{logs()}"
             assert time.monotonic() < deadline, f"not ready after 600 s:\n{logs()}"
             time.sleep(0.5)
+        # Triton answers ready a moment before `ti2i serve` (which polls it) prints its banner: wait for that
+        banner_deadline = time.monotonic() + 60
+        while "s3cret-launch-key" not in logs() and proc.poll() is None and time.monotonic() < banner_deadline:
+            time.sleep(0.2)
         assert "bundled in nvidia-pytriton" in logs() and "s3cret-launch-key" in logs()
 
         # (a) the body that kills Triton 2.51's own HTTP frontend: refused or parsed as bad JSON, server unharmed
