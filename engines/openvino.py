@@ -29,7 +29,7 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 MATRIX_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "amx_fp16")
 CACHE_FOLDER = "openvino_cache"
 # PERFORMANCE_HINT is LATENCY (one stream over every core): the core's callers share one compiled model, and
-# LATENCY beat THROUGHPUT both on its merged calls and on its concurrent halves (docs/design-notes.md).
+# LATENCY beat THROUGHPUT both on its merged calls and on two concurrent ones (docs/design-notes.md).
 
 
 @lru_cache(maxsize=1)

@@ -1,13 +1,22 @@
 """The step scheduler: continuous batching of diffusion loops that run side by side in one process.
 
 Each active request runs its method's own function (the client's loop) in its own thread, over this
-runner. A call does not run at once: it waits until every active request has a call pending (each
-loop has reached its next component call: the next UNet step, or its prompt encoding, or its
-decoding), or until the oldest pending call has waited `max_wait_s`. Then one thread runs the tick:
-the pending calls of each batched model whose inputs agree beyond the batch dimension are
-concatenated and run as one engine call (in chunks that fit the engine's memory budget), and the
-outputs are split back. Requests join and leave between ticks, each at its own step (the UNet takes a
-per-sample timestep), so a new request never waits for the others' loops to finish.
+runner. A call does not run at once: it waits until every active request that is not waiting on a
+running tick has a call pending (each loop has reached its next component call: the next UNet step,
+or its prompt encoding, or its decoding), or until the oldest pending call has waited `max_wait_s`.
+Then one of those calls' threads runs the tick: the pending calls of each batched model whose inputs
+agree beyond the batch dimension are concatenated and run as one engine call (in chunks that fit the
+engine's memory budget), and the outputs are split back. Requests join and leave between ticks, each
+at its own step (the UNet takes a per-sample timestep), so a new request never waits for the others'
+loops to finish.
+
+On CPU engines (whose calls release the interpreter lock) two ticks may run at once, each taking the
+pending calls of one model: a tick that would merge `SPLIT_FROM` requests' calls or more while nothing
+else runs takes half of them and leaves the rest to a second tick beside it. The two cohorts then keep
+alternating on their own: one's loops do their Python (guidance, the scheduler step) while the other's
+engine call runs, which keeps both cores busy where one merged call of a small batch and then everyone's
+Python, in turn, do not. Two calls that would together pass an engine's memory budget never run at once.
+A device's engines keep one tick at a time, with every pending call: the largest batches.
 
 A merged call that fails on one request's input is run again call by call, so only that request gets
 the error. Results equal the unbatched loop's up to the engine's batch-size rounding (≤ 1e-6 here).
@@ -38,7 +47,7 @@ from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import Runner, to_numpy
 
 
-@dataclass
+@dataclass(eq=False)  # calls are told apart by identity
 class _Call:
     model: str
     outputs: tuple[str, ...] | None
@@ -60,9 +69,11 @@ class StepScheduler(Runner):
     component call) runs at the next tick without waiting for anyone.
     """
 
-    # Merged calls of this many requests or more run as two halves side by side on engines that take concurrent
-    # calls: 8 tiny SDEdit clients on 2 cores got 1.43-1.70x over one client with them, 1.37x without
-    # (docs/design-notes.md); below it, each half would hold a request or so and merging is what pays.
+    # Ticks that may run at once on CPU engines (docs/design-notes.md: a third gave more at the tiny size on 2 cores
+    # but cost SD 1.5-size calls 12-16 %, three engine calls sharing two cores).
+    CPU_LANES = 2
+    # A tick that would take this many calls of one model with nothing else running takes half of them; below it,
+    # each half would hold a request or so and merging is what pays.
     SPLIT_FROM = 4
 
     def __init__(self, engines: Any, max_wait_s: float = 0.01):
@@ -74,7 +85,10 @@ class StepScheduler(Runner):
         self._cond = threading.Condition()
         self._active = 0
         self._pending: list[_Call] = []
-        self._ticking = False
+        self._ticks = 0  # ticks running
+        self._running = 0  # calls in them
+        self._overlap: bool | None = None  # whether ticks may overlap (`_lanes`), known once asked
+        self._reserved: Counter[str] = Counter()  # model -> estimated bytes its running calls hold above its base
         self._local = threading.local()
         # (model, ((tag, its samples), ...), requests' calls merged, samples in them) -> engine calls: what batching did
         self.executions: Counter[tuple[str, tuple[tuple[str, int], ...], int, int]] = Counter()
@@ -144,9 +158,9 @@ class StepScheduler(Runner):
             self._pending.append(call)
             self._cond.notify_all()
             while not call.done:
-                wait = self._tick_wait()
-                if wait is None:
-                    self._tick()
+                wait = self._tick_wait() if call in self._pending else self.max_wait_s
+                if wait is None:  # a tick's runner is one of its calls' threads, so it returns with them
+                    self._tick(call)
                 else:
                     self._cond.wait(wait)
         if call.error is not None:
@@ -156,31 +170,49 @@ class StepScheduler(Runner):
 
     def _tick_wait(self) -> float | None:
         """None when a tick is due now (the lock held); else how long to wait before looking again."""
-        if self._ticking or not self._pending:
+        if not self._pending or self._ticks >= self._lanes():
             return self.max_wait_s
-        if len(self._pending) >= self._active:
+        if len(self._pending) >= self._active - self._running:
             return None
         waited = time.monotonic() - self._pending[0].since
         return None if waited >= self.max_wait_s else self.max_wait_s - waited
 
-    def _tick(self) -> None:
-        """Run the pending calls (the lock held on entry and exit, released while the engines run)."""
-        calls, self._pending, self._ticking = self._pending, [], True
-        now = time.monotonic()
-        for call in [c for c in calls if c.deadline is not None and now > c.deadline]:
-            waited, limit = now - call.since, call.deadline - call.since
-            call.error = ServerUnavailableError(f"{call.model}: waited {waited:.3g} s for the engine, past its timeout "
-                                                f"of {limit:.3g} s: send it again later")
-            call.done = True
-            calls.remove(call)
+    def _lanes(self) -> int:
+        """How many ticks may run at once: `CPU_LANES` on CPU engines, one on a device's."""
+        if self._overlap is None:
+            self._overlap = getattr(getattr(self.engines, "device", None), "type", "cpu") == "cpu"
+        return self.CPU_LANES if self._overlap else 1
+
+    def _tick(self, own: _Call) -> None:
+        """Run pending calls, `own`'s among them (the lock held on entry and exit, released while the engines run)."""
+        calls = [c for c in self._take(own) if not self._expired(c)]
+        self._ticks += 1
+        self._running += len(calls)
+        self._cond.notify_all()  # what is left pending may be a second tick's
         self._cond.release()
         try:
             for group in self._groups(calls):
                 self._run_group(group)
         finally:
             self._cond.acquire()
-            self._ticking = False
+            self._ticks -= 1
+            self._running -= len(calls)
             self._cond.notify_all()
+
+    def _take(self, own: _Call) -> list[_Call]:
+        """The pending calls this tick runs. One tick at a time: all of them. Where ticks may overlap: the group
+        `own` belongs to (the others are another tick's), and only half of it when it holds `SPLIT_FROM` calls
+        or more and no other tick runs (the other half is a second tick's, beside it)."""
+        pending = self._pending
+        if self._lanes() == 1:
+            self._pending = []
+            return pending
+        group = self._groups([own, *(c for c in pending if c is not own)])[0]
+        if self._ticks == 0 and len(group) >= self.SPLIT_FROM:
+            group = group[:(len(group) + 1) // 2]
+        chosen = {id(c) for c in group}
+        self._pending = [c for c in pending if id(c) not in chosen]
+        return group
 
     def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
         """Calls that may run as one: the same batched model, outputs and shapes beyond the batch dimension."""
@@ -197,30 +229,58 @@ class StepScheduler(Runner):
     def _run_group(self, calls: list[_Call]) -> None:
         sizes = [batch_size(c.inputs) for c in calls]
         engine = self._engine(calls[0].model)
-        chunks = [len(calls)]
+        chunks, per_item = [len(calls)], 0.0
         on_host = not calls[0].tensors or all(getattr(v, "device", None) is None or v.device.type == "cpu"
                                               for v in calls[0].inputs.values())
-        if engine is not None and len(calls) > 1 and on_host:  # device engines: no memory model
+        overlap = len(calls) > 1 or self._lanes() > 1
+        if overlap and engine is not None and on_host and engine.memory is not None and engine.budget is not None:
             try:  # the calls agree beyond the batch dimension: the first's dims bound them all
                 probe = {k: to_numpy(v) for k, v in calls[0].inputs.items()}  # CPU tensors: views, no copy
-                chunks = budget_chunks(engine, engine.check(probe), sizes)
+                bound = engine.check(probe)
+                chunks = budget_chunks(engine, bound, sizes)
+                per_item = engine.memory.growth(bound) / max(sizes[0], 1)
             except Ti2iError:
                 pass  # each call reports its own error below
-        if len(chunks) == 1 and len(calls) >= self.SPLIT_FROM and getattr(engine, "concurrent_calls", False):
-            # one merged call that fits: run it as two merged halves side by side (an engine that takes
-            # concurrent calls keeps both cores busy where one call of a small batch does not)
-            half = len(calls) // 2
-            side = threading.Thread(target=self._run_chunk, args=(calls[half:],), name="ti2i-step-half")
-            side.start()
-            try:
-                self._run_chunk(calls[:half])
-            finally:
-                side.join()
-            return
         start = 0
         for count in chunks:
-            self._run_chunk(calls[start:start + count])
+            part, growth = self._reserve(engine, calls[0].model, per_item, calls[start:start + count])
             start += count
+            if not part:
+                continue
+            try:
+                self._run_chunk(part)
+            finally:
+                with self._cond:
+                    self._reserved[calls[0].model] -= growth
+                    self._cond.notify_all()
+
+    def _reserve(self, engine: Any, model: str, per_item: float, part: list[_Call]) -> tuple[list[_Call], int]:
+        """Wait until the engine's memory budget holds `part`'s estimated growth beside the chunks running in other
+        ticks (a chunk alone always fits: `budget_chunks`), and hold it. Calls whose deadline passes meanwhile
+        are refused, as in the queue: returns the calls left and the bytes held for them."""
+        with self._cond:
+            while True:
+                part = [c for c in part if not self._expired(c)]
+                growth = int(per_item * sum(batch_size(c.inputs) for c in part))
+                held = self._reserved[model]
+                if not part or growth == 0 or held == 0 or held + growth <= engine.budget - engine.memory.base:
+                    break
+                deadlines = [c.deadline for c in part if c.deadline is not None]
+                self._cond.wait(max(min(deadlines) - time.monotonic(), 0.001) if deadlines else None)
+            self._reserved[model] += growth
+        return part, growth
+
+    def _expired(self, call: _Call) -> bool:
+        """Refuse `call` (the lock held) if its deadline has passed before it ran."""
+        now = time.monotonic()
+        if call.deadline is None or now <= call.deadline:
+            return False
+        waited, limit = now - call.since, call.deadline - call.since
+        call.error = ServerUnavailableError(f"{call.model}: waited {waited:.3g} s for the engine, past its timeout "
+                                            f"of {limit:.3g} s: send it again later")
+        call.done = True
+        self._cond.notify_all()
+        return True
 
     def _engine(self, model: str) -> Any:
         try:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ti2i.client.registry import METHODS
 from ti2i.client.runners import InProcessRunner
+from ti2i.engines.adapters import with_defaults
 from ti2i.engines.step_scheduler import StepScheduler
 from ti2i.errors import InvalidInputError
 
@@ -72,7 +73,7 @@ def test_concurrent_loops_are_batched_and_each_gets_its_own_result(engines, exam
 def test_each_engine_call_counts_the_samples_of_each_method(engines, example_image):
     """Loops of two methods share the UNet's engine calls; the count says which methods' samples each held."""
     scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=5.0)  # a tick waits for every loop
-    scheduler.SPLIT_FROM = 99  # one execution per merged group (halves could each hold one method's pair)
+    scheduler.CPU_LANES = 1  # one tick at a time, all pending calls: each UNet step merges the four loops'
     gate = threading.Barrier(4)
     names = ["sdedit", "sdedit", "txt2img", "txt2img"]
 
@@ -145,3 +146,63 @@ def test_a_loop_that_stops_never_holds_the_others(engines, example_image):
 def test_max_wait_must_be_a_nonnegative_number(engines, max_wait_s):
     with pytest.raises(InvalidInputError, match="max_wait"):
         StepScheduler(InProcessRunner(engines.root), max_wait_s=max_wait_s)
+
+
+def _count_concurrent_unet_calls(runner: InProcessRunner) -> dict[str, int]:
+    """Wrap the runner's engine calls: the most UNet calls, and samples in them, that ever ran at once."""
+    lock, seen = threading.Lock(), {"calls": 0, "samples": 0, "peak calls": 0, "peak samples": 0}
+
+    def counting(call):
+        def run(model, outputs=None, **inputs):
+            if model != "unet":
+                return call(model, outputs, **inputs)
+            samples = len(inputs["sample"])
+            with lock:
+                seen["calls"] += 1
+                seen["samples"] += samples
+                seen["peak calls"] = max(seen["peak calls"], seen["calls"])
+                seen["peak samples"] = max(seen["peak samples"], seen["samples"])
+            try:
+                return call(model, outputs, **inputs)
+            finally:
+                with lock:
+                    seen["calls"] -= 1
+                    seen["samples"] -= samples
+        return run
+
+    runner.run, runner.run_tensors = counting(runner.run), counting(runner.run_tensors)
+    return seen
+
+
+def test_ticks_overlap_on_cpu_engines_within_the_memory_budget(engines, example_image):
+    """On CPU engines a cohort's engine call runs beside another's (their Python in between overlaps the other's
+    engine call); calls that would together pass the engine's memory budget never run at once."""
+    sdedit = METHODS["sdedit"]
+    with InProcessRunner(engines.root) as runner:
+        first: dict[str, np.ndarray] = {}
+        plain = runner.run_tensors
+        runner.run_tensors = lambda model, outputs=None, **inputs: (
+            first.setdefault(model, inputs), plain(model, outputs, **inputs))[1]
+        alone = {seed: sdedit(runner, image=example_image, seed=seed, **REQUEST).array for seed in range(8)}
+        unet = runner.engine("unet")
+        bound = unet.check(with_defaults(unet.spec, {k: np.asarray(v) for k, v in first["unet"].items()}))
+        per_request = unet.memory.growth(bound)  # one request's [uncond, cond] pair
+        tight = int(unet.memory.base + 2.5 * per_request)  # two requests' pairs fit at once, three not
+
+    for budget in (None, {"unet": tight}):
+        runner = InProcessRunner(engines.root, budget=budget)
+        seen = _count_concurrent_unet_calls(runner)
+        scheduler = StepScheduler(runner)
+
+        def request(seed: int) -> np.ndarray:
+            with scheduler.request("sdedit"):
+                return sdedit(scheduler, image=example_image, seed=seed, **REQUEST).array
+
+        together = _in_threads(8, request)
+        for seed in range(8):
+            assert np.abs(together[seed] - alone[seed]).max() <= 1e-6, (budget, seed)
+        if budget is None:
+            assert seen["peak calls"] >= 2, seen
+        else:
+            assert seen["peak samples"] <= 4, seen
+        runner.close()
