@@ -75,6 +75,7 @@ class StepScheduler(Runner):
     # A tick that would take this many calls of one model with nothing else running takes half of them; below it,
     # each half would hold a request or so and merging is what pays.
     SPLIT_FROM = 4
+    ESTIMATES_KEPT = 256  # shapes whose memory estimate is kept (cleared when full: clients choose the sizes)
 
     def __init__(self, engines: Any, max_wait_s: float = 0.01):
         if not max_wait_s >= 0:
@@ -89,6 +90,7 @@ class StepScheduler(Runner):
         self._running = 0  # calls in them
         self._overlap: bool | None = None  # whether ticks may overlap (`_lanes`), known once asked
         self._reserved: Counter[str] = Counter()  # model -> estimated bytes its running calls hold above its base
+        self._estimates: dict[tuple, tuple[dict[str, int], float]] = {}  # `_estimate`'s, per model and shape
         self._local = threading.local()
         # (model, ((tag, its samples), ...), requests' calls merged, samples in them) -> engine calls: what batching did
         self.executions: Counter[tuple[str, tuple[tuple[str, int], ...], int, int]] = Counter()
@@ -185,34 +187,36 @@ class StepScheduler(Runner):
 
     def _tick(self, own: _Call) -> None:
         """Run pending calls, `own`'s among them (the lock held on entry and exit, released while the engines run)."""
-        calls = [c for c in self._take(own) if not self._expired(c)]
+        groups = [[c for c in group if not self._expired(c)] for group in self._take(own)]
+        calls = [c for group in groups for c in group]
         self._ticks += 1
         self._running += len(calls)
         self._cond.notify_all()  # what is left pending may be a second tick's
         self._cond.release()
         try:
-            for group in self._groups(calls):
-                self._run_group(group)
+            for group in groups:
+                if group:
+                    self._run_group(group)
         finally:
             self._cond.acquire()
             self._ticks -= 1
             self._running -= len(calls)
             self._cond.notify_all()
 
-    def _take(self, own: _Call) -> list[_Call]:
-        """The pending calls this tick runs. One tick at a time: all of them. Where ticks may overlap: the group
-        `own` belongs to (the others are another tick's), and only half of it when it holds `SPLIT_FROM` calls
-        or more and no other tick runs (the other half is a second tick's, beside it)."""
+    def _take(self, own: _Call) -> list[list[_Call]]:
+        """The groups of pending calls this tick runs (`_groups`). One tick at a time: all of them. Where ticks
+        may overlap: the group `own` belongs to (the others are another tick's), and only half of it when it holds
+        `SPLIT_FROM` calls or more and no other tick runs (the other half is a second tick's, beside it)."""
         pending = self._pending
         if self._lanes() == 1:
             self._pending = []
-            return pending
+            return self._groups(pending)
         group = self._groups([own, *(c for c in pending if c is not own)])[0]
         if self._ticks == 0 and len(group) >= self.SPLIT_FROM:
             group = group[:(len(group) + 1) // 2]
         chosen = {id(c) for c in group}
         self._pending = [c for c in pending if id(c) not in chosen]
-        return group
+        return [group]
 
     def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
         """Calls that may run as one: the same batched model, outputs and shapes beyond the batch dimension."""
@@ -234,11 +238,9 @@ class StepScheduler(Runner):
                                               for v in calls[0].inputs.values())
         overlap = len(calls) > 1 or self._lanes() > 1
         if overlap and engine is not None and on_host and engine.memory is not None and engine.budget is not None:
-            try:  # the calls agree beyond the batch dimension: the first's dims bound them all
-                probe = {k: to_numpy(v) for k, v in calls[0].inputs.items()}  # CPU tensors: views, no copy
-                bound = engine.check(probe)
+            try:
+                bound, per_item = self._estimate(engine, calls[0])
                 chunks = budget_chunks(engine, bound, sizes)
-                per_item = engine.memory.growth(bound) / max(sizes[0], 1)
             except Ti2iError:
                 pass  # each call reports its own error below
         start = 0
@@ -253,6 +255,18 @@ class StepScheduler(Runner):
                 with self._cond:
                     self._reserved[calls[0].model] -= growth
                     self._cond.notify_all()
+
+    def _estimate(self, engine: Any, call: _Call) -> tuple[dict[str, int], float]:
+        """The dims `call` binds and its memory growth per batch item, kept per shape: the calls of a group agree
+        beyond the batch dimension, so the first's dims bound them all, and a loop repeats its shapes each step."""
+        key = (call.model, shape_key(call.inputs))
+        if key not in self._estimates:
+            if len(self._estimates) >= self.ESTIMATES_KEPT:
+                self._estimates.clear()
+            probe = {k: to_numpy(v) for k, v in call.inputs.items()}  # CPU tensors: views, no copy
+            bound = engine.check(probe)
+            self._estimates[key] = bound, engine.memory.growth(bound) / max(batch_size(call.inputs), 1)
+        return self._estimates[key]
 
     def _reserve(self, engine: Any, model: str, per_item: float, part: list[_Call]) -> tuple[list[_Call], int]:
         """Wait until the engine's memory budget holds `part`'s estimated growth beside the chunks running in other
