@@ -7,7 +7,8 @@ directories next to them, so a rerun starts measuring at once.
 
 * ``tiny``: the ``ti2i tiny`` models (a smoke run takes seconds).
 * ``sd15-256``: Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L/14 text encoder at their real sizes
-  (random weights: the compute profile is the real one), PNDM as SD 1.5, run at 256×256.
+  (random weights: the compute profile is the real one), PNDM as SD 1.5, run at 256×256; its
+  InstructPix2Pix and inpainting UNets and AnimateDiff's SD 1.5 motion adapter too, in one engine directory.
 * ``svd-small``: the real ``UNetSpatioTemporalConditionModel`` / temporal VAE / CLIP vision block
   structure, scaled down in width so one run takes minutes on 2 cores.
 * ``sdxl-tiny``: the ``ti2i tiny`` SDXL models (base, InstructPix2Pix, inpainting) for the same methods.
@@ -137,11 +138,25 @@ CLIP_L_TEXT = dict(
 )
 
 
+# AnimateDiff's SD 1.5 motion adapter (guoyww/animatediff-motion-adapter-v1-5-2's config.json).
+SD15_MOTION_ADAPTER = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    motion_layers_per_block=2,
+    motion_mid_block_layers_per_block=1,
+    motion_num_attention_heads=8,
+    motion_norm_num_groups=32,
+    motion_max_seq_length=32,
+    use_motion_mid_block=True,
+)
+
+
 def _sd15(in_channels: int) -> Callable[[Path], None]:
+    """SD 1.5 (4 channels), its InstructPix2Pix (8) or inpainting (9) model; the same text encoder and VAE for all
+    (drawn first from one seed), so their engines share one engine directory as the real checkpoints' do."""
     def build(out: Path) -> None:
         import torch
-        from diffusers import (AutoencoderKL, StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline,
-                               UNet2DConditionModel)
+        from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionInstructPix2PixPipeline,
+                               StableDiffusionPipeline, UNet2DConditionModel)
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from ti2i.export import tiny
@@ -156,16 +171,36 @@ def _sd15(in_channels: int) -> Callable[[Path], None]:
             vae = AutoencoderKL(**SD15_VAE).eval()
             tiny._calibrate_vae_posterior(vae)
             unet = UNet2DConditionModel(in_channels=in_channels, **SD15_UNET).eval()
-        if in_channels == 4:
-            pipeline_cls, scheduler = StableDiffusionPipeline, tiny.build_pndm_scheduler()
-        else:
-            pipeline_cls, scheduler = StableDiffusionInstructPix2PixPipeline, tiny.build_euler_ancestral_scheduler()
+        pipeline_cls, scheduler = {
+            4: (StableDiffusionPipeline, tiny.build_pndm_scheduler()),
+            8: (StableDiffusionInstructPix2PixPipeline, tiny.build_euler_ancestral_scheduler()),
+            9: (StableDiffusionInpaintPipeline, tiny.build_inpaint_scheduler())}[in_channels]
         pipe = pipeline_cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(out, safe_serialization=True)
         tiny._write_vocab_files(out / "tokenizer")
 
     return build
+
+
+def _sd15_videoldm(out: Path) -> None:
+    """SD 1.5 (as `_sd15(4)` writes it) in out/sd and an SD 1.5-size AnimateDiff motion adapter in
+    out/motion_adapter, random weights (its temporal proj_out small but not zero, so frames mix)."""
+    import torch
+    from diffusers import MotionAdapter
+
+    from ti2i.export import tiny
+
+    _sd15(4)(out / "sd")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        adapter = MotionAdapter(**SD15_MOTION_ADAPTER).eval()
+        with torch.no_grad():
+            for name, module in adapter.named_modules():
+                if name.endswith("proj_out") and isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, tiny.MOTION_PROJ_OUT_STD)
+                    module.bias.normal_(0.0, tiny.MOTION_PROJ_OUT_STD)
+    adapter.save_pretrained(out / "motion_adapter", safe_serialization=True)
 
 
 # --- sdxl-512: SDXL 1.0 base's architecture at its real size, random weights ------------------------------
@@ -282,12 +317,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         repeats=10, warmup=2, concurrency_requests=12),  # 6 let one 500 ms stall halve a level's figure
     Preset(
         "sd15-256", "SD 1.5 UNet/VAE/CLIP ViT-L text encoder at their real sizes (random weights), 256×256",
-        {"sd": _sd15(4), "pix2pix": _sd15(8)},
+        {"sd": _sd15(4), "pix2pix": _sd15(8), "inpaint": _sd15(9), "videoldm": _sd15_videoldm},
         {"txt2img": Request(256, 256, 10),
          "sdedit": Request(256, 256, 10, strength=0.5),
+         "inpaint": Request(256, 256, 10, strength=1.0),
          "ddib": Request(256, 256, 10, strength=0.5, guidance=1.0),
          "cyclediffusion": Request(256, 256, 10, strength=0.5),
-         "pix2pix": Request(256, 256, 5)},
+         "pix2pix": Request(256, 256, 5),
+         "videoldm": Request(256, 256, 5, strength=0.8, frames=4)},
         repeats=3, warmup=1, concurrency_requests=1),
     Preset(
         "sdxl-tiny", "the `ti2i tiny` SDXL models (two text encoders, text-time UNets), 64×64",

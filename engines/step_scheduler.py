@@ -15,7 +15,7 @@ pending calls of one model: a tick that would merge `SPLIT_FROM` requests' calls
 else runs takes half of them and leaves the rest to a second tick beside it. The two cohorts then keep
 alternating on their own: one's loops do their Python (guidance, the scheduler step) while the other's
 engine call runs, which keeps both cores busy where one merged call of a small batch and then everyone's
-Python, in turn, do not. Two calls that would together pass an engine's memory budget never run at once.
+Python, in turn, do not. Calls whose memory estimates would together pass the headroom never run at once.
 A device's engines keep one tick at a time, with every pending call: the largest batches.
 
 A merged call that fails on one request's input is run again call by call, so only that request gets
@@ -89,7 +89,7 @@ class StepScheduler(Runner):
         self._ticks = 0  # ticks running
         self._running = 0  # calls in them
         self._overlap: bool | None = None  # whether ticks may overlap (`_lanes`), known once asked
-        self._reserved: Counter[str] = Counter()  # model -> estimated bytes its running calls hold above its base
+        self._reserved = 0  # estimated bytes the running calls hold above their engines' weights (`_reserve`)
         self._estimates: dict[tuple, tuple[dict[str, int], float]] = {}  # `_estimate`'s, per model and shape
         self._local = threading.local()
         # (model, ((tag, its samples), ...), requests' calls merged, samples in them) -> engine calls: what batching did
@@ -245,7 +245,7 @@ class StepScheduler(Runner):
                 pass  # each call reports its own error below
         start = 0
         for count in chunks:
-            part, growth = self._reserve(engine, calls[0].model, per_item, calls[start:start + count])
+            part, growth = self._reserve(engine, per_item, calls[start:start + count])
             start += count
             if not part:
                 continue
@@ -253,7 +253,7 @@ class StepScheduler(Runner):
                 self._run_chunk(part)
             finally:
                 with self._cond:
-                    self._reserved[calls[0].model] -= growth
+                    self._reserved -= growth
                     self._cond.notify_all()
 
     def _estimate(self, engine: Any, call: _Call) -> tuple[dict[str, int], float]:
@@ -268,20 +268,21 @@ class StepScheduler(Runner):
             self._estimates[key] = bound, engine.memory.growth(bound) / max(batch_size(call.inputs), 1)
         return self._estimates[key]
 
-    def _reserve(self, engine: Any, model: str, per_item: float, part: list[_Call]) -> tuple[list[_Call], int]:
-        """Wait until the engine's memory budget holds `part`'s estimated growth beside the chunks running in other
-        ticks (a chunk alone always fits: `budget_chunks`), and hold it. Calls whose deadline passes meanwhile
-        are refused, as in the queue: returns the calls left and the bytes held for them."""
+    def _reserve(self, engine: Any, per_item: float, part: list[_Call]) -> tuple[list[_Call], int]:
+        """Wait until the engine's headroom (its budget beyond its weights: in an engine core, the family's one
+        headroom) holds `part`'s estimated growth beside the chunks running in other ticks, whichever engines
+        they run on, and hold it (a chunk alone always fits: `budget_chunks`). Calls whose deadline passes
+        meanwhile are refused, as in the queue: returns the calls left and the bytes held for them."""
         with self._cond:
             while True:
                 part = [c for c in part if not self._expired(c)]
                 growth = int(per_item * sum(batch_size(c.inputs) for c in part))
-                held = self._reserved[model]
+                held = self._reserved
                 if not part or growth == 0 or held == 0 or held + growth <= engine.budget - engine.memory.base:
                     break
                 deadlines = [c.deadline for c in part if c.deadline is not None]
                 self._cond.wait(max(min(deadlines) - time.monotonic(), 0.001) if deadlines else None)
-            self._reserved[model] += growth
+            self._reserved += growth
         return part, growth
 
     def _expired(self, call: _Call) -> bool:

@@ -222,6 +222,17 @@ def test_the_sdxl_512_preset_has_sdxl_10s_architecture():
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # stable-diffusion-xl-base-1.0's UNet
 
 
+def test_the_memory_benchmark_reads_the_family_with_one_method_warm_then_more(cache):
+    """One engine core per family: warming a second method (and the stream twins) adds its own UNet, not a copy
+    of the family's engines."""
+    from ti2i.benchmarks.memory import measure
+
+    readings = measure("tiny", ["sdedit", "inpaint"], cache, log=lambda _: None)
+    assert readings["start_mb"] > 0 and readings["one_warm_mb"] >= readings["start_mb"] * 0.9, readings
+    assert set(readings["after"]) == {"sdedit", "inpaint"}
+    assert readings["ratio"] == readings["all_warm_mb"] / readings["one_warm_mb"] <= 1.3, readings
+
+
 def test_an_in_process_sweep_client_has_its_engines_loaded_before_the_clock_starts(engines):
     """The in-process sweep's first requests once included loading each fresh runner's ONNX sessions (p99 of
     2 s at 8 clients against a median of 0.3 s); a client now loads them when it is made."""

@@ -317,6 +317,33 @@ def test_the_engine_core_serves_every_method_on_aoti_engines(aoti_engines: Manif
             np.testing.assert_array_equal(*pixels, err_msg=method)
 
 
+def test_the_engine_core_serves_svd_on_aoti_engines(svd_engines: Manifest, example_image, tmp_path):
+    """SVD's family on `ti2i serve --backend aoti` (its image encoder an AOTInductor package, the rest on ONNX
+    Runtime): served, streamed over gRPC and plain over HTTP, it equals the in-process loop over the same engines."""
+    from conftest import server_url
+    from test_method_models import _inputs
+    from ti2i.client.registry import METHODS
+    from ti2i.client.remote import run_remote
+    from ti2i.triton_models.core import CoreOptions
+    from ti2i.triton_models.repository import write_repository
+    from ti2i.triton_models.server import TritonServer
+
+    root = tmp_path / "engines"
+    shutil.copytree(svd_engines.root, root)
+    build(root, "aoti", components="image_encoder", device="cpu", log=lambda _: None)
+    engines = Manifest.load(root)
+    repository = write_repository(engines, tmp_path / "repository", methods=["svd"],
+                                  core_options=CoreOptions(backend="aoti"))
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        served = [run_remote(server_url(server, protocol), METHODS["svd"], progress=False, stream=protocol == "grpc",
+                             **_inputs("svd", example_image)) for protocol in ("grpc", "http")]
+        assert "aoti engines on cpu" in server.log_path.read_text()
+    with InProcessRunner(root, backend="aoti") as runner:
+        local = np.asarray(METHODS["svd"](runner, **_inputs("svd", example_image)).frames)
+    for result in served:
+        np.testing.assert_array_equal(np.asarray(result.frames), local)
+
+
 def test_run_tensors_takes_and_returns_torch_tensors(aoti_engines: Manifest):
     """The device-loop building block, on the CPU: the same values as the numpy path, as torch tensors."""
     inputs = sample_inputs(aoti_engines.components["text_encoder"].spec, {BATCH: 2})

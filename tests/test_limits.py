@@ -255,7 +255,7 @@ def core_budgets(server: TritonServer) -> dict[str, int]:
 
 def test_the_core_carries_the_budgets_and_its_bounds(limited_server, engines):
     weights = {n: engines.components[n].memory.base for n in ("unet", "vae_decoder")}
-    headroom = (parse_bytes(BUDGET) - sum(weights.values())) // 2
+    headroom = parse_bytes(BUDGET) - sum(weights.values())  # one headroom, which the core's running calls share
     assert core_budgets(limited_server) == {n: weights[n] + headroom for n in weights}
     options = json.loads(parse_config(limited_server.repository_dir / "core" / "config.pbtxt")
                          .parameters["options"].string_value)
@@ -276,6 +276,19 @@ def test_each_component_keeps_its_weights_and_shares_the_rest(engines):
     assert budgeted_spec(engines.components["unet"].spec, engines, budgets["unet"]).dims["batch"][1] >= 8
 
 
+def test_a_budget_below_the_engines_weights_is_refused_when_the_repository_is_written(engines, tmp_path):
+    """Written anyway, such a server would start and refuse every request (its numpy steps with a budget of 0 B)."""
+    names = ["unet", "vae_decoder", "image_postprocess"]
+    weights = sum(engines.components[n].memory.base for n in names if engines.components[n].file is not None)
+    with pytest.raises(InvalidInputError) as err:
+        instance_budgets(engines, names, RepositoryOptions(memory_budget=weights - 1))
+    assert_one_line(err.value, "unet, vae_decoder", "over the memory budget", "--memory-budget")
+    budgets = instance_budgets(engines, names, RepositoryOptions(memory_budget=weights))
+    assert budgets["image_postprocess"] == 0 and budgets["unet"] == engines.components["unet"].memory.base
+    shared = instance_budgets(engines, names, RepositoryOptions(memory_budget=weights + 300), shared=True)
+    assert shared["image_postprocess"] == 300 and shared["unet"] == engines.components["unet"].memory.base + 300
+
+
 def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
     """The server and its models stay ready, and a good request is answered."""
     client = httpclient.InferenceServerClient(server.http_url)
@@ -290,7 +303,7 @@ def serves_a_good_request(server: TritonServer, engines: Manifest) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_served_edge_runs_and_past_it_is_invalid_arg(limited_server, engines, protocol):
     memory = engines.components["unet"].memory
-    budget = core_budgets(limited_server)["unet"]  # its weights and half the rest of 4 GiB
+    budget = core_budgets(limited_server)["unet"]  # its weights and the rest of 4 GiB beyond all weights
     side = edge_side(memory, budget)
     with TritonRunner(server_url(limited_server, protocol)) as runner:
         assert runner.run("unet", **unet_inputs(engines, side))["noise_pred"].shape == (1, 4, side, side)
@@ -319,8 +332,15 @@ def test_served_non_finite_inputs_are_invalid_arg(limited_server, engines, proto
     serves_a_good_request(limited_server, engines)
 
 
+def slow_side(engines: Manifest) -> int:
+    """The side of a UNet call whose estimate takes 60 % of the core's headroom: a second one waits for it."""
+    memory = engines.components["unet"].memory
+    headroom = parse_bytes(BUDGET) - sum(engines.components[n].memory.base for n in ("unet", "vae_decoder"))
+    return edge_side(memory, memory.base + int(0.6 * headroom))
+
+
 def _slow_call(runner: TritonRunner, engines: Manifest, results: dict, key: int) -> None:
-    side = edge_side(engines.components["unet"].memory, parse_bytes(BUDGET) // 2)
+    side = slow_side(engines)
     try:
         runner.run("unet", **unet_inputs(engines, side, seed=key))
         results[key] = "ok"
@@ -398,8 +418,7 @@ def test_the_server_itself_expires_a_queued_request(limited_server, engines, bus
 
     client = httpclient.InferenceServerClient(limited_server.http_url, network_timeout=60)
     inputs = []
-    side = edge_side(engines.components["unet"].memory, parse_bytes(BUDGET) // 2)  # too large to run beside it
-    for name, array in unet_inputs(engines, side).items():
+    for name, array in unet_inputs(engines, slow_side(engines)).items():  # too large to run beside it
         array = array.reshape(-1, 1) if array.ndim == 1 else array
         infer_input = httpclient.InferInput(name, list(array.shape), "FP32")
         infer_input.set_data_from_numpy(array)

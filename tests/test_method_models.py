@@ -687,8 +687,9 @@ def test_a_streamed_request_that_fails_in_the_core_gets_its_error(svd_engines, e
     never reached the streaming twin, which waited for good (a plain request got the same error at once)."""
     from ti2i.triton_models.repository import RepositoryOptions
 
-    repository = write_repository(svd_engines, tmp_path / "repository", RepositoryOptions(memory_budget=4 * 2**30),
-                                  methods=["svd"])
+    weights = sum(c.memory.base for c in svd_engines.components.values() if c.file is not None and c.memory)
+    repository = write_repository(svd_engines, tmp_path / "repository",
+                                  RepositoryOptions(memory_budget=weights + 256 * 2**20), methods=["svd"])
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         with pytest.raises(InvalidInputError, match="unet_svd: .* over the memory budget"):
             run_remote(server_url(server, "grpc"), METHODS["svd"], progress=False, stream=True, timeout_s=60,

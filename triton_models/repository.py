@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ti2i.budget import machine_budget
+from ti2i.budget import BUDGET_ENV, SAFE_SHARE, format_bytes, machine_budget
 from ti2i.engines.adapters import RANK_AXES
 from ti2i.engines.ensembles import Ensemble, available_ensembles
 from ti2i.errors import InvalidInputError, ModelNotFoundError
@@ -134,16 +134,19 @@ def queue_policy(config: mc.ModelConfig, max_queue_size: int, timeout_us: int) -
     policy.max_queue_size = max_queue_size
 
 
-def instance_budgets(manifest: Manifest, names: Iterable[str], options: RepositoryOptions) -> dict[str, int]:
+def instance_budgets(manifest: Manifest, names: Iterable[str], options: RepositoryOptions,
+                     shared: bool = False) -> dict[str, int]:
     """Each instance's budget, by component: its own weights plus an even share of what the weights of every
-    engine-backed instance leave of the total.
+    engine-backed instance leave of the total; `shared` (an engine core), all of what they leave.
 
     An even split of the whole total would give SD 1.5's UNet (3.4 GiB of weights) the same 3.5 GiB of a
     14 GiB machine as the 0.4 GiB VAE encoder, leaving it room for batch 1 only, while the VAE's share sat
     unused. The pre/post-processing steps (numpy on a request's own arrays, no weights) get the headroom
     share without taking one: counting them would shrink everyone's headroom for steps that need little.
     Without a memory calibration a component's weights count as 0 (the share is then the even split).
-    An engine core holds one instance of each.
+    An engine core holds one instance of each, and its scheduler holds each running call's estimate against
+    the one headroom, so calls running together never pass it: a split would only refuse, say, a motion UNet's
+    frames the headroom holds while the other components' shares sit idle.
     """
     names = list(names)
     total = options.memory_budget if options.memory_budget is not None else machine_budget()
@@ -154,7 +157,12 @@ def instance_budgets(manifest: Manifest, names: Iterable[str], options: Reposito
         return memory.base if memory is not None and name in measured else 0
 
     held = options.instances * sum(weights(n) for n in measured)
-    headroom = max(0, total - held) // max(1, len(measured) * options.instances)
+    if held > total:  # every request would be refused: say so now, once
+        told = "given" if options.memory_budget is not None else f"{SAFE_SHARE:.0%} of the memory available now"
+        raise InvalidInputError(f"the engines of {', '.join(measured)} hold {format_bytes(held)} of weights, over the "
+                                f"memory budget of {format_bytes(total)} ({told}): serve fewer methods or "
+                                f"components, or raise the budget (--memory-budget or {BUDGET_ENV})")
+    headroom = (total - held) // (1 if shared else max(1, len(measured) * options.instances))
     return {name: weights(name) + headroom for name in names}
 
 
@@ -220,7 +228,7 @@ def write_repository(manifest: Manifest, out_dir: str | Path, options: Repositor
         _check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=not replace)
-    budgets = instance_budgets(manifest, names, options)
+    budgets = instance_budgets(manifest, names, options, shared=core_options is not None)
     # python models exchange float32 (the engines cast for fp16 graphs); the batch range fits the budget
     specs = {name: budgeted_spec(manifest.components[name].spec, manifest, budgets[name]).interface()
              for name in names}
