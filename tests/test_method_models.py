@@ -33,6 +33,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import EXAMPLE, server_url
 from PIL import Image
+from ti2i.benchmarks.memory import pss_mb
 from ti2i.benchmarks.server_metrics import by_label, read_metrics
 from ti2i.benchmarks.settle import settled
 from ti2i.client.images import centered_ellipse_mask
@@ -489,28 +490,6 @@ def test_cli_remote_shows_progress_and_writes_the_image(method_server, tmp_path,
     assert "steps must be a positive integer" in capsys.readouterr().err
 
 
-def _pss_mb(root_pid: int) -> float:
-    """Proportional set size of a process and all its descendants (the server and its python-backend stubs)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total_kb, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        total_kb += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))
-    return total_kb / 1024
-
-
 MIXED = ["txt2img", "sdedit", "cyclediffusion", "ddib"]
 
 
@@ -530,14 +509,14 @@ def test_methods_share_one_copy_of_the_engines_and_their_unet_executions(engines
     with TritonServer(repository, log_path=tmp_path / "server.log") as server:
         url = server_url(server, "grpc")
         run_remote(url, METHODS["sdedit"], progress=False, stream=False, **_inputs("sdedit", example_image))
-        alone = _pss_mb(server.pid)
+        alone = pss_mb(server.pid)
         with ThreadPoolExecutor(8) as pool:
             # a bounded wait: a python-backend stub that crashes mid-stream (Triton 2.51 segfaulted one once)
             # leaves its stream unanswered, and this test must then fail, not hang the suite
             served = list(pool.map(lambda mv: run_remote(url, METHODS[mv[0]], progress=False, stream=mv[1] % 2 == 1,
                                                          timeout_s=300, **mv[2]),
                                    [(m, i, v) for i, (m, v) in enumerate(zip(MIXED * 2, requests))]))
-        warm = _pss_mb(server.pid)
+        warm = pss_mb(server.pid)
         metrics = settled(lambda: read_metrics(server.metrics_url), wait_s=0.6)  # sent every 0.5 s
     assert warm <= 1.3 * alone, (alone, warm)
     mixed = by_label(metrics, "ti2i_mixed_executions_total", "component", model="core")
