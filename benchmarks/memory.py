@@ -27,6 +27,7 @@ from ti2i.benchmarks.machine import describe_machine
 from ti2i.benchmarks.presets import METHOD_KINDS, default_cache_dir, engine_dir, get_preset
 from ti2i.client.registry import METHODS
 from ti2i.client.remote import RemoteMethodClient
+from ti2i.manifest import Manifest
 from ti2i.triton_models.core import CoreOptions
 from ti2i.triton_models.repository import write_repository
 from ti2i.triton_models.server import TritonServer
@@ -64,8 +65,6 @@ def measure(preset_name: str, methods: list[str], cache: Path, log: Any = print)
     if "svd" in kinds:
         raise ValueError("svd is a family of its own: measure it alone")
     engines = engine_dir(preset, kinds, cache, log)
-    from ti2i.manifest import Manifest
-
     out = cache / preset.name / "memory-repository"
     write_repository(Manifest.load(engines), out, methods=methods, core_options=CoreOptions(active=1))
     image = Image.open(EXAMPLE).convert("RGB")

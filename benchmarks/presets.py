@@ -194,12 +194,7 @@ def _sd15_videoldm(out: Path) -> None:
     _sd15(4)(out / "sd")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        adapter = MotionAdapter(**SD15_MOTION_ADAPTER).eval()
-        with torch.no_grad():
-            for name, module in adapter.named_modules():
-                if name.endswith("proj_out") and isinstance(module, torch.nn.Linear):
-                    module.weight.normal_(0.0, tiny.MOTION_PROJ_OUT_STD)
-                    module.bias.normal_(0.0, tiny.MOTION_PROJ_OUT_STD)
+        adapter = tiny.mixing_frames(MotionAdapter(**SD15_MOTION_ADAPTER).eval())
     adapter.save_pretrained(out / "motion_adapter", safe_serialization=True)
 
 

@@ -88,7 +88,7 @@ class StepScheduler(Runner):
         self._pending: list[_Call] = []
         self._ticks = 0  # ticks running
         self._running = 0  # calls in them
-        self._overlap: bool | None = None  # whether ticks may overlap (`_lanes`), known once asked
+        self._on_cpu = getattr(getattr(engines, "device", None), "type", "cpu") == "cpu"  # ticks may overlap
         self._reserved = 0  # estimated bytes the running calls hold above their engines' weights (`_reserve`)
         self._estimates: dict[tuple, tuple[dict[str, int], float]] = {}  # `_estimate`'s, per model and shape
         self._local = threading.local()
@@ -181,9 +181,7 @@ class StepScheduler(Runner):
 
     def _lanes(self) -> int:
         """How many ticks may run at once: `CPU_LANES` on CPU engines, one on a device's."""
-        if self._overlap is None:
-            self._overlap = getattr(getattr(self.engines, "device", None), "type", "cpu") == "cpu"
-        return self.CPU_LANES if self._overlap else 1
+        return self.CPU_LANES if self._on_cpu else 1
 
     def _tick(self, own: _Call) -> None:
         """Run pending calls, `own`'s among them (the lock held on entry and exit, released while the engines run)."""

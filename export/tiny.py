@@ -432,11 +432,8 @@ def build_feature_extractor() -> CLIPImageProcessor:
 
 
 def build_motion_adapter() -> MotionAdapter:
-    """An AnimateDiff MotionAdapter that fits the tiny SD UNet (same levels, layers, norm groups).
-
-    AnimateDiff trains the temporal transformers' proj_out from zero, so an untrained adapter would
-    be an exact no-op. Here proj_out gets small random values, so the motion layers do mix frames.
-    """
+    """An AnimateDiff MotionAdapter that fits the tiny SD UNet (same levels, layers, norm groups), its motion
+    layers mixing frames (`mixing_frames`)."""
     adapter = MotionAdapter(
         block_out_channels=UNET_BLOCK_OUT_CHANNELS,
         motion_layers_per_block=UNET_LAYERS_PER_BLOCK,
@@ -448,6 +445,12 @@ def build_motion_adapter() -> MotionAdapter:
         motion_max_seq_length=32,
         use_motion_mid_block=True,
     ).eval()
+    return mixing_frames(adapter)
+
+
+def mixing_frames(adapter: MotionAdapter) -> MotionAdapter:
+    """Give an untrained adapter's temporal proj_out (zero-initialised, as AnimateDiff trains it from zero) small
+    random values, so that its motion layers mix frames instead of being an exact no-op."""
     with torch.no_grad():
         for name, module in adapter.named_modules():
             if name.endswith("proj_out") and isinstance(module, torch.nn.Linear):
