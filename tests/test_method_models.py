@@ -63,6 +63,8 @@ REQUESTS = {
     "videoldm": dict(prompt="clouds drifting", frames=2, steps=3, strength=0.5, seed=6, **SMALL),
 }
 
+STREAM_LOAD_S = 45  # 8 streaming clients; before the fix the first stub died after 8-20 s
+
 
 @pytest.fixture(scope="module")
 def method_server(engines, tmp_path_factory):
@@ -162,6 +164,37 @@ def test_many_short_concurrent_requests_leave_the_server_alive(engines, example_
         assert server.is_alive(), server.log_tail()
         assert "Signal (11)" not in server.log_tail()
     assert all(_pixels(r).shape == (48, 64, 3) for r in results)
+
+
+def test_streams_under_load_leave_every_stub_alive(engines, example_image, tmp_path):
+    """Original failure: with 8 clients streaming short tiny SDEdits, the stream twin's stub died every 10-20 s
+    (``Segmentation fault``, ``double free or corruption``) and took its clients' requests with it; once
+    tritonserver itself aborted. Triton 2.51's python backend freed numpy arrays without the interpreter lock
+    in two places: a BLS response stream's answers once another stub thread dropped the stream, and the
+    outputs a response holds but its request did not ask for (here ``elapsed``)."""
+    from ti2i.client.remote import RemoteMethodClient
+    from ti2i.triton_models.supervisor import stub_processes
+
+    repository = _sdedit_repository(engines, tmp_path, active=8, max_queue=8)
+    values = {**_inputs("sdedit", example_image), "steps": 2, "strength": 0.5}
+    with TritonServer(repository, log_path=tmp_path / "server.log") as server:
+        url, stubs = server_url(server, "grpc"), stub_processes(server.pid)
+        until = time.monotonic() + STREAM_LOAD_S
+
+        def client(k: int) -> int:
+            answered = 0
+            with RemoteMethodClient(url, timeout_s=60) as remote:
+                while time.monotonic() < until:
+                    remote.run(METHODS["sdedit"], progress=False, stream=True, **{**values, "seed": k})
+                    answered += 1
+            return answered
+
+        with ThreadPoolExecutor(8) as pool:
+            answered = sum(pool.map(client, range(8)))
+        log = server.log_tail(200_000)
+        assert stub_processes(server.pid) == stubs, log[-3000:]
+    assert not re.search(r"Fatal Python error|double free|corruption|Signal \(\d+\)", log), log[-3000:]
+    assert answered > 8
 
 
 def test_a_burst_of_requests_is_not_held_by_the_queue(engines, example_image, tmp_path):

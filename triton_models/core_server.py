@@ -12,6 +12,7 @@ import hmac
 import json
 import queue
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,18 @@ class Responses:
     order. A python-backend send waits for the server to take the response, and the server waits for the
     reader's stub: a reader whose stub died holding its queue (or stopped) holds the send for good. Off the
     thread, only the sending thread waits; a stream that has taken no response for `STALL_S` cancels its
-    loop, whose core place is freed, and its final response is dropped."""
+    loop, whose core place is freed, and its final response is dropped.
 
-    def __init__(self, pb: Any, sender: Any, depth: int = 16):
+    Every response holds only the outputs its request asked for. The python backend of Triton 2.51 drops the
+    others itself inside a response sender's `send`, without holding the interpreter lock: a numpy array
+    freed there while other threads run Python corrupted the stub's heap (``double free or corruption``),
+    and the dying stub's shared-memory locks then aborted tritonserver itself (fixed upstream after 2.51,
+    python_backend #390). Here they are dropped in Python, before the send."""
+
+    def __init__(self, pb: Any, sender: Any, requested: Iterable[str], depth: int = 16):
         self.pb = pb
         self.sender = sender
+        self.requested = frozenset(requested)
         self.depth = depth
         self._queue: queue.Queue | None = None
         self.reader_gone = False
@@ -83,7 +91,15 @@ class Responses:
         self._queue = queue.Queue(self.depth)
         threading.Thread(target=self._send_queued, daemon=True, name="ti2i-responses").start()
 
+    def _requested_only(self, response: Any) -> Any:
+        if response is None or response.has_error():
+            return response
+        tensors = response.output_tensors()
+        kept = [t for t in tensors if t.name() in self.requested]
+        return response if len(kept) == len(tensors) else self.pb.InferenceResponse(output_tensors=kept)
+
     def send(self, response: Any) -> None:
+        response = self._requested_only(response)
         if self._queue is None:
             self.sender.send(response)
             return
@@ -96,10 +112,11 @@ class Responses:
     def finish(self, final: Any) -> None:
         flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self._queue is None:
-            self.sender.send(final, flags=flag)
+            self.sender.send(self._requested_only(final), flags=flag)
             return
         if final is not None and final.has_error():  # a stream's failure travels as a tensor (core_wire.py)
             final = response(self.pb, {ERROR: np.array([final.error().message().encode()], dtype=object)})
+        final = self._requested_only(final)
         if not self.reader_gone:
             with contextlib.suppress(queue.Full):
                 self._queue.put((final, flag), timeout=STALL_S)
@@ -134,7 +151,7 @@ class ThreadPerRequest:
             thread.start()
 
     def _answer_safely(self, request: Any) -> None:
-        responses = Responses(self.pb, request.get_response_sender())
+        responses = Responses(self.pb, request.get_response_sender(), request.requested_output_names())
         try:
             final = self._answer(request, responses)
         except Exception as err:  # one request's failure never reaches the others or the model

@@ -14,9 +14,13 @@ cancelled or left) is cancelled in the core too: it leaves the queue or stops at
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,32 @@ from ti2i.triton_models.python_model import as_spec_rank
 from ti2i.spec import as_float32
 
 CANCEL_POLL_S = 0.02  # how often the watcher asks Triton whether the active requests were cancelled
+KEEP_ANSWERS_S = 10.0  # how long the core's answers to a request are held after its last one was read
+
+
+class KeptAnswers:
+    """The core's answers to each request, held by Python for `KEEP_ANSWERS_S` after they were read.
+
+    Why: Triton 2.51's python-backend stub keeps each BLS response stream in a map that another of its
+    threads empties, without holding the interpreter lock, once the stream's last response was read. When
+    Python had already let go of the responses, their numpy arrays were freed there, racing the threads
+    running Python: the stub died (``Segmentation fault``, ``double free or corruption``) and took its
+    in-flight requests with it (fixed upstream after 2.51, python_backend #390). Held here a while
+    longer, the responses are freed by Python, holding the lock, when a later request comes by."""
+
+    def __init__(self, keep_s: float = KEEP_ANSWERS_S):
+        self.keep_s = keep_s
+        self._kept: collections.deque[tuple[float, Any]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def keep(self, answers: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._kept.append((now + self.keep_s, answers))
+            expired = []
+            while self._kept and self._kept[0][0] <= now:
+                expired.append(self._kept.popleft())
+        del expired  # freed here, by Python, outside the lock
 
 
 class CoreError(Exception):
@@ -54,16 +84,26 @@ class _Entry(ThreadPerRequest):
         self.core = params["core"]
         self.secret = read_secret(Path(args["model_repository"]).parent / self.core)
         self.threads: set[threading.Thread] = set()
+        self.kept = KeptAnswers()
         return params
 
     def _failed(self, err: Exception) -> Any:
         return relayed_error(self.pb, str(err)) if isinstance(err, CoreError) else super()._failed(err)
 
-    def _core_responses(self, tensors: dict[str, np.ndarray], outputs: list[str]) -> Any:
-        """The core's responses to one request (an iterator: progress, then the result)."""
+    def _core_responses(self, tensors: dict[str, np.ndarray], outputs: list[str]) -> Iterator[Any]:
+        """The core's responses to one request: progress, then the result (all of them read, then kept)."""
         inputs = [self.pb.Tensor(name, value) for name, value in tensors.items()]
-        return self.pb.InferenceRequest(model_name=self.core, inputs=inputs,
-                                        requested_output_names=outputs).exec(decoupled=True)
+        stream = self.pb.InferenceRequest(model_name=self.core, inputs=inputs,
+                                          requested_output_names=outputs).exec(decoupled=True)
+        read = []
+        try:
+            for answer in stream:
+                read.append(answer)
+                yield answer
+        finally:
+            with contextlib.suppress(Exception):  # a caller that stopped early: the rest, to the closing flag
+                read.extend(stream)
+            self.kept.keep((stream, read))
 
     @staticmethod
     def _outputs(core_response: Any) -> dict[str, np.ndarray]:
