@@ -28,33 +28,41 @@ def _stat_fields(pid: str) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
 
 
+def process_tree(root: int) -> dict[int, list[str]]:
+    """`root` and its live descendants, each with its /proc stat fields after the command name; empty when `root`
+    is gone or there is no /proc."""
+    children: dict[int, list[int]] = {}
+    fields: dict[int, list[str]] = {}
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    for pid in pids:
+        stat = _stat_fields(pid)
+        if stat is None:
+            continue
+        children.setdefault(int(stat[1]), []).append(int(pid))  # fields after the name: state ppid ...
+        fields[int(pid)] = stat
+    if root not in fields:
+        return {}
+    tree: dict[int, list[str]] = {}
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        tree[pid] = fields[pid]
+        stack.extend(children.get(pid, ()))
+    return tree
+
+
 def tree_cpu_s(root: int | None = None) -> float | None:
     """User + system CPU seconds of `root` (default: this process) and its live descendants; None without /proc.
 
     A process that exits between two readings takes its time with it: the trees measured here (the server and
     its stubs) live across a level."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    spent: dict[int, float] = {}
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
+    tree = process_tree(os.getpid() if root is None else root)
+    if not tree:
         return None
-    for pid in pids:
-        fields = _stat_fields(pid)
-        if fields is None:
-            continue
-        # fields after the name: state ppid ... utime (14th of the line) stime (15th)
-        children.setdefault(int(fields[1]), []).append(int(pid))
-        spent[int(pid)] = (int(fields[11]) + int(fields[12])) / _TICKS
-    if root not in spent:
-        return None
-    total, stack = 0.0, [root]
-    while stack:
-        pid = stack.pop()
-        total += spent.get(pid, 0.0)
-        stack.extend(children.get(pid, ()))
-    return total
+    return sum(int(stat[11]) + int(stat[12]) for stat in tree.values()) / _TICKS  # utime, stime: 14th, 15th
 
 
 def own_cpu_s() -> float:

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ti2i.benchmarks.backends import method_kwargs
+from ti2i.benchmarks.cpu_time import process_tree
 from ti2i.benchmarks.harness import EXAMPLE
 from ti2i.benchmarks.machine import describe_machine
 from ti2i.benchmarks.presets import METHOD_KINDS, default_cache_dir, engine_dir, get_preset
@@ -37,22 +38,12 @@ SETTLE_S = 2.0  # after the last request, before reading: freed buffers go back 
 
 def pss_mb(root_pid: int) -> float:
     """Proportional set size of a process and all its descendants, MB (shared pages split between sharers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[-1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process has gone
-            children.setdefault(parent, []).append(int(entry.name))
-    total_kb, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+    total_kb = 0
+    for pid in process_tree(root_pid):
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
-            continue
+            continue  # the process has gone
         found = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
         total_kb += int(found.group(1)) if found else 0
     return total_kb / 1024
