@@ -3,6 +3,8 @@ diffusers pipeline with that scheduler built from the model folder's config, see
 
 from __future__ import annotations
 
+import threading
+
 import diffusers
 import pytest
 import torch
@@ -78,6 +80,25 @@ def test_the_models_scheduler_stays_the_default(runner):
     other = txt2img(runner, "hills", steps=3, height=32, width=32, seed=SEED, scheduler="euler", progress=False)
     assert max_abs(default.array, named.array) == 0.0  # the tiny model ships PNDM
     assert max_abs(default.array, other.array) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpm++2m"])
+def test_concurrent_requests_never_share_a_scheduler(name, runner):
+    """A built scheduler is only a template each request copies: two loops stepping at once (a server's
+    requests) each keep their own history (PNDM's `ets`, DPM-Solver's model outputs) and step counters."""
+    calls = [dict(prompt="hills", steps=6, seed=SEED), dict(prompt="a lake", steps=4, seed=SEED + 1)]
+    alone = [txt2img(runner, height=32, width=32, scheduler=name, progress=False, **c).array for c in calls]
+    together: list = [None, None]
+
+    def run(i: int) -> None:
+        together[i] = txt2img(runner, height=32, width=32, scheduler=name, progress=False, **calls[i]).array
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [max_abs(a, b) for a, b in zip(alone, together)] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("name, words", [
