@@ -52,6 +52,7 @@ class _Call:
     model: str
     outputs: tuple[str, ...] | None
     inputs: dict[str, np.ndarray]
+    wake: threading.Condition  # its thread waits on this (over the scheduler's lock)
     tag: str = ""
     tensors: bool = False  # torch tensors on the engines' device (`run_tensors`), else numpy (`run`)
     deadline: float | None = None  # (monotonic) a call not started by then is refused, not run
@@ -83,7 +84,8 @@ class StepScheduler(Runner):
         self.engines = engines
         self.pipeline = engines.pipeline
         self.max_wait_s = max_wait_s
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # guards everything below; each call's thread waits on its call's `wake`
+        self._cond = threading.Condition(self._lock)  # for ticks waiting on the memory headroom (`_reserve`)
         self._active = 0
         self._pending: list[_Call] = []
         self._ticks = 0  # ticks running
@@ -106,9 +108,9 @@ class StepScheduler(Runner):
         try:
             yield self
         finally:
-            with self._cond:
+            with self._lock:
                 self._active -= 1
-                self._cond.notify_all()  # the others may all be waiting now
+                self._wake_pending()  # the others may all be waiting now
             self._local.in_request = False
 
     @property
@@ -153,18 +155,18 @@ class StepScheduler(Runner):
             inputs = with_defaults(self.engines.spec_of(model), inputs)
         except Ti2iError:
             pass  # the call itself reports the unknown model
-        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), tag, tensors)
+        call = _Call(model, tuple(outputs) if outputs else None, dict(inputs), threading.Condition(self._lock), tag,
+                     tensors)
         if timeout_s > 0:
             call.deadline = call.since + timeout_s
-        with self._cond:
-            self._pending.append(call)
-            self._cond.notify_all()
+        with self._lock:
+            self._pending.append(call)  # no one else to wake: if a tick is due now, this thread runs it
             while not call.done:
                 wait = self._tick_wait() if call in self._pending else self.max_wait_s
                 if wait is None:  # a tick's runner is one of its calls' threads, so it returns with them
                     self._tick(call)
                 else:
-                    self._cond.wait(wait)
+                    call.wake.wait(wait)
         if call.error is not None:
             raise call.error
         assert call.result is not None
@@ -189,17 +191,30 @@ class StepScheduler(Runner):
         calls = [c for group in groups for c in group]
         self._ticks += 1
         self._running += len(calls)
-        self._cond.notify_all()  # what is left pending may be a second tick's
-        self._cond.release()
+        self._wake_pending()  # what is left pending may be a second tick's
+        self._lock.release()
         try:
             for group in groups:
                 if group:
                     self._run_group(group)
         finally:
-            self._cond.acquire()
+            self._lock.acquire()
             self._ticks -= 1
             self._running -= len(calls)
-            self._cond.notify_all()
+            self._wake_pending()
+
+    def _wake_pending(self) -> None:
+        """Wake the threads of pending calls (the lock held), to see whether a tick is due. The threads of
+        running calls sleep on until their own call is done (`_done`): a thread per active request waking at
+        every change cost more than a thousand context switches a request at 8 concurrent requests."""
+        for call in self._pending:
+            call.wake.notify()
+
+    @staticmethod
+    def _done(call: _Call, result: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
+        """Settle `call` and wake its thread (the lock held)."""
+        call.result, call.error, call.done = result, error, True
+        call.wake.notify()
 
     def _take(self, own: _Call) -> list[list[_Call]]:
         """The groups of pending calls this tick runs (`_groups`). One tick at a time: all of them. Where ticks
@@ -289,10 +304,8 @@ class StepScheduler(Runner):
         if call.deadline is None or now <= call.deadline:
             return False
         waited, limit = now - call.since, call.deadline - call.since
-        call.error = ServerUnavailableError(f"{call.model}: waited {waited:.3g} s for the engine, past its timeout "
-                                            f"of {limit:.3g} s: send it again later")
-        call.done = True
-        self._cond.notify_all()
+        self._done(call, error=ServerUnavailableError(f"{call.model}: waited {waited:.3g} s for the engine, past its "
+                                                      f"timeout of {limit:.3g} s: send it again later"))
         return True
 
     def _engine(self, model: str) -> Any:
@@ -315,13 +328,14 @@ class StepScheduler(Runner):
                 for call in calls:
                     self._run_chunk([call])
                 return
-            first.error, first.done = err, True
+            with self._lock:
+                self._done(first, error=err)
             return
         per_tag: Counter[str] = Counter()
         for call in calls:
             per_tag[call.tag] += batch_size(call.inputs)
         tags = tuple(sorted(per_tag.items()))
-        with self._cond:
+        with self._lock:
             self.executions[(first.model, tags, len(calls), sum(batch_size(c.inputs) for c in calls))] += 1
-        for call, result in zip(calls, results):
-            call.result, call.done = result, True
+            for call, result in zip(calls, results):
+                self._done(call, result)
