@@ -9,6 +9,7 @@ from it. It is plain data (JSON round-trip) so that none of those layers needs t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -177,7 +178,7 @@ def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: di
     where = f"{spec.name}.{tensor.name}"
     if not isinstance(value, np.ndarray):
         raise InvalidInputError(f"{where}: expected a numpy array, got {type(value).__name__}")
-    if value.dtype.name != tensor.dtype and not (tensor.dtype == "object" and value.dtype.kind in "OSU"):
+    if value.dtype != _np_dtype(tensor.dtype) and not (tensor.dtype == "object" and value.dtype.kind in "OSU"):
         raise InvalidInputError(f"{where}: expected dtype {tensor.dtype}, got {value.dtype.name}")
     if value.ndim != tensor.rank:
         raise InvalidInputError(
@@ -201,12 +202,21 @@ def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: di
             )
 
 
+@functools.lru_cache(maxsize=None)
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
 def _check_values(where: str, tensor: TensorSpec, value: np.ndarray, error: type[Exception]) -> None:
-    if tensor.floating:
+    """Finite (floating tensors) and within the limits: both read from the smallest and largest value, which
+    are NaN or infinite when any value is (every engine call checks its inputs: one pass each, no mask)."""
+    if not value.size or tensor.dtype == "object" or (tensor.limits is None and not tensor.floating):
+        return
+    smallest, largest = value.min(), value.max()
+    if tensor.floating and not (np.isfinite(smallest) and np.isfinite(largest)):
         _check_finite(f"{where}: values must be finite", value, error)
-    if tensor.limits is not None and value.size and tensor.dtype != "object":
+    if tensor.limits is not None:
         low, high = tensor.limits
-        smallest, largest = value.min(), value.max()
         if smallest < low or largest > high:
             raise error(f"{where}: values must be in [{low:g}, {high:g}], got values in "
                         f"[{float(smallest):g}, {float(largest):g}]")
