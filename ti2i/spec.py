@@ -178,7 +178,8 @@ def _check_tensor(spec: ComponentSpec, tensor: TensorSpec, value: Any, bound: di
     where = f"{spec.name}.{tensor.name}"
     if not isinstance(value, np.ndarray):
         raise InvalidInputError(f"{where}: expected a numpy array, got {type(value).__name__}")
-    if value.dtype != _np_dtype(tensor.dtype) and not (tensor.dtype == "object" and value.dtype.kind in "OSU"):
+    if (value.dtype != _np_dtype(tensor.dtype) and value.dtype.name != tensor.dtype  # the name: any byte order
+            and not (tensor.dtype == "object" and value.dtype.kind in "OSU")):
         raise InvalidInputError(f"{where}: expected dtype {tensor.dtype}, got {value.dtype.name}")
     if value.ndim != tensor.rank:
         raise InvalidInputError(
