@@ -271,6 +271,26 @@ def test_a_remote_client_keeps_one_connection_for_its_requests(method_server, ex
     np.testing.assert_array_equal(_pixels(again), _pixels(expected[1]))
 
 
+def test_a_stub_crash_leaves_its_stacks_in_the_log_and_an_unload_none(engines, example_image, tmp_path):
+    """Original annoyance: every model's unload (each stop of the server) wrote a "Fatal Python error:
+    Segmentation fault" and a hundred lines of stacks (Triton 2.51's stub crashes tearing itself down, upstream
+    python_backend #433), while a component entry's stub that crashed serving wrote nothing at all."""
+    from ti2i.triton_models.supervisor import stub_processes
+
+    repository = _sdedit_repository(engines, tmp_path)
+    values = {**_inputs("sdedit", example_image), "steps": 2}
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
+        run_remote(server_url(server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)
+        unet = next(pid for pid, model in stub_processes(server.pid).values() if model == "unet")
+        os.kill(unet, signal.SIGSEGV)
+        deadline = time.monotonic() + 60
+        while "Fatal Python error" not in server.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    log = (tmp_path / "server.log").read_text()
+    assert log.count("Fatal Python error") == 1, log[-5000:]  # the crash while serving, nothing at the unloads
+    assert "Segmentation fault" in log and "successfully unloaded 'unet'" in log
+
+
 def test_a_kept_remote_client_serves_again_once_a_restarted_server_is_ready(engines, example_image, tmp_path):
     """Original failure: with the server killed (and restarted by its supervisor), a kept HTTP connection raised
     geventhttpclient's HTTPConnectionClosed rather than ServerUnavailableError, and a kept gRPC channel still

@@ -1,3 +1,6 @@
 """Triton python-backend entry point of every component model served through an engine core."""
 
-from ti2i.triton_models.entry import ComponentEntry as TritonPythonModel  # noqa: F401
+from ti2i.triton_models.entry import ComponentEntry
+from ti2i.triton_models.stub import served
+
+TritonPythonModel = served(ComponentEntry)
