@@ -180,20 +180,23 @@ def test_openvino_and_diffusers_bf16_are_measured_and_the_machine_names_its_bf16
 
 
 def test_batched_in_process_sweep_merges_the_clients_steps(tmp_path, cache):
-    """`ort-batched`: the clients of a level share one step scheduler, so 2 clients' UNet calls merge (PNDM: 2
-    calls a request); the scheduler's own counts fill the batching columns."""
+    """`ort-batched`: the clients of a level share one step scheduler, so 4 clients' UNet calls merge (PNDM: 2
+    calls a request); the scheduler's own counts fill the batching columns. Not 2 clients: on CPU engines two
+    ticks run side by side, and 2 loops that fall out of step each find the other running and never wait for it
+    (2 clients merged 1.04-1.2 requests an execution in 4 to 8 of 25 in-process trials; 4 clients never below
+    1.5)."""
     data = run_benchmark(BenchConfig(methods="sdedit", preset="tiny", backends=["ort", "ort-batched"],
-                                     concurrency=(1, 2), concurrency_backend="ort-batched", concurrency_requests=4,
+                                     concurrency=(1, 4), concurrency_backend="ort-batched", concurrency_requests=4,
                                      out=tmp_path / "results", cache=cache, repeats=1, warmup=1, steps=2,
                                      unet_calls=1, quiet=True))
     entry = data["methods"]["sdedit"]
-    single, double = entry["concurrency"]["levels"]
-    for level in (single, double):
+    single, four = entry["concurrency"]["levels"]
+    for level in (single, four):
         unet = level["server"]["unet"]
         assert level["requests"] == 4 * level["clients"] and not level["errors"]
         assert unet["requests"] == 2 * level["requests"] and unet["inferences"] == 2 * unet["requests"], unet
     assert single["server"]["unet"]["avg_requests_per_execution"] == 1.0
-    assert double["server"]["unet"]["avg_requests_per_execution"] > 1.2, double["server"]
+    assert four["server"]["unet"]["avg_requests_per_execution"] > 1.2, four["server"]
     assert entry["backends"]["ort-batched"]["status"] == "ok" and entry["summary"]["ort-batched"]["end_to_end_s"]["n"]
 
 
