@@ -47,6 +47,11 @@ from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import Runner, to_numpy
 
 
+def _rank(value: Any) -> int:
+    ndim = getattr(value, "ndim", None)  # numpy arrays and torch tensors
+    return np.ndim(value) if ndim is None else ndim
+
+
 @dataclass(eq=False)  # calls are told apart by identity
 class _Call:
     model: str
@@ -150,6 +155,9 @@ class StepScheduler(Runner):
               tensors: bool, timeout_s: float = 0.0) -> dict[str, Any]:
         if "sample" in inputs:
             self._local.last_sample = inputs["sample"] if tensors else np.asarray(inputs["sample"])
+        if not inputs or any(_rank(v) == 0 for v in inputs.values()):
+            raise InvalidInputError(f"{model}: every input needs a batch dimension, got "
+                                    f"{ {k: tuple(np.shape(v)) for k, v in inputs.items()} }")
         tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""
         try:  # "no adapter" filled in here, so that calls with adapters and without merge
             inputs = with_defaults(self.engines.spec_of(model), inputs)
@@ -193,14 +201,20 @@ class StepScheduler(Runner):
         self._running += len(calls)
         self._wake_pending()  # what is left pending may be a second tick's
         self._lock.release()
+        failure = None
         try:
             for group in groups:
                 if group:
                     self._run_group(group)
+        except Exception as err:  # a fault of the tick itself (each call's own failure is settled in `_run_chunk`)
+            failure = err
         finally:
             self._lock.acquire()
             self._ticks -= 1
             self._running -= len(calls)
+            for call in calls:  # no call this tick took is left waiting for good
+                if not call.done:
+                    self._done(call, error=failure or RuntimeError(f"{call.model}: the tick running it stopped"))
             self._wake_pending()
 
     def _wake_pending(self) -> None:

@@ -21,7 +21,7 @@ from ti2i.errors import InvalidInputError
 REQUEST = dict(prompt="a watercolor of a house", steps=6, strength=0.5)
 
 
-def _in_threads(count: int, target) -> dict[int, object]:
+def _in_threads(count: int, target, timeout_s: float = 300) -> dict[int, object]:
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
@@ -34,7 +34,7 @@ def _in_threads(count: int, target) -> dict[int, object]:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=timeout_s)
     return results
 
 
@@ -111,6 +111,39 @@ def test_a_bad_call_in_a_merged_batch_fails_only_its_request(engines):
     for i in (0, 1, 3):
         assert isinstance(results[i], np.ndarray) and results[i].shape[0] == 1, results[i]
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_a_call_without_a_batch_dimension_is_one_clear_error(engines):
+    """Original failure: a scalar input reached the tick, whose batching took its length: ``TypeError: len() of
+    unsized object``, raised in the thread running the tick (for whichever request that was)."""
+    scheduler = StepScheduler(InProcessRunner(engines.root))
+    with pytest.raises(InvalidInputError, match="vae_decoder: every input needs a batch dimension"):
+        scheduler.run("vae_decoder", latent=np.float32(0))
+    assert scheduler.run("vae_decoder", latent=np.zeros((1, 4, 8, 8), np.float32))["images"].shape[0] == 1
+
+
+def test_a_tick_that_fails_fails_every_call_it_took(engines):
+    """Original failure: a fault of a tick itself (not of an engine call, which fails only its own request)
+    reached only the thread running the tick; the other requests whose calls it had taken waited for good.
+    The fault is injected here: every call the tick took gets it."""
+    scheduler = StepScheduler(InProcessRunner(engines.root), max_wait_s=5.0)  # all four join one tick
+    scheduler.CPU_LANES = 1
+
+    def fault(calls):
+        raise RuntimeError("a fault of the tick")
+
+    scheduler._run_group = fault
+    gate = threading.Barrier(4)
+
+    def request(i: int) -> np.ndarray:
+        with scheduler.request():
+            gate.wait()
+            return scheduler.run("vae_decoder", latent=np.zeros((1, 4, 8, 8), np.float32))["images"]
+
+    results = _in_threads(4, request, timeout_s=30)
+    assert len(results) == 4, "a request waits on"
+    assert all(isinstance(r, RuntimeError) and "fault of the tick" in str(r) for r in results.values()), results
+    assert scheduler.active == 0
 
 
 class Stop(Exception):
