@@ -62,6 +62,7 @@ def response(pb: Any, tensors: dict[str, np.ndarray]) -> Any:
 
 
 STALL_S = 10.0  # a stream none of whose responses went out for this long has lost its reader
+_FINAL = object()  # the sending thread's cue that the final response is due
 
 
 class Responses:
@@ -70,8 +71,10 @@ class Responses:
     Sent from the request's thread, unless `off_thread` was called: then a thread of their own sends them in
     order. A python-backend send waits for the server to take the response, and the server waits for the
     reader's stub: a reader whose stub died holding its queue (or stopped) holds the send for good. Off the
-    thread, only the sending thread waits; a stream that has taken no response for `STALL_S` cancels its
-    loop, whose core place is freed, and its final response is dropped.
+    thread, only the sending thread waits; a stream that has taken no response for `STALL_S`, or one whose
+    send failed, stops its loop at its next step (`Cancelled`), which frees its core place. Its final response
+    is still handed to the sending thread, which sends it after the one it is held on, if ever: a reader that
+    is only late gets its stream closed, never left open for good.
 
     Every response holds only the outputs its request asked for. The python backend of Triton 2.51 drops the
     others itself inside a response sender's `send`, without holding the interpreter lock: a numpy array
@@ -85,7 +88,8 @@ class Responses:
         self.requested = frozenset(requested)
         self.depth = depth
         self._queue: queue.Queue | None = None
-        self.reader_gone = False
+        self._final: tuple[Any] | None = None  # (the final response,) once `finish` has it, off the thread
+        self.reader_gone: str | None = None  # why the stream's responses stopped going out
 
     def off_thread(self) -> None:
         self._queue = queue.Queue(self.depth)
@@ -103,11 +107,13 @@ class Responses:
         if self._queue is None:
             self.sender.send(response)
             return
-        try:
-            self._queue.put((response, 0), timeout=0 if self.reader_gone else STALL_S)
-        except queue.Full:
-            self.reader_gone = True
-            raise Cancelled(f"its stream took no response for {STALL_S:g} s (its reader has gone)") from None
+        if self.reader_gone is None:
+            try:
+                self._queue.put(response, timeout=STALL_S)
+                return
+            except queue.Full:
+                self.reader_gone = f"its stream took no response for {STALL_S:g} s (its reader has gone)"
+        raise Cancelled(self.reader_gone)
 
     def finish(self, final: Any) -> None:
         flag = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -116,22 +122,23 @@ class Responses:
             return
         if final is not None and final.has_error():  # a stream's failure travels as a tensor (core_wire.py)
             final = response(self.pb, {ERROR: np.array([final.error().message().encode()], dtype=object)})
-        final = self._requested_only(final)
-        if not self.reader_gone:
-            with contextlib.suppress(queue.Full):
-                self._queue.put((final, flag), timeout=STALL_S)
+        self._final = (self._requested_only(final),)
+        with contextlib.suppress(queue.Full):  # a full queue: the sending thread finds the final once it drains
+            self._queue.put_nowait(_FINAL)
 
     def _send_queued(self) -> None:
         assert self._queue is not None
         while True:
-            response, flags = self._queue.get()
-            try:
-                self.sender.send(response, flags=flags)
-            except Exception as err:  # the request was freed (its client cancelled): the rest go nowhere either
-                self.pb.Logger.log_warn(f"a response could not be sent: {err}")
-                self.reader_gone = True
-                return
-            if flags:
+            item = self._queue.get()
+            if item is not _FINAL and self.reader_gone is None:
+                try:
+                    self.sender.send(item)
+                except Exception as err:  # the request was freed, or the send failed: the loop stops
+                    self.reader_gone = f"a response could not be sent: {err}"
+                    self.pb.Logger.log_warn(self.reader_gone)
+            if self._final is not None and (item is _FINAL or self._queue.empty()):
+                with contextlib.suppress(Exception):  # a reader that has gone takes nothing more
+                    self.sender.send(self._final[0], flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
 
 
