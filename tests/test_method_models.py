@@ -194,9 +194,11 @@ def test_streams_under_load_leave_every_stub_alive(engines, example_image, tmp_p
 
         with ThreadPoolExecutor(8) as pool:
             outcomes = list(pool.map(client, range(8)))
-        log = server.log_tail(200_000)
         failed = [error for _, error in outcomes if error is not None]
-        assert stub_processes(server.pid) == stubs and not failed, "\n".join([*failed, log[-6000:]])
+        if failed:
+            _stacks_asked(server)  # where each stub's threads are, into the log
+        log = server.log_tail(200_000)
+        assert stub_processes(server.pid) == stubs and not failed, "\n".join([*failed, log[-30000:]])
     assert not re.search(r"Fatal Python error|double free|corruption|Signal \(\d+\)", log), log[-6000:]
     assert sum(answered for answered, _ in outcomes) > 8
 
@@ -275,16 +277,33 @@ def test_a_remote_client_keeps_one_connection_for_its_requests(method_server, ex
     np.testing.assert_array_equal(_pixels(again), _pixels(expected[1]))
 
 
-def test_a_stub_crash_leaves_its_stacks_in_the_log_and_an_unload_none(engines, example_image, tmp_path):
+def _stacks_asked(server, model: str | None = None, wait_s: float = 1.0) -> None:
+    """Ask each stub (of `model`, else all) for its threads' Python stacks, which it writes into the server log."""
+    from ti2i.triton_models.supervisor import stub_processes
+
+    for pid, name in stub_processes(server.pid).values():
+        if model in (None, name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+    time.sleep(wait_s)
+
+
+def test_a_stub_leaves_its_stacks_in_the_log_on_a_crash_or_when_asked_and_none_at_unload(engines, example_image,
+                                                                                        tmp_path):
     """Original annoyance: every model's unload (each stop of the server) wrote a "Fatal Python error:
     Segmentation fault" and a hundred lines of stacks (Triton 2.51's stub crashes tearing itself down, upstream
-    python_backend #433), while a component entry's stub that crashed serving wrote nothing at all."""
+    python_backend #433), while a component entry's stub that crashed serving wrote nothing at all; and a stub
+    that hung could not say where."""
     from ti2i.triton_models.supervisor import stub_processes
 
     repository = _sdedit_repository(engines, tmp_path)
     values = {**_inputs("sdedit", example_image), "steps": 2}
     with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
         run_remote(server_url(server, "grpc"), METHODS["sdedit"], progress=False, stream=False, **values)
+        assert "core_metrics.py" not in server.log_path.read_text()
+        _stacks_asked(server, "core")
+        assert re.search(r"most recent call first\):\n(\s+File .*\n)*\s+File .*core_metrics\.py",
+                         server.log_path.read_text())
         unet = next(pid for pid, model in stub_processes(server.pid).values() if model == "unet")
         os.kill(unet, signal.SIGSEGV)
         deadline = time.monotonic() + 60

@@ -6,17 +6,23 @@ docs/design-notes.md, "Faults of the python backend") leaves every thread's Pyth
 (upstream python_backend #433): harmless, its requests all answered, but with `faulthandler` still on each
 model's unload wrote a "Fatal Python error" and a hundred lines of stacks. So it is on from the model's import
 until its `finalize` has run.
+
+A stub that is alive but hung (no request of its model answered) writes every thread's Python stack into the
+server log on ``SIGUSR1`` (``kill -USR1 <stub pid>``; `supervisor.stub_processes` lists the stubs).
 """
 
 from __future__ import annotations
 
 import faulthandler
+import signal
 from typing import Any
 
 
 def served(model: type) -> type:
-    """`model` as a stub's ``TritonPythonModel``: Python stacks on a crash from now until its `finalize` ran."""
+    """`model` as a stub's ``TritonPythonModel``: Python stacks on a crash from now until its `finalize` ran,
+    and on ``SIGUSR1``."""
     faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     class TritonPythonModel(model):  # type: ignore[misc, valid-type]
         def finalize(self) -> Any:
