@@ -219,18 +219,20 @@ def _streamed(module: Any, client: Any, method: Method, model: str, tensors: dic
         wanted = [module.InferRequestedOutput(n) for n in ("pixels", "stage", "step", "steps")]
         client.async_stream_infer(model + STREAM_SUFFIX, _infer_inputs(module, tensors), outputs=wanted,
                                   enable_empty_final_response=True)
-        deadline = time.monotonic() + timeout_s
-        pixels = None
+        start = time.monotonic()
+        deadline = start + timeout_s
+        pixels, last = None, "no response at all"
         while True:
             try:
                 result, error = responses.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
-                raise ServerUnavailableError(f"{method.name}: no response within {timeout_s} s") from None
+                raise ServerUnavailableError(f"{method.name}: no result within {timeout_s} s ({last})") from None
             if error is not None:
                 raise _translate(error, method.name)
             stage = result.as_numpy("stage")
             if stage is not None:
                 name, step, steps = stage[0].decode(), int(result.as_numpy("step")[0]), int(result.as_numpy("steps")[0])
+                last = f"the last response: {name} step {step} of {steps}, {time.monotonic() - start:.1f} s in"
                 if callable(progress):
                     progress(name, step, steps)
                 elif progress:
