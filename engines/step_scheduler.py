@@ -47,11 +47,6 @@ from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError
 from ti2i.runner import Runner, to_numpy
 
 
-def _rank(value: Any) -> int:
-    ndim = getattr(value, "ndim", None)  # numpy arrays and torch tensors
-    return np.ndim(value) if ndim is None else ndim
-
-
 @dataclass(eq=False)  # calls are told apart by identity
 class _Call:
     model: str
@@ -155,7 +150,7 @@ class StepScheduler(Runner):
               tensors: bool, timeout_s: float = 0.0) -> dict[str, Any]:
         if "sample" in inputs:
             self._local.last_sample = inputs["sample"] if tensors else np.asarray(inputs["sample"])
-        if not inputs or any(_rank(v) == 0 for v in inputs.values()):
+        if not inputs or any(np.ndim(v) == 0 for v in inputs.values()):  # torch tensors too (`.ndim`)
             raise InvalidInputError(f"{model}: every input needs a batch dimension, got "
                                     f"{ {k: tuple(np.shape(v)) for k, v in inputs.items()} }")
         tag = getattr(self._local, "tag", "") if getattr(self._local, "in_request", False) else ""

@@ -70,10 +70,11 @@ class _Sender:
         self.sent: list[tuple[object, int]] = []
         self.fail_first, self.hold = fail_first, hold
         self.closed = threading.Event()
+        self.tries = 0
 
     def send(self, response=None, flags: int = 0) -> None:
-        first = not self.sent and not getattr(self, "_tried", False)
-        self._tried = True
+        self.tries += 1
+        first = self.tries == 1
         if first and self.hold is not None:
             self.hold.wait()
         if first and self.fail_first:
