@@ -8,12 +8,15 @@ relative error exceeds its tolerance fails the export loudly.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import json
 import math
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,34 +226,27 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
     manifest.sources[kind] = " + ".join([model, *([motion_adapter] if motion_adapter else []),
                                          *(f"lora {a}" for a in adapters)])
 
-    modules: dict[tuple[str, Any, str], torch.nn.Module] = {}  # the VAE serves two components: load it once
-
-    def module(component: Component, dtype: str) -> torch.nn.Module:
-        key = (component.subfolder, component.load, dtype)
-        if key not in modules:
-            modules[key] = fuse_loras(component.load(source, component.subfolder, TORCH_DTYPES[dtype]),
-                                      component.name, adapters)
-        return modules[key]
-
     if kind == "sdxl_refiner":  # before any export: its prompts are encoded with the base's graph
         _check_second_text_encoder(manifest, source)
     names = [*KIND_COMPONENTS[kind], *([CONTROLLED_DECLARATIONS[KIND_COMPONENTS[kind][-1]]] if named_controlnets
                                        else [])]
     if kind in SDXL_KINDS and precision == "fp16":
         names = _sdxl_vae(model, names, log)
+    modules = _Modules(source, adapters, [(COMPONENTS[n], d) for n in names
+                                          for d in {"fp32", COMPONENTS[n].precision(precision)}])
     for name in names:
         component = COMPONENTS[name]
         graph = component.precision(precision)
-        exported = module(component, graph) if graph != "fp32" else None
-        _export_component(manifest, component, module(component, "fp32"), manifest.sources[kind], log, exported)
-    if "text_encoder_xl" in names:  # a refiner that joins must have the same second encoder
-        manifest.pipeline["text_encoder_2_sha256"] = fingerprint(module(COMPONENTS["text_encoder_xl"], "fp32")[1])
+        if name == "text_encoder_xl":  # a refiner that joins must have the same second encoder
+            manifest.pipeline["text_encoder_2_sha256"] = fingerprint(modules.peek(component, "fp32")[1])
+        exported = modules.take(component, graph) if graph != "fp32" else None
+        _export_component(manifest, component, modules.take(component, "fp32"), manifest.sources[kind], log,
+                          exported)
     for name, folder in named_controlnets.items():
         component = controlnet_component(name, xl=kind in SDXL_KINDS)
         graph = component.precision(precision)
-        net = component.load(ModelSource(folder), None)
         exported = component.load(ModelSource(folder), None, TORCH_DTYPES[graph]) if graph != "fp32" else None
-        _export_component(manifest, component, net, folder, log, exported)
+        _export_component(manifest, component, component.load(ModelSource(folder), None), folder, log, exported)
         served = manifest.pipeline.setdefault("controlnets", [])
         served[:] = sorted({*served, name})
 
@@ -259,6 +255,36 @@ def export_model(model: str, out_dir: str | Path, kind: str | None = None,
             manifest.components.setdefault(step.name, ComponentEntry(step.spec(manifest.pipeline), PROCESSING))
     manifest.write()
     return manifest
+
+
+class _Modules:
+    """The torch modules of an export, each loaded once (the VAE serves two components) and let go at its last
+    use: an SDXL UNet's weights must not be held beside the next component's, nor beside its own engine."""
+
+    def __init__(self, source: ModelSource, adapters: Sequence[Any], uses: Sequence[tuple[Component, str]]):
+        self.source, self.adapters = source, adapters
+        self.loaded: dict[tuple[Any, ...], torch.nn.Module] = {}
+        self.uses = Counter(self._key(component, dtype) for component, dtype in uses)
+
+    @staticmethod
+    def _key(component: Component, dtype: str) -> tuple[Any, ...]:
+        return component.subfolder, component.load, dtype
+
+    def peek(self, component: Component, dtype: str) -> torch.nn.Module:
+        key = self._key(component, dtype)
+        if key not in self.loaded:
+            self.loaded[key] = fuse_loras(component.load(self.source, component.subfolder, TORCH_DTYPES[dtype]),
+                                          component.name, self.adapters)
+        return self.loaded[key]
+
+    def take(self, component: Component, dtype: str) -> torch.nn.Module:
+        """The module for one use; the last use takes it out of the cache."""
+        module = self.peek(component, dtype)
+        key = self._key(component, dtype)
+        self.uses[key] -= 1
+        if self.uses[key] <= 0:
+            del self.loaded[key]
+        return module
 
 
 def _sdxl_vae(model: str, names: list[str], log: Callable[[str], None]) -> list[str]:
@@ -300,7 +326,9 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
                       log: Callable[[str], None], exported: torch.nn.Module | None = None) -> None:
     """Export and validate one component, or keep the engine already there if its weights are the same.
 
-    `module` is the fp32 reference; `exported`, when given, the same weights in the graph's precision."""
+    `module` is the fp32 reference; `exported`, when given, the same weights in the graph's precision. Both are
+    handed over (the caller keeps no reference): they are let go once traced, so the engine is validated and
+    calibrated against outputs computed beforehand, without the weights held twice."""
     weights = fingerprint(module)
     name = component.served_name
     existing = manifest.components.get(name)
@@ -312,12 +340,17 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
         return
     precision = component.precision(manifest.precision)
     spec = component.declared_spec(module, manifest.pipeline, precision)
+    adapter_facts = module_facts(module) if takes_adapters(spec) else None  # what adapters are loaded into
     wrapper = component.wrap(module).eval()
+    expected = torch_references(wrapper, spec, component)
     graph = component.wrap(exported).eval() if exported is not None else wrapper
+    del module, exported, wrapper
     file = f"{name}.onnx"
     export_onnx(graph, spec, component.sample_sizes[0], manifest.root / file)
+    del graph
+    gc.collect()
     tolerance = component.fp16_tolerance if precision == "fp16" else component.tolerance
-    validation = validate(wrapper, spec, manifest.root / file, component, tolerance)
+    validation = validate(expected, spec, manifest.root / file, component, tolerance)
     log(f"{name}: exported {file} ({precision}), max relative error {validation['max_rel_error']:.2e} "
         f"against torch fp32 (tolerance {tolerance:.0e})")
     memory = calibrate(manifest.root / file, spec)
@@ -326,8 +359,8 @@ def _export_component(manifest: Manifest, component: Component, module: torch.nn
     log(f"{name}: {format_bytes(memory.base)} loaded, peak growth {format_bytes(growth)} per item{at}")
     manifest.components[name] = ComponentEntry(spec, ONNX, file, validation, origin, weights, memory, precision,
                                                component.name if component.served else None)
-    if takes_adapters(spec):  # what per-request adapters are loaded into (engines/adapters.py)
-        manifest.pipeline.setdefault(ADAPTER_MODULES, {})[name] = module_facts(module)
+    if adapter_facts is not None:
+        manifest.pipeline.setdefault(ADAPTER_MODULES, {})[name] = adapter_facts
 
 
 def _quiet_libraries() -> None:
@@ -373,35 +406,78 @@ def _unify_fp16(raw: Path, fp32_inputs: set[str]) -> None:
 
     from ti2i.export.fp16 import unify_fp16
 
-    model = onnx.load(str(raw))  # with any external weights: saved embedded again (fp16 halves them)
+    model = unify_fp16(onnx.load(str(raw)), fp32_inputs)  # with any external weights
     for traced in list(raw.parent.iterdir()):
         traced.unlink()
-    onnx.save_model(unify_fp16(model, fp32_inputs), str(raw))
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)  # protobuf refuses a message over 2 GB
+    onnx.save_model(model, str(raw), save_as_external_data=weights >= EXTERNAL_DATA_THRESHOLD,
+                    all_tensors_to_one_file=True, location=raw.name + ".data")
 
 
 def _finalise_onnx(tmp: Path, raw: Path, path: Path) -> None:
+    """Move the traced graph to `path`; over the threshold, with its weights in one `.data` file beside it,
+    written a tensor at a time (an SDXL UNet's 9.6 GiB are never held twice)."""
     import onnx
+    from onnx.external_data_helper import (
+        load_external_data_for_tensor,
+        save_external_data,
+        set_external_data,
+        uses_external_data,
+    )
 
     total = sum(f.stat().st_size for f in tmp.iterdir())
-    for old in (path, path.with_name(path.name + ".data")):
+    data = path.with_name(path.name + ".data")
+    for old in (path, data):
         old.unlink(missing_ok=True)
     if total < EXTERNAL_DATA_THRESHOLD:
         shutil.move(str(raw), path)
         return
-    graph = onnx.load(str(raw), load_external_data=True)
-    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    graph = onnx.load(str(raw), load_external_data=False)
+    data.touch()
+    for tensor in graph.graph.initializer:
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(tmp))
+        elif len(tensor.raw_data) < 1024:
+            continue
+        set_external_data(tensor, data.name)
+        save_external_data(tensor, str(path.parent))
+        tensor.ClearField("raw_data")
+    onnx.save_model(graph, str(path))
 
 
-def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, component: Component,
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The torch fp32 outputs for one declared sample size: what the engine must reproduce."""
+
+    sizes: Mapping[str, int]
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[np.ndarray, ...]
+
+
+def torch_references(wrapper: torch.nn.Module, spec: ComponentSpec, component: Component) -> list[Reference]:
+    """The fp32 module's outputs at every declared sample size, computed before export so that the module's
+    weights need not stay loaded beside the engine that is validated against them."""
+    spec = spec.interface()
+    references = []
+    for i, sizes in enumerate(component.sample_sizes):
+        sample = sample_inputs(spec, sizes, seed=100 + i)
+        with torch.inference_mode():
+            out = wrapper(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
+        outputs = out if isinstance(out, tuple) else (out,)
+        references.append(Reference(dict(sizes), sample, tuple(o.numpy() for o in outputs)))
+    return references
+
+
+def validate(expected: Sequence[Reference], spec: ComponentSpec, path: Path, component: Component,
              tolerance: float | None = None) -> dict[str, Any]:
     """Relative error (max |onnx − torch| / max |torch|) of each output at every declared sample size.
 
-    `wrapper` is the fp32 module whatever the graph's precision: an fp16 graph is measured against fp32."""
+    `expected` holds the fp32 module's outputs whatever the graph's precision: an fp16 graph is measured
+    against fp32."""
     tolerance = component.tolerance if tolerance is None else tolerance
     engine = OrtEngine(path, spec)
     try:
-        per_size = _validation_errors(wrapper, spec.interface(), engine, component)
+        per_size = [_validation_errors(reference, spec.interface(), engine) for reference in expected]
     finally:
         engine.close()
     worst = max(max(entry["rel_error"].values()) for entry in per_size)
@@ -413,30 +489,21 @@ def validate(wrapper: torch.nn.Module, spec: ComponentSpec, path: Path, componen
             "reference": "torch fp32"}
 
 
-def _validation_errors(wrapper: torch.nn.Module, spec: ComponentSpec, engine: OrtEngine,
-                       component: Component) -> list[dict[str, Any]]:
-    per_size = []
-    for i, sizes in enumerate(component.sample_sizes):
-        sample = sample_inputs(spec, sizes, seed=100 + i)
-        with torch.inference_mode():
-            ref = wrapper(*(torch.from_numpy(sample[t.name]) for t in spec.inputs))
-        refs = ref if isinstance(ref, tuple) else (ref,)
-        try:
-            got = engine.run(sample)
-        except ComponentOutputError as err:  # NaN is never "within tolerance"
-            raise ExportValidationError(f"{err} at sizes {dict(sizes)}") from None
-        errors = {}
-        for tensor, expected in zip(spec.outputs, refs):
-            expected = expected.numpy()
-            actual = got[tensor.name]
-            if actual.shape != expected.shape:
-                raise ExportValidationError(f"{spec.name}.{tensor.name}: ONNX shape {actual.shape} "
-                                            f"!= torch shape {expected.shape} at sizes {dict(sizes)}")
-            scale = max(float(np.abs(expected).max()), 1e-12)
-            error = float(np.abs(actual - expected).max()) / scale
-            errors[tensor.name] = error if math.isfinite(error) else math.inf  # NaN must never pass
-        per_size.append({"sizes": dict(sizes), "rel_error": errors})
-    return per_size
+def _validation_errors(reference: Reference, spec: ComponentSpec, engine: OrtEngine) -> dict[str, Any]:
+    try:
+        got = engine.run(reference.inputs)
+    except ComponentOutputError as err:  # NaN is never "within tolerance"
+        raise ExportValidationError(f"{err} at sizes {reference.sizes}") from None
+    errors = {}
+    for tensor, expected in zip(spec.outputs, reference.outputs):
+        actual = got[tensor.name]
+        if actual.shape != expected.shape:
+            raise ExportValidationError(f"{spec.name}.{tensor.name}: ONNX shape {actual.shape} "
+                                        f"!= torch shape {expected.shape} at sizes {reference.sizes}")
+        scale = max(float(np.abs(expected).max()), 1e-12)
+        error = float(np.abs(actual - expected).max()) / scale
+        errors[tensor.name] = error if math.isfinite(error) else math.inf  # NaN must never pass
+    return {"sizes": reference.sizes, "rel_error": errors}
 
 
 def _tool_versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ from ti2i.client.cli import main as cli_main
 from ti2i.engines.ort import OrtEngine
 from ti2i.export import exporter
 from ti2i.export.components import COMPONENTS, KIND_COMPONENTS, ModelSource
-from ti2i.export.exporter import detect_kind, export_model, export_onnx, validate
+from ti2i.export.exporter import detect_kind, export_model, export_onnx, torch_references, validate
 
 import ti2i
 from ti2i.errors import ComponentOutputError, ExportValidationError, InvalidInputError, ModelNotFoundError
@@ -221,7 +221,8 @@ def test_validate_fails_loudly_when_weights_changed_after_export(sd_engines: Man
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     spec = sd_engines.components["unet"].spec
     with pytest.raises(ExportValidationError) as info:
-        validate(perturbed, spec, sd_engines.path_of("unet"), COMPONENTS["unet"])
+        validate(torch_references(perturbed, spec, COMPONENTS["unet"]), spec, sd_engines.path_of("unet"),
+                 COMPONENTS["unet"])
     message = str(info.value)
     assert message.startswith("unet"), message
     assert "tolerance" in message
@@ -231,9 +232,10 @@ def test_validate_fails_loudly_above_tolerance_and_passes_within(sd_engines: Man
     spec = sd_engines.components["text_encoder"].spec
     path = sd_engines.path_of("text_encoder")
     strict = dataclasses.replace(COMPONENTS["text_encoder"], tolerance=0.0)
+    expected = torch_references(wrappers["text_encoder"], spec, COMPONENTS["text_encoder"])
     with pytest.raises(ExportValidationError, match=r"^text_encoder\b"):
-        validate(wrappers["text_encoder"], spec, path, strict)
-    result = validate(wrappers["text_encoder"], spec, path, COMPONENTS["text_encoder"])
+        validate(expected, spec, path, strict)
+    result = validate(expected, spec, path, COMPONENTS["text_encoder"])
     assert 0.0 < result["max_rel_error"] <= TOLERANCE
 
 
@@ -252,7 +254,7 @@ def test_validate_fails_loudly_when_onnx_outputs_nan(sd_engines: Manifest, wrapp
         engine.run(sample_inputs(spec, {BATCH: 1}))  # the engine itself refuses to hand out NaN
     engine.close()
     with pytest.raises(ExportValidationError, match=rf"^{name}\b"):
-        validate(wrappers[name], spec, path, COMPONENTS[name])
+        validate(torch_references(wrappers[name], spec, COMPONENTS[name]), spec, path, COMPONENTS[name])
 
 
 def test_cli_export_fails_loudly_and_writes_no_manifest(sd_model: Path, tmp_path: Path, monkeypatch, capsys):

@@ -117,6 +117,39 @@ def test_sdxl_txt2img_on_fp16_engines_matches_fp32_engines(sdxl16_engines: Manif
     assert db >= MIN_PSNR_DB
 
 
+def test_fp16_graphs_over_the_size_limit_never_hold_their_weights_in_the_message(sd_model: Path, sd16_engines: Manifest,
+                                                                                 tmp_path: Path, monkeypatch,
+                                                                                 example_image):
+    """protobuf refuses a message over 2 GB and an SDXL UNet is 4.8 GiB in fp16: above the threshold, the graph
+    rewritten in fp16 keeps its weights in a file beside it from the start, and runs as the embedded one does."""
+    from ti2i.export import exporter
+
+    written: dict[str, tuple[int, int]] = {}  # per graph: bytes of the message and of its weights file
+    finalise = exporter._finalise_onnx
+
+    def observed(tmp: Path, raw: Path, path: Path) -> None:
+        data = raw.with_name(raw.name + ".data")
+        written[raw.stem] = (raw.stat().st_size, data.stat().st_size if data.is_file() else 0)
+        finalise(tmp, raw, path)
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(exporter, "_finalise_onnx", observed)
+    manifest = export_model(str(sd_model), tmp_path / "sd16", log=lambda _: None, precision="fp16")
+    fp16 = [name for name, entry in _onnx_entries(manifest).items() if entry.precision == "fp16"]
+    assert "unet" in fp16
+    for name in fp16:
+        message, data = written[name]
+        assert data > 0, (name, written[name])  # the weights went to a file beside the message
+        path = manifest.path_of(name)
+        assert sorted(p.name for p in path.parent.glob(f"{name}.onnx*")) == [path.name, path.name + ".data"]
+
+    def run(root: Path):
+        with InProcessRunner(root) as runner:
+            return sdedit(runner, example_image, "a painting", strength=0.8, steps=4, seed=3, progress=False).array
+
+    assert np.array_equal(run(manifest.root), run(sd16_engines.root))
+
+
 def test_an_fp16_safe_sdxl_vae_is_exported_in_fp16(sdxl_model: Path, tmp_path: Path):
     """The fp16-fix VAE says `force_upcast: false`: then the VAE is fp16 too, and the export says so."""
     model = tmp_path / "sdxl-vae-fix"
