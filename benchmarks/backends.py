@@ -89,15 +89,16 @@ class BackendInfo:
     needs_server: bool = False
     description: str = ""
     method_model: bool = False  # the server must serve the method's model (through the engine core)
+    holds_model: bool = False  # loads the diffusers model folder's weights in this process (else our engines)
 
 
 BACKENDS: dict[str, BackendInfo] = {}
 
 
 def register_backend(name: str, factory: Callable[[str, BenchContext], Backend], *, needs_server: bool = False,
-                     description: str = "", method_model: bool = False) -> None:
+                     description: str = "", method_model: bool = False, holds_model: bool = False) -> None:
     """Make `name` measurable by `ti2i bench --backends`: `factory(name, ctx)` builds the backend."""
-    BACKENDS[name] = BackendInfo(name, factory, needs_server, description, method_model)
+    BACKENDS[name] = BackendInfo(name, factory, needs_server, description, method_model, holds_model)
 
 
 # --- our method loops over a runner ------------------------------------------------------------------
@@ -531,11 +532,14 @@ class DiffusersBackend(Backend):
 
 
 register_backend("diffusers", lambda name, ctx: DiffusersBackend(name, ctx),
-                 description="the diffusers reference pipeline on torch eager")
+                 description="the diffusers reference pipeline on torch eager",
+                 holds_model=True)
 register_backend("diffusers-compile", lambda name, ctx: DiffusersBackend(name, ctx, compile=True),
-                 description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)")
+                 description="the diffusers pipeline, UNet and VAE under torch.compile (inductor)",
+                 holds_model=True)
 register_backend("diffusers-bf16", lambda name, ctx: DiffusersBackend(name, ctx, dtype="bfloat16"),
-                 description="the diffusers pipeline, its weights in bfloat16 (torch_dtype=torch.bfloat16)")
+                 description="the diffusers pipeline, its weights in bfloat16 (torch_dtype=torch.bfloat16)",
+                 holds_model=True)
 register_backend("ort", _ort, description="our method loop over our ONNX Runtime engines, in-process")
 register_backend("openvino", _openvino,
                  description="our method loop over the same ONNX graphs compiled by OpenVINO for this CPU (bf16 "

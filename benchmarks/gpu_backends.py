@@ -102,4 +102,5 @@ register_backend("aoti", _aoti, description="our loop, the denoiser an AOTInduct
 register_backend("tensorrt", _tensorrt, description="our loop over TensorRT fp16 plans, in-process (GPU)")
 register_backend("triton-tensorrt", _served_tensorrt,
                  description="our loop against tritonserver serving the plans natively (tensorrt_plan)")
-register_backend("diffusers-fp16", _diffusers_fp16, description="the diffusers pipeline in fp16 on CUDA")
+register_backend("diffusers-fp16", _diffusers_fp16, description="the diffusers pipeline in fp16 on CUDA",
+                 holds_model=True)

@@ -49,6 +49,7 @@ from ti2i.errors import InvalidInputError
 SCHEMA = "ti2i-bench/1"
 EXAMPLE = machine.PROJECT_ROOT / "examples" / "input.png"
 REFERENCE = "diffusers"
+RESIDENT_SHARE = 0.8  # of MemAvailable the measured backends' weights may take together
 IN_PROCESS = "ort"
 SEED = 0
 
@@ -286,13 +287,23 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
         if server is not None:
             ctx.server = server
             entry["server"] = _server_info(server, options)
-        live = _setup_backends(backends, ctx, entry, progress)
+        outputs: dict[str, np.ndarray] = {}
         try:
-            _warm_up(method, live, warmup, image, entry, progress)
-            _measure(method, live, repeats, image, entry, results, progress)
-            _summarize(entry, live)
-            results.save()
-            _unet_calls(live, method, config.unet_calls or (30 if preset.name == "tiny" else 3), entry, progress)
+            for group in _resident_groups(backends, ctx, server is not None, entry, progress):
+                live = _setup_backends(group, ctx, entry, progress)
+                try:
+                    _warm_up(method, live, warmup, image, entry, progress)
+                    _measure(method, live, repeats, image, entry, results, progress, outputs)
+                    _unet_calls(live, method, config.unet_calls or (30 if preset.name == "tiny" else 3), entry,
+                                progress)
+                finally:
+                    for backend in live.values():
+                        with contextlib.suppress(Exception):
+                            backend.close()
+                    ctx.shared.clear()
+                    gc.collect()
+            _agreement(entry, outputs)
+            _summarize(entry)
             results.save()
             if levels and server is not None:
                 for name in concurrency_backends(config):  # one sweep after the other, on the same server
@@ -301,12 +312,43 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
         finally:
             if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
                 with contextlib.suppress(Exception):
-                    _summarize(entry, live)
-            for backend in live.values():
-                with contextlib.suppress(Exception):
-                    backend.close()
-            ctx.shared.clear()
+                    _summarize(entry)
     progress.phase = ""
+
+
+def _resident_groups(backends: list[str], ctx: BenchContext, served: bool, entry: dict[str, Any],
+                     progress: Progress) -> list[list[str]]:
+    """The backends alternate round by round (drift on a shared machine cancels in the paired ratios) when their
+    weights fit in memory together; otherwise each is measured on its own, one after the other: SDXL at its
+    real size held by diffusers and by our engines at once does not fit a 24 GiB host."""
+    from ti2i.budget import available_memory, format_bytes
+
+    engines = _engine_bytes(ctx)
+    held = {name: 0 if BACKENDS[name].needs_server else
+            _folder_weight_bytes(ctx.model_dir) if BACKENDS[name].holds_model else engines for name in backends}
+    need = sum(held.values()) + (engines if served else 0)  # the server's instances load the engines too
+    available = available_memory()
+    if len(backends) < 2 or need <= RESIDENT_SHARE * available:
+        return [backends]
+    entry["one_at_a_time"] = {"weights_bytes": held, "server_bytes": engines if served else 0,
+                              "available_bytes": available}
+    progress.log(f"[{ctx.method}] backends one at a time: together they hold {format_bytes(need)} of weights, "
+                 f"{format_bytes(available)} is available")
+    return [[name] for name in backends]
+
+
+def _engine_bytes(ctx: BenchContext) -> int:
+    """What the method's engines hold loaded (measured when they were exported)."""
+    from ti2i.client.methods import components_for
+    from ti2i.manifest import Manifest
+
+    manifest = Manifest.load(ctx.engine_dir)
+    entries = [manifest.components[name] for name in components_for([ctx.method], manifest.components)]
+    return sum(entry.memory.base for entry in entries if entry.memory is not None)
+
+
+def _folder_weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.suffix in (".safetensors", ".bin"))
 
 
 def _repository_options(config: BenchConfig) -> Any:
@@ -408,8 +450,8 @@ def _warm_up(method: str, live: dict[str, Backend], warmup: int, image: Image.Im
 
 
 def _measure(method: str, live: dict[str, Backend], repeats: int, image: Image.Image, entry: dict[str, Any],
-             results: Results, progress: Progress) -> None:
-    outputs: dict[str, np.ndarray] = {}
+             results: Results, progress: Progress, outputs: dict[str, np.ndarray]) -> None:
+    """`repeats` rounds of every live backend; each one's first output joins `outputs`."""
     names = list(live)
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)] if names else []
@@ -435,7 +477,10 @@ def _measure(method: str, live: dict[str, Backend], repeats: int, image: Image.I
                 outputs.setdefault(name, run.output)
             progress.log(f"[{method}] repeat {r + 1}/{repeats} {name}: {run.end_to_end_s:.3f} s")
             results.save()
-    # agreement with the reference (same seed, same request): evidence that all backends did the same work
+
+
+def _agreement(entry: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
+    """Agreement with the reference (same seed, same request): evidence that all backends did the same work."""
     reference = outputs.get(REFERENCE)
     for name, output in outputs.items():
         if reference is not None and name != REFERENCE and output.shape == reference.shape:
@@ -443,7 +488,7 @@ def _measure(method: str, live: dict[str, Backend], repeats: int, image: Image.I
             entry["backends"][name]["max_abs_vs_diffusers"] = float(diff)
 
 
-def _summarize(entry: dict[str, Any], live: dict[str, Backend]) -> None:
+def _summarize(entry: dict[str, Any]) -> None:
     summary: dict[str, Any] = {}
     for name, record in entry["backends"].items():
         runs = record.get("repeats") or []
@@ -464,7 +509,8 @@ def _summarize(entry: dict[str, Any], live: dict[str, Backend]) -> None:
                          "stages": stages}
     entry["summary"] = summary
     entry["ratios"] = _ratios(entry)
-    entry["serving_overhead_ms"] = _serving_overhead(entry)
+    for name, figures in _serving_overhead(entry).items():  # beside the single UNet calls' figures
+        entry.setdefault("serving_overhead_ms", {}).setdefault(name, {}).update(figures)
 
 
 def _e2e(entry: dict[str, Any], name: str) -> float | None:
