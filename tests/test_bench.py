@@ -235,6 +235,8 @@ def test_backends_whose_weights_do_not_fit_together_are_measured_one_after_the_o
     assert apart["backends"]["ort"]["max_abs_vs_diffusers"] == pytest.approx(
         together["backends"]["ort"]["max_abs_vs_diffusers"], abs=1e-6)
     assert apart["ratios"]["ort"]["speedup_vs_diffusers"] > 0
+    assert "each was measured on its own" in (tmp_path / "apart" / "results.md").read_text()
+    assert "each was measured on its own" not in (tmp_path / "together" / "results.md").read_text()
 
 
 def test_the_sdxl_512_preset_has_sdxl_10s_architecture():
