@@ -282,26 +282,36 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
     options = _repository_options(config)
     served = {*backends, *(concurrency_backends(config) if levels else [])}
     method_model = any(BACKENDS[b].method_model for b in served)
-    with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
-                 method_model, config.engine_backend) as server:
-        if server is not None:
-            ctx.server = server
-            entry["server"] = _server_info(server, options)
-        outputs: dict[str, np.ndarray] = {}
+    outputs: dict[str, np.ndarray] = {}
+    unet_calls = config.unet_calls or (30 if preset.name == "tiny" else 3)
+
+    def measure(group: list[str]) -> None:
+        live = _setup_backends(group, ctx, entry, progress)
         try:
-            for group in _resident_groups(backends, ctx, server is not None, entry, progress):
-                live = _setup_backends(group, ctx, entry, progress)
-                try:
-                    _warm_up(method, live, warmup, image, entry, progress)
-                    _measure(method, live, repeats, image, entry, results, progress, outputs)
-                    _unet_calls(live, method, config.unet_calls or (30 if preset.name == "tiny" else 3), entry,
-                                progress)
-                finally:
-                    for backend in live.values():
-                        with contextlib.suppress(Exception):
-                            backend.close()
-                    ctx.shared.clear()
-                    gc.collect()
+            _warm_up(method, live, warmup, image, entry, progress)
+            _measure(method, live, repeats, image, entry, results, progress, outputs)
+            _unet_calls(live, method, unet_calls, entry, progress)
+        finally:
+            for backend in live.values():
+                with contextlib.suppress(Exception):
+                    backend.close()
+            ctx.shared.clear()
+            gc.collect()
+
+    groups = _resident_groups(backends, ctx, need_server, entry, progress)
+    apart = len(groups) > 1  # then the server (another copy of the engines) is up only for what needs it
+    try:
+        for group in groups:
+            if apart and not BACKENDS[group[0]].needs_server:
+                measure(group)
+        with _server(engines, method, results.out, need_server, options, progress, max(levels or [1]),
+                     method_model, config.engine_backend) as server:
+            if server is not None:
+                ctx.server = server
+                entry["server"] = _server_info(server, options)
+            for group in groups:
+                if not apart or BACKENDS[group[0]].needs_server:
+                    measure(group)
             _agreement(entry, outputs)
             _summarize(entry)
             results.save()
@@ -309,18 +319,18 @@ def _bench_method(method: str, preset: Preset, config: BenchConfig, backends: li
                 for name in concurrency_backends(config):  # one sweep after the other, on the same server
                     run_sweep(method, name, levels, config.concurrency_requests or preset.concurrency_requests,
                               config.concurrency_rounds, ctx, image, SEED, entry, results.save, progress)
-        finally:
-            if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
-                with contextlib.suppress(Exception):
-                    _summarize(entry)
+    finally:
+        if "summary" not in entry:  # interrupted or failed while measuring: summarise what was measured
+            with contextlib.suppress(Exception):
+                _summarize(entry)
     progress.phase = ""
 
 
 def _resident_groups(backends: list[str], ctx: BenchContext, served: bool, entry: dict[str, Any],
                      progress: Progress) -> list[list[str]]:
     """The backends alternate round by round (drift on a shared machine cancels in the paired ratios) when their
-    weights fit in memory together; otherwise each is measured on its own, one after the other: SDXL at its
-    real size held by diffusers and by our engines at once does not fit a 24 GiB host."""
+    weights, and the server's, fit in memory together; otherwise each is measured on its own, one after the
+    other: SDXL at its real size held by diffusers and by our engines at once does not fit a 24 GiB host."""
     from ti2i.budget import available_memory, format_bytes
 
     engines = _engine_bytes(ctx)

@@ -217,7 +217,8 @@ def test_sdxl_presets_measure_the_sdxl_pipelines_beside_ours(tmp_path, cache):
 
 def test_backends_whose_weights_do_not_fit_together_are_measured_one_after_the_other(tmp_path, cache, monkeypatch):
     """What `sdxl-512` needs on a 24 GiB host: when the backends' weights exceed the memory share, each backend is
-    set up, measured and closed before the next, and the agreement with diffusers is still reported."""
+    set up, measured and closed before the next, the server up only for the served ones, and the agreement with
+    diffusers is still reported."""
     from ti2i.benchmarks import harness
 
     config = BenchConfig(methods="sdedit", preset="tiny", backends=["diffusers", "ort"], concurrency=(),
@@ -227,10 +228,26 @@ def test_backends_whose_weights_do_not_fit_together_are_measured_one_after_the_o
     assert "one_at_a_time" not in together and [r["order"] for r in together["rounds"]] == [["diffusers", "ort"],
                                                                                           ["ort", "diffusers"]]
     monkeypatch.setattr(harness, "RESIDENT_SHARE", 1e-6)
-    apart = run_benchmark(dataclasses.replace(config, out=tmp_path / "apart"))["methods"]["sdedit"]
-    assert [r["order"] for r in apart["rounds"]] == [["diffusers"], ["diffusers"], ["ort"], ["ort"]]
+    results = tmp_path / "apart" / "results.json"
+    started: list[list[str]] = []  # per server start: the backends' requests measured before it
+    server = harness._server
+
+    def observed(*args, **kwargs):
+        rounds = json.loads(results.read_text())["methods"]["sdedit"]["rounds"] if results.is_file() else []
+        started.append([name for r in rounds for name in r["order"]])
+        return server(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_server", observed)
+
+    apart = run_benchmark(dataclasses.replace(config, backends=["triton-grpc", "diffusers", "ort"],
+                                              out=tmp_path / "apart"))["methods"]["sdedit"]
+    assert started == [["diffusers", "diffusers", "ort", "ort"]]  # the server's engines never beside theirs
+    assert [r["order"] for r in apart["rounds"]] == [["diffusers"], ["diffusers"], ["ort"], ["ort"],
+                                                     ["triton-grpc"], ["triton-grpc"]]
     held = apart["one_at_a_time"]["weights_bytes"]
-    assert held["diffusers"] > 0 and held["ort"] > 0 and apart["one_at_a_time"]["available_bytes"] > 0
+    assert held["diffusers"] > 0 and held["ort"] > 0 and held["triton-grpc"] == 0
+    assert apart["one_at_a_time"]["server_bytes"] == held["ort"] and apart["one_at_a_time"]["available_bytes"] > 0
+    assert apart["backends"]["triton-grpc"]["max_abs_vs_diffusers"] < 1e-2
     assert len(apart["backends"]["ort"]["repeats"]) == 2 and apart["summary"]["ort"]["end_to_end_s"]["n"] == 2
     assert apart["backends"]["ort"]["max_abs_vs_diffusers"] == pytest.approx(
         together["backends"]["ort"]["max_abs_vs_diffusers"], abs=1e-6)
