@@ -55,8 +55,9 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
     """The engine of `name`: ONNX Runtime, OpenVINO on the same graph (in `precision`, fp32 or bf16, where the
     component's declaration allows bf16), or the TensorRT plan / AOTInductor package `ti2i build` wrote
     (components without a build of that backend run on ONNX Runtime). ONNX Runtime engines refuse requests
-    over `budget` bytes (default: this machine's budget; a mapping gives it by component); a manifest written before memory calibration gets
-    its engines calibrated here, at load (seconds).
+    over `budget` bytes (default: this machine's budget as it was before the engine loaded, since the estimates
+    count the engine's own weights; a mapping gives it by component); a manifest written before memory
+    calibration gets its engines calibrated here, at load (seconds).
     """
     if name not in manifest.components:
         raise ModelNotFoundError(f"{manifest.root} has no component {name!r} (has {sorted(manifest.components)})")
@@ -67,6 +68,8 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
         compiled = _load_compiled(manifest, name, backend, device)
         if compiled is not None:
             return compiled
+    if budget is None:  # what was available before this engine took its share: its base is in the estimates
+        budget = machine_budget()
     if entry.backend == ONNX:
         from ti2i.engines.calibrate import calibrate
         if backend == OPENVINO:
@@ -76,7 +79,7 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
 
             engine = OrtEngine(manifest.path_of(name), entry.spec, providers=providers, threads=threads)
         engine.memory = entry.memory or calibrate(manifest.path_of(name), entry.spec)
-        engine.budget = machine_budget() if budget is None else budget
+        engine.budget = budget
         return engine
     if entry.backend == PROCESSING:
         from ti2i.engines.calibrate import layout
@@ -84,7 +87,7 @@ def load_engine(manifest: Manifest, name: str, providers: Sequence[str] | None =
         engine = ProcessingEngine(STEPS[name], entry.spec, manifest.pipeline, manifest.root)
         dims = layout(entry.spec)
         engine.memory = io_memory(entry.spec, dims["token_dims"], dims["item_dims"])
-        engine.budget = machine_budget() if budget is None else budget
+        engine.budget = budget
         return engine
     raise ModelNotFoundError(f"component {name!r}: unknown backend {entry.backend!r}")
 

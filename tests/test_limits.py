@@ -111,6 +111,28 @@ def test_manifest_without_memory_model_still_loads(engines, tmp_path):
     assert engine.memory is not None and engine.memory.base > 0
 
 
+def test_the_default_budget_is_what_was_available_before_the_engine_loaded(engines, monkeypatch):
+    """The estimates count the engine's own weights (its base), so the budget they are held to must not be
+    taken after those weights left MemAvailable: an SDXL UNet (9.8 GiB) loaded on a 24 GiB host refused its
+    every request (10.1 GiB needed, 0.6 × the 10 GiB left = 6.2 GiB)."""
+    from ti2i import budget
+    from ti2i.engines import ort
+
+    before, after = parse_bytes("20G"), parse_bytes("10G")
+    loaded: list[str] = []
+
+    class Loading(ort.OrtEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            loaded.append(self.spec.name)
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    monkeypatch.setattr(budget, "available_memory", lambda: after if loaded else before)
+    monkeypatch.setattr(ort, "OrtEngine", Loading)
+    engine = load_engine(engines, "unet")
+    assert loaded == ["unet"] and engine.budget == int(budget.SAFE_SHARE * before)
+
+
 def test_engine_loads_on_one_machine_take_turns(tmp_path):
     """Each hosted method model (or process of one) checks MemAvailable, then loads: without turns, two loading
     at once both see the memory neither has taken. A load waits while another process holds the lock."""
