@@ -13,8 +13,8 @@ directories next to them, so a rerun starts measuring at once.
   structure, scaled down in width so one run takes minutes on 2 cores.
 * ``sdxl-tiny``: the ``ti2i tiny`` SDXL models (base, InstructPix2Pix, inpainting) for the same methods.
 * ``sdxl-512``: SDXL 1.0 base's UNet (2.57 G parameters), VAE and both text encoders at their real sizes,
-  random weights, at 512×512: an fp32 export holds the UNet about twice (module and graph, ~20 GiB), so it
-  needs a host with more memory than the 24 GiB development machines.
+  random weights, at 512×512 (exporting it peaks at about 18 GiB; on a 24 GiB host the harness then measures
+  diffusers and our engines one after the other).
 
 ``--model`` takes a real diffusers folder instead: its kind is detected and it is exported into the
 cache like a preset's (keyed by the folder's absolute path).

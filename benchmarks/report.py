@@ -30,6 +30,9 @@ def _stages(entry: dict[str, Any]) -> list[str]:
 
 def markdown(data: dict[str, Any]) -> str:
     cfg = data.get("config", {})
+    apart = any(entry.get("one_at_a_time") for entry in data.get("methods", {}).values())
+    order = "one after the other where their weights did not fit in memory together" if apart else \
+        "interleaved round-robin"
     lines = [
         f"# ti2i benchmark — preset `{cfg.get('preset')}`",
         "",
@@ -38,7 +41,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Commit {str((data.get('git') or {}).get('commit'))[:10]}"
         f"{' (with local changes)' if (data.get('git') or {}).get('dirty') else ''}; "
         f"onnxruntime {data.get('versions', {}).get('onnxruntime')}, torch {data.get('versions', {}).get('torch')}.",
-        f"Repeats {cfg.get('repeats')} (after {cfg.get('warmup')} warm-up), backends interleaved round-robin; "
+        f"Repeats {cfg.get('repeats')} (after {cfg.get('warmup')} warm-up), backends {order}; "
         f"medians unless marked.{'' if data.get('complete') else ' **Partial results (run not complete).**'}",
         "",
     ]

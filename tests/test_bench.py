@@ -253,6 +253,7 @@ def test_backends_whose_weights_do_not_fit_together_are_measured_one_after_the_o
         together["backends"]["ort"]["max_abs_vs_diffusers"], abs=1e-6)
     assert apart["ratios"]["ort"]["speedup_vs_diffusers"] > 0
     assert "each was measured on its own" in (tmp_path / "apart" / "results.md").read_text()
+    assert "backends one after the other where" in (tmp_path / "apart" / "results.md").read_text()
     assert "each was measured on its own" not in (tmp_path / "together" / "results.md").read_text()
 
 
