@@ -94,6 +94,7 @@ def test_the_core_batches_requests_with_different_adapters_into_one_unet_executi
                       CoreOptions(active=3, adapters=(("style", str(style)), ("detail", str(detail)))))
     core.load()
     core.scheduler.CPU_LANES = 1  # one tick at a time: the three loops' UNet steps all merge
+    core.scheduler.max_wait_s = 5.0  # a tick waits for every active loop: on a starved CPU, 10 ms let them drift
     results: dict[str, np.ndarray] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(len(requests))
