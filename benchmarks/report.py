@@ -90,15 +90,12 @@ def _method_section(method: str, entry: dict[str, Any], cores: int | None = None
                   _x(r.get("time_vs_ort")) if name != "ort" else "1.00×"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if entry.get("one_at_a_time"):
-        lines.append("Per-call stages show the median of one call × calls per request. The backends' weights did not "
-                     "fit in memory together, so each was measured on its own, one after the other: a ratio pairs "
-                     "the n-th request of each (not run back to back); the ratios of the medians are in "
-                     "results.json.")
-    else:
-        lines.append("Per-call stages show the median of one call × calls per request. Ratios are the median over "
-                     "rounds of the per-round ratio (backends run back to back in each round, so passing load "
-                     "cancels); the ratios of the medians are in results.json.")
+    pairing = ("The backends' weights did not fit in memory together, so each was measured on its own, one after "
+               "the other: a ratio pairs the n-th request of each (not run back to back)" if entry.get("one_at_a_time")
+               else "Ratios are the median over rounds of the per-round ratio (backends run back to back in each "
+                    "round, so passing load cancels)")
+    lines.append(f"Per-call stages show the median of one call × calls per request. {pairing}; the ratios of the "
+                 f"medians are in results.json.")
     lines.append("")
     overhead = entry.get("serving_overhead_ms", {})
     if overhead:
