@@ -694,6 +694,47 @@ def test_a_killed_engine_core_is_unavailable_then_serves_again(engines, example_
     assert any("fault: model 'core'" in e for e in events), events
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_whose_method_stub_dies_is_cancelled_in_the_core(protocol, engines, example_image, tmp_path):
+    """Original failure: a request in flight in a method model's stub when that stub died was never answered
+    (Triton 2.51 loses it), so its HTTP client waited for its own deadline, and its loop ran on to its last
+    step in the core, holding the one place (`--active 1`): every request behind it waited. Now the HTTP
+    guard answers it 503 and the supervisor cancels it in the core, whose place the next request takes."""
+    from ti2i.triton_models.supervisor import stub_processes
+
+    repository = _sdedit_repository(engines, tmp_path, active=1, queue_timeout_s=120)
+    values = _inputs("sdedit", example_image)
+    with TritonServer(repository, log_path=tmp_path / "server.log", supervise=True) as server:
+        url = server_url(server, protocol)
+        (pid, _), = [v for v in stub_processes(server.pid).values() if v[1] == "sdedit"]
+        outcome: list = []
+        long = threading.Thread(target=lambda: outcome.append(_outcome(lambda: run_remote(
+            url, METHODS["sdedit"], progress=False, stream=False, timeout_s=30,
+            **{**values, "steps": 999, "strength": 1.0}))), daemon=True)
+        long.start()
+        deadline = time.monotonic() + 60
+        while not by_label(read_metrics(server.metrics_url), "ti2i_active_requests", "model").get("core"):
+            assert time.monotonic() < deadline and long.is_alive(), (outcome, server.log_tail())
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        if protocol == "http":  # the guard answers it (a gRPC client waits for its deadline: nothing answers it)
+            long.join(timeout=20)
+            assert not long.is_alive(), "the HTTP client waits on"
+            assert isinstance(outcome[0], ServerUnavailableError), outcome
+            assert "model 'sdedit' stopped while serving this request" in str(outcome[0]), outcome
+        while True:  # the next request, sent again while the model reloads, takes the freed place
+            try:
+                after = run_remote(server_url(server, "http"), METHODS["sdedit"], progress=False, stream=False,
+                                   timeout_s=20, **{**values, "steps": 2})
+                break
+            except ServerUnavailableError as err:
+                assert time.monotonic() < deadline, (err, server.log_tail())
+                time.sleep(0.2)
+        assert long.is_alive() == (protocol == "grpc")  # answered while the long loop's client still waits
+        assert _pixels(after).shape == (48, 64, 3)
+        assert "sdedit's stub died: 1 of its requests cancelled" in server.log_tail()
+
+
 def test_a_stream_whose_reader_stops_frees_its_core_place(engines, example_image, tmp_path):
     """Original failure: a python-backend stub of a streaming method model died mid-stream (a segfault under
     load); the core's loop then blocked for good sending that request's next progress response, holding its

@@ -131,7 +131,7 @@ class EngineCore:
         self.component_places = options.active + options.max_queue
         self._component_calls = threading.BoundedSemaphore(self.component_places)
         self.metrics = metrics
-        self._cancels: dict[str, threading.Event] = {}
+        self._cancels: dict[str, tuple[threading.Event, str]] = {}  # token -> (its cancellation, its entry)
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -149,13 +149,14 @@ class EngineCore:
 
     def run_method(self, name: str, call: dict[str, Any], fmt: str, outputs: list[str], token: str,
                    on_step: Callable[[dict[str, np.ndarray]], None] | None = None, preview_every: int = 0,
-                   timeout_s: float = 0.0) -> dict[str, np.ndarray]:
-        """Run one request of method `name`; `on_step` gets each progress response's tensors (a stream)."""
+                   timeout_s: float = 0.0, origin: str = "") -> dict[str, np.ndarray]:
+        """Run one request of method `name`; `on_step` gets each progress response's tensors (a stream);
+        `origin`: the entry model it came through (`cancel_from`)."""
         method = self.methods.get(name)
         if method is None:
             raise InvalidInputError(f"this server's core serves {sorted(self.methods)}, not {name!r}")
         self.options.limits.check(name, call)
-        cancelled = self._watch(token)
+        cancelled = self._watch(token, origin)
         try:
             with self.admission.place(cancelled, timeout_s) as waited:
                 if self.metrics is not None:
@@ -189,21 +190,30 @@ class EngineCore:
         with self.scheduler.request(method.name):
             return method(self.scheduler, progress=progress, **call)
 
-    def _watch(self, token: str) -> threading.Event:
+    def _watch(self, token: str, origin: str) -> threading.Event:
         event = threading.Event()
         with self._lock:
             if token in self._cancels:
                 raise InvalidInputError(f"request token {token!r} is in use")
-            self._cancels[token] = event
+            self._cancels[token] = (event, origin)
         return event
 
     def cancel(self, token: str) -> bool:
         """Cancel the request `token` names: it leaves the queue, or stops at its next step."""
         with self._lock:
-            event = self._cancels.get(token)
+            event, _ = self._cancels.get(token, (None, ""))
         if event is not None:
             event.set()
         return event is not None
+
+    def cancel_from(self, origin: str) -> int:
+        """Cancel every request that came through the entry model `origin` (its stub died: nobody can read
+        their answers); returns how many."""
+        with self._lock:
+            events = [event for event, source in self._cancels.values() if source == origin]
+        for event in events:
+            event.set()
+        return len(events)
 
     # --- component calls -------------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ from ti2i.client.registry import get_method
 from ti2i.errors import InvalidInputError, ServerUnavailableError, Ti2iError, named_error
 from ti2i.triton_models.core import Cancelled, CoreOptions, EngineCore
 from ti2i.triton_models.core_metrics import CoreMetrics
-from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, ERROR, IMAGE_INPUTS, METHOD, REQUEST, component_tensor,
-                                         read_envelope, read_secret)
+from ti2i.triton_models.core_wire import (CANCEL, COMPONENT, ERROR, IMAGE_INPUTS, METHOD, ORPHANED, REQUEST,
+                                         component_tensor, read_envelope, read_secret)
 from ti2i.work_limits import WorkLimits
 
 
@@ -220,6 +220,10 @@ class TritonPythonModel(ThreadPerRequest):
         if kind == CANCEL:
             self.core.cancel(token)
             return response(self.pb, {})
+        if kind == ORPHANED:
+            if cancelled := self.core.cancel_from(name):
+                self.pb.Logger.log_warn(f"{self.name}: {name}'s stub died: {cancelled} of its requests cancelled")
+            return response(self.pb, {})
         if kind == METHOD:
             call = dict(env["call"])
             for image in IMAGE_INPUTS:
@@ -232,7 +236,7 @@ class TritonPythonModel(ThreadPerRequest):
                 on_step = lambda tensors: responses.send(response(self.pb, tensors))  # noqa: E731
             out = self.core.run_method(name, call, env["format"], env["outputs"], token, on_step=on_step,
                                        preview_every=int(env.get("preview_every", 0)),
-                                       timeout_s=float(env.get("timeout_s", 0.0)))
+                                       timeout_s=float(env.get("timeout_s", 0.0)), origin=str(env.get("origin", "")))
             return response(self.pb, out)
         if kind == COMPONENT:
             spec = self.core.engines.spec_of(name).interface()

@@ -4,11 +4,12 @@ Every served model of a family (each method model, its `_stream` twin, each comp
 entry point that forwards its request by BLS to the family's one core model (`core`, or ``<family>.core``),
 which holds the engines once. The core's request is:
 
-- `request` (BYTES, one JSON object): ``kind`` (``method``, ``component`` or ``cancel``), ``name`` (the method
-  or component), ``token`` (this request's name, which a ``cancel`` names: the HTTP guard's `TOKEN_HEADER`
+- `request` (BYTES, one JSON object): ``kind`` (``method``, ``component``, ``cancel`` or ``orphaned``),
+  ``name`` (the method or component; for ``orphaned``, an entry model whose stub died: its requests are
+  cancelled), ``token`` (this request's name, which a ``cancel`` names: the HTTP guard's `TOKEN_HEADER`
   when it sent one, else the entry's), ``secret`` (the repository's, `SECRET_FILE` in the core's folder: the
   core answers its entry points and the guard only, never a client that calls it by name), and for a method
-  ``call`` (its parameters as the method's keywords), ``format``, ``outputs`` (the result outputs wanted),
+  ``call`` (its parameters as the method's keywords), ``origin`` (the entry model's name), ``format``, ``outputs`` (the result outputs wanted),
   ``stream`` (send progress responses), ``preview_every`` and ``timeout_s`` (the client's own queue limit);
 - a method's image inputs as BYTES tensors under their own names (`IMAGE_INPUTS`);
 - a component's inputs as ``<component>.<input>`` with the declared dims, batch included; its outputs come
@@ -38,7 +39,7 @@ SECRET_FILE = "secret"
 TOKEN_HEADER = "ti2i-request-token"
 REQUEST = "request"
 ERROR = "error"
-METHOD, COMPONENT, CANCEL = "method", "component", "cancel"
+METHOD, COMPONENT, CANCEL, ORPHANED = "method", "component", "cancel", "orphaned"
 IMAGE_INPUTS = tuple(sorted({name for method in METHODS.values() for name in method.all_images}))
 
 

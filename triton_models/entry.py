@@ -134,7 +134,8 @@ class MethodEntry(_Entry):
         wanted = self._wanted(request)
         every = get("preview_every")
         timeout_s = request.timeout() / 1e6 if hasattr(request, "timeout") else 0.0
-        request_env = envelope(METHOD, self.method.name, token, self.secret, call=call, format=fmt, outputs=wanted,
+        request_env = envelope(METHOD, self.method.name, token, self.secret, call=call, origin=self.name,
+                               format=fmt, outputs=wanted,
                                stream=stream, timeout_s=timeout_s,
                                preview_every=max(int(every.reshape(-1)[0]), 0) if every is not None else 0)
         tensors = {REQUEST: np.array([request_env], dtype=object),

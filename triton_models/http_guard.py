@@ -21,7 +21,9 @@ itself, before reading the body:
   a request whose connection closed, so the guard names each inference request it forwards (the
   `core_wire.TOKEN_HEADER` header, which Triton forwards to the model as a request parameter) and, when the
   client leaves, asks the family's engine core to cancel the request of that name (with the repository's
-  secret, `--repository`): its loop stops at its next step, or it leaves the queue.
+  secret, `--repository`): its loop stops at its next step, or it leaves the queue;
+* 503 to a request in flight in a model whose python-backend stub died (Triton 2.51 never answers it): the
+  supervisor writes the model's name to the `--stub-deaths` file, which the guard reads while it waits.
 
 Bytes are streamed through (no body is held whole); one upstream connection per client
 connection keeps keep-alive and response order. Run as ``python -m ti2i.triton_models.http_guard
@@ -35,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -60,6 +63,33 @@ _REASONS = {411: "Length Required", 413: "Content Too Large", 415: "Unsupported 
 
 class _HungUp(Exception):
     """The client left before its answer."""
+
+
+class StubDeaths:
+    """How many times each model's stub died, read from the supervisor's file (a model name a line)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._counts: dict[str, int] = {}
+        self._offset = 0
+
+    def count(self, model: str) -> int:
+        if self.path is not None:
+            try:
+                size = os.stat(self.path).st_size
+                if size < self._offset:  # a new server start emptied it
+                    self._counts, self._offset = {}, 0
+                if size > self._offset:
+                    with open(self.path, "rb") as deaths:
+                        deaths.seek(self._offset)
+                        lines = deaths.read(size - self._offset).split(b"\n")
+                    for line in lines[:-1]:  # the last is empty, or a line still being written
+                        name = line.decode(errors="replace")
+                        self._counts[name] = self._counts.get(name, 0) + 1
+                        self._offset += len(line) + 1
+            except OSError:
+                pass  # none yet
+        return self._counts.get(model, 0)
 
 
 class _Refused(Exception):
@@ -169,13 +199,15 @@ class HttpGuard:
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, repository: Path | None = None,
-                 openai: tuple[str, int] | None = None, head_timeout_s: float = HEAD_TIMEOUT_S):
+                 openai: tuple[str, int] | None = None, head_timeout_s: float = HEAD_TIMEOUT_S,
+                 stub_deaths: Path | None = None):
         self.listen = listen
         self.upstream = upstream
         self.max_body_bytes = int(max_body_bytes)
         self.repository = repository  # where the engine cores' secrets are (None: no cancelling)
         self.openai = openai  # the OpenAI-compatible API's address, for /v1 (None: not served)
         self.head_timeout_s = head_timeout_s
+        self.stub_deaths = StubDeaths(stub_deaths)
 
     def _core_secret(self, model: str) -> str | None:
         if self.repository is None:
@@ -186,16 +218,21 @@ class HttpGuard:
             return None  # not a model of a ti2i family: nothing to cancel in
 
     async def _await_reply(self, up_reader: asyncio.StreamReader, reader: asyncio.StreamReader,
-                           cancel: tuple[str, str, str] | None, watch: bool) -> bytes | None:
+                           cancel: tuple[str, str, str] | None, watch: bool, model: str | None) -> bytes | None:
         """The upstream's response head. If the client hangs up first (`watch`: looked for), its request is
         cancelled (`cancel`: the family's core, the request's token, the core's secret) and _HungUp raised;
-        closing the upstream connection then tells the OpenAI API, which cancels its own calls."""
+        closing the upstream connection then tells the OpenAI API, which cancels its own calls. If the stub
+        of `model` (an inference request's) dies meanwhile, _Refused(503)."""
+        deaths = self.stub_deaths.count(model) if model else 0
         reply = asyncio.ensure_future(_read_head(up_reader))
         try:
             while True:
                 done, _ = await asyncio.wait({reply}, timeout=HANGUP_POLL_S)
                 if done:
                     return reply.result()
+                if model and self.stub_deaths.count(model) > deaths:
+                    raise _Refused(503, f"model {model!r} stopped while serving this request (its process died "
+                                        f"and is being restarted): send it again")
                 if watch and (reader.at_eof() or reader.exception() is not None):
                     if cancel is not None:
                         await self._cancel(*cancel)
@@ -277,8 +314,16 @@ class HttpGuard:
                 await _copy(reader, up_writer, length)
                 close = version == "HTTP/1.0" or (_one(headers, "connection") or "").lower() == "close"
                 try:
-                    resp_head = await self._await_reply(up_reader, reader, cancel, cancel is not None or openai)
-                except (_Refused, ConnectionError):
+                    resp_head = await self._await_reply(up_reader, reader, cancel, cancel is not None or openai,
+                                                        target.group(1) if target else None)
+                except _Refused as refused:
+                    if refused.status != 503:  # the upstream's head was unreadable
+                        resp_head = None
+                    else:  # the upstream connection is closed below, unanswered
+                        _reply(writer, 503, str(refused))
+                        await writer.drain()
+                        return
+                except ConnectionError:
                     resp_head = None
                 if resp_head is None:
                     _reply(writer, 502, "the upstream server closed the connection without a reply")
@@ -356,12 +401,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="HOST:PORT of the published metrics port: guarded the same way (Triton's metrics "
                              "server dies of the same form-encoded body)")
     parser.add_argument("--metrics-upstream", type=_address, default=None, help="Triton's own metrics HOST:PORT")
+    parser.add_argument("--stub-deaths", type=Path, default=None,
+                        help="the supervisor's file of models whose stub died (a name a line): requests in flight there "
+                             "are answered 503")
     args = parser.parse_args(argv)
     loop = asyncio.new_event_loop()
     from ti2i.triton_models.server import HOST, find_free_ports
 
     openai = (HOST, find_free_ports(1)[0]) if args.openai_grpc is not None and args.repository is not None else None
-    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository, openai)
+    guard = HttpGuard(args.listen, args.upstream, args.max_body_bytes, args.repository, openai,
+                      stub_deaths=args.stub_deaths)
 
     async def run() -> None:
         api = None

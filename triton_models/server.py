@@ -639,6 +639,8 @@ class TritonServer:
             if not self.model_repository.is_dir():
                 raise ModelNotFoundError(f"model repository {self.model_repository} is not a folder")
             self.binary = find_tritonserver()
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.stub_deaths_path.write_bytes(b"")
             backend_dir = self._backend_directory()
             attempts = _PORT_RETRIES
             for attempt in range(1, attempts + 1):
@@ -706,6 +708,12 @@ class TritonServer:
     def guard_log_path(self) -> Path:
         return self._log_path.with_name(self._log_path.name + ".guard")
 
+    @property
+    def stub_deaths_path(self) -> Path:
+        """Where the supervisor writes the name of each model whose stub died, a line each: the HTTP guard
+        answers the requests it had in flight there (Triton never will)."""
+        return self._log_path.with_name(self._log_path.name + ".stub-deaths")
+
     def _start_guard(self) -> None:
         """Start the HTTP guard on the public HTTP port, forwarding to Triton's own; wait until it
         accepts connections."""
@@ -714,7 +722,8 @@ class TritonServer:
         cmd = [sys.executable, "-m", "ti2i.triton_models.http_guard", f"--listen={self.host}:{self.ports.http}",
                f"--upstream={HOST}:{self._triton_http}", f"--max-body-bytes={self.max_http_body_bytes}",
                f"--repository={self.model_repository}", f"--openai-grpc={self._connect_host}:{self.ports.grpc}",
-               f"--metrics-listen={self.host}:{self.ports.metrics}", f"--metrics-upstream={HOST}:{self._triton_metrics}"]
+               f"--metrics-listen={self.host}:{self.ports.metrics}", f"--metrics-upstream={HOST}:{self._triton_metrics}",
+               f"--stub-deaths={self.stub_deaths_path}"]
         from ti2i.triton_models.http_guard import OPENAI_KEY_ENV
 
         env = {k: v for k, v in os.environ.items() if k != OPENAI_KEY_ENV}

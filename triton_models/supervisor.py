@@ -5,9 +5,13 @@ out-of-memory killer) stays dead — every later call of its model fails with ``
 not healthy`` — while the model's and the server's readiness keep saying READY. The supervisor
 polls the server's stub processes; when one is gone it
 
-1. unloads the model through the repository API (restricted to the server's key): from then on
+1. writes the model's name to the server's `stub_deaths_path`, where the HTTP guard learns that the
+   requests it had in flight there will never be answered (Triton 2.51 loses a request whose stub died)
+   and answers them 503; and for an entry model of a ti2i family, cancels in the family's engine core
+   the requests that came through it (`EngineCore.cancel_from`): their loops stop, their places free;
+2. unloads the model through the repository API (restricted to the server's key): from then on
    the model's readiness, and with ``--strict-readiness`` the server's, is false;
-2. loads it again (a fresh stub), then loads again any model (an ensemble) that was ready before
+3. loads it again (a fresh stub), then loads again any model (an ensemble) that was ready before
    and is not any more;
 
 and logs the fault and the recovery. If tritonserver itself exits it is restarted on the same
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ti2i.errors import ServerUnavailableError
+from ti2i.triton_models.core_wire import ORPHANED, REQUEST, core_of, envelope, read_secret
 
 if TYPE_CHECKING:
     from ti2i.triton_models.server import TritonServer
@@ -176,6 +181,9 @@ class Supervisor:
         self._event(f"fault: model {model!r}: python-backend stub {', '.join(instances)} is gone; "
                     "unloading it (not ready) and loading it again")
         t0 = time.monotonic()
+        with open(self.server.stub_deaths_path, "a") as deaths:
+            deaths.write(model + "\n")
+        self._orphaned(model)
         before = self._ready_models()
         self._repository(f"models/{model}/unload", {"parameters": {"unload_dependents": False}})
         self._repository(f"models/{model}/load")
@@ -185,6 +193,24 @@ class Supervisor:
         self._snapshot()
         self.server.protect_shm_regions()
         self._event(f"recovered: model {model!r} ready again after {time.monotonic() - t0:.1f} s")
+
+    def _orphaned(self, model: str) -> None:
+        """Cancel in its family's core the requests that came through `model` (none if it is no entry model)."""
+        core = core_of(model)
+        try:
+            secret = read_secret(self.server.model_repository / core)
+        except OSError:
+            return  # not a model of a ti2i family
+        if core == model:
+            return
+        body = json.dumps({REQUEST: envelope(ORPHANED, model, "", secret).decode()}).encode()
+        request = urllib.request.Request(f"http://{self.server.triton_http_url}/v2/models/{core}/generate", data=body,
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+        except (OSError, urllib.error.HTTPError) as err:  # the core went too: so did its loops
+            self._event(f"could not cancel {model!r}'s requests in {core!r}: {err}")
 
     # ----- the repository API
 
