@@ -37,8 +37,8 @@ CACHE_ENV = "TI2I_BENCH_CACHE"
 METHOD_KINDS = {name: record.kind for name, record in METHOD_RECORDS.items()}  # from the method records
 METHODS = tuple(METHOD_KINDS)
 # Bump when a preset's builder or the exported engines change: the cache key includes it, so stale folders are
-# not reused (2: the UNets and text encoder take per-request adapters).
-BUILD_VERSION = 2
+# not reused (2: the UNets and text encoder take per-request adapters; 3: group norms in two levels, `export/norms.py`).
+BUILD_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -398,7 +398,20 @@ def export_onnx(wrapper: torch.nn.Module, spec: ComponentSpec, sizes: Mapping[st
         fp32_inputs = {t.name for t in spec.inputs if t.dtype == "float32"}
         if any(t.dtype == "float16" for t in spec.outputs):
             _unify_fp16(raw, fp32_inputs)
+        else:
+            _two_level_group_norms(raw)
         _finalise_onnx(Path(tmp), raw, path)
+
+
+def _two_level_group_norms(raw: Path) -> None:
+    """`norms.two_level_group_norms` on the traced graph (its external weights stay where they are)."""
+    import onnx
+
+    from ti2i.export.norms import two_level_group_norms
+
+    graph = onnx.load(str(raw), load_external_data=False)
+    if two_level_group_norms(graph, raw.parent):
+        onnx.save_model(graph, str(raw))
 
 
 def _unify_fp16(raw: Path, fp32_inputs: set[str]) -> None:
