@@ -72,5 +72,11 @@ def envelope(kind: str, name: str, token: str, secret: str, **fields: Any) -> by
     return json.dumps({"kind": kind, "name": name, "token": token, "secret": secret, **fields}).encode()
 
 
+def generate_body(kind: str, name: str, token: str, secret: str) -> bytes:
+    """A `cancel` or `orphaned` request as the JSON body of Triton's HTTP generate endpoint for the core (the HTTP
+    guard's and the supervisor's way in, on loopback)."""
+    return json.dumps({REQUEST: envelope(kind, name, token, secret).decode()}).encode()
+
+
 def read_envelope(data: bytes) -> dict[str, Any]:
     return json.loads(data)

@@ -44,7 +44,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ti2i.triton_models.core_wire import CANCEL, REQUEST, TOKEN_HEADER, core_of, envelope, read_secret
+from ti2i.triton_models.core_wire import CANCEL, TOKEN_HEADER, core_of, generate_body, read_secret
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_HEAD_BYTES = 1024 * 1024  # also the streams' buffer size: larger reads, fewer copies
@@ -243,7 +243,7 @@ class HttpGuard:
 
     async def _cancel(self, core: str, token: str, secret: str) -> None:
         """Ask the engine core to cancel the request `token` names (Triton's generate endpoint, on loopback)."""
-        body = json.dumps({REQUEST: envelope(CANCEL, "", token, secret).decode()}).encode()
+        body = generate_body(CANCEL, "", token, secret)
         head = (f"POST /v2/models/{core}/generate HTTP/1.1\r\nHost: {self.upstream[0]}\r\nContent-Type: "
                 f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         with contextlib.suppress(Exception):  # the server is going away: so are its loops

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ti2i.errors import ServerUnavailableError
-from ti2i.triton_models.core_wire import ORPHANED, REQUEST, core_of, envelope, read_secret
+from ti2i.triton_models.core_wire import ORPHANED, core_of, generate_body, read_secret
 
 if TYPE_CHECKING:
     from ti2i.triton_models.server import TritonServer
@@ -197,13 +197,13 @@ class Supervisor:
     def _orphaned(self, model: str) -> None:
         """Cancel in its family's core the requests that came through `model` (none if it is no entry model)."""
         core = core_of(model)
+        if core == model:
+            return
         try:
             secret = read_secret(self.server.model_repository / core)
         except OSError:
             return  # not a model of a ti2i family
-        if core == model:
-            return
-        body = json.dumps({REQUEST: envelope(ORPHANED, model, "", secret).decode()}).encode()
+        body = generate_body(ORPHANED, model, "", secret)
         request = urllib.request.Request(f"http://{self.server.triton_http_url}/v2/models/{core}/generate", data=body,
                                          method="POST", headers={"Content-Type": "application/json"})
         try:
